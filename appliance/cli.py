@@ -1,0 +1,307 @@
+"""The ``lastmile`` command. Every subcommand but ``serve``, ``config show`` and ``models
+build-demo`` is a client of the daemon's API. Errors are one line on stderr and a non-zero
+exit (1 error, 2 usage, 3 daemon not running, 4 permission denied, 5 daemon-side failure)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+from appliance import __version__
+from appliance.client import ClientError, LastmileClient
+from appliance.config import ConfigError, load_config
+
+LOAD_FLAGS = {
+    "backend": str, "device": str, "dtype": str, "graph_fusion": str, "memory_limit_mb": int,
+    "max_batch_size": int, "max_delay_ms": float, "max_queue": int, "instances": int, "offload": str, "threads": int,
+}
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _client(args: argparse.Namespace) -> LastmileClient:
+    if args.url:
+        try:
+            token = Path(args.token_file).read_text().strip() if args.token_file else None
+        except OSError as exc:
+            raise ClientError(f"--token-file: {exc}") from None
+        return LastmileClient(url=args.url, token=token)
+    if args.socket:
+        return LastmileClient(args.socket)
+    return LastmileClient(load_config(args.config).socket_path)
+
+
+# --- subcommands -------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.logs import setup_logging
+    from appliance.server import StartupError, serve
+
+    config = load_config(args.config)
+    setup_logging(config.server["log_level"])
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        print(f"lastmile: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.json:
+        _print_json({"file": config.file, "values": config.as_dict(), "sources": config.sources})
+        return 0
+    print(f"# config file: {config.file or '(none: built-in defaults)'}; mode: {'system' if config.system_mode else 'user'}")
+    for section, values in config.as_dict().items():
+        print(f"\n[{section}]")
+        for key, value in values.items():
+            shown = "(unset)" if value is None else json.dumps(value)
+            print(f"{key} = {shown}  # {config.sources.get(f'{section}.{key}', '?')}")
+    return 0
+
+
+def cmd_build_demo(args: argparse.Namespace) -> int:
+    from models.demo import build_demo
+
+    store = Path(args.store) if args.store else load_config(args.config).store["models_dir"]
+    started = time.monotonic()
+    built = build_demo(store, force=args.force)
+    print(f"built {', '.join(built) or 'nothing (all present; --force rebuilds)'} in {store} ({time.monotonic() - started:.1f} s)")
+    return 0
+
+
+async def cmd_status(client: LastmileClient, args: argparse.Namespace) -> int:
+    status = await client.status()
+    if args.json:
+        _print_json(status)
+        return 0
+    print(f"lastmile {status['version']}  pid {status['pid']}  {'ready' if status['ready'] else 'not ready'} ({status['status']})  up {status['uptime_s']:.0f} s")
+    print(f"socket {status['socket']}  store {status['store']}")
+    models = (await client.models())["loaded"]
+    if models:
+        print()
+        print(_table(
+            [[m["name"], m["state"], m["backend"], m["device"], m["settings"]["dtype"], m["requests"], m["latency_ms"]["p50"], m["queue_depth"], m["restarts"]] for m in models],
+            ["MODEL", "STATE", "BACKEND", "DEVICE", "DTYPE", "REQUESTS", "P50_MS", "QUEUE", "RESTARTS"],
+        ))
+    else:
+        print("no models loaded")
+    return 0
+
+
+async def cmd_system(client: LastmileClient, args: argparse.Namespace) -> int:
+    facts = await client.system()
+    if args.json:
+        _print_json(facts)
+        return 0
+    cpu, ram, acc = facts["cpu"], facts["ram"], facts["accelerators"]
+    print(f"cpu: {cpu.get('model')} ({cpu.get('physical_cores')} cores, {cpu.get('logical_cores')} threads, {cpu.get('usable_cores')} usable)")
+    print(f"ram: {ram['total_bytes'] / 2**30:.1f} GiB total, {ram['available_bytes'] / 2**30:.1f} GiB available")
+    ds = acc.get("deepspeed", {})
+    print(f"devices: {', '.join(acc.get('devices', []))} (default {acc.get('default_device')})")
+    print(f"deepspeed accelerator: {ds.get('name')} ({ds.get('device_count')} device(s); dtypes {', '.join(ds.get('supported_dtypes', []))})")
+    for device in ds.get("devices", []):
+        print(f"  {json.dumps(device)}")
+    print(f"onnxruntime providers: {', '.join(acc.get('onnxruntime_providers', []))}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in facts.get("versions", {}).items()))
+    return 0
+
+
+async def cmd_models(client: LastmileClient, args: argparse.Namespace) -> int:
+    data = await client.models()
+    if args.json:
+        _print_json(data)
+        return 0
+    loaded = {m["name"]: m for m in data["loaded"]}
+    rows = []
+    for entry in data["store"]:
+        m = loaded.get(entry["name"])
+        rows.append([entry["name"], entry["format"], m["backend"] if m else entry["backend"], m["state"] if m else "-", m["device"] if m else "-", entry["error"] or "; ".join(entry["missing"]) or ""])
+    print(_table(rows, ["MODEL", "FORMAT", "BACKEND", "STATE", "DEVICE", "NOTE"]))
+    return 0
+
+
+async def cmd_load(client: LastmileClient, args: argparse.Namespace) -> int:
+    params = {k: getattr(args, k) for k in LOAD_FLAGS if getattr(args, k) is not None}
+    started = time.monotonic()
+    model = await client.load(args.name, params)
+    if args.json:
+        _print_json(model)
+    else:
+        print(f"loaded {model['name']} ({model['backend']} on {model['device']}, {model['settings']['dtype']}) in {time.monotonic() - started:.2f} s")
+    return 0
+
+
+async def cmd_unload(client: LastmileClient, args: argparse.Namespace) -> int:
+    await client.unload(args.name)
+    print(f"unloaded {args.name}")
+    return 0
+
+
+def _random_input(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+    from models.spec import V2_TO_NUMPY
+
+    shape = [1 if d == -1 and i == 0 else (8 if d == -1 else d) for i, d in enumerate(spec["shape"])]
+    dtype = V2_TO_NUMPY[spec["datatype"]]
+    if dtype.kind in "iu":
+        return rng.integers(0, 256 if dtype.itemsize > 1 else 128, size=shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    return rng.standard_normal(size=shape).astype(dtype)
+
+
+async def cmd_infer(client: LastmileClient, args: argparse.Namespace) -> int:
+    meta = await client.metadata(args.name)
+    specs = {t["name"]: t for t in meta["inputs"]}
+    inputs: dict[str, np.ndarray] = {}
+    for item in args.input or []:
+        name, sep, file = item.partition("=")
+        if not sep or name not in specs:
+            raise ClientError(f"--input {item!r}: expected NAME=FILE.npy with NAME one of {sorted(specs)}")
+        try:
+            inputs[name] = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ClientError(f"--input {name}: cannot read {file}: {exc}") from None
+    if args.random:
+        rng = np.random.default_rng(args.seed)
+        for name, spec in specs.items():
+            inputs.setdefault(name, _random_input(spec, rng))
+    missing = sorted(set(specs) - set(inputs))
+    if missing:
+        raise ClientError(f"missing input(s) {missing}: give --input NAME=FILE.npy or --random")
+    outputs, params = await client.infer(args.name, inputs, {n: specs[n]["datatype"] for n in inputs})
+    if args.json:
+        _print_json({"outputs": {k: {"shape": list(v.shape), "data": v.tolist()} for k, v in outputs.items()}, "parameters": params})
+        return 0
+    for name, array in outputs.items():
+        print(f"{name}: shape {list(array.shape)} {array.dtype}")
+        with np.printoptions(precision=4, threshold=40, edgeitems=3, suppress=True):
+            print(array)
+    print(f"latency: {params['client_ms']:.2f} ms (server {params.get('total_ms')} ms; batch {params.get('batch_id')} of size {params.get('batch_size')})")
+    return 0
+
+
+async def cmd_events(client: LastmileClient, args: argparse.Namespace) -> int:
+    since = 0
+    while True:
+        for event in await client.events(since):
+            since = event["seq"]
+            stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+            print(f"{stamp} {event['level']:<7} {event['model'] or '-':<16} {event['message']}", flush=True)
+        if not args.follow:
+            return 0
+        await asyncio.sleep(1.0)
+
+
+async def cmd_demo(client: LastmileClient, args: argparse.Namespace) -> int:
+    from appliance.quickstart import run_demo
+
+    return await run_demo(client, load_config(args.config), args.config)
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from tui.app import run_tui
+
+    return run_tui(_client(args), read_only=args.read_only)
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Connection options are accepted before or after the subcommand (`lastmile serve --config F`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help="config file (default: $LASTMILE_CONFIG, ~/.config/lastmile/lastmile.toml, or /etc/lastmile/lastmile.toml with LASTMILE_SYSTEM=1)")
+    common.add_argument("--socket", default=argparse.SUPPRESS, help="daemon socket (default: server.socket from the config)")
+    common.add_argument("--url", default=argparse.SUPPRESS, help="daemon over TCP instead, e.g. https://127.0.0.1:8080")
+    common.add_argument("--token-file", default=argparse.SUPPRESS, help="bearer token file for --url")
+    parser = argparse.ArgumentParser(prog="lastmile", description="Lastmile edge inference appliance", parents=[common])
+    parser.add_argument("--version", action="version", version=f"lastmile {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, func: Callable[..., Any], json_flag: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p.set_defaults(func=func)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    add("serve", "run the daemon in the foreground", cmd_serve)
+    config = add("config", "show the effective configuration", cmd_config_show)
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="show")
+    show = config_sub.add_parser("show", help="print every value and where it came from", parents=[common])
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_config_show)
+    add("status", "daemon status and loaded models", cmd_status, True)
+    add("system", "host facts: CPU, RAM, accelerators, versions", cmd_system, True)
+    models = add("models", "the store and what is loaded", cmd_models, True)
+    models_sub = models.add_subparsers(dest="models_command", metavar="build-demo")
+    demo = models_sub.add_parser("build-demo", help="build the bundled demo models into the store", parents=[common])
+    demo.add_argument("--store", help="store directory (default: store.models_dir)")
+    demo.add_argument("--force", action="store_true", help="rebuild models that exist")
+    demo.set_defaults(func=cmd_build_demo)
+    load = add("load", "load a model from the store", cmd_load, True)
+    load.add_argument("name")
+    for key, kind in LOAD_FLAGS.items():
+        flag = "--memory-limit" if key == "memory_limit_mb" else "--" + key.replace("_", "-")
+        load.add_argument(flag, dest=key, type=kind, metavar=key.upper() if key != "memory_limit_mb" else "MB")
+    unload = add("unload", "unload a model", cmd_unload)
+    unload.add_argument("name")
+    infer = add("infer", "send one inference request", cmd_infer, True)
+    infer.add_argument("name")
+    infer.add_argument("--input", action="append", metavar="NAME=FILE.npy")
+    infer.add_argument("--random", action="store_true", help="random data for inputs not given")
+    infer.add_argument("--seed", type=int, default=0)
+    events = add("events", "the daemon's event log", cmd_events)
+    events.add_argument("--follow", "-f", action="store_true")
+    add("demo", "start the daemon if needed, load the demo models on both backends, send requests", cmd_demo)
+    tui = add("tui", "open the terminal UI", cmd_tui)
+    tui.add_argument("--read-only", action="store_true", help="hide every action that changes the daemon")
+    return parser
+
+
+LOCAL_COMMANDS = (cmd_serve, cmd_config_show, cmd_build_demo, cmd_tui)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for option in ("config", "socket", "url", "token_file"):
+        if not hasattr(args, option):
+            setattr(args, option, None)
+    try:
+        if args.func in LOCAL_COMMANDS:
+            return args.func(args)
+
+        async def run() -> int:
+            async with _client(args) as client:
+                return await args.func(client, args)
+
+        return asyncio.run(run())
+    except (ClientError, ConfigError) as exc:
+        print(f"lastmile: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The daemon's state shared by all routes: config, store, model manager, events, and the
+persistence of what is loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from appliance import __version__
+from appliance.config import Config
+from appliance.state import StateError, read_state, write_state
+from models.store import ModelStore
+from runtime.events import EventLog
+from runtime.manager import ModelManager
+
+logger = logging.getLogger("lastmile.daemon")
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.version = __version__
+        self.started_at = time.time()
+        self.events = EventLog()
+        self.store = ModelStore(config.store["models_dir"])
+        self.manager = ModelManager(self.store, config.defaults, self.events, on_change=self.save_state)
+        self.ready = False
+        self.status = "starting"
+        self._system: dict[str, Any] | None = None
+
+    def save_state(self) -> None:
+        """Persist what is loaded. A failure (disk full) keeps the old file and is an event,
+        never a crash: serving goes on."""
+        models = {name: m.overrides for name, m in self.manager.models.items() if m.state != "unloading"}
+        try:
+            write_state(self.config.store["state_file"], models)
+        except OSError as exc:
+            self.events.record("state_write_failed", f"could not save state: {exc}; previous state kept", level="error")
+
+    async def restore(self, notify_status: Any = None) -> None:
+        """Load what the state file lists. A model that fails is reported, not fatal."""
+        try:
+            wanted = read_state(self.config.store["state_file"])
+        except StateError as exc:
+            self.events.record("state_unreadable", str(exc), level="error")
+            return
+        for i, (name, overrides) in enumerate(wanted.items(), 1):
+            self.status = f"restoring {name} ({i}/{len(wanted)})"
+            if notify_status:
+                notify_status(self.status)
+            try:
+                await self.manager.load(name, overrides)
+            except Exception as exc:  # noqa: BLE001 - one bad model must not stop the others
+                self.events.record("restore_failed", f"could not restore {name}: {exc}", model=name, level="error")
+        self.save_state()
+
+    def build_demo_if_empty(self) -> list[str]:
+        """The first start on an empty store builds the demo models, so there is something to serve."""
+        if not self.config.store["build_demo"]:
+            return []
+        self.store.ensure()
+        if self.store.names():
+            return []
+        from models.demo import build_demo
+
+        self.status = "building demo models"
+        built = build_demo(self.config.store["models_dir"])
+        self.events.record("demo_built", f"built demo models {built} in {self.config.store['models_dir']}")
+        return built
+
+    async def system_facts(self) -> dict[str, Any]:
+        """Host facts, computed once in a thread (importing torch/deepspeed takes seconds)."""
+        if self._system is None:
+            from runtime.accelerators import detect
+
+            self._system = await asyncio.get_running_loop().run_in_executor(None, detect)
+        return self._system
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": "lastmile",
+            "version": self.version,
+            "pid": os.getpid(),
+            "ready": self.ready,
+            "status": self.status,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "socket": str(self.config.socket_path),
+            "tcp": f"{self.config.server['tcp_host']}:{self.config.server['tcp_port']}" if self.config.server["tcp_port"] else None,
+            "config_file": str(self.config.file) if self.config.file else None,
+            "store": str(self.config.store["models_dir"]),
+            "models_loaded": len(self.manager.models),
+            "models": {n: m.state for n, m in self.manager.models.items()},
+        }

@@ -1,0 +1,109 @@
+"""JSON errors for every failure: the V2 protocol's ``{"error": "..."}`` body, plus ``field``
+when one part of the request is to blame, so scripts and the TUI can show the daemon's words."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from appliance.v2codec import BadRequest
+from models.errors import FormatError, InvalidModelName, ManifestError, ModelNotFoundError, StoreEscapeError
+from models.settings import SettingError
+from runtime.backends.base import BackendError
+from runtime.errors import BatchTooLarge, InferenceError, InvalidBatch, LoadError, LoadTimeout, ModelUnavailable, QueueFull, RequestTimeout, RunnerDied
+from runtime.manager import ModelNotLoaded
+
+logger = logging.getLogger("lastmile.http")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, field: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers or {}
+
+
+def error_response(status: int, message: str, *, field: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if field:
+        body["field"] = field
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, round(seconds)))}
+
+
+def to_api_error(exc: BaseException) -> ApiError | None:
+    """The HTTP meaning of the errors the layers below raise; None for a real bug (500)."""
+    match exc:
+        case ApiError():
+            return exc
+        case BadRequest():
+            return ApiError(400, str(exc), field=exc.field)
+        case SettingError():
+            return ApiError(400, str(exc), field=f"parameters.{exc.key}")
+        case InvalidModelName() | StoreEscapeError():
+            return ApiError(400, str(exc), field="name")
+        case ModelNotFoundError():
+            return ApiError(404, str(exc))
+        case ModelNotLoaded():
+            return ApiError(404, str(exc))
+        case ManifestError() | FormatError():
+            return ApiError(422, str(exc))
+        case InvalidBatch():
+            return ApiError(400, str(exc), field=f"inputs.{exc.key}" if exc.key else "inputs")
+        case BatchTooLarge():
+            return ApiError(400, str(exc), field="inputs")
+        case QueueFull():
+            return ApiError(503, str(exc), headers=_retry_after(getattr(exc, "retry_after_s", 1.0)))
+        case ModelUnavailable() | RunnerDied():
+            return ApiError(503, str(exc), headers=_retry_after(1.0))
+        case RequestTimeout():
+            return ApiError(504, str(exc))
+        case LoadTimeout() | LoadError() | BackendError():
+            return ApiError(422 if isinstance(exc, BackendError) else 500, str(exc))
+        case InferenceError():
+            return ApiError(500, str(exc))
+    return None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 404:
+            message = f"no such endpoint: {request.method} {request.path}"
+        elif exc.status == 405:
+            message = f"method {request.method} not allowed on {request.path}"
+        elif exc.status == 413:
+            message = f"request body too large (limit {request.app['config'].server['max_body_mb']} MB)"
+        return error_response(exc.status, message, headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON error
+        api = to_api_error(exc)
+        if api is None:
+            logger.exception("unhandled error in %s %s", request.method, request.path)
+            return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        return error_response(api.status, api.message, field=api.field, headers=api.headers)
+
+
+async def read_json(request: web.Request, *, required: bool = True) -> dict[str, Any]:
+    """The body as a JSON object; an empty body is ``{}`` when not ``required``."""
+    body = await request.read()
+    if not body.strip():
+        if required:
+            raise ApiError(400, "request body is empty; expected a JSON object")
+        return {}
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "body must be a JSON object")
+    return value

@@ -1,0 +1,84 @@
+"""``lastmile demo``: the README's main job in one command. Starts the daemon when none answers,
+loads the demo models on both backends, sends requests, shows what it got, and opens the TUI
+when run in a terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from appliance.client import ClientError, DaemonNotRunning, LastmileClient
+from appliance.config import Config
+
+DEMO_LOADS = ("demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds")
+START_TIMEOUT_S = 300.0
+
+
+def daemon_log_path() -> Path:
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state")
+    return base / "lastmile" / "daemon.log"
+
+
+async def ensure_daemon(client: LastmileClient, config_file: str | None) -> str:
+    """``already running`` or the pid of a daemon started in the background for this demo."""
+    try:
+        await client.status()
+        return "already running"
+    except DaemonNotRunning:
+        pass
+    log = daemon_log_path()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "appliance.cli", "serve"] + (["--config", config_file] if config_file else [])
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True)
+    print(f"started the daemon (pid {proc.pid}); its log: {log}")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise ClientError("the daemon exited during start-up:\n  " + "\n  ".join(tail))
+        try:
+            status = await client.status()
+            if status["status"] != last:
+                print(f"  daemon: {status['status']}")
+                last = status["status"]
+            if status["ready"]:
+                return str(proc.pid)
+        except DaemonNotRunning:
+            pass
+        await asyncio.sleep(0.3)
+    raise ClientError(f"the daemon was not ready after {START_TIMEOUT_S:.0f} s; see {log}")
+
+
+async def run_demo(client: LastmileClient, config: Config, config_file: str | None) -> int:
+    await ensure_daemon(client, config_file)
+    rng = np.random.default_rng(0)
+    for name in DEMO_LOADS:
+        started = time.monotonic()
+        model = await client.load(name)
+        print(f"loaded {name:<12} {model['backend']:<12} {model['device']:<5} in {time.monotonic() - started:5.2f} s")
+    print()
+    for name in DEMO_LOADS:
+        meta = await client.metadata(name)
+        inputs, datatypes = {}, {}
+        for spec in meta["inputs"]:
+            shape = [4 if i == 0 else (16 if d == -1 else d) for i, d in enumerate(spec["shape"])]
+            if spec["datatype"] == "INT64":
+                inputs[spec["name"]] = rng.integers(0, 256, size=shape).astype(np.int64)
+            else:
+                inputs[spec["name"]] = rng.standard_normal(size=shape).astype(np.float32)
+            datatypes[spec["name"]] = spec["datatype"]
+        outputs, params = await client.infer(name, inputs, datatypes)
+        out_name, out = next(iter(outputs.items()))
+        top = out.reshape(out.shape[0], -1, out.shape[-1])[:, -1, :].argmax(-1).tolist()
+        print(f"{name:<12} {out_name} {list(out.shape)} argmax {top}  {params['client_ms']:.2f} ms (batch of {params['batch_size']})")
+    print()
+    print("the daemon keeps serving; try:")
+    print(f"  lastmile status        lastmile infer demo-mlp --random        curl --unix-socket {client.socket_path} http://localhost/v2/models/demo-mlp")
+    return 0

@@ -1,0 +1,189 @@
+"""``lastmile serve``: the listening sockets, start-up order, and a graceful stop.
+
+Start-up: sockets first (so clients and systemd see us early), then demo build and state
+restore, then READY=1. Stop (SIGTERM/SIGINT): stop accepting, let in-flight requests finish
+within ``shutdown_grace_s``, stop the runners, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import ssl
+import stat
+from pathlib import Path
+
+from aiohttp import web
+
+from appliance import activation, sdnotify
+from appliance.auth import AuthPolicy, auth_middleware, load_token
+from appliance.config import Config
+from appliance.daemon import Daemon
+from appliance.http import error_middleware
+from appliance.logs import log
+from appliance.metrics import setup_metrics
+from appliance.routes_monitor import routes as monitor_routes
+from appliance.routes_v1 import routes as v1_routes
+from appliance.routes_v2 import routes as v2_routes
+from runtime.runner import warm_up
+from runtime.shm import cleanup_stale
+
+logger = logging.getLogger("lastmile.server")
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message is the one line the operator sees."""
+
+
+def build_app(daemon: Daemon) -> web.Application:
+    config = daemon.config
+    token = load_token(config.server["token_file"]) if config.server["token_file"] else None
+    policy = AuthPolicy(operator_groups=config.auth["operator_groups"], operator_uids=config.auth["operator_uids"], token=token)
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware(policy)],
+        client_max_size=config.server["max_body_mb"] * 1024 * 1024,
+    )
+    app["daemon"] = daemon
+    app["config"] = config
+    app.add_routes(v2_routes)
+    app.add_routes(v1_routes)
+    app.add_routes(monitor_routes)
+    setup_metrics(app, daemon)
+    return app
+
+
+def bind_unix_socket(path: Path) -> socket.socket:
+    """A listening socket at ``path`` with mode 0660 in a 0750 directory.
+
+    A socket file left by a dead daemon is removed; a live daemon on it (it accepts a
+    connection) or a path that is not a socket stops us rather than being clobbered.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"{path} exists and is not a socket; refusing to remove it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # stale: nobody listens
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise StartupError(f"cannot check {path}: {exc}") from None
+            path.unlink(missing_ok=True)
+        else:
+            raise StartupError(f"another daemon is already serving on {path}; stop it first (or set server.socket)")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)  # born 0660: no window in which others may connect
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o660)
+    sock.listen(256)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_tcp_socket(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise StartupError(f"server.tcp_host {host!r}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(256)
+    sock.setblocking(False)
+    return sock
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    if not config.server["tls_cert"]:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.server["tls_cert"], config.server["tls_key"])
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"server.tls_cert/tls_key: cannot load: {exc}") from None
+    return context
+
+
+async def serve(config: Config) -> None:
+    daemon = Daemon(config)
+    app = build_app(daemon)
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=config.server["shutdown_grace_s"], handler_cancellation=True, access_log=None
+    )
+    await runner.setup()
+
+    inherited = activation.listen_sockets()
+    unix_socks = [s for s in inherited if s.family == socket.AF_UNIX] or [bind_unix_socket(config.socket_path)]
+    owned_path = None if inherited else config.socket_path
+    sites: list[web.BaseSite] = [web.SockSite(runner, s) for s in unix_socks]
+    if config.server["tcp_port"]:
+        tcp = [s for s in inherited if s.family != socket.AF_UNIX] or [bind_tcp_socket(config.server["tcp_host"], config.server["tcp_port"])]
+        sites += [web.SockSite(runner, s, ssl_context=_tls_context(config)) for s in tcp]
+    for site in sites:
+        await site.start()
+    log(logger, logging.INFO, "listening", sockets=",".join(s.name for s in sites), activated=bool(inherited))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    cleanup_stale()
+    watchdog = sdnotify.Watchdog.start(lambda: True)
+    startup = asyncio.create_task(_start_serving(daemon))
+    startup.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
+    try:
+        await stop.wait()
+    finally:
+        if not startup.done():
+            startup.cancel()
+            await asyncio.gather(startup, return_exceptions=True)
+        daemon.ready, daemon.status = False, "stopping"
+        sdnotify.notify(STOPPING=1, STATUS="stopping")
+        log(logger, logging.INFO, "stopping: draining in-flight requests", grace_s=config.server["shutdown_grace_s"])
+        await watchdog.stop()
+        await runner.cleanup()  # stops accepting, waits for in-flight handlers within the grace
+        await daemon.manager.close()
+        if owned_path is not None:
+            owned_path.unlink(missing_ok=True)
+        log(logger, logging.INFO, "stopped")
+    if startup.done() and not startup.cancelled() and startup.exception() is not None:
+        raise StartupError(f"start-up failed: {startup.exception()}")
+
+
+async def _start_serving(daemon: Daemon) -> None:
+    """Runner server, demo models on a first start, restored state; then READY=1."""
+    loop = asyncio.get_running_loop()
+    sdnotify.notify(STATUS="preparing the runner server")
+    await loop.run_in_executor(None, warm_up)
+    built = await loop.run_in_executor(None, daemon.build_demo_if_empty)
+    if built:
+        log(logger, logging.INFO, "built demo models", models=",".join(built))
+    await daemon.restore(lambda text: sdnotify.notify(STATUS=text, EXTEND_TIMEOUT_USEC=str(300_000_000)))
+    daemon.ready, daemon.status = True, "serving"
+    sdnotify.notify(READY=1, STATUS=f"serving {len(daemon.manager.models)} model(s)")
+    log(logger, logging.INFO, "ready", models=len(daemon.manager.models))

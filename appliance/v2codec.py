@@ -1,0 +1,251 @@
+"""KServe Open Inference Protocol V2 tensors: decode a request against the model's input spec,
+encode outputs, in JSON and with the binary tensor data extension.
+
+Everything a client can get wrong is caught here, before a byte reaches a runner, and reported
+as a :class:`BadRequest` that names the field (``inputs[1].shape``) and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from models.spec import V2_TO_NUMPY, TensorSpec
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_JSON_DEPTH = 64
+
+
+class BadRequest(ValueError):
+    """The request is malformed or does not match the model; maps to HTTP 400."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class InferRequest:
+    """A decoded V2 request: validated input arrays plus what the client asked of the output."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    parameters: dict[str, Any]
+    requested_outputs: list[str] | None  # None: all outputs
+    binary_outputs: set[str] = field(default_factory=set)
+
+
+def _check_depth(value: Any, depth: int = 0) -> None:
+    """Deeply nested JSON costs recursion in every later step; refuse it early."""
+    if depth > MAX_JSON_DEPTH:
+        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, dict):
+        for item in value.values():
+            if isinstance(item, (dict, list)):
+                _check_depth(item, depth + 1)
+    elif isinstance(value, list) and value and isinstance(value[0], (dict, list)):
+        for item in value:
+            _check_depth(item, depth + 1)
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+    """The JSON header and the binary remainder (empty without the binary extension)."""
+    if header_length is None:
+        json_part, binary = body, memoryview(b"")
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {header_length!r}", HEADER_LENGTH) from None
+        if not 0 < n <= len(body):
+            raise BadRequest(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes", HEADER_LENGTH)
+        json_part, binary = body[:n], memoryview(body)[n:]
+    try:
+        header = json.loads(json_part)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadRequest("body must be a JSON object")
+    _check_depth(header)
+    return header, binary
+
+
+def _bf16_from_float(values: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 bits, as uint16 (NumPy has no bfloat16)."""
+    bits = values.astype(np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (rounded >> 16).astype(np.uint16)
+
+
+def bf16_to_float(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _check_shape(spec: TensorSpec, shape: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise BadRequest("shape must be a list of integers", f"{where}.shape")
+    if any(d < 0 for d in shape):
+        raise BadRequest(f"shape {shape} has a negative dimension", f"{where}.shape")
+    if len(shape) != len(spec.shape):
+        raise BadRequest(f"shape {shape} has {len(shape)} dimensions; {spec.name} expects {list(spec.shape)}", f"{where}.shape")
+    for i, (got, want) in enumerate(zip(shape, spec.shape)):
+        if want != -1 and got != want:
+            raise BadRequest(f"shape {shape}: dimension {i} must be {want} (model expects {list(spec.shape)})", f"{where}.shape")
+    if shape and shape[0] == 0:
+        raise BadRequest("batch dimension is 0: nothing to infer", f"{where}.shape")
+    return tuple(shape)
+
+
+def decode_request(
+    header: dict[str, Any], binary: memoryview, specs: tuple[TensorSpec, ...], output_names: list[str]
+) -> InferRequest:
+    """Validate a V2 infer request against the model's inputs and build its arrays.
+
+    Binary tensors are viewed in place in the request body (no copy); JSON data is converted
+    once with NumPy.
+    """
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("'inputs' must be a non-empty list of tensors", "inputs")
+    by_name = {s.name: s for s in specs}
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, tensor in enumerate(inputs):
+        where = f"inputs[{i}]"
+        if not isinstance(tensor, dict):
+            raise BadRequest("each input must be a JSON object", where)
+        name = tensor.get("name")
+        spec = by_name.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise BadRequest(f"unknown input {name!r}; the model's inputs are {sorted(by_name)}", f"{where}.name")
+        if name in arrays:
+            raise BadRequest(f"input {name!r} given twice", f"{where}.name")
+        datatype = tensor.get("datatype")
+        if datatype != spec.datatype:
+            raise BadRequest(f"datatype {datatype!r} does not match the model's {spec.datatype} for {name!r}", f"{where}.datatype")
+        shape = _check_shape(spec, tensor.get("shape"), where)
+        count = math.prod(shape)
+        dtype = V2_TO_NUMPY[datatype]
+        params = tensor.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("parameters must be an object", f"{where}.parameters")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if "data" in tensor:
+                raise BadRequest("give either 'data' or parameters.binary_data_size, not both", where)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise BadRequest("binary_data_size must be a non-negative integer", f"{where}.parameters.binary_data_size")
+            if size != count * dtype.itemsize:
+                raise BadRequest(
+                    f"binary_data_size is {size} bytes but shape {list(shape)} of {datatype} needs {count * dtype.itemsize}",
+                    f"{where}.parameters.binary_data_size",
+                )
+            if offset + size > len(binary):
+                raise BadRequest(f"binary data for {name!r} runs past the end of the body", f"{where}.parameters.binary_data_size")
+            array = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+            offset += size
+        else:
+            if "data" not in tensor:
+                raise BadRequest("tensor has no 'data' (and no binary_data_size)", f"{where}.data")
+            array = _json_array(tensor["data"], datatype, dtype, count, shape, where)
+        arrays[name] = array
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any input", HEADER_LENGTH)
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise BadRequest(f"missing input(s) {missing}", "inputs")
+    batches = {a.shape[0] for a in arrays.values() if a.ndim}
+    if len(batches) > 1:
+        raise BadRequest(f"inputs disagree on the batch dimension: {sorted(batches)}", "inputs")
+
+    requested, binary_outputs = _requested_outputs(header, output_names)
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest("id must be a string", "id")
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("parameters must be an object", "parameters")
+    if parameters.get("binary_data_output") is True:
+        binary_outputs = set(requested or output_names)
+    return InferRequest(request_id, arrays, parameters, requested, binary_outputs)
+
+
+def _json_array(data: Any, datatype: str, dtype: np.dtype, count: int, shape: tuple[int, ...], where: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise BadRequest("data must be a list (flat, row-major, or nested)", f"{where}.data")
+    try:
+        if datatype == "BOOL":
+            flat = np.asarray(data, dtype=object).reshape(-1)
+            if not all(isinstance(v, bool) for v in flat):
+                raise ValueError("BOOL data must be true/false")
+            array = flat.astype(np.bool_)
+        elif datatype == "BF16":
+            array = _bf16_from_float(np.asarray(data, dtype=np.float32))
+        else:
+            probe = np.asarray(data)
+            if probe.dtype.kind not in "biuf" or (dtype.kind in "iu" and probe.dtype.kind == "f"):
+                raise ValueError(f"values must be {'integers' if dtype.kind in 'iu' else 'numbers'}")
+            array = probe.astype(dtype, copy=False)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"data cannot be read as {datatype}: {exc}", f"{where}.data") from None
+    if array.size != count:
+        raise BadRequest(f"data has {array.size} elements but shape {list(shape)} needs {count}", f"{where}.data")
+    return array.reshape(shape)
+
+
+def _requested_outputs(header: dict[str, Any], names: list[str]) -> tuple[list[str] | None, set[str]]:
+    outputs = header.get("outputs")
+    if outputs is None:
+        return None, set()
+    if not isinstance(outputs, list):
+        raise BadRequest("'outputs' must be a list", "outputs")
+    requested, binary = [], set()
+    for i, out in enumerate(outputs):
+        name = out.get("name") if isinstance(out, dict) else None
+        if name not in names:
+            raise BadRequest(f"unknown output {name!r}; the model's outputs are {names}", f"outputs[{i}].name")
+        requested.append(name)
+        params = out.get("parameters") or {}
+        if isinstance(params, dict) and params.get("binary_data") is True:
+            binary.add(name)
+    return requested, binary
+
+
+def encode_response(
+    model_name: str, request: InferRequest, outputs: dict[str, np.ndarray], specs: tuple[TensorSpec, ...], extra: dict[str, Any]
+) -> tuple[bytes, dict[str, str]]:
+    """Response body and headers; binary outputs follow the JSON header as the extension says."""
+    datatypes = {s.name: s.datatype for s in specs}
+    tensors, chunks = [], []
+    for name in request.requested_outputs or list(outputs):
+        array = outputs[name]
+        datatype = datatypes.get(name) or _v2_datatype(array)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if name in request.binary_outputs:
+            raw = np.ascontiguousarray(array).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        elif datatype == "BF16":
+            entry["data"] = bf16_to_float(array).reshape(-1).tolist()
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        tensors.append(entry)
+    body: dict[str, Any] = {"model_name": model_name, "model_version": "1", "outputs": tensors}
+    if request.id is not None:
+        body["id"] = request.id
+    if extra:
+        body["parameters"] = extra
+    text = json.dumps(body, separators=(",", ":")).encode()
+    if not chunks:
+        return text, {"Content-Type": "application/json"}
+    return b"".join([text, *chunks]), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(text))}
+
+
+def _v2_datatype(array: np.ndarray) -> str:
+    from models.spec import NUMPY_TO_V2
+
+    return NUMPY_TO_V2.get(array.dtype, "FP32")

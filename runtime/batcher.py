@@ -1,0 +1,463 @@
+"""The dynamic batcher: one per model, pure asyncio, in the daemon.
+
+Requests are grouped by *signature* (input names, dtypes and every dim but dim 0), because
+only those can be concatenated: LM requests of different sequence lengths wait in different
+groups. A group's batch closes when it holds ``max_batch_size`` rows or ``max_delay_ms``
+after its oldest request arrived; when several groups are ready, the one whose oldest
+request is oldest goes first, so no signature starves another. Up to ``concurrency``
+batches run at once (one per runner instance: ``run_batch`` picks a free one).
+
+Everything happens on the event loop: ``submit`` appends to a deque and arms at most one
+timer; a batch is one task. No thread hops, no per-request tasks. Rows of requests that
+were cancelled or timed out before their batch was cut never reach the runner; results of
+requests dropped while their batch runs are discarded.
+
+With a ``pool`` the batch is concatenated straight into a shared-memory buffer and handed
+to ``run_batch`` as :class:`runtime.shm.PackedArrays`, which :class:`runtime.runner.Runner`
+sends to its child without another copy. ``run_batch`` must then not return views of its
+inputs (the buffer is reused as soon as it returns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping
+
+import numpy as np
+
+from runtime.errors import (
+    BatchTooLarge,
+    InferenceError,
+    InvalidBatch,
+    ModelUnavailable,
+    QueueFull,
+    RequestTimeout,
+)
+from runtime.shm import BufferPool, PackedArrays, plan_layout, views
+
+RunBatch = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
+
+QUEUED, RUNNING, DROPPED = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    """How one request was served: which batch, how many rows it had, time queued (arrival
+    to batch start) and the batch's compute time (``run_batch``, IPC included)."""
+
+    batch_id: int
+    batch_size: int
+    queue_s: float
+    compute_s: float
+    requests: int = 1
+
+
+class _Request:
+    __slots__ = ("inputs", "rows", "fut", "enqueued", "state", "timer", "group")
+
+    def __init__(self, inputs: dict[str, np.ndarray], rows: int, fut: asyncio.Future, enqueued: float, group: "_Group") -> None:
+        self.inputs = inputs
+        self.rows = rows
+        self.fut = fut
+        self.enqueued = enqueued
+        self.state = QUEUED
+        self.timer: asyncio.TimerHandle | None = None
+        self.group = group
+
+
+class _Group:
+    """Queued requests of one signature."""
+
+    __slots__ = ("key", "queue", "rows")
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+        self.queue: deque[_Request] = deque()
+        self.rows = 0
+
+    def head(self) -> _Request | None:
+        q = self.queue
+        while q and q[0].state != QUEUED:
+            q.popleft()
+        return q[0] if q else None
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}: got {value!r}; must be an integer >= 1")
+    return value
+
+
+def _non_negative(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+        raise ValueError(f"{key}: got {value!r}; must be a finite number >= 0")
+    return float(value)
+
+
+def _positive(key: str, value: Any) -> float:
+    value = _non_negative(key, value)
+    if value == 0:
+        raise ValueError(f"{key}: got 0; must be > 0")
+    return value
+
+
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "max_batch_size": _positive_int,
+    "max_delay_ms": _non_negative,
+    "max_queue": _positive_int,
+    "timeout_s": _positive,
+    "concurrency": _positive_int,
+}
+
+
+class Batcher:
+    """Dynamic batching in front of ``run_batch`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        max_batch_size: int,
+        max_delay_ms: float,
+        max_queue: int,
+        timeout_s: float,
+        concurrency: int = 1,
+        pool: BufferPool | None = None,
+    ) -> None:
+        self._run_batch = run_batch
+        self.pool = pool
+        self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
+        self.max_delay_ms = _non_negative("max_delay_ms", max_delay_ms)
+        self.max_queue = _positive_int("max_queue", max_queue)
+        self.timeout_s = _positive("timeout_s", timeout_s)
+        self.concurrency = _positive_int("concurrency", concurrency)
+        self._delay_s = self.max_delay_ms / 1000.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._groups: dict[tuple, _Group] = {}
+        self._queued = 0
+        self._queued_rows = 0
+        self._in_flight = 0
+        self._running: set[_Request] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._closed: str | None = None
+        self._ids = itertools.count(1)
+        # counters
+        self._batches = 0
+        self._requests = 0
+        self._rows = 0
+        self._rejected = 0
+        self._timeouts = 0
+        self._cancelled = 0
+        self._errors = 0
+        self._ema_compute_s: float | None = None
+
+    # --- the caller's side ------------------------------------------------------------------
+
+    async def submit(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], BatchInfo]:
+        """Queue one request and wait for its rows of the batch's outputs."""
+        if self._closed is not None:
+            raise ModelUnavailable(self._closed)
+        rows, key = _describe(inputs)
+        if rows > self.max_batch_size:
+            self._rejected += 1
+            raise BatchTooLarge(rows, self.max_batch_size)
+        if self._queued >= self.max_queue:
+            self._rejected += 1
+            raise QueueFull(self._queued, self.max_queue, self.retry_after_s())
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(key)
+        now = loop.time()
+        req = _Request(inputs, rows, loop.create_future(), now, group)
+        req.timer = loop.call_at(now + self.timeout_s, self._expire, req, self.timeout_s)
+        group.queue.append(req)
+        group.rows += rows
+        self._queued += 1
+        self._queued_rows += rows
+        self._kick()
+        try:
+            return await req.fut
+        except asyncio.CancelledError:
+            if req.state == QUEUED:
+                self._unqueue(req)
+            self._cancelled += 1
+            raise
+        finally:
+            req.timer.cancel()
+
+    def retry_after_s(self) -> float:
+        """Seconds until the queue has probably drained a batch's worth: queued rows over
+        throughput (recent batch compute time, ``concurrency`` batches at once)."""
+        per_batch = self._ema_compute_s if self._ema_compute_s is not None else max(self._delay_s, 0.01)
+        batches_ahead = max(1, math.ceil(self._queued_rows / self.max_batch_size))
+        return max(0.001, batches_ahead * per_batch / self.concurrency)
+
+    # --- live tuning ------------------------------------------------------------------------
+
+    def configure(self, **changes: Any) -> None:
+        """Change ``max_batch_size``, ``max_delay_ms``, ``max_queue``, ``timeout_s`` or
+        ``concurrency`` live. A smaller ``max_batch_size`` fails queued requests that no longer
+        fit with :class:`BatchTooLarge`; a new ``timeout_s`` applies to new requests."""
+        clean = {}
+        for key, value in changes.items():
+            check = _CHECKS.get(key)
+            if check is None:
+                raise ValueError(f"{key}: not a batcher setting; known: {', '.join(_CHECKS)}")
+            clean[key] = check(key, value)
+        for key, value in clean.items():
+            setattr(self, key, value)
+        self._delay_s = self.max_delay_ms / 1000.0
+        if "max_batch_size" in clean:
+            for group in list(self._groups.values()):
+                for req in list(group.queue):
+                    if req.state == QUEUED and req.rows > self.max_batch_size:
+                        self._unqueue(req)
+                        self._rejected += 1
+                        req.fut.set_exception(BatchTooLarge(req.rows, self.max_batch_size))
+        if self._loop is not None:
+            # New delay: the armed timer may now be too late (or too early - harmless).
+            self._cancel_timer()
+            self._kick()
+
+    # --- closing ----------------------------------------------------------------------------
+
+    async def close(self, reason: str) -> None:
+        """Fail every queued and running request with :class:`ModelUnavailable` (``reason``)
+        and refuse new ones. Batches already at a runner finish there; their results are
+        dropped."""
+        if self._closed is not None:
+            return
+        self._closed = reason
+        self._cancel_timer()
+        for group in list(self._groups.values()):
+            for req in list(group.queue):
+                if req.state == QUEUED:
+                    self._unqueue(req)
+                    if not req.fut.done():
+                        req.fut.set_exception(ModelUnavailable(reason))
+        self._groups.clear()
+        for req in list(self._running):
+            if not req.fut.done():
+                req.fut.set_exception(ModelUnavailable(reason))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    # --- reporting --------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "queue_depth": self._queued,
+            "queued_rows": self._queued_rows,
+            "in_flight": self._in_flight,
+            "batches": self._batches,
+            "requests": self._requests,
+            "rows": self._rows,
+            "avg_batch_size": (self._rows / self._batches) if self._batches else 0.0,
+            "avg_requests_per_batch": (self._requests / self._batches) if self._batches else 0.0,
+            "rejected": self._rejected,
+            "timeouts": self._timeouts,
+            "cancelled": self._cancelled,
+            "errors": self._errors,
+            "avg_compute_s": self._ema_compute_s,
+            "groups": len(self._groups),
+            "max_batch_size": self.max_batch_size,
+            "max_delay_ms": self.max_delay_ms,
+            "max_queue": self.max_queue,
+            "timeout_s": self.timeout_s,
+            "concurrency": self.concurrency,
+            "closed": self._closed is not None,
+        }
+
+    # --- scheduling -------------------------------------------------------------------------
+
+    def _unqueue(self, req: _Request) -> None:
+        req.state = DROPPED
+        req.group.rows -= req.rows
+        self._queued -= 1
+        self._queued_rows -= req.rows
+
+    def _expire(self, req: _Request, timeout_s: float) -> None:
+        if req.fut.done():
+            return
+        if req.state == QUEUED:
+            self._unqueue(req)
+            stage = "queued"
+        else:
+            stage = "running"
+        self._timeouts += 1
+        req.fut.set_exception(RequestTimeout(timeout_s, stage))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = math.inf
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        self._kick()
+
+    def _kick(self) -> None:
+        """Cut and launch every batch that is due while runners are free; otherwise arm one
+        timer for the earliest group deadline."""
+        loop = self._loop
+        if loop is None or self._closed is not None:
+            return
+        while self._in_flight < self.concurrency and self._queued:
+            now = loop.time()
+            best: _Group | None = None
+            best_t = math.inf
+            wake = math.inf
+            for key, group in list(self._groups.items()):
+                head = group.head()
+                if head is None:
+                    del self._groups[key]
+                    continue
+                if group.rows >= self.max_batch_size or now >= head.enqueued + self._delay_s:
+                    if head.enqueued < best_t:
+                        best, best_t = group, head.enqueued
+                else:
+                    wake = min(wake, head.enqueued + self._delay_s)
+            if best is None:
+                if wake < self._timer_at:
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer = loop.call_at(wake, self._on_timer)
+                    self._timer_at = wake
+                return
+            self._launch(best)
+
+    def _launch(self, group: _Group) -> None:
+        batch: list[_Request] = []
+        rows = 0
+        q = group.queue
+        limit = self.max_batch_size
+        while q:
+            req = q[0]
+            if req.state != QUEUED:
+                q.popleft()
+                continue
+            if rows + req.rows > limit:
+                break
+            q.popleft()
+            req.state = RUNNING
+            batch.append(req)
+            rows += req.rows
+        group.rows -= rows
+        self._queued -= len(batch)
+        self._queued_rows -= rows
+        if not q:
+            self._groups.pop(group.key, None)
+        self._in_flight += 1
+        self._running.update(batch)
+        assert self._loop is not None
+        task = self._loop.create_task(self._run(next(self._ids), batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch_id: int, batch: list[_Request]) -> None:
+        loop = self._loop
+        assert loop is not None
+        buf = None
+        try:
+            live = [r for r in batch if not r.fut.done()]  # dropped since the cut: rows stay out
+            if not live:
+                return
+            rows = sum(r.rows for r in live)
+            started = loop.time()
+            inputs, buf = self._concat(live, rows)
+            try:
+                outputs = await self._run_batch(inputs)
+                del inputs
+                _check_outputs(outputs, rows)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every request of the batch gets it
+                self._errors += 1
+                for r in live:
+                    if not r.fut.done():
+                        r.fut.set_exception(exc)
+                return
+            compute_s = loop.time() - started
+            self._batches += 1
+            self._requests += len(live)
+            self._rows += rows
+            ema = self._ema_compute_s
+            self._ema_compute_s = compute_s if ema is None else ema + 0.2 * (compute_s - ema)
+            offset = 0
+            n = len(live)
+            for r in live:
+                if not r.fut.done():
+                    end = offset + r.rows
+                    part = {name: arr[offset:end] for name, arr in outputs.items()}
+                    r.fut.set_result((part, BatchInfo(batch_id, rows, started - r.enqueued, compute_s, n)))
+                offset += r.rows
+        finally:
+            if buf is not None and self.pool is not None:
+                self.pool.release(buf)
+            self._running.difference_update(batch)
+            self._in_flight -= 1
+            self._kick()
+
+    def _concat(self, batch: list[_Request], rows: int) -> tuple[dict[str, np.ndarray], Any]:
+        first = batch[0].inputs
+        if self.pool is None:
+            if len(batch) == 1:
+                return first, None
+            return {name: np.concatenate([r.inputs[name] for r in batch], axis=0) for name in first}, None
+        layout, total = plan_layout((name, arr.dtype, (rows,) + arr.shape[1:]) for name, arr in first.items())
+        buf = self.pool.acquire(total)
+        try:
+            arrays = views(buf.mm, layout)
+            for name, dest in arrays.items():
+                if len(batch) == 1:
+                    dest[...] = first[name]
+                else:
+                    np.concatenate([r.inputs[name] for r in batch], axis=0, out=dest)
+        except BaseException:
+            self.pool.release(buf)
+            raise
+        return PackedArrays(buf, layout, arrays), buf
+
+
+def _describe(inputs: Mapping[str, np.ndarray]) -> tuple[int, tuple]:
+    """Rows (dim 0, equal across inputs) and the batching signature of one request."""
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise InvalidBatch("", "a request needs at least one input tensor")
+    rows = -1
+    first = ""
+    key = []
+    for name, arr in inputs.items():
+        if not isinstance(arr, np.ndarray):
+            raise InvalidBatch(name, f"expected a numpy array, got {type(arr).__name__}")
+        if arr.ndim == 0:
+            raise InvalidBatch(name, "a scalar has no batch dimension (dim 0)")
+        if rows < 0:
+            rows, first = arr.shape[0], name
+        elif arr.shape[0] != rows:
+            raise InvalidBatch(name, f"has {arr.shape[0]} rows (dim 0) but {first!r} has {rows}; all inputs of a request need the same batch size")
+        key.append((name, arr.dtype.str, arr.shape[1:]))
+    if len(key) > 1:
+        key.sort()
+    return rows, tuple(key)
+
+
+def _check_outputs(outputs: Any, rows: int) -> None:
+    if not isinstance(outputs, Mapping):
+        raise InferenceError(f"run_batch returned {type(outputs).__name__}, expected a dict of arrays")
+    for name, arr in outputs.items():
+        if not isinstance(arr, np.ndarray) or arr.ndim == 0 or arr.shape[0] != rows:
+            shape = getattr(arr, "shape", None)
+            raise InferenceError(f"output {name!r} has shape {shape} for a batch of {rows} rows; outputs must keep the batch dimension")

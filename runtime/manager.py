@@ -1,0 +1,284 @@
+"""The model manager: which models are loaded, their runner processes and batchers, and what
+happens when a runner dies. The daemon's routes call it; it knows nothing of HTTP.
+
+Lifecycle of a model: ``loading`` -> ``ready`` -> (runner died) ``restarting`` -> ``ready`` |
+``failed``; ``unloading`` -> gone. Every transition is an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from models.settings import ModelSettings
+from models.spec import Manifest
+from models.store import ModelStore
+from runtime.backends import resolve_backend
+from runtime.batcher import Batcher
+from runtime.errors import LoadError, ModelUnavailable
+from runtime.events import EventLog
+from runtime.runner import Runner
+from runtime.shm import BufferPool
+
+logger = logging.getLogger("lastmile.manager")
+
+PhaseCallback = Callable[[str, dict[str, Any]], None]
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+BATCHER_KEYS = ("max_batch_size", "max_delay_ms", "max_queue", "timeout_s")
+
+
+def describe_exit(code: int | None) -> str:
+    """``SIGKILL`` for -9 (the OOM killer's signature), ``exit code N`` otherwise."""
+    if code is not None and code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            pass
+    return f"exit code {code}"
+
+
+class ModelNotLoaded(KeyError):
+    def __str__(self) -> str:
+        return f"model {self.args[0]!r} is not loaded"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    manifest: Manifest
+    settings: ModelSettings
+    overrides: dict[str, Any]
+    backend: str
+    pool: BufferPool
+    state: str = "loading"
+    phase: str = "queued"
+    error: str | None = None
+    runners: list[Runner] = field(default_factory=list)
+    idle: asyncio.Queue | None = None
+    batcher: Batcher | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    restarts: int = 0
+    requests: int = 0
+    failures: int = 0
+    latencies_s: deque = field(default_factory=lambda: deque(maxlen=2048))
+    restart_task: asyncio.Task | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The row ``GET /v1/models`` shows for this model."""
+        stats = self.batcher.stats() if self.batcher else {}
+        lat = sorted(self.latencies_s)
+
+        def pct(p: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 3) if lat else None
+
+        return {
+            "name": self.name,
+            "state": self.state,
+            "phase": self.phase,
+            "error": self.error,
+            "backend": self.backend,
+            "format": self.manifest.format,
+            "device": self.info.get("device", self.settings.device),
+            "settings": self.settings.as_dict(),
+            "overrides": self.overrides,
+            "backend_info": self.info,
+            "runners": [{"instance": i, "pid": r.pid, "alive": r.alive} for i, r in enumerate(self.runners)],
+            "loaded_at": self.loaded_at,
+            "last_used": self.last_used,
+            "restarts": self.restarts,
+            "requests": self.requests,
+            "failures": self.failures,
+            "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
+            "queue_depth": stats.get("queue_depth", 0),
+            "batcher": stats,
+            "pool": self.pool.stats(),
+        }
+
+
+class ModelManager:
+    """Owns every loaded model. ``on_change`` is called after each load/unload so the daemon
+    can persist what is loaded."""
+
+    def __init__(self, store: ModelStore, defaults: ModelSettings, events: EventLog, on_change: Callable[[], None] | None = None) -> None:
+        self.store = store
+        self.defaults = defaults
+        self.events = events
+        self.on_change = on_change or (lambda: None)
+        self.models: dict[str, LoadedModel] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._closing = False
+
+    # --- planning -------------------------------------------------------------------------
+
+    def plan(self, name: str, overrides: dict[str, Any] | None = None) -> tuple[Manifest, ModelSettings, str]:
+        """Manifest, effective settings and backend for a load, or the error that would stop it
+        (unknown model, bad manifest, bad setting, backend/format mismatch) - nothing started."""
+        manifest = self.store.get(name)
+        settings = self.defaults.overlay(manifest.settings).overlay(overrides or {})
+        if manifest.backend != "auto" and settings.backend == "auto":
+            settings = settings.overlay({"backend": manifest.backend})
+        return manifest, settings, resolve_backend(manifest, settings)
+
+    # --- load / unload ----------------------------------------------------------------------
+
+    async def load(self, name: str, overrides: dict[str, Any] | None = None, on_phase: PhaseCallback | None = None) -> LoadedModel:
+        overrides = dict(overrides or {})
+        manifest, settings, backend = self.plan(name, overrides)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            current = self.models.get(name)
+            if current and current.state == "ready" and current.settings == settings:
+                return current
+            if current:
+                await self._teardown(current, reason="reload with new settings")
+            pool = BufferPool(f"lastmile-{os.getpid()}-{name}-")
+            model = LoadedModel(name, manifest, settings, overrides, backend, pool)
+            self.models[name] = model
+            self.events.record("load_started", f"loading {name} ({backend}, {settings.device}, {settings.dtype})", model=name, settings=settings.as_dict())
+
+            def phase(step: str, data: dict[str, Any]) -> None:
+                model.phase = step
+                if on_phase:
+                    on_phase(step, data)
+
+            started = time.monotonic()
+            try:
+                await self._start_runners(model, phase)
+            except BaseException as exc:
+                model.state, model.error = "failed", str(exc)
+                await self._stop_runners(model)
+                pool.close()
+                del self.models[name]
+                self.events.record("load_failed", f"{name} failed to load: {exc}", model=name, level="error")
+                raise
+            model.batcher = Batcher(
+                lambda inputs, m=model: self._run_batch(m, inputs),
+                concurrency=settings.instances,
+                **{k: getattr(settings, k) for k in BATCHER_KEYS},
+            )
+            model.state, model.phase = "ready", "ready"
+            model.loaded_at = model.last_used = time.time()
+            seconds = round(time.monotonic() - started, 3)
+            self.events.record("loaded", f"{name} loaded in {seconds} s", model=name, load_s=seconds, info=model.info)
+            self.on_change()
+            return model
+
+    async def _start_runners(self, model: LoadedModel, phase: PhaseCallback) -> None:
+        model.idle = asyncio.Queue()
+        for instance in range(model.settings.instances):
+            runner = Runner(model.manifest, model.settings, pool=model.pool, instance=instance)
+            runner.on_exit = lambda r, code, m=model: self._runner_died(m, r, code)
+            model.runners.append(runner)
+            model.info = await runner.start(on_phase=phase)
+            model.idle.put_nowait(runner)
+
+    async def _stop_runners(self, model: LoadedModel) -> None:
+        runners, model.runners = model.runners, []
+        for runner in runners:
+            runner.on_exit = None
+        await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
+
+    async def unload(self, name: str, reason: str = "unloaded by request") -> None:
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            model = self.models.get(name)
+            if model is None:
+                raise ModelNotLoaded(name)
+            await self._teardown(model, reason)
+            self.events.record("unloaded", f"{name} {reason}", model=name)
+            self.on_change()
+
+    async def _teardown(self, model: LoadedModel, reason: str) -> None:
+        model.state = "unloading"
+        if model.restart_task:
+            model.restart_task.cancel()
+        if model.batcher:
+            await model.batcher.close(f"model {model.name} is being {reason}")
+        await self._stop_runners(model)
+        model.pool.close()
+        self.models.pop(model.name, None)
+
+    async def close(self) -> None:
+        """Stop every runner (daemon shutdown); state is kept so the next start restores it."""
+        self._closing = True
+        for model in list(self.models.values()):
+            await self._teardown(model, "stopped with the daemon")
+
+    # --- serving ----------------------------------------------------------------------------
+
+    def get(self, name: str) -> LoadedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotLoaded(name)
+        return model
+
+    async def infer(self, name: str, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Any]:
+        model = self.get(name)
+        if model.state != "ready" or model.batcher is None:
+            raise ModelUnavailable(f"model {name!r} is {model.state}" + (f": {model.error}" if model.error else ""))
+        model.last_used = time.time()
+        model.requests += 1
+        started = time.perf_counter()
+        try:
+            outputs, info = await model.batcher.submit(inputs)
+        except BaseException:
+            model.failures += 1
+            raise
+        model.latencies_s.append(time.perf_counter() - started)
+        return outputs, info
+
+    async def _run_batch(self, model: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert model.idle is not None
+        runner = await model.idle.get()
+        try:
+            return await runner.run(inputs)
+        finally:
+            if runner.alive:
+                model.idle.put_nowait(runner)
+
+    def configure(self, name: str, changes: dict[str, Any]) -> LoadedModel:
+        """Live changes that need no reload (batching knobs); others go through :meth:`load`."""
+        model = self.get(name)
+        model.settings = model.settings.overlay(changes)
+        model.overrides.update(changes)
+        if model.batcher:
+            model.batcher.configure(**{k: v for k, v in changes.items() if k in BATCHER_KEYS})
+        self.events.record("tuned", f"{name} settings changed: {changes}", model=name, changes=changes)
+        self.on_change()
+        return model
+
+    # --- failure handling -------------------------------------------------------------------
+
+    def _runner_died(self, model: LoadedModel, runner: Runner, exitcode: int | None) -> None:
+        if self._closing or model.state in ("unloading",) or runner not in model.runners:
+            return
+        reason = f"runner {runner.pid} of {model.name} died ({describe_exit(exitcode)})"
+        model.state, model.error = "restarting", reason
+        self.events.record("runner_died", reason, model=model.name, level="error", exitcode=exitcode, pid=runner.pid)
+        if model.restart_task is None or model.restart_task.done():
+            model.restart_task = asyncio.get_running_loop().create_task(self._restart(model))
+
+    async def _restart(self, model: LoadedModel) -> None:
+        attempt = 0
+        while model.name in self.models and model.state in ("restarting", "failed"):
+            delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+            await asyncio.sleep(delay)
+            attempt += 1
+            model.restarts += 1
+            await self._stop_runners(model)
+            try:
+                await self._start_runners(model, lambda step, data: setattr(model, "phase", step))
+            except LoadError as exc:
+                model.state, model.error = "failed", str(exc)
+                self.events.record("restart_failed", f"{model.name} restart {attempt} failed: {exc}; next try in {RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]} s", model=model.name, level="error")
+                continue
+            model.state, model.error, model.phase = "ready", None, "ready"
+            self.events.record("restarted", f"{model.name} runner restarted (attempt {attempt})", model=model.name, attempt=attempt)

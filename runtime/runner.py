@@ -1,0 +1,596 @@
+"""Runner processes: one per loaded model instance, driven from the daemon's asyncio loop.
+
+Why a process per model: a crash, OOM kill or hang in one model never takes the daemon or
+the other models down, unloading really returns memory to the OS, and per-model memory is
+measurable. Why a forkserver: the server imports torch, deepspeed and onnxruntime once
+(:func:`warm_up`, at daemon start); each runner is a ``fork`` of it, so loading a model costs
+the model's load, not interpreter and library start-up.
+
+Data path of one batch (see :mod:`runtime.runner_main` for the wire protocol)::
+
+    inputs --pack--> pool buffer (or the batcher's buffer, no copy) --name+layout--> child
+    child: views over the segment -> backend.run -> outputs packed into the out buffer
+    daemon: views over the out buffer -> one copy into the result -> buffers back to the pool
+
+Control messages go over a ``multiprocessing`` pipe watched with ``loop.add_reader`` (no
+thread per message); the process sentinel is watched the same way, so a child that dies
+mid-batch fails the awaiting ``run()`` at once with :class:`RunnerDied`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import importlib.util
+import itertools
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from models.settings import ModelSettings
+from models.spec import Manifest
+from runtime import runner_main
+from runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavailable, RunnerDied, ShmError
+from runtime.shm import ALIGN, Buffer, BufferPool, PackedArrays, layout_of, pack, views
+
+logger = logging.getLogger("lastmile.runner")
+
+# What the forkserver imports once. The backend modules too, so a load does not pay for
+# importing our own backend code either. (A failing import here is skipped by the forkserver.)
+PRELOAD = [
+    "numpy",
+    "onnxruntime",
+    "torch",
+    "deepspeed",
+    "runtime.backends",
+    "runtime.backends.onnx_backend",
+    "runtime.backends.deepspeed_backend",
+    "runtime.runner_main",
+]
+
+PhaseCallback = Callable[[str, dict], None]
+ExitCallback = Callable[["Runner", "int | None"], None]
+
+_ctx_lock = threading.Lock()
+_ctx: Any = None
+
+
+# --- the forkserver ---------------------------------------------------------------------------
+
+
+def _accelerator_env() -> None:
+    """Pin ``DS_ACCELERATOR`` before the forkserver imports deepspeed, from device nodes only
+    (importing torch in the daemon to ask would cost seconds and hundreds of MB).
+
+    Why it matters: importing deepspeed runs its accelerator auto-detection, which calls
+    ``torch.cuda.is_available()``; in the forkserver that would initialise the CUDA driver,
+    and CUDA does not survive ``fork``: every runner would fail on its first CUDA call. With
+    the accelerator named, DeepSpeed skips that probe; ``PYTORCH_NVML_BASED_CUDA_CHECK=1``
+    makes any other ``is_available()`` ask NVML instead of initialising CUDA. Same choice as
+    :func:`runtime.accelerators.ensure_ds_accelerator` (cuda, else npu, else cpu); an
+    operator's own ``DS_ACCELERATOR`` wins.
+    """
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    if os.environ.get("DS_ACCELERATOR"):
+        return
+    cuda_hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
+    if not cuda_hidden and glob.glob("/dev/nvidia[0-9]*"):
+        chosen = "cuda"
+    elif glob.glob("/dev/davinci[0-9]*") and importlib.util.find_spec("torch_npu") is not None:
+        chosen = "npu"
+    else:
+        chosen = "cpu"
+    os.environ["DS_ACCELERATOR"] = chosen
+
+
+def get_context() -> Any:
+    """The forkserver context with lastmile's preload list (set once, before it starts)."""
+    global _ctx
+    with _ctx_lock:
+        if _ctx is None:
+            _accelerator_env()
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(list(PRELOAD))
+            _ctx = ctx
+        return _ctx
+
+
+def warm_up(timeout_s: float = 600.0) -> float:
+    """Start the forkserver and block until its preload (torch, deepspeed, onnxruntime...)
+    is done, by starting and joining a no-op process. Returns the seconds it took. The
+    daemon calls this once at start (from a thread: it blocks), before the first load."""
+    ctx = get_context()
+    started = time.perf_counter()
+    proc = runner_main.RunnerProcess(target=runner_main._noop, name="lastmile-warmup", daemon=True)
+    proc.start()
+    proc.join(timeout_s)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        raise LoadError(f"forkserver did not come up within {timeout_s:g} s")
+    proc.close()
+    return time.perf_counter() - started
+
+
+async def warm_up_async(timeout_s: float = 600.0) -> float:
+    """:func:`warm_up` without blocking the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, warm_up, timeout_s)
+
+
+def describe_exit(code: int | None) -> str:
+    """``SIGKILL`` for -9 (what the OOM killer and ``kill -9`` leave), ``exit code N`` else."""
+    if code is not None and code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+# --- one call in flight ---------------------------------------------------------------------
+
+
+class _Call:
+    """A request sent to the child and the shared-memory buffers it holds until the child
+    answers, even when the caller gave up (the child may still read/write them)."""
+
+    __slots__ = ("fut", "bufs", "out", "layout_in", "finished", "abandoned", "drained")
+
+    def __init__(self, fut: asyncio.Future) -> None:
+        self.fut = fut
+        self.bufs: list[Buffer] = []
+        self.out: Buffer | None = None
+        self.finished = False
+        self.abandoned = False
+        self.drained: asyncio.Future | None = None
+        self.layout_in: tuple = ()
+
+    def release(self, pool: BufferPool) -> None:
+        bufs, self.bufs = self.bufs, []
+        if self.out is not None:
+            bufs.append(self.out)
+            self.out = None
+        for buf in bufs:
+            try:
+                pool.release(buf)
+            except ShmError:
+                pass
+
+
+# --- the runner -------------------------------------------------------------------------------
+
+
+class Runner:
+    """One model instance in its own process. All methods run on one asyncio loop."""
+
+    def __init__(self, manifest: Manifest, settings: ModelSettings, *, pool: BufferPool, instance: int = 0) -> None:
+        self.manifest = manifest
+        self.settings = settings
+        self.pool = pool
+        self.instance = instance
+        self.name = manifest.name
+        self.pid: int | None = None
+        self.exitcode: int | None = None
+        self.on_exit: ExitCallback | None = None
+        self.info: dict[str, Any] = {}
+        self.state = "new"  # new | starting | ready | stopping | stopped | dead
+        self.batches = 0
+        self.backend_s = 0.0  # time the backend computed, summed over batches (child side)
+        self.last_backend_s = 0.0
+        self._proc: Any = None
+        self._rx: Any = None  # child -> daemon
+        self._tx: Any = None  # daemon -> child
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._seq = itertools.count(1)
+        self._calls: dict[int, _Call] = {}
+        self._run_lock: asyncio.Lock | None = None
+        self._draining: asyncio.Future | None = None
+        self._ready: asyncio.Future | None = None
+        self._exited: asyncio.Future | None = None
+        self._on_phase: PhaseCallback | None = None
+        self._epoch = pool.epoch
+        self._out_per_row: dict[tuple, int] = {}
+        self._static_out_per_row = self._static_output_bytes(manifest)
+        self._death: str | None = None
+        self._reading = False
+
+    # --- properties ---------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("starting", "ready", "stopping") and self.exitcode is None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._calls)
+
+    def __repr__(self) -> str:
+        return f"Runner({self.name!r}#{self.instance}, pid={self.pid}, state={self.state})"
+
+    # --- start --------------------------------------------------------------------------------
+
+    async def start(self, on_phase: PhaseCallback | None = None, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Spawn the child, load and warm the model; returns ``backend.info()`` plus ``pid``,
+        ``load_s`` (model load in the child), ``warmup_s`` and ``start_s`` (spawn to ready)."""
+        if self.state != "new":
+            raise RuntimeError(f"runner for {self.name} was already started (state {self.state})")
+        loop = self._loop = asyncio.get_running_loop()
+        self._run_lock = asyncio.Lock()
+        self._on_phase = on_phase
+        self._ready = loop.create_future()
+        self._ready.add_done_callback(_retrieve)  # start() may have given up on it already
+        self._exited = loop.create_future()
+        self.state = "starting"
+        started = time.perf_counter()
+        self._phase("spawning", {"instance": self.instance})
+        ctx = get_context()
+        child_rx, parent_tx = ctx.Pipe(duplex=False)
+        parent_rx, child_tx = ctx.Pipe(duplex=False)
+        proc = runner_main.RunnerProcess(
+            target=runner_main.main,
+            args=(child_rx, child_tx, self.manifest, self.settings, self.name),
+            name=f"lastmile-runner:{self.name}#{self.instance}",
+            daemon=True,
+        )
+        spawn = loop.run_in_executor(None, proc.start)  # blocks until the forkserver is up
+        try:
+            await asyncio.shield(spawn)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                spawn.add_done_callback(lambda f: proc.kill() if not f.exception() else None)
+            for c in (child_rx, child_tx, parent_rx, parent_tx):
+                c.close()
+            self.state = "stopped"
+            if isinstance(exc, Exception):
+                raise LoadError(f"could not start a runner process for {self.name}: {exc}") from exc
+            raise
+        child_rx.close()
+        child_tx.close()
+        self._proc, self._rx, self._tx, self.pid = proc, parent_rx, parent_tx, proc.pid
+        loop.add_reader(parent_rx.fileno(), self._on_readable)
+        self._reading = True
+        loop.add_reader(proc.sentinel, self._on_sentinel)
+        try:
+            info = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
+        except asyncio.TimeoutError:
+            await self._kill_and_wait()
+            raise LoadTimeout(f"loading {self.name} took longer than {timeout_s:g} s; runner process killed") from None
+        except LoadError:
+            if not await self._wait_exit(5.0):
+                await self._kill_and_wait()
+            raise
+        except BaseException:
+            await self._kill_and_wait()
+            raise
+        info = dict(info)
+        info.update(pid=self.pid, start_s=round(time.perf_counter() - started, 4))
+        self.info = info
+        self.state = "ready"
+        self._phase("ready", info)
+        return info
+
+    def _phase(self, name: str, data: dict) -> None:
+        if self._on_phase is not None:
+            try:
+                self._on_phase(name, data)
+            except Exception:  # a UI callback must not break a load
+                logger.exception("on_phase callback failed")
+
+    # --- serving ------------------------------------------------------------------------------
+
+    async def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one whole batch in the child; returns fresh arrays (copied once out of shared
+        memory). Raises :class:`RunnerDied` or :class:`InferenceError`."""
+        if self.state != "ready":
+            raise self._unavailable()
+        assert self._run_lock is not None and self._loop is not None
+        async with self._run_lock:
+            if self._draining is not None and not self._draining.done():
+                await asyncio.shield(self._draining)  # the child still works on a dropped batch
+            if self.state != "ready":
+                raise self._unavailable()
+            call = _Call(self._loop.create_future())
+            seq = next(self._seq)
+            try:
+                rows, key = self._prepare(call, inputs)
+                if self.pool.epoch == self._epoch:
+                    unmapped: tuple | None = ()
+                else:
+                    unmapped, self._epoch = self.pool.unlinked_since(self._epoch)
+                self._calls[seq] = call
+                self._tx.send(("run", seq, call.bufs[0].name, call.layout_in, call.out.name, call.out.size, unmapped))
+            except BaseException as exc:
+                self._calls.pop(seq, None)
+                call.release(self.pool)
+                if isinstance(exc, OSError):  # the child is gone; the sentinel says how
+                    await self._wait_exit(1.0)
+                    raise self._unavailable() from None
+                raise
+            try:
+                out_layout = await call.fut
+            except asyncio.CancelledError:
+                if call.finished:
+                    call.release(self.pool)
+                else:  # the child still has the buffers: they are freed on its answer
+                    call.abandoned = True
+                    call.drained = self._draining = self._loop.create_future()
+                raise
+            except BaseException:
+                call.release(self.pool)
+                raise
+            try:
+                result = {name: arr.copy() for name, arr in views(call.out.mm, out_layout).items()}
+            finally:
+                call.release(self.pool)
+            self._learn(key, rows, out_layout)
+            self.batches += 1
+            return result
+
+    def _prepare(self, call: _Call, inputs: dict[str, np.ndarray]) -> tuple[int, tuple]:
+        """Input buffer (the batcher's when it packed into our pool) and an output buffer
+        sized from what this input signature produced before."""
+        if isinstance(inputs, PackedArrays) and self.pool.owns(inputs.buffer):
+            call.bufs.append(self.pool.retain(inputs.buffer))
+            call.layout_in = inputs.layout
+        else:
+            layout, total = layout_of(inputs)
+            buf = self.pool.acquire(total)
+            call.bufs.append(buf)
+            pack(inputs, buf.mm, layout)
+            call.layout_in = layout
+        rows = 0
+        key = []
+        for slot in call.layout_in:
+            shape = slot[2]
+            rows = shape[0] if shape else 1
+            key.append((slot[0], slot[1], shape[1:]))
+        key = tuple(key)
+        per_row = self._out_per_row.get(key, self._static_out_per_row)
+        call.out = self.pool.acquire(rows * per_row + ALIGN * max(1, len(self.manifest.outputs)))
+        return rows, key
+
+    def _learn(self, key: tuple, rows: int, out_layout: tuple) -> None:
+        """Remember the output bytes per row of this input signature (next guess is exact)."""
+        if rows <= 0 or not out_layout:
+            return
+        name, dtype, shape, offset = out_layout[-1]
+        total = offset + math.prod(shape) * np.dtype(dtype).itemsize
+        per_row = -(-total // rows)
+        if per_row > self._out_per_row.get(key, 0):
+            if len(self._out_per_row) > 1024:
+                self._out_per_row.clear()
+            self._out_per_row[key] = per_row
+
+    @staticmethod
+    def _static_output_bytes(manifest: Manifest) -> int:
+        """Bytes per row of the outputs when every non-batch dim is fixed, else 0 (learned)."""
+        total = 0
+        for spec in manifest.outputs:
+            dims = spec.shape[1:]
+            if any(d < 0 for d in dims):
+                return 0
+            total += math.prod(dims) * spec.numpy_dtype.itemsize + ALIGN
+        return total
+
+    def _unavailable(self) -> Exception:
+        if self.state == "dead":
+            return RunnerDied(self._death or f"runner for {self.name} died", self.exitcode)
+        if self.state in ("stopping", "stopped"):
+            return ModelUnavailable(f"runner for {self.name} is {self.state}")
+        return ModelUnavailable(f"runner for {self.name} is not ready (state {self.state})")
+
+    async def memory(self, timeout_s: float = 2.0) -> dict[str, Any]:
+        """``rss``/``uss``/``shared`` of the child (psutil, read here) and ``backend``: what the
+        backend reports (device memory...). A busy child answers after its batch; past
+        ``timeout_s`` ``backend`` is None."""
+        out: dict[str, Any] = {"pid": self.pid}
+        if self.pid is None or not self.alive:
+            return out
+        try:
+            import psutil
+
+            info = psutil.Process(self.pid).memory_full_info()
+            out.update(rss=info.rss, uss=getattr(info, "uss", None), shared=getattr(info, "shared", None), swap=getattr(info, "swap", None))
+        except Exception as exc:  # noqa: BLE001 - gone or not allowed: say so, don't fail
+            out["error"] = str(exc)
+        try:
+            out["backend"] = await asyncio.wait_for(self._request(("memory",)), timeout_s)
+        except (asyncio.TimeoutError, InferenceError, RunnerDied, ModelUnavailable):
+            out["backend"] = None
+        return out
+
+    async def shrink(self) -> None:
+        """Ask the backend to give cached memory back, drop stale segment mappings, trim the
+        C heap."""
+        unmapped, self._epoch = self.pool.unlinked_since(self._epoch)
+        await self._request(("shrink",), unmapped)
+
+    async def _request(self, head: tuple, *rest: Any) -> Any:
+        if self.state != "ready":
+            raise self._unavailable()
+        assert self._loop is not None
+        seq = next(self._seq)
+        call = _Call(self._loop.create_future())
+        self._calls[seq] = call
+        try:
+            self._tx.send(head + (seq,) + rest)
+        except OSError:
+            self._calls.pop(seq, None)
+            raise self._unavailable() from None
+        try:
+            return await call.fut
+        except asyncio.CancelledError:
+            call.abandoned = not call.finished
+            raise
+
+    # --- stop ---------------------------------------------------------------------------------
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Finish the batch in flight, stop the child (``stop`` message, then SIGKILL after
+        ``timeout_s``); idempotent. The pool's segments stay with the pool's owner."""
+        if self.state in ("new",):
+            self.state = "stopped"
+            return
+        if self.state in ("stopped", "dead"):
+            return
+        self.state = "stopping"
+        try:
+            self._tx.send(("stop",))
+        except (OSError, AttributeError):
+            pass
+        if not await self._wait_exit(timeout_s):
+            await self._kill_and_wait()
+
+    async def _wait_exit(self, timeout_s: float) -> bool:
+        if self._exited is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exited), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _kill_and_wait(self) -> None:
+        if self._proc is not None and self.exitcode is None:
+            if self.state not in ("dead", "stopped"):
+                self.state = "stopping"
+            try:
+                self._proc.kill()
+            except (OSError, ValueError, AttributeError):
+                pass
+            await self._wait_exit(10.0)
+
+    def kill(self) -> None:
+        """SIGKILL the child (tests, last-resort mitigation); ``on_exit`` fires as for a crash."""
+        if self._proc is not None and self.exitcode is None:
+            self._proc.kill()
+
+    # --- event-loop callbacks -------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            msg = self._rx.recv()
+        except (EOFError, OSError):
+            # The child closed its end (exiting): the sentinel tells how it ended.
+            self._stop_reading()
+            return
+        op = msg[0]
+        if op == "ok" or op == "err":
+            call = self._calls.pop(msg[1], None)
+            if call is None:
+                return
+            call.finished = True
+            if call.abandoned:
+                call.release(self.pool)
+                if call.drained is not None and not call.drained.done():
+                    call.drained.set_result(None)
+            elif not call.fut.done():
+                if op == "ok":
+                    if len(msg) > 3:
+                        self.last_backend_s = msg[3]
+                        self.backend_s += msg[3]
+                    call.fut.set_result(msg[2])
+                else:
+                    call.fut.set_exception(InferenceError(f"{self.name}: {msg[2]}"))
+        elif op == "need":
+            self._grow_output(msg[1], msg[2])
+        elif op == "phase":
+            self._phase(msg[1], msg[2])
+        elif op == "ready":
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(msg[1])
+        elif op == "load_error":
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(LoadError(f"{self.name}: {msg[1]}"))
+        else:
+            logger.warning("runner %s sent an unknown message %r", self.pid, op)
+
+    def _grow_output(self, seq: int, nbytes: int) -> None:
+        """The outputs did not fit the guessed buffer: lend a bigger one (first batch of a new
+        input signature, or a data-dependent output size)."""
+        call = self._calls.get(seq)
+        try:
+            if call is None:
+                raise ShmError("the batch is no longer pending")
+            buf = self.pool.acquire(nbytes)
+        except ShmError as exc:
+            self._send_quiet(("out", seq, None, str(exc)))
+            return
+        old, call.out = call.out, buf
+        if old is not None:
+            self.pool.release(old)
+        self._send_quiet(("out", seq, buf.name, buf.size))
+
+    def _send_quiet(self, msg: tuple) -> None:
+        try:
+            self._tx.send(msg)
+        except OSError:
+            pass
+
+    def _stop_reading(self) -> None:
+        if self._reading and self._loop is not None and self._rx is not None:
+            self._loop.remove_reader(self._rx.fileno())
+            self._reading = False
+
+    def _on_sentinel(self) -> None:
+        """The child exited: fail everything waiting on it at once, release its buffers, tell
+        the owner (``on_exit``) when nobody asked it to stop."""
+        assert self._loop is not None
+        proc = self._proc
+        self._loop.remove_reader(proc.sentinel)
+        self._stop_reading()
+        code = proc.exitcode
+        self.exitcode = code
+        expected = self.state in ("stopping", "stopped")
+        notify = self.state == "ready"  # a failed load is start()'s error, not a crash
+        self._death = f"runner for {self.name} died ({describe_exit(code)})"
+        self.state = "stopped" if expected else "dead"
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call.finished = True
+            if call.abandoned:
+                call.release(self.pool)
+                if call.drained is not None and not call.drained.done():
+                    call.drained.set_result(None)
+            elif not call.fut.done():
+                if expected:
+                    call.fut.set_exception(ModelUnavailable(f"runner for {self.name} was stopped"))
+                else:
+                    call.fut.set_exception(RunnerDied(self._death, code))
+        if self._draining is not None and not self._draining.done():
+            self._draining.set_result(None)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(LoadError(f"{self.name}: runner process died while loading ({describe_exit(code)})"))
+        for conn in (self._rx, self._tx):
+            try:
+                conn.close()
+            except OSError:
+                pass
+        try:
+            proc.close()
+        except ValueError:
+            pass
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(code)
+        if notify:
+            logger.warning("%s", self._death)
+            callback, self.on_exit = self.on_exit, None
+            if callback is not None:
+                try:
+                    callback(self, code)
+                except Exception:
+                    logger.exception("on_exit callback failed")
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+

@@ -1,0 +1,117 @@
+"""Shared fixtures: a real daemon in a subprocess on a temp socket, with a temp store that holds
+the demo models (built once per test session)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class DaemonProc:
+    proc: subprocess.Popen
+    socket: Path
+    config: Path
+    home: Path
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def socket_answers(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return s.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def write_config(home: Path, store: Path, extra: str = "") -> Path:
+    config = home / "lastmile.toml"
+    config.write_text(
+        f"""
+[server]
+socket = "{home / 'run' / 'lastmile.sock'}"
+shutdown_grace_s = 5
+[store]
+models_dir = "{store}"
+state_file = "{home / 'state.json'}"
+{extra}
+"""
+    )
+    return config
+
+
+def start_daemon(home: Path, store: Path, extra_config: str = "", wait_ready: bool = True, env: dict[str, str] | None = None) -> DaemonProc:
+    home.mkdir(parents=True, exist_ok=True)
+    config = write_config(home, store, extra_config)
+    log = home / "daemon.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LASTMILE_", "NOTIFY_SOCKET", "LISTEN_"))}
+    full_env.update({"PYTHONPATH": str(ROOT), "HOME": str(home)}, **(env or {}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)],
+        cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+    )
+    daemon = DaemonProc(proc, home / "run" / "lastmile.sock", config, home, log)
+    if wait_ready:
+        deadline = time.monotonic() + 120
+        while not socket_answers(daemon.socket):
+            if proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {proc.returncode}:\n{daemon.log_text()}")
+            if time.monotonic() > deadline:
+                daemon.stop(signal.SIGKILL)
+                raise RuntimeError(f"daemon not ready after 120 s:\n{daemon.log_text()}")
+            time.sleep(0.1)
+    return daemon
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo models, built once; tests that change the store copy it first."""
+    from models.demo import build_demo
+
+    store = tmp_path_factory.mktemp("store")
+    build_demo(store)
+    return store
+
+
+@pytest.fixture
+def store_copy(demo_store: Path, tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    shutil.copytree(demo_store, store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def daemon(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
+    """One daemon per test module, on the shared demo store (tests must not modify the store)."""
+    proc = start_daemon(tmp_path_factory.mktemp("daemon"), demo_store)
+    yield proc
+    proc.stop()

@@ -1,0 +1,191 @@
+"""Form parsing for the load, tune and playground screens, free of Textual so it is tested
+directly.
+
+Only cheap checks happen here (a number where a number belongs, an integer range the operator
+can fix at once); everything else is the daemon's to judge, and its error message is what the
+operator sees. The TUI imports nothing from ``models``/``runtime``, so the choice lists are
+the public API's vocabulary, written out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+BACKENDS = ("auto", "onnxruntime", "deepspeed")
+DTYPES = ("fp32", "fp16", "bf16")
+GRAPH_FUSION = ("off", "basic", "extended", "all")
+PHASES = ("queued", "spawning", "loading", "warming", "ready")  # what a load reports, in order
+RELOADING_KEYS = ("graph_fusion", "memory_limit_mb")  # tuning these reloads the model
+
+# V2 datatype -> numpy (BF16 has no numpy type: file input only, as raw uint16 is ambiguous)
+V2_NUMPY: dict[str, Any] = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}
+
+
+class FormError(ValueError):
+    """One field is wrong; ``field`` names it (the widget id), the message says how."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def _int(field: str, text: str, low: int, high: int) -> int | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise FormError(field, f"{text!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise FormError(field, f"{value} is out of range ({low} to {high})")
+    return value
+
+
+def _float(field: str, text: str, low: float, high: float) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise FormError(field, f"{text!r} is not a number") from None
+    if not low <= value <= high:
+        raise FormError(field, f"{value} is out of range ({low} to {high})")
+    return value
+
+
+def load_parameters(fields: Mapping[str, str]) -> dict[str, Any]:
+    """The load form's text values -> the ``parameters`` of a load request.
+
+    Empty fields and ``auto``/``default`` choices are left out, so the manifest's settings and
+    the daemon's defaults apply.
+    """
+    params: dict[str, Any] = {}
+    for key in ("backend", "device", "dtype", "graph_fusion"):
+        value = (fields.get(key) or "").strip()
+        if value and value != "default" and not (key == "backend" and value == "auto"):
+            params[key] = value
+    numbers = {
+        "memory_limit_mb": _int("memory_limit_mb", fields.get("memory_limit_mb", ""), 16, 16 * 1024 * 1024),
+        "max_batch_size": _int("max_batch_size", fields.get("max_batch_size", ""), 1, 4096),
+        "max_delay_ms": _float("max_delay_ms", fields.get("max_delay_ms", ""), 0.0, 10_000.0),
+        "max_queue": _int("max_queue", fields.get("max_queue", ""), 1, 1_000_000),
+    }
+    params.update({k: v for k, v in numbers.items() if v is not None})
+    return params
+
+
+def tune_changes(current: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any]:
+    """The tune form -> only the settings that differ from ``current`` (the model's settings).
+
+    An empty memory limit means "no limit" (``None``), which is a change only when a limit is
+    set now. Empty batching fields mean "leave as is".
+    """
+    changes: dict[str, Any] = {}
+    batch = _int("max_batch_size", fields.get("max_batch_size", ""), 1, 4096)
+    if batch is not None and batch != current.get("max_batch_size"):
+        changes["max_batch_size"] = batch
+    delay = _float("max_delay_ms", fields.get("max_delay_ms", ""), 0.0, 10_000.0)
+    if delay is not None and delay != current.get("max_delay_ms"):
+        changes["max_delay_ms"] = delay
+    fusion = (fields.get("graph_fusion") or "").strip()
+    if fusion and fusion != current.get("graph_fusion"):
+        if fusion not in GRAPH_FUSION:
+            raise FormError("graph_fusion", f"{fusion!r}; allowed: {', '.join(GRAPH_FUSION)}")
+        changes["graph_fusion"] = fusion
+    limit = _int("memory_limit_mb", fields.get("memory_limit_mb", ""), 16, 16 * 1024 * 1024)
+    if limit != current.get("memory_limit_mb"):
+        changes["memory_limit_mb"] = limit
+    return changes
+
+
+def phase_progress(phase: str | None) -> int:
+    """How many of the load's steps are done (0..len(PHASES)-1) for a progress bar."""
+    try:
+        return PHASES.index(phase or "queued")
+    except ValueError:
+        return 1  # an unknown phase is past "queued" at least
+
+
+# --- playground --------------------------------------------------------------------------------
+
+
+def random_inputs(spec: list[dict[str, Any]], rows: int = 1, seq: int = 8, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Random arrays that fit a model's input spec (``[{"name", "datatype", "shape"}]``).
+
+    Dim 0 (the batch) becomes ``rows``; any other variable dim becomes ``seq``. Integers are
+    drawn from 0..63 so that token ids stay inside small vocabularies.
+    """
+    if not spec:
+        raise FormError("inputs", "the model publishes no input spec; use a .npy file")
+    rng = np.random.default_rng(seed)
+    arrays, types = {}, {}
+    for tensor in spec:
+        datatype = tensor["datatype"]
+        dtype = V2_NUMPY.get(datatype)
+        if dtype is None:
+            raise FormError("inputs", f"{tensor['name']}: random {datatype} input is not supported; use a .npy file")
+        shape = [rows if i == 0 and d == -1 else (seq if d == -1 else d) for i, d in enumerate(tensor["shape"])]
+        kind = np.dtype(dtype).kind
+        if kind == "f":
+            array = rng.standard_normal(shape).astype(dtype)
+        elif kind == "b":
+            array = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            array = rng.integers(0, 64, shape).astype(dtype)
+        arrays[tensor["name"]] = array
+        types[tensor["name"]] = datatype
+    return arrays, types
+
+
+def file_inputs(spec: list[dict[str, Any]], text: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``path.npy`` (a model with one input) or ``name=path.npy,name=path.npy``."""
+    text = text.strip()
+    if not text:
+        raise FormError("files", "give a .npy path (or name=path,... for several inputs)")
+    by_name = {t["name"]: t for t in spec}
+    pairs: list[tuple[str, str]] = []
+    for part in (p.strip() for p in text.split(",")):
+        if "=" in part:
+            name, _, path = part.partition("=")
+            pairs.append((name.strip(), path.strip()))
+        elif len(spec) == 1:
+            pairs.append((spec[0]["name"], part))
+        else:
+            raise FormError("files", f"the model has {len(spec)} inputs: write name=path for each ({', '.join(by_name)})")
+    arrays, types = {}, {}
+    for name, path in pairs:
+        if name not in by_name:
+            raise FormError("files", f"the model has no input {name!r} (inputs: {', '.join(by_name)})")
+        try:
+            array = np.load(Path(path).expanduser(), allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise FormError("files", f"{path}: {exc}") from None
+        datatype = by_name[name]["datatype"]
+        dtype = V2_NUMPY.get(datatype)
+        if dtype is not None and array.dtype != np.dtype(dtype):
+            array = array.astype(dtype)
+        arrays[name], types[name] = array, datatype
+    missing = set(by_name) - set(arrays)
+    if missing:
+        raise FormError("files", f"no file for input(s) {', '.join(sorted(missing))}")
+    return arrays, types
+
+
+def summarize_output(name: str, array: np.ndarray) -> str:
+    """One or two lines per output tensor: shape, dtype, a few values, argmax for scores."""
+    flat = array.reshape(-1)
+    head = np.array2string(flat[:8], precision=4, separator=", ", suppress_small=True)
+    line = f"{name}: {array.dtype} {list(array.shape)}  first values {head}{' ...' if flat.size > 8 else ''}"
+    if array.ndim >= 2 and array.dtype.kind == "f" and array.shape[-1] > 1:
+        top = array.reshape(-1, array.shape[-1]).argmax(axis=-1)[:8]
+        line += f"\n    argmax over the last axis: {top.tolist()}{' ...' if top.size < array.size // array.shape[-1] else ''}"
+    return line

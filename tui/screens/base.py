@@ -1,0 +1,61 @@
+"""What every main screen shares: the status bar and connection banner on top, the footer of
+key bindings below, and a hook called with fresh monitor state."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from textual.app import ComposeResult
+from textual.screen import Screen
+from textual.widgets import Footer
+
+from tui.state import MonitorState
+from tui.widgets.chrome import Banner, StatusBar
+
+if TYPE_CHECKING:
+    from tui.app import LastmileApp
+
+
+class LastmileScreen(Screen):
+    """Subclasses write :meth:`compose_body` and :meth:`refresh_from`; widgets with the
+    ``mutating`` class are hidden in read-only mode."""
+
+    TITLE_TEXT = ""
+
+    @property
+    def lm(self) -> "LastmileApp":
+        return self.app  # type: ignore[return-value]
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar(id="statusbar")
+        yield Banner(id="banner")
+        yield from self.compose_body()
+        yield Footer()
+
+    def compose_body(self) -> ComposeResult:
+        yield from ()
+
+    def on_mount(self) -> None:
+        if self.lm.read_only:
+            for widget in self.query(".mutating"):
+                widget.display = False
+        self.update_chrome()
+
+    def on_screen_resume(self) -> None:
+        self.update_chrome()
+        if self.lm.state.snapshot is not None:
+            self.refresh_from(self.lm.state)
+
+    def update_chrome(self) -> None:
+        app = self.lm
+        self.query_one(StatusBar).show(app.state, where=app.client.where, rate_hz=app.rate_hz, paused=app.paused, read_only=app.read_only)
+        self.query_one(Banner).show(app.state, where=app.client.where)
+
+    def refresh_from(self, state: MonitorState) -> None:
+        """Fresh figures arrived (not called while paused)."""
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Read-only mode: actions that change the daemon are neither shown nor run."""
+        if self.lm.read_only and action in getattr(self, "MUTATING_ACTIONS", ()):
+            return False
+        return True

@@ -1,0 +1,342 @@
+"""The models screen: the store (what can be loaded), what is loaded, and the load form with
+progress; unload and reload ask first."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, DataTable, Input, Label, ProgressBar, Select, Static
+
+from appliance.client import ApiError, ClientError
+from tui.forms import BACKENDS, DTYPES, GRAPH_FUSION, PHASES, FormError, load_parameters, phase_progress
+from tui.messages import LoadFinished, LoadProgress, StoreListed
+from tui.screens.base import LastmileScreen
+from tui.screens.confirm import ConfirmScreen
+from tui.state import MonitorState
+from tui.widgets.models_table import STATE_STYLE
+
+ESTIMATE_TEXT = (
+    "Memory estimate: not available yet. The daemon offers no dry-run load (issue 4), so the TUI "
+    "cannot say before loading whether a model fits; a memory limit you set is passed to the daemon as is."
+)
+PHASE_POLL_S = 0.1
+
+
+def _choices(values: tuple[str, ...], first: str = "default") -> list[tuple[str, str]]:
+    return [(first, first)] + [(v, v) for v in values if v != first]
+
+
+class ModelsScreen(LastmileScreen):
+    BINDINGS = [
+        Binding("l", "load", "Load"),
+        Binding("u", "unload", "Unload"),
+        Binding("R", "reload", "Reload"),
+        Binding("g", "refresh_store", "Refresh"),
+    ]
+    MUTATING_ACTIONS = ("load", "unload", "reload")
+
+    def compose_body(self) -> ComposeResult:
+        with VerticalScroll(id="models-body"):
+            with Horizontal(id="models-tables"):
+                with Vertical(classes="half"):
+                    yield Label("Store: what can be loaded", classes="section")
+                    yield DataTable(id="store", cursor_type="row", zebra_stripes=True)
+                with Vertical(classes="half"):
+                    yield Label("Loaded", classes="section")
+                    yield DataTable(id="loaded", cursor_type="row", zebra_stripes=True)
+            with Vertical(id="load-form", classes="mutating"):
+                yield Label("Load a model", classes="section")
+                with Grid(id="form-grid"):
+                    yield Label("model")
+                    yield Select([], id="f-model", prompt="pick a model from the store")
+                    yield Label("backend")
+                    yield Select([(b, b) for b in BACKENDS], value="auto", allow_blank=False, id="f-backend")
+                    yield Label("device")
+                    yield Select(_choices(("auto", "cpu")), value="default", allow_blank=False, id="f-device")
+                    yield Label("dtype")
+                    yield Select(_choices(DTYPES), value="default", allow_blank=False, id="f-dtype")
+                    yield Label("graph fusion")
+                    yield Select(_choices(GRAPH_FUSION), value="default", allow_blank=False, id="f-graph_fusion")
+                    yield Label("memory limit MB")
+                    yield Input(placeholder="none", id="f-memory_limit_mb", type="integer")
+                    yield Label("max batch size")
+                    yield Input(placeholder="default", id="f-max_batch_size", type="integer")
+                    yield Label("max delay ms")
+                    yield Input(placeholder="default", id="f-max_delay_ms", type="number")
+                    yield Label("max queue")
+                    yield Input(placeholder="default", id="f-max_queue", type="integer")
+                yield Static(ESTIMATE_TEXT, id="estimate")
+                with Horizontal(id="load-buttons"):
+                    yield Button("Load", variant="success", id="b-load")
+                    yield Button("Unload", variant="error", id="b-unload")
+                    yield Button("Reload", variant="warning", id="b-reload")
+                with Horizontal(id="load-status"):
+                    yield Label("", id="load-phase")
+                    yield ProgressBar(total=len(PHASES) - 1, show_eta=False, id="load-progress")
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.store: list[dict[str, Any]] = []
+        self.busy: str | None = None
+        self._loaded_names: tuple[str, ...] | None = None
+        store = self.query_one("#store", DataTable)
+        store.add_columns("Model", "Format", "Backend", "Loaded", "Inputs", "Description")
+        loaded = self.query_one("#loaded", DataTable)
+        loaded.add_columns("Model", "State", "Phase", "Backend", "Device", "Dtype", "Fusion", "Batch", "Limit MB")
+        self.query_one("#load-progress", ProgressBar).display = False
+        self.fetch_store()
+        self.fetch_devices()
+        if self.lm.state.snapshot is not None:
+            self.refresh_from(self.lm.state)
+
+    # --- data -----------------------------------------------------------------------------
+
+    @work(group="store", exclusive=True)
+    async def fetch_store(self) -> None:
+        try:
+            listing = await self.lm.client.models()
+        except ClientError as exc:
+            self.lm.report_error(f"cannot list models: {exc}")
+            return
+        self.post_message(StoreListed(listing))
+
+    @work(group="devices", exclusive=True)
+    async def fetch_devices(self) -> None:
+        try:
+            facts = await self.lm.client.system()
+        except ClientError:
+            return  # the device list stays auto/cpu; the banner covers a dead daemon
+        devices = (facts.get("accelerators") or {}).get("devices") or []
+        options = _choices(tuple(["auto", "cpu", *[d for d in devices if d != "cpu"]]))
+        select = self.query_one("#f-device", Select)
+        value = select.value
+        select.set_options(options)
+        select.value = value if any(v == value for _, v in options) else "default"
+
+    def on_store_listed(self, message: StoreListed) -> None:
+        self.store = message.listing.get("store", [])
+        table = self.query_one("#store", DataTable)
+        table.clear()
+        for entry in self.store:
+            inputs = ", ".join(f"{t['name']} {t['datatype']}{t['shape']}" for t in entry.get("inputs", []))
+            loaded = Text("yes", style="green") if entry.get("loaded") else Text("no", style="dim")
+            table.add_row(entry["name"], entry.get("format") or "?", entry.get("backend") or "?", loaded, inputs or "-", entry.get("error") or entry.get("description") or "", key=entry["name"])
+        select = self.query_one("#f-model", Select)
+        current = select.value
+        select.set_options([(e["name"], e["name"]) for e in self.store if not e.get("error")])
+        if isinstance(current, str) and any(e["name"] == current for e in self.store):
+            select.value = current
+        self._show_loaded(message.listing.get("loaded", []))
+
+    def refresh_from(self, state: MonitorState) -> None:
+        self._show_loaded(state.models)
+        names = tuple(sorted(r["name"] for r in state.models))
+        if self._loaded_names is not None and names != self._loaded_names:
+            self.fetch_store()  # something was loaded or unloaded elsewhere: the "loaded" column changed
+        self._loaded_names = names
+
+    def _show_loaded(self, rows: list[dict[str, Any]]) -> None:
+        table = self.query_one("#loaded", DataTable)
+        selected = self._selected("#loaded")
+        table.clear()
+        for row in rows:
+            s = row.get("settings") or {}
+            table.add_row(
+                row["name"], Text(row["state"], style=STATE_STYLE.get(row["state"], "")), row.get("phase") or "-",
+                row.get("backend") or "-", row.get("device") or "-", s.get("dtype", "-"), s.get("graph_fusion", "-"),
+                str(s.get("max_batch_size", "-")), str(s.get("memory_limit_mb") or "-"), key=row["name"],
+            )
+        if selected is not None and selected in [str(k.value) for k in table.rows]:
+            table.move_cursor(row=table.get_row_index(selected), animate=False)
+
+    def _selected(self, table_id: str) -> str | None:
+        table = self.query_one(table_id, DataTable)
+        if not table.row_count:
+            return None
+        try:
+            return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+        except Exception:  # noqa: BLE001 - no row under the cursor
+            return None
+
+    def select_model(self, name: str) -> None:
+        """Put ``name`` in the load form (from the store table or the command palette)."""
+        select = self.query_one("#f-model", Select)
+        if any(e["name"] == name for e in self.store):
+            select.value = name
+            self._prefill(name)
+
+    def _prefill(self, name: str) -> None:
+        entry = next((e for e in self.store if e["name"] == name), None)
+        settings = (entry or {}).get("settings") or {}
+        for key in ("memory_limit_mb", "max_batch_size", "max_delay_ms", "max_queue"):
+            box = self.query_one(f"#f-{key}", Input)
+            box.placeholder = f"manifest: {settings[key]}" if key in settings else ("none" if key == "memory_limit_mb" else "default")
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table.id == "store" and event.row_key is not None and not self.lm.read_only:
+            self.select_model(str(event.row_key.value))
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        if event.select.id == "f-model" and isinstance(event.value, str):
+            self._prefill(event.value)
+
+    # --- load / unload / reload -------------------------------------------------------------
+
+    def form_values(self) -> dict[str, str]:
+        values: dict[str, str] = {}
+        for key in ("backend", "device", "dtype", "graph_fusion"):
+            value = self.query_one(f"#f-{key}", Select).value
+            values[key] = value if isinstance(value, str) else ""
+        for key in ("memory_limit_mb", "max_batch_size", "max_delay_ms", "max_queue"):
+            values[key] = self.query_one(f"#f-{key}", Input).value
+        return values
+
+    def action_load(self) -> None:
+        if not self.lm.writable("load a model"):
+            return
+        name = self.query_one("#f-model", Select).value
+        if not isinstance(name, str):
+            self.lm.report_error("pick a model to load first")
+            self.query_one("#f-model", Select).focus()
+            return
+        try:
+            params = load_parameters(self.form_values())
+        except FormError as exc:
+            self.lm.report_error(f"{exc.field}: {exc.message}")
+            self.query_one(f"#f-{exc.field}").focus()
+            return
+        if self.lm.state.model(name) is not None:
+            self.app.push_screen(
+                ConfirmScreen(f"{name} is loaded. Loading it with these settings reloads it (a pause in serving). Go on?", "Reload"),
+                lambda yes: yes and self._start("load", name, params),
+            )
+            return
+        self._start("load", name, params)
+
+    def _target(self) -> str | None:
+        name = self._selected("#loaded")
+        if name is None:
+            self.lm.report_error("select a loaded model in the 'Loaded' table first")
+        return name
+
+    def action_unload(self) -> None:
+        if not self.lm.writable("unload a model"):
+            return
+        name = self._target()
+        if name is not None:
+            self.confirm_unload(name)
+
+    def confirm_unload(self, name: str) -> None:
+        self.app.push_screen(
+            ConfirmScreen(f"Unload {name}? Requests to it will fail until it is loaded again.", "Unload"),
+            lambda yes: yes and self._start("unload", name, {}),
+        )
+
+    def action_reload(self) -> None:
+        if not self.lm.writable("reload a model"):
+            return
+        name = self._target()
+        if name is not None:
+            self.confirm_reload(name)
+
+    def confirm_reload(self, name: str) -> None:
+        row = self.lm.state.model(name) or {}
+        params = dict(row.get("overrides") or {})
+        self.app.push_screen(
+            ConfirmScreen(f"Reload {name} with its current settings? It stops serving while it restarts.", "Reload"),
+            lambda yes: yes and self._start("reload", name, params),
+        )
+
+    def action_refresh_store(self) -> None:
+        self.fetch_store()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        actions = {"b-load": self.action_load, "b-unload": self.action_unload, "b-reload": self.action_reload}
+        if event.button.id in actions:
+            actions[event.button.id]()
+
+    def _start(self, action: str, name: str, params: dict[str, Any]) -> None:
+        if self.busy:
+            self.lm.report_error(f"wait: {self.busy} is still running")
+            return
+        self.busy = f"{action} {name}"
+        for button in self.query("#load-buttons Button"):
+            button.disabled = True
+        bar = self.query_one("#load-progress", ProgressBar)
+        bar.display = action != "unload"
+        bar.update(progress=0)
+        self.query_one("#load-phase", Label).update(f"{action} {name}: starting")
+        self.run_action(action, name, params)
+
+    @work(group="load", exclusive=False)
+    async def run_action(self, action: str, name: str, params: dict[str, Any]) -> None:
+        """The daemon call in a worker; a second task polls the load's phase meanwhile."""
+        client = self.lm.client
+        started = time.monotonic()
+        poller = asyncio.get_running_loop().create_task(self._poll_phase(name)) if action != "unload" else None
+        row: dict[str, Any] | None = None
+        error: str | None = None
+        try:
+            if action in ("unload", "reload"):
+                await client.unload(name)
+            if action in ("load", "reload"):
+                row = await client.load(name, params)
+        except ClientError as exc:
+            error = exc.message if isinstance(exc, ApiError) else str(exc)
+        finally:
+            if poller is not None:
+                poller.cancel()
+        self.post_message(LoadFinished(name, action, row, error, time.monotonic() - started))
+
+    async def _poll_phase(self, name: str) -> None:
+        last = None
+        while True:
+            try:
+                row = await self.lm.client.model(name)
+                phase, state = row.get("phase") or "queued", row.get("state")
+            except ApiError as exc:
+                if exc.status != 404:
+                    return
+                phase, state = "queued", None  # not registered yet (or torn down for a reload)
+            except ClientError:
+                return
+            if (phase, state) != last:
+                last = (phase, state)
+                self.post_message(LoadProgress(name, phase, state))
+            await asyncio.sleep(PHASE_POLL_S)
+
+    def on_load_progress(self, message: LoadProgress) -> None:
+        if not self.busy or not self.busy.endswith(" " + message.name):
+            return
+        step = phase_progress(message.phase)
+        self.query_one("#load-progress", ProgressBar).update(progress=step)
+        self.query_one("#load-phase", Label).update(f"{self.busy}: {message.phase} ({step}/{len(PHASES) - 1})")
+        self.phases_seen.append(message.phase)
+
+    @property
+    def phases_seen(self) -> list[str]:
+        if not hasattr(self, "_phases_seen"):
+            self._phases_seen: list[str] = []
+        return self._phases_seen
+
+    def on_load_finished(self, message: LoadFinished) -> None:
+        self.busy = None
+        for button in self.query("#load-buttons Button"):
+            button.disabled = False
+        label = self.query_one("#load-phase", Label)
+        if message.error:
+            label.update(Text(f"{message.action} {message.name} failed: {message.error}", style="red"))
+            self.lm.report_error(message.error)
+        else:
+            if message.row is not None:
+                self.query_one("#load-progress", ProgressBar).update(progress=len(PHASES) - 1)
+            label.update(Text(f"{message.action} {message.name}: done in {message.seconds:.1f} s", style="green"))
+            self.app.notify(f"{message.name}: {message.action} done in {message.seconds:.1f} s")
+        self.fetch_store()

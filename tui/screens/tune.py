@@ -1,0 +1,198 @@
+"""The tune screen: change a loaded model's batching, graph fusion and memory limit live, next
+to its live figures so the effect shows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical
+from textual.widgets import Button, Input, Label, Select, Sparkline, Static
+
+from appliance.client import ApiError, ClientError
+from tui.forms import GRAPH_FUSION, RELOADING_KEYS, FormError, tune_changes
+from tui.messages import Tuned
+from tui.screens.base import LastmileScreen
+from tui.screens.confirm import ConfirmScreen
+from tui.state import MonitorState, fmt_memory, fmt_ms, fmt_rate
+
+RELOAD_NOTE = "max batch size and max delay apply at once; graph fusion and memory limit reload the model."
+
+
+class TuneScreen(LastmileScreen):
+    BINDINGS = [Binding("a", "apply", "Apply"), Binding("z", "revert", "Revert form")]
+    MUTATING_ACTIONS = ("apply",)
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(id="tune-body"):
+            with Vertical(id="tune-form"):
+                yield Label("Tune a loaded model", classes="section")
+                yield Select([], id="t-model", prompt="pick a loaded model")
+                with Grid(id="tune-grid"):
+                    yield Label("max batch size")
+                    yield Input(id="t-max_batch_size", type="integer")
+                    yield Label("max delay ms")
+                    yield Input(id="t-max_delay_ms", type="number")
+                    yield Label("graph fusion")
+                    yield Select([(v, v) for v in GRAPH_FUSION], allow_blank=False, value="basic", id="t-graph_fusion")
+                    yield Label("memory limit MB")
+                    yield Input(id="t-memory_limit_mb", type="integer", placeholder="none")
+                yield Static(RELOAD_NOTE, id="tune-note")
+                with Horizontal(id="tune-buttons", classes="mutating"):
+                    yield Button("Apply", variant="success", id="b-apply")
+                    yield Button("Revert", id="b-revert")
+                yield Static("", id="tune-result")
+            with Vertical(id="tune-live"):
+                yield Label("Live figures", classes="section")
+                yield Static("", id="live-figures")
+                yield Label("requests/s", id="tl-rps")
+                yield Sparkline([], id="ts-rps")
+                yield Label("latency p99 ms", id="tl-p99")
+                yield Sparkline([], id="ts-p99")
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self._names: tuple[str, ...] = ()
+        self._filled_for: str | None = None
+        if self.lm.read_only:
+            for widget in self.query("#tune-grid Input, #tune-grid Select"):
+                widget.disabled = True
+            self.query_one("#tune-note", Static).update("read-only mode: settings are shown, not changed. " + RELOAD_NOTE)
+        if self.lm.state.snapshot is not None:
+            self.refresh_from(self.lm.state)
+
+    @property
+    def model_name(self) -> str | None:
+        value = self.query_one("#t-model", Select).value
+        return value if isinstance(value, str) else None
+
+    def select_model(self, name: str) -> None:
+        if name in self._names:
+            self.query_one("#t-model", Select).value = name
+
+    def refresh_from(self, state: MonitorState) -> None:
+        names = tuple(r["name"] for r in state.models)
+        select = self.query_one("#t-model", Select)
+        if names != self._names:
+            current = self.model_name
+            self._names = names
+            select.set_options([(n, n) for n in names])
+            if current in names:
+                select.value = current
+            elif names:
+                select.value = names[0]
+        name = self.model_name
+        row = state.model(name) if name else None
+        if row is not None and self._filled_for != name:
+            self.fill(row["settings"])
+            self._filled_for = name
+        self._show_live(state, row)
+
+    def _show_live(self, state: MonitorState, row: dict[str, Any] | None) -> None:
+        figures = self.query_one("#live-figures", Static)
+        if row is None:
+            figures.update("no model selected")
+            return
+        s, lat = row.get("settings") or {}, row.get("latency_ms") or {}
+        text = Text()
+        text.append(f"{row['name']}  ", style="bold")
+        text.append(row["state"] + "\n", style="green" if row["state"] == "ready" else "yellow")
+        text.append(f"req/s {fmt_rate(row.get('requests_per_s'))}   p50 {fmt_ms(lat.get('p50'))} ms   p95 {fmt_ms(lat.get('p95'))} ms   p99 {fmt_ms(lat.get('p99'))} ms\n")
+        text.append(f"avg batch {row.get('avg_batch_size') or 0:.2f}   queue {row.get('queue_depth', 0)}   requests {row.get('requests', 0)}   failures {row.get('failures', 0)}\n")
+        text.append(f"memory {fmt_memory(row)}\n")
+        text.append(
+            f"now: max batch {s.get('max_batch_size')}, max delay {s.get('max_delay_ms')} ms, fusion {s.get('graph_fusion')}, limit {s.get('memory_limit_mb') or 'none'}",
+            style="dim",
+        )
+        figures.update(text)
+        series = state.series.get(row["name"])
+        if series is not None:
+            self.query_one("#ts-rps", Sparkline).data = list(series.rps) or [0.0]
+            self.query_one("#ts-p99", Sparkline).data = list(series.p99) or [0.0]
+            self.query_one("#tl-rps", Label).update(f"requests/s: {fmt_rate(series.rps[-1] if series.rps else None)}")
+            self.query_one("#tl-p99", Label).update(f"latency p99: {fmt_ms(series.p99[-1] if series.p99 else None)} ms")
+
+    def fill(self, settings: dict[str, Any]) -> None:
+        self.query_one("#t-max_batch_size", Input).value = str(settings.get("max_batch_size", ""))
+        self.query_one("#t-max_delay_ms", Input).value = f"{settings.get('max_delay_ms', '')}"
+        self.query_one("#t-graph_fusion", Select).value = settings.get("graph_fusion", "basic")
+        limit = settings.get("memory_limit_mb")
+        self.query_one("#t-memory_limit_mb", Input).value = "" if limit is None else str(limit)
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        if event.select.id == "t-model" and isinstance(event.value, str):
+            row = self.lm.state.model(event.value)
+            if row is not None:
+                self.fill(row["settings"])
+                self._filled_for = event.value
+                self._show_live(self.lm.state, row)
+
+    def form_values(self) -> dict[str, str]:
+        fusion = self.query_one("#t-graph_fusion", Select).value
+        return {
+            "max_batch_size": self.query_one("#t-max_batch_size", Input).value,
+            "max_delay_ms": self.query_one("#t-max_delay_ms", Input).value,
+            "graph_fusion": fusion if isinstance(fusion, str) else "",
+            "memory_limit_mb": self.query_one("#t-memory_limit_mb", Input).value,
+        }
+
+    def action_revert(self) -> None:
+        row = self.lm.state.model(self.model_name) if self.model_name else None
+        if row is not None:
+            self.fill(row["settings"])
+
+    def action_apply(self) -> None:
+        if not self.lm.writable("tune a model"):
+            return
+        name = self.model_name
+        row = self.lm.state.model(name) if name else None
+        if name is None or row is None:
+            self.lm.report_error("pick a loaded model to tune")
+            return
+        try:
+            changes = tune_changes(row["settings"], self.form_values())
+        except FormError as exc:
+            self.lm.report_error(f"{exc.field}: {exc.message}")
+            self.query_one(f"#t-{exc.field}").focus()
+            return
+        if not changes:
+            self.app.notify("nothing to change: the form matches the model's settings")
+            return
+        reloading = sorted(set(changes) & set(RELOADING_KEYS))
+        if reloading:
+            self.app.push_screen(
+                ConfirmScreen(f"Changing {', '.join(reloading)} reloads {name} (a pause in serving). Go on?", "Apply"),
+                lambda yes: yes and self.send_tune(name, changes),
+            )
+        else:
+            self.send_tune(name, changes)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "b-apply":
+            self.action_apply()
+        elif event.button.id == "b-revert":
+            self.action_revert()
+
+    @work(group="tune", exclusive=True)
+    async def send_tune(self, name: str, changes: dict[str, Any]) -> None:
+        self.query_one("#tune-result", Static).update(f"applying {changes} to {name} ...")
+        try:
+            row = await self.lm.client.tune(name, changes)
+        except ClientError as exc:
+            self.post_message(Tuned(name, changes, None, exc.message if isinstance(exc, ApiError) else str(exc)))
+            return
+        self.post_message(Tuned(name, changes, row, None))
+
+    def on_tuned(self, message: Tuned) -> None:
+        result = self.query_one("#tune-result", Static)
+        if message.error:
+            result.update(Text(f"not applied: {message.error}", style="red"))
+            self.lm.report_error(message.error)
+            return
+        result.update(Text(f"applied to {message.name}: {message.changes}", style="green"))
+        self.app.notify(f"{message.name}: {message.changes} applied")
+        if message.row is not None:
+            self.fill(message.row["settings"])

@@ -1,0 +1,64 @@
+"""The strip every screen shows: the daemon status bar and the connection banner."""
+
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+from textual.widgets import Static
+
+from tui.state import MonitorState, fmt_time, fmt_uptime
+
+
+class StatusBar(Static):
+    """lastmile version, daemon status, uptime, socket, models loaded, stream rate, modes."""
+
+    def show(self, state: MonitorState, *, where: str, rate_hz: float, paused: bool, read_only: bool) -> None:
+        d = state.daemon
+        text = Text()
+        text.append(" lastmile ", style="bold reverse")
+        text.append(f" {d.get('version', '?')} ")
+        if state.connection.state == "ok":
+            status = d.get("status", "?")
+            text.append(" ● ", style="green" if d.get("ready") else "yellow")
+            text.append(status)
+            text.append(f"  up {fmt_uptime(d.get('uptime_s'))}")
+            text.append(f"  pid {d.get('pid', '?')}")
+            text.append(f"  {d.get('models_loaded', 0)} loaded")
+        elif state.connection.state == "lost":
+            text.append(" ● ", style="red")
+            text.append("disconnected", style="bold red")
+        else:
+            text.append(" ● ", style="yellow")
+            text.append("connecting")
+        text.append(f"  {d.get('socket') or where}", style="dim")
+        text.append(f"  {rate_hz:g} Hz", style="cyan")
+        if paused:
+            text.append("  PAUSED", style="bold black on yellow")
+        if read_only:
+            text.append("  READ-ONLY", style="bold black on cyan")
+        self.update(text)
+
+
+class Banner(Static):
+    """Shown while the monitor stream is down: what happened and that it is retrying."""
+
+    def show(self, state: MonitorState, *, where: str) -> None:
+        conn = state.connection
+        if conn.state == "ok":
+            self.display = False
+            return
+        self.display = True
+        self.set_class(conn.state == "lost", "-lost")
+        if conn.state == "lost":
+            seen = state.snapshot.get("time") if state.snapshot else None
+            lost_for = int(time.time() - conn.since)
+            text = (
+                f"⚠ CONNECTION TO THE DAEMON LOST ({conn.error or 'no answer'}) on {where}. "
+                f"Retrying by itself (attempt {conn.attempt}, every {conn.retry_in_s:g} s) for {lost_for} s."
+            )
+            if seen:
+                text += f" Figures shown are from {fmt_time(seen)}."
+        else:
+            text = f"Connecting to the daemon on {where} ..."
+        self.update(text)

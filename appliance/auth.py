@@ -426,7 +426,10 @@ def _identify(policy: AuthPolicy, request: web.Request) -> Caller:
     sock = transport.get_extra_info("socket")
     family = getattr(sock, "family", None)
     if family == socket.AF_UNIX:
-        creds = peer_credentials(sock)
+        try:
+            creds = peer_credentials(sock)
+        except OSError as exc:  # the peer went away between accept and now
+            raise _Denied(400, f"cannot read the peer's credentials: {exc.strerror or exc}") from None
         role = policy.role_for_unix(creds)
         if role is None:
             raise _Denied(

@@ -29,6 +29,7 @@ __all__ = [
     "extend_timeout",
     "watchdog_interval_s",
     "Watchdog",
+    "Heartbeat",
 ]
 
 log = logging.getLogger("lastmile.sdnotify")
@@ -157,6 +158,31 @@ def watchdog_interval_s() -> float | None:
         log.warning("ignoring WATCHDOG_USEC=%r: must be > 0", raw)
         return None
     return usec / 2 / 1_000_000
+
+
+class Heartbeat:
+    """A health check for :class:`Watchdog`: "was there progress in the last N seconds?".
+
+    The supervised loop (e.g. the runner supervision task) calls :meth:`beat`
+    each round; the watchdog calls the object. If the loop stalls, or dies
+    without anyone noticing, the beats stop and so do the WATCHDOG=1 pings.
+    """
+
+    def __init__(self, max_age_s: float) -> None:
+        if not max_age_s > 0:
+            raise ValueError(f"Heartbeat max_age_s must be > 0, got {max_age_s!r}")
+        self.max_age_s = max_age_s
+        self._last = time.monotonic()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    @property
+    def age_s(self) -> float:
+        return time.monotonic() - self._last
+
+    def __call__(self) -> bool:
+        return self.age_s <= self.max_age_s
 
 
 class Watchdog:

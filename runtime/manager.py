@@ -62,7 +62,7 @@ class LoadedModel:
     phase: str = "queued"
     error: str | None = None
     runners: list[Runner] = field(default_factory=list)
-    idle: asyncio.Queue | None = None
+    idle: asyncio.Queue = field(default_factory=asyncio.Queue)  # runners free for a batch
     batcher: Batcher | None = None
     info: dict[str, Any] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
@@ -173,7 +173,6 @@ class ModelManager:
             return model
 
     async def _start_runners(self, model: LoadedModel, phase: PhaseCallback) -> None:
-        model.idle = asyncio.Queue()
         for instance in range(model.settings.instances):
             runner = Runner(model.manifest, model.settings, pool=model.pool, instance=instance)
             runner.on_exit = lambda r, code, m=model: self._runner_died(m, r, code)
@@ -183,6 +182,8 @@ class ModelManager:
 
     async def _stop_runners(self, model: LoadedModel) -> None:
         runners, model.runners = model.runners, []
+        while not model.idle.empty():
+            model.idle.get_nowait()
         for runner in runners:
             runner.on_exit = None
         await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
@@ -236,7 +237,9 @@ class ModelManager:
         return outputs, info
 
     async def _run_batch(self, model: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        assert model.idle is not None
+        if model.state != "ready":
+            # Queued work is failed fast while a runner restarts rather than left to time out.
+            raise ModelUnavailable(f"model {model.name!r} is {model.state}: {model.error}")
         runner = await model.idle.get()
         try:
             return await runner.run(inputs)

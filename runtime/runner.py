@@ -30,6 +30,7 @@ import os
 import signal
 import threading
 import time
+from pickle import HIGHEST_PROTOCOL, dumps
 from typing import Any, Callable
 
 import numpy as np
@@ -42,13 +43,25 @@ from runtime.shm import ALIGN, Buffer, BufferPool, PackedArrays, layout_of, pack
 
 logger = logging.getLogger("lastmile.runner")
 
-# What the forkserver imports once. The backend modules too, so a load does not pay for
-# importing our own backend code either. (A failing import here is skipped by the forkserver.)
+# What the forkserver imports once, so that a load pays for the model and not for imports.
+# Beyond the libraries: the lazily imported machinery ``torch.export.load`` pulls in (sympy,
+# networkx, dynamo, functorch, inductor's config: ~1200 modules, 3 s of a demo model's 3.7 s
+# load here) and our backend modules. Imports only: nothing may start a thread or touch a
+# device in the forkserver (a fork copies neither threads nor a CUDA context). A failing
+# import is skipped by the forkserver.
 PRELOAD = [
     "numpy",
     "onnxruntime",
     "torch",
     "deepspeed",
+    "sympy",
+    "networkx",
+    "torch.export",
+    "torch.export._trace",
+    "torch._export.serde.serialize",
+    "torch._functorch.aot_autograd",
+    "torch._dynamo",
+    "torch._inductor",
     "runtime.backends",
     "runtime.backends.onnx_backend",
     "runtime.backends.deepspeed_backend",
@@ -305,7 +318,9 @@ class Runner:
                 else:
                     unmapped, self._epoch = self.pool.unlinked_since(self._epoch)
                 self._calls[seq] = call
-                self._tx.send(("run", seq, call.bufs[0].name, call.layout_in, call.out.name, call.out.size, unmapped))
+                self._tx.send_bytes(
+                    dumps(("run", seq, call.bufs[0].name, call.layout_in, call.out.name, call.out.size, unmapped), HIGHEST_PROTOCOL)
+                )
             except BaseException as exc:
                 self._calls.pop(seq, None)
                 call.release(self.pool)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+from pickle import HIGHEST_PROTOCOL, dumps
 import signal
 import sys
 import threading
@@ -194,7 +195,12 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
 
 def _serve(rx: Any, tx: Any, backend: Any) -> None:
     """Answer requests until ``stop`` or the daemon's end of the pipe closes."""
-    send, recv = tx.send, rx.recv
+    recv = rx.recv
+    send_bytes = tx.send_bytes
+
+    def send(msg: tuple) -> None:  # plain pickle: several µs less than Connection.send
+        send_bytes(dumps(msg, HIGHEST_PROTOCOL))
+
     perf_counter = time.perf_counter
     segments = SegmentCache()
     backlog: deque = deque()  # messages that arrived while waiting for an "out" answer

@@ -86,9 +86,29 @@ def plan_layout(tensors: Iterable[tuple[str, np.dtype, tuple[int, ...]]]) -> tup
     return tuple(slots), offset
 
 
+_DTYPE_STR: dict[np.dtype, str] = {}
+
+
+def _dtype_str(dtype: np.dtype, name: str) -> str:
+    """``dtype.str`` (computed anew by NumPy on every access: cached here, hot path)."""
+    text = _DTYPE_STR.get(dtype)
+    if text is None:
+        if dtype.hasobject:
+            raise ShmError(f"{name}: dtype {dtype} holds Python objects and cannot cross processes")
+        text = _DTYPE_STR[dtype] = dtype.str
+    return text
+
+
 def layout_of(arrays: Mapping[str, np.ndarray]) -> tuple[Layout, int]:
-    """The layout that :func:`pack` would use for ``arrays``."""
-    return plan_layout((name, a.dtype, a.shape) for name, a in arrays.items())
+    """The layout that :func:`pack` would use for ``arrays`` (same result as
+    :func:`plan_layout`, on the hot path of every batch)."""
+    slots: list[TensorSlot] = []
+    offset = 0
+    for name, arr in arrays.items():
+        offset = (offset + ALIGN - 1) & -ALIGN
+        slots.append((name, _dtype_str(arr.dtype, name), arr.shape, offset))
+        offset += arr.nbytes
+    return tuple(slots), offset
 
 
 def views(mem: Any, layout: Layout, *, readonly: bool = False) -> dict[str, np.ndarray]:

@@ -53,13 +53,15 @@ def socket_answers(path: Path) -> bool:
         s.close()
 
 
-def write_config(home: Path, store: Path, extra: str = "") -> Path:
+def write_config(home: Path, store: Path, extra: str = "", server_extra: str = "") -> Path:
+    """``extra`` goes after the [store] table (whole tables); ``server_extra`` inside [server]."""
     config = home / "lastmile.toml"
     config.write_text(
         f"""
 [server]
 socket = "{home / 'run' / 'lastmile.sock'}"
 shutdown_grace_s = 5
+{server_extra}
 [store]
 models_dir = "{store}"
 state_file = "{home / 'state.json'}"
@@ -69,9 +71,11 @@ state_file = "{home / 'state.json'}"
     return config
 
 
-def start_daemon(home: Path, store: Path, extra_config: str = "", wait_ready: bool = True, env: dict[str, str] | None = None) -> DaemonProc:
+def start_daemon(
+    home: Path, store: Path, extra_config: str = "", wait_ready: bool = True, env: dict[str, str] | None = None, server_extra: str = ""
+) -> DaemonProc:
     home.mkdir(parents=True, exist_ok=True)
-    config = write_config(home, store, extra_config)
+    config = write_config(home, store, extra_config, server_extra)
     log = home / "daemon.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LASTMILE_", "NOTIFY_SOCKET", "LISTEN_"))}
     full_env.update({"PYTHONPATH": str(ROOT), "HOME": str(home)}, **(env or {}))

@@ -66,3 +66,11 @@ class EventsFetched(Message):
     def __init__(self, events: list[dict[str, Any]]) -> None:
         super().__init__()
         self.events = events
+
+
+class SpecFetched(Message):
+    """A loaded model's V2 metadata (its input and output tensors)."""
+
+    def __init__(self, name: str, metadata: dict[str, Any] | None, error: str | None) -> None:
+        super().__init__()
+        self.name, self.metadata, self.error = name, metadata, error

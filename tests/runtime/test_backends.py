@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.demo import build_demo, example_inputs, reference_module
+from models.demo import example_inputs, reference_module
 from models.settings import ModelSettings
 from models.spec import Manifest, TensorSpec
 from models.store import ModelStore
@@ -34,10 +34,9 @@ gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    root = tmp_path_factory.mktemp("store")
-    build_demo(root)
-    return ModelStore(root)
+def store(demo_store: Path) -> ModelStore:
+    """The session's demo models (``demo_store`` in tests/conftest.py); only read here."""
+    return ModelStore(demo_store)
 
 
 _REFERENCE: dict[tuple[str, int], np.ndarray] = {}
@@ -394,5 +393,26 @@ def test_gpu_kernel_inject(tmp_path: Path) -> None:
         assert "deepspeed_kernel_inject" in info["fusion_applied"]
         assert any("replaced" in note for note in info["notes"])
         np.testing.assert_allclose(backend.run({"input_ids": ids})["logits"], expected, rtol=5e-2, atol=5e-2)
+    finally:
+        backend.close()
+
+
+def test_bf16_tensors_travel_as_raw_words(tmp_path: Path) -> None:
+    """V2 BF16 has no NumPy dtype: inputs arrive and outputs leave as uint16 bit patterns."""
+    torch.manual_seed(0)
+    net = PickledNet().eval()
+    x = torch.randn(3, 4)
+    torch.export.save(torch.export.export(net, (x,)), tmp_path / "model.pt2")
+    manifest = Manifest(name="bf16-io", path=tmp_path, format="torch_export", artifact=tmp_path / "model.pt2",
+                        inputs=(TensorSpec("x", "BF16", (-1, 4)),), outputs=(TensorSpec("y", "BF16", (-1, 2)),))
+    backend = create_backend(manifest, ModelSettings(dtype="bf16"))
+    try:
+        words = x.to(torch.bfloat16).view(torch.uint16).numpy()
+        out = backend.run({"x": words})["y"]
+        assert out.dtype == np.uint16 and out.shape == (3, 2)
+        got = torch.from_numpy(out).view(torch.bfloat16).float()
+        with torch.no_grad():
+            expected = net.bfloat16()(x.to(torch.bfloat16)).float()
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
     finally:
         backend.close()

@@ -331,3 +331,5 @@ def test_daemon_death_takes_its_runners_and_leaves_only_stale_segments(tmp_path,
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+        proc.stdout.close()

@@ -16,6 +16,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -23,20 +24,21 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+sys.path.insert(0, str(Path(__file__).parent))
+from sdhelpers import ADMIN_GID, NOBODY, SOCKET_GID, request_as  # noqa: E402
+
 from appliance.auth import (
     AuthPolicy,
     PeerCredentials,
     TokenFileError,
     auth_middleware,
     caller_of,
+    credential_path,
     load_token,
     peer_credentials,
     requires_role,
 )
 
-NOBODY = 65534
-SOCKET_GID = 4242  # the socket's group (stands in for "lastmile")
-ADMIN_GID = 4243  # an operator group given by number
 TOKEN = "s3cret-token-0123456789abcdef"
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
@@ -98,48 +100,8 @@ async def serve_unix(short_tmp: Path) -> AsyncIterator[Serve]:
         await runner.cleanup()
 
 
-def _raw_request(path: str, method: str, target: str) -> tuple[int, dict]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(path)
-        body = b"{}" if method != "GET" else b""
-        s.sendall(f"{method} {target} HTTP/1.1\r\nHost: lastmile\r\nConnection: close\r\n"
-                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, payload = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), (json.loads(payload) if payload else {})
-
-
-def _request_as(uid: int, gid: int, groups: list[int], path: Path, method: str, target: str) -> dict:
-    """Fork, drop to uid/gid/groups, make one request; returns status/body or the errno."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no pytest, no asyncio; syscalls and exit
-        try:
-            os.close(r)
-            os.setgroups(groups)
-            os.setgid(gid)
-            os.setuid(uid)
-            try:
-                status, body = _raw_request(str(path), method, target)
-                out = {"status": status, "body": body, "pid": os.getpid()}
-            except OSError as exc:
-                out = {"errno": exc.errno}
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    chunks = []
-    with os.fdopen(r, "rb") as f:
-        chunks.append(f.read())
-    os.waitpid(pid, 0)
-    return json.loads(b"".join(chunks) or b'{"error": "child wrote nothing"}')
-
-
 async def as_user(uid: int, groups: list[int], path: Path, method: str, target: str) -> dict:
-    return await asyncio.to_thread(_request_as, uid, uid, groups, path, method, target)
+    return await asyncio.to_thread(request_as, uid, uid, groups, path, method, target)
 
 
 async def as_root(path: Path, method: str, target: str) -> tuple[int, dict]:
@@ -410,3 +372,21 @@ def test_load_token_refuses_a_file_owned_by_someone_else(tmp_path: Path) -> None
     os.chown(p, NOBODY, NOBODY)
     with pytest.raises(TokenFileError, match=f"owned by uid {NOBODY}"):
         load_token(p)
+
+
+@root_only
+async def test_peer_with_more_groups_than_so_peergroups_returns(serve_unix: Serve) -> None:
+    """More than 256 groups: SO_PEERGROUPS says ERANGE, /proc/<pid>/status is read instead."""
+    path = await serve_unix(AuthPolicy(operator_groups=[ADMIN_GID]))
+    many = [SOCKET_GID, *range(20000, 20300), ADMIN_GID]
+    result = await as_user(NOBODY, many, path, "POST", "/v2/repository/models/m/load")
+    assert result["status"] == 200 and result["body"]["role"] == "operator", result
+
+
+def test_credential_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert credential_path("tcp-token") is None
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert credential_path("tcp-token") is None
+    (tmp_path / "tcp-token").write_text(TOKEN)
+    assert credential_path("tcp-token") == tmp_path / "tcp-token"

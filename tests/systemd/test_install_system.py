@@ -84,6 +84,8 @@ def test_install_lays_out_the_system(root: Path) -> None:
     assert (root / "usr/lib/sysusers.d/lastmile.conf").exists()
     assert (root / "usr/lib/tmpfiles.d/lastmile.conf").exists()
     assert not (units / "lastmile.service.d").exists()  # no limit, no TCP, no GPU: no drop-ins
+    # the unit's Documentation= points here
+    assert (root / "opt/lastmile/share/doc/lastmile/systemd.md").read_text() == (REPO / "docs/systemd.md").read_text()
 
     for d in ("run/lastmile", "var/lib/lastmile", "var/lib/lastmile/models", "var/cache/lastmile"):
         st = (root / d).stat()

@@ -133,3 +133,27 @@ async def test_watchdog_without_systemd_is_inert(monkeypatch) -> None:
     await dog.stop()
     with pytest.raises(ValueError, match="interval_s"):
         Watchdog.start(lambda: True, interval_s=0)
+
+
+async def test_heartbeat_as_the_health_check(notify_path_receiver, monkeypatch) -> None:
+    """The daemon's wiring: supervision beats, the watchdog pings only while beats are fresh."""
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_path_receiver.address)
+    heart = sdnotify.Heartbeat(max_age_s=0.1)
+
+    async def supervision(rounds: int) -> None:
+        for _ in range(rounds):
+            heart.beat()
+            await asyncio.sleep(0.02)
+
+    dog = Watchdog.start(heart, interval_s=0.02)
+    await supervision(10)  # 0.2 s of progress
+    pinged = len(notify_path_receiver.snapshot())
+    assert pinged >= 5
+    await asyncio.sleep(0.3)  # supervision stuck: no beats
+    stale = len(notify_path_receiver.snapshot())
+    assert stale - pinged <= 6, "kept pinging long after the beats stopped"
+    await asyncio.sleep(0.1)
+    assert len(notify_path_receiver.snapshot()) == stale
+    await dog.stop()
+    with pytest.raises(ValueError, match="max_age_s"):
+        sdnotify.Heartbeat(0)

@@ -20,7 +20,7 @@ class LastmileScreen(Screen):
     """Subclasses write :meth:`compose_body` and :meth:`refresh_from`; widgets with the
     ``mutating`` class are hidden in read-only mode."""
 
-    TITLE_TEXT = ""
+    AUTO_FOCUS = ""  # no field takes the keys on arrival: the one-letter keys work at once
 
     @property
     def lm(self) -> "LastmileApp":

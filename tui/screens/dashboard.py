@@ -43,6 +43,7 @@ def memory_gauges(memory: Any) -> list[dict[str, Any]]:
 
 
 class DashboardScreen(LastmileScreen):
+    AUTO_FOCUS = "ModelsTable"
     BINDINGS = [
         Binding("s", "next_sort", "Sort"),
         Binding("r", "reverse_sort", "Reverse"),

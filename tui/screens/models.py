@@ -98,7 +98,7 @@ class ModelsScreen(LastmileScreen):
 
     # --- data -----------------------------------------------------------------------------
 
-    @work(group="store", exclusive=True)
+    @work(group="store", exclusive=True, exit_on_error=False)
     async def fetch_store(self) -> None:
         try:
             listing = await self.lm.client.models()
@@ -107,7 +107,7 @@ class ModelsScreen(LastmileScreen):
             return
         self.post_message(StoreListed(listing))
 
-    @work(group="devices", exclusive=True)
+    @work(group="devices", exclusive=True, exit_on_error=False)
     async def fetch_devices(self) -> None:
         try:
             facts = await self.lm.client.system()
@@ -133,6 +133,8 @@ class ModelsScreen(LastmileScreen):
         select.set_options([(e["name"], e["name"]) for e in self.store if not e.get("error")])
         if isinstance(current, str) and any(e["name"] == current for e in self.store):
             select.value = current
+        if getattr(self, "_pending", None):
+            self.select_model(self._pending)
         self._show_loaded(message.listing.get("loaded", []))
 
     def refresh_from(self, state: MonitorState) -> None:
@@ -171,6 +173,9 @@ class ModelsScreen(LastmileScreen):
         if any(e["name"] == name for e in self.store):
             select.value = name
             self._prefill(name)
+            self._pending = None
+        else:
+            self._pending = name  # the store listing is still on its way
 
     def _prefill(self, name: str) -> None:
         entry = next((e for e in self.store if e["name"] == name), None)
@@ -275,7 +280,7 @@ class ModelsScreen(LastmileScreen):
         self.query_one("#load-phase", Label).update(f"{action} {name}: starting")
         self.run_action(action, name, params)
 
-    @work(group="load", exclusive=False)
+    @work(group="load", exclusive=False, exit_on_error=False)
     async def run_action(self, action: str, name: str, params: dict[str, Any]) -> None:
         """The daemon call in a worker; a second task polls the load's phase meanwhile."""
         client = self.lm.client

@@ -176,7 +176,7 @@ class TuneScreen(LastmileScreen):
         elif event.button.id == "b-revert":
             self.action_revert()
 
-    @work(group="tune", exclusive=True)
+    @work(group="tune", exclusive=True, exit_on_error=False)
     async def send_tune(self, name: str, changes: dict[str, Any]) -> None:
         self.query_one("#tune-result", Static).update(f"applying {changes} to {name} ...")
         try:

@@ -39,8 +39,8 @@ class ModelsTable(DataTable):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
-        self.sort_key = "name"
-        self.reverse = False
+        self.sort_key = "requests"  # busiest first: the cursor starts on the model that matters
+        self.reverse = True
         self.filter = ""
         self._rows: list[dict[str, Any]] = []
 

@@ -1,0 +1,185 @@
+"""The playground: send a request to a loaded model (random input from its spec, or .npy
+files), see the outputs, the latency, and which batch the request rode in. A burst of N
+concurrent requests shows the dynamic batcher at work."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical
+from textual.widgets import Button, Input, Label, RichLog, Select, Static
+
+from appliance.client import ApiError, ClientError
+from tui.forms import FormError, file_inputs, random_inputs, summarize_output
+from tui.messages import InferDone, SpecFetched
+from tui.screens.base import LastmileScreen
+from tui.state import MonitorState
+
+
+class PlaygroundScreen(LastmileScreen):
+    """Inference does not change the daemon's state, so it stays available in read-only mode."""
+
+    BINDINGS = [Binding("ctrl+r", "send_random", "Send random"), Binding("ctrl+f", "send_file", "Send file")]
+
+    def compose_body(self) -> ComposeResult:
+        with Vertical(id="play-body"):
+            yield Label("Playground: send an inference request", classes="section")
+            with Grid(id="play-grid"):
+                yield Label("model")
+                yield Select([], id="p-model", prompt="pick a loaded model")
+                yield Label("rows (batch dim)")
+                yield Input("1", id="p-rows", type="integer")
+                yield Label("variable dims")
+                yield Input("8", id="p-seq", type="integer")
+                yield Label("burst (concurrent)")
+                yield Input("1", id="p-burst", type="integer")
+                yield Label(".npy file(s)")
+                yield Input(placeholder="path.npy  or  name=path.npy,name=path.npy", id="p-files")
+            yield Static("", id="p-spec")
+            with Horizontal(id="play-buttons"):
+                yield Button("Send random input", variant="primary", id="b-random")
+                yield Button("Send file input", id="b-file")
+            yield Static("", id="p-summary")
+            yield RichLog(id="p-output", wrap=True, markup=False, max_lines=400)
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self._names: tuple[str, ...] = ()
+        self.specs: dict[str, dict[str, Any]] = {}
+        self.last_results: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        if self.lm.state.snapshot is not None:
+            self.refresh_from(self.lm.state)
+
+    @property
+    def model_name(self) -> str | None:
+        value = self.query_one("#p-model", Select).value
+        return value if isinstance(value, str) else None
+
+    def select_model(self, name: str) -> None:
+        if name in self._names:
+            self.query_one("#p-model", Select).value = name
+
+    def refresh_from(self, state: MonitorState) -> None:
+        names = tuple(r["name"] for r in state.models if r["state"] in ("ready", "restarting"))
+        if names == self._names:
+            return
+        select = self.query_one("#p-model", Select)
+        current = self.model_name
+        self._names = names
+        select.set_options([(n, n) for n in names])
+        if current in names:
+            select.value = current
+        elif names:
+            select.value = names[0]
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        if event.select.id == "p-model" and isinstance(event.value, str):
+            self.fetch_spec(event.value)
+
+    @work(group="spec", exclusive=True, exit_on_error=False)
+    async def fetch_spec(self, name: str) -> None:
+        try:
+            meta = await self.lm.client.metadata(name)
+        except ClientError as exc:
+            self.post_message(SpecFetched(name, None, str(exc)))
+            return
+        self.post_message(SpecFetched(name, meta, None))
+
+    def on_spec_fetched(self, message: SpecFetched) -> None:
+        spec = self.query_one("#p-spec", Static)
+        if message.metadata is None:
+            spec.update(Text(f"{message.name}: {message.error}", style="red"))
+            return
+        self.specs[message.name] = message.metadata
+        ins = ", ".join(f"{t['name']} {t['datatype']} {t['shape']}" for t in message.metadata.get("inputs", []))
+        outs = ", ".join(f"{t['name']} {t['datatype']} {t['shape']}" for t in message.metadata.get("outputs", []))
+        spec.update(f"{message.name} ({message.metadata.get('platform')}): inputs {ins or '-'}  ->  outputs {outs or '-'}")
+
+    def _numbers(self) -> tuple[int, int, int]:
+        values = []
+        for wid, low, high in (("p-rows", 1, 4096), ("p-seq", 1, 65536), ("p-burst", 1, 256)):
+            text = self.query_one(f"#{wid}", Input).value.strip() or "1"
+            try:
+                number = int(text)
+            except ValueError:
+                raise FormError(wid, f"{text!r} is not a whole number") from None
+            if not low <= number <= high:
+                raise FormError(wid, f"{number} is out of range ({low} to {high})")
+            values.append(number)
+        return values[0], values[1], values[2]
+
+    def _prepare(self, source: str) -> tuple[str, dict[str, Any], dict[str, str], int] | None:
+        name = self.model_name
+        if name is None:
+            self.lm.report_error("pick a loaded model first")
+            return None
+        meta = self.specs.get(name)
+        if meta is None:
+            self.lm.report_error(f"the spec of {name} is not known yet; try again in a moment")
+            self.fetch_spec(name)
+            return None
+        try:
+            rows, seq, burst = self._numbers()
+            if source == "file":
+                arrays, types = file_inputs(meta.get("inputs", []), self.query_one("#p-files", Input).value)
+            else:
+                arrays, types = random_inputs(meta.get("inputs", []), rows=rows, seq=seq)
+        except FormError as exc:
+            self.lm.report_error(f"{exc.field}: {exc.message}")
+            return None
+        return name, arrays, types, burst
+
+    def action_send_random(self) -> None:
+        prepared = self._prepare("random")
+        if prepared:
+            self.send(*prepared)
+
+    def action_send_file(self) -> None:
+        prepared = self._prepare("file")
+        if prepared:
+            self.send(*prepared)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "b-random":
+            self.action_send_random()
+        elif event.button.id == "b-file":
+            self.action_send_file()
+
+    @work(group="infer", exclusive=True, exit_on_error=False)
+    async def send(self, name: str, arrays: dict[str, Any], types: dict[str, str], burst: int) -> None:
+        started = time.perf_counter()
+        try:
+            results = await asyncio.gather(*(self.lm.client.infer(name, arrays, types) for _ in range(burst)))
+        except ClientError as exc:
+            self.post_message(InferDone(name, [], exc.message if isinstance(exc, ApiError) else str(exc), 0.0))
+            return
+        self.post_message(InferDone(name, list(results), None, (time.perf_counter() - started) * 1000))
+
+    def on_infer_done(self, message: InferDone) -> None:
+        summary = self.query_one("#p-summary", Static)
+        log = self.query_one("#p-output", RichLog)
+        if message.error:
+            summary.update(Text(f"{message.name}: {message.error}", style="red"))
+            self.lm.report_error(message.error)
+            return
+        self.last_results = message.results
+        outputs, params = message.results[0]
+        batches = sorted({(p.get("batch_id"), p.get("batch_size")) for _, p in message.results}, key=lambda b: b[0] or 0)
+        text = Text()
+        text.append(f"{message.name}: {len(message.results)} request(s) in {message.wall_ms:.1f} ms\n", style="bold")
+        text.append(
+            f"first request: client {params.get('client_ms')} ms, daemon {params.get('total_ms')} ms "
+            f"(queue {params.get('queue_ms')} ms, compute {params.get('compute_ms')} ms), "
+            f"rode in batch {params.get('batch_id')} of size {params.get('batch_size')}\n"
+        )
+        text.append("batches used (id: size): " + ", ".join(f"{b}: {s}" for b, s in batches))
+        summary.update(text)
+        log.clear()
+        for out_name, array in outputs.items():
+            log.write(summarize_output(out_name, array))

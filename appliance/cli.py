@@ -225,6 +225,96 @@ def cmd_tui(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------
 
 
+# --- memory (issue 4): `lastmile memory`, `lastmile memory set`, `lastmile load --dry-run` ------
+
+MEMORY_SET_FLAGS = {
+    "host_limit_mb": int, "host_limit_fraction": float, "device_limit_mb": int, "device_limit_fraction": float,
+    "high_watermark": float, "low_watermark": float, "plan": str, "evict_idle": str, "sample_interval_s": float,
+    "pool_idle_s": float,
+}
+
+
+def _mb(value: Any) -> str:
+    return "-" if value is None else f"{value / (1024 * 1024):.1f}"
+
+
+async def cmd_memory(client: LastmileClient, args: argparse.Namespace) -> int:
+    data = await client.request("GET", "/v1/memory")
+    if args.json:
+        _print_json(data)
+        return 0
+    rows = [[d, _mb(v.get("limit_bytes")), v.get("source"), _mb(v.get("used_bytes")), _mb(v.get("committed_bytes")),
+             _mb(v.get("free_bytes")), _mb(v.get("total_bytes"))] for d, v in data["devices"].items()]
+    print(_table(rows, ["DEVICE", "LIMIT MB", "FROM", "USED MB", "COMMITTED MB", "FREE MB", "TOTAL MB"]))
+    if data["models"]:
+        print()
+        rows = [[n, m["device"], _mb(m["used_bytes"]), _mb(m["estimate_bytes"]),
+                 "-" if m.get("estimate_error") is None else f"{m['estimate_error'] * 100:+.0f}%", _mb(m["limit_bytes"]),
+                 _mb(m["peak_bytes"]), _mb(m["pool"]["bytes"]), f"{m['pool']['hit_rate']:.2f}", m["ladder_step"]]
+                for n, m in data["models"].items()]
+        print(_table(rows, ["MODEL", "DEVICE", "USED MB", "ESTIMATE MB", "ERROR", "LIMIT MB", "PEAK MB", "POOL MB", "POOL HIT", "LADDER"]))
+    cfg = data["config"]
+    print(f"\nwatermarks {cfg['low_watermark']:.2f}/{cfg['high_watermark']:.2f}, plan {cfg['plan']}, evict_idle {str(cfg['evict_idle']).lower()}")
+    return 0
+
+
+async def cmd_memory_set(client: LastmileClient, args: argparse.Namespace) -> int:
+    changes = {k: getattr(args, k) for k in MEMORY_SET_FLAGS if getattr(args, k, None) is not None}
+    if "evict_idle" in changes:
+        if changes["evict_idle"] not in ("true", "false"):
+            raise ClientError(f"--evict-idle: got {changes['evict_idle']!r}; allowed: true, false")
+        changes["evict_idle"] = changes["evict_idle"] == "true"
+    if not changes:
+        raise ClientError("memory set: give at least one of " + ", ".join("--" + k.replace("_", "-") for k in MEMORY_SET_FLAGS))
+    data = await client.request("PUT", "/v1/memory", changes)
+    if args.json:
+        _print_json(data)
+    else:
+        print("memory settings: " + ", ".join(f"{k} = {data['config'][k]}" for k in changes))
+    return 0
+
+
+async def cmd_load_or_dry_run(client: LastmileClient, args: argparse.Namespace) -> int:
+    if not args.dry_run:
+        return await cmd_load(client, args)
+    params = {k: getattr(args, k) for k in LOAD_FLAGS if getattr(args, k) is not None}
+    data = await client.request("POST", "/v1/memory/estimate", {"model": args.name, "parameters": params})
+    if args.json:
+        _print_json(data)
+        return 0 if data["fits"] else 1
+    est = data["estimate"]
+    print(f"{data['model']}: {est['backend']} on {est['device']}, estimated {_mb(est['total_bytes'])} MB")
+    for part, value in est["parts"].items():
+        print(f"  {part.removesuffix('_bytes'):<10} {_mb(value):>10} MB")
+    for device, value in est["per_device"].items():
+        print(f"  on {device}: {_mb(value)} MB needed, {_mb(data['free_bytes'].get(device))} MB free")
+    for note in est["notes"]:
+        print(f"  note: {note}")
+    if data["fits"]:
+        print("fits: yes")
+        return 0
+    short = data["shortfall"]
+    print(f"fits: no ({short['reason']} on {short['device']}: needs {_mb(short['needed_bytes'])} MB, "
+          f"{_mb(short['free_bytes'])} MB free, limit {_mb(short['limit_bytes'])} MB)")
+    for option in data.get("options", []):
+        print(f"  would fit: {option['description']} ({_mb(option['estimate_bytes'])} MB)")
+    return 1
+
+
+def add_memory_commands(sub: Any, common: argparse.ArgumentParser, load: argparse.ArgumentParser) -> None:
+    load.add_argument("--dry-run", action="store_true", help="only show the memory estimate and whether it fits now")
+    load.set_defaults(func=cmd_load_or_dry_run)
+    memory = sub.add_parser("memory", help="memory budgets and per-model usage", description="memory budgets and per-model usage", parents=[common])
+    memory.set_defaults(func=cmd_memory)
+    memory.add_argument("--json", action="store_true", help="machine-readable output")
+    memory_sub = memory.add_subparsers(dest="memory_command", metavar="set")
+    mset = memory_sub.add_parser("set", help="change budgets/policy at run time (not saved to the config file)", parents=[common])
+    mset.set_defaults(func=cmd_memory_set)
+    mset.add_argument("--json", action="store_true", help="machine-readable output")
+    for key, kind in MEMORY_SET_FLAGS.items():
+        mset.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, metavar=key.upper())
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Connection options are accepted before or after the subcommand (`lastmile serve --config F`).
     common = argparse.ArgumentParser(add_help=False)
@@ -274,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("demo", "start the daemon if needed, load the demo models on both backends, send requests", cmd_demo)
     tui = add("tui", "open the terminal UI", cmd_tui)
     tui.add_argument("--read-only", action="store_true", help="hide every action that changes the daemon")
+    add_memory_commands(sub, common, load)
     return parser
 
 

@@ -122,6 +122,7 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "tls_cert": _optional_path,
         "tls_key": _optional_path,
         "max_body_mb": _positive(int, 4096),
+        "max_concurrent_requests": _positive(int, 1_000_000),
         "shutdown_grace_s": _positive(float, 600),
         "log_level": _choice("debug", "info", "warning", "error"),
     },
@@ -141,6 +142,10 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "device_limit_fraction": _fraction,
         "high_watermark": _fraction,
         "low_watermark": _fraction,
+        "plan": _choice("refuse", "auto"),
+        "evict_idle": _bool,
+        "sample_interval_s": _positive(float, 60),
+        "pool_idle_s": _positive(float, 86400),
     },
 }
 
@@ -191,6 +196,7 @@ def builtin_defaults(system_mode: bool) -> dict[str, dict[str, Any]]:
             "tls_cert": None,
             "tls_key": None,
             "max_body_mb": 64,
+            "max_concurrent_requests": 1024,
             "shutdown_grace_s": 10.0,
             "log_level": "info",
         },
@@ -203,6 +209,10 @@ def builtin_defaults(system_mode: bool) -> dict[str, dict[str, Any]]:
             "device_limit_fraction": 0.9,
             "high_watermark": 0.9,
             "low_watermark": 0.8,
+            "plan": "refuse",
+            "evict_idle": False,
+            "sample_interval_s": 0.5,
+            "pool_idle_s": 30.0,
         },
     }
 

@@ -26,7 +26,7 @@ class Daemon:
         self.started_at = time.time()
         self.events = EventLog()
         self.store = ModelStore(config.store["models_dir"])
-        self.manager = ModelManager(self.store, config.defaults, self.events, on_change=self.save_state)
+        self.manager = ModelManager(self.store, config.defaults, self.events, on_change=self.save_state, memory=dict(config.memory))
         self.ready = False
         self.status = "starting"
         self._system: dict[str, Any] | None = None

@@ -15,18 +15,22 @@ from models.settings import SettingError
 from runtime.backends.base import BackendError
 from runtime.errors import BatchTooLarge, InferenceError, InvalidBatch, LoadError, LoadTimeout, ModelUnavailable, QueueFull, RequestTimeout, RunnerDied
 from runtime.manager import ModelNotLoaded
+from runtime.memory import InsufficientMemory, MemoryPressure
 
 logger = logging.getLogger("lastmile.http")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, field: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, *, field: str | None = None, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.field, self.headers = status, message, field, headers or {}
+        self.extra = extra or {}  # more keys for the error body (e.g. a refused load's numbers)
 
 
-def error_response(status: int, message: str, *, field: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
-    body: dict[str, Any] = {"error": message}
+def error_response(status: int, message: str, *, field: str | None = None, headers: dict[str, str] | None = None,
+                   extra: dict[str, Any] | None = None) -> web.Response:
+    body: dict[str, Any] = {**(extra or {}), "error": message}
     if field:
         body["field"] = field
     return web.json_response(body, status=status, headers=headers)
@@ -57,6 +61,10 @@ def to_api_error(exc: BaseException) -> ApiError | None:
             return ApiError(400, str(exc), field=f"inputs.{exc.key}" if exc.key else "inputs")
         case BatchTooLarge():
             return ApiError(400, str(exc), field="inputs")
+        case InsufficientMemory():
+            return ApiError(507, str(exc), extra={"memory": exc.detail})
+        case MemoryPressure():
+            return ApiError(503, str(exc), headers=_retry_after(exc.retry_after_s))
         case QueueFull():
             return ApiError(503, str(exc), headers=_retry_after(getattr(exc, "retry_after_s", 1.0)))
         case ModelUnavailable() | RunnerDied():
@@ -90,7 +98,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         if api is None:
             logger.exception("unhandled error in %s %s", request.method, request.path)
             return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
-        return error_response(api.status, api.message, field=api.field, headers=api.headers)
+        return error_response(api.status, api.message, field=api.field, headers=api.headers, extra=api.extra)
 
 
 async def read_json(request: web.Request, *, required: bool = True) -> dict[str, Any]:
@@ -107,3 +115,22 @@ async def read_json(request: web.Request, *, required: bool = True) -> dict[str,
     if not isinstance(value, dict):
         raise ApiError(400, "body must be a JSON object")
     return value
+
+
+def concurrency_limit(limit: int) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """At most ``limit`` requests in the daemon at once; beyond it 503 + Retry-After, so a flood
+    costs a few bytes per refused request instead of memory per queued one. Health stays open."""
+    active = 0
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        nonlocal active
+        if active >= limit and not request.path.startswith("/v2/health"):
+            return error_response(503, f"too many concurrent requests (server.max_concurrent_requests = {limit})", headers={"Retry-After": "1"})
+        active += 1
+        try:
+            return await handler(request)
+        finally:
+            active -= 1
+
+    return middleware

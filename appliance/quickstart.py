@@ -58,7 +58,6 @@ async def ensure_daemon(client: LastmileClient, config_file: str | None) -> str:
 
 async def run_demo(client: LastmileClient, config: Config, config_file: str | None) -> int:
     await ensure_daemon(client, config_file)
-    rng = np.random.default_rng(0)
     for name in DEMO_LOADS:
         started = time.monotonic()
         model = await client.load(name)
@@ -66,6 +65,7 @@ async def run_demo(client: LastmileClient, config: Config, config_file: str | No
     print()
     for name in DEMO_LOADS:
         meta = await client.metadata(name)
+        rng = np.random.default_rng(0)  # the same inputs for both backends of a model: same answers
         inputs, datatypes = {}, {}
         for spec in meta["inputs"]:
             shape = [4 if i == 0 else (16 if d == -1 else d) for i, d in enumerate(spec["shape"])]

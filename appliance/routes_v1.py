@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from appliance.auth import requires_role
 from appliance.http import ApiError, read_json
 from appliance.routes_v2 import daemon_of
 from runtime.manager import BATCHER_KEYS
@@ -83,6 +84,7 @@ async def events(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/config")
+@requires_role("operator")
 async def config(request: web.Request) -> web.Response:
     cfg = daemon_of(request).config
     return web.json_response({"file": str(cfg.file) if cfg.file else None, "values": cfg.as_dict(), "sources": cfg.sources})

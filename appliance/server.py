@@ -20,12 +20,13 @@ from pathlib import Path
 from aiohttp import web
 
 from appliance import activation, sdnotify
-from appliance.auth import AuthPolicy, auth_middleware, load_token
+from appliance.auth import AuthPolicy, TokenFileError, auth_middleware, load_token
 from appliance.config import Config
 from appliance.daemon import Daemon
-from appliance.http import error_middleware
+from appliance.http import concurrency_limit, error_middleware
 from appliance.logs import log
 from appliance.metrics import setup_metrics
+from appliance.routes_memory import routes as memory_routes
 from appliance.routes_monitor import routes as monitor_routes
 from appliance.routes_v1 import routes as v1_routes
 from appliance.routes_v2 import routes as v2_routes
@@ -41,10 +42,13 @@ class StartupError(RuntimeError):
 
 def build_app(daemon: Daemon) -> web.Application:
     config = daemon.config
-    token = load_token(config.server["token_file"]) if config.server["token_file"] else None
+    try:
+        token = load_token(config.server["token_file"]) if config.server["token_file"] else None
+    except TokenFileError as exc:
+        raise StartupError(f"server.token_file: {exc}") from None
     policy = AuthPolicy(operator_groups=config.auth["operator_groups"], operator_uids=config.auth["operator_uids"], token=token)
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware(policy)],
+        middlewares=[error_middleware, concurrency_limit(config.server["max_concurrent_requests"]), auth_middleware(policy)],
         client_max_size=config.server["max_body_mb"] * 1024 * 1024,
     )
     app["daemon"] = daemon
@@ -52,6 +56,7 @@ def build_app(daemon: Daemon) -> web.Application:
     app.add_routes(v2_routes)
     app.add_routes(v1_routes)
     app.add_routes(monitor_routes)
+    app.add_routes(memory_routes)
     setup_metrics(app, daemon)
     return app
 

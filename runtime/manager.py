@@ -23,8 +23,9 @@ from models.spec import Manifest
 from models.store import ModelStore
 from runtime.backends import resolve_backend
 from runtime.batcher import Batcher
-from runtime.errors import LoadError, ModelUnavailable
+from runtime.errors import InferenceError, LoadError, ModelUnavailable
 from runtime.events import EventLog
+from runtime.memory import MemoryGovernor, MemoryPressure, ModelMemory
 from runtime.runner import Runner
 from runtime.shm import BufferPool
 
@@ -72,6 +73,8 @@ class LoadedModel:
     failures: int = 0
     latencies_s: deque = field(default_factory=lambda: deque(maxlen=2048))
     restart_task: asyncio.Task | None = None
+    memory: ModelMemory = field(default_factory=ModelMemory)
+    requested: ModelSettings | None = None  # the settings asked for (plan = "auto" may change them)
 
     def describe(self) -> dict[str, Any]:
         """The row ``GET /v1/models`` shows for this model."""
@@ -102,14 +105,34 @@ class LoadedModel:
             "queue_depth": stats.get("queue_depth", 0),
             "batcher": stats,
             "pool": self.pool.stats(),
+            "memory": {k: v for k, v in self.memory.as_dict().items() if k != "estimate"},
+            "fusion": self.fusion(),
         }
+
+    def fusion(self) -> dict[str, Any]:
+        """The ``graph_fusion`` asked for and what the backend really applied."""
+        info = self.info
+        applied: Any
+        if "graph_optimization_level" in info:
+            applied = [info["graph_optimization_level"]]
+        else:
+            applied = info.get("fusion_applied")
+        return {"requested": self.settings.graph_fusion, "applied": applied, "notes": info.get("fusion_notes", [])}
 
 
 class ModelManager:
     """Owns every loaded model. ``on_change`` is called after each load/unload so the daemon
     can persist what is loaded."""
 
-    def __init__(self, store: ModelStore, defaults: ModelSettings, events: EventLog, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        defaults: ModelSettings,
+        events: EventLog,
+        on_change: Callable[[], None] | None = None,
+        *,
+        memory: dict[str, Any] | MemoryGovernor | None = None,
+    ) -> None:
         self.store = store
         self.defaults = defaults
         self.events = events
@@ -117,6 +140,8 @@ class ModelManager:
         self.models: dict[str, LoadedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False
+        self.governor = memory if isinstance(memory, MemoryGovernor) else MemoryGovernor(memory, events)
+        self.governor.manager = self
 
     # --- planning -------------------------------------------------------------------------
 
@@ -129,6 +154,12 @@ class ModelManager:
             settings = settings.overlay({"backend": manifest.backend})
         return manifest, settings, resolve_backend(manifest, settings)
 
+    def estimate(self, name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A dry run of :meth:`load`: the estimate, whether it fits now, and if not the
+        options that would (nothing is started or unloaded)."""
+        manifest, settings, backend = self.plan(name, overrides)
+        return self.governor.dry_run(manifest, settings, backend)
+
     # --- load / unload ----------------------------------------------------------------------
 
     async def load(self, name: str, overrides: dict[str, Any] | None = None, on_phase: PhaseCallback | None = None) -> LoadedModel:
@@ -136,14 +167,24 @@ class ModelManager:
         manifest, settings, backend = self.plan(name, overrides)
         async with self._locks.setdefault(name, asyncio.Lock()):
             current = self.models.get(name)
-            if current and current.state == "ready" and current.settings == settings:
+            if current and current.state == "ready" and (current.requested or current.settings) == settings:
                 return current
+            requested = settings
+            settings, est, plan_taken = await self.governor.admit(manifest, settings, backend)
+            self.governor.start()
             if current:
                 await self._teardown(current, reason="reload with new settings")
             pool = BufferPool(f"lastmile-{os.getpid()}-{name}-")
             model = LoadedModel(name, manifest, settings, overrides, backend, pool)
+            model.requested = requested
+            model.memory.estimate = est
+            model.memory.device = next((d for d in est.per_device if d != "host"), "host")
+            model.memory.limit_bytes = settings.memory_limit_mb * 1024 * 1024 if settings.memory_limit_mb else None
+            model.memory.plan_taken = plan_taken
             self.models[name] = model
-            self.events.record("load_started", f"loading {name} ({backend}, {settings.device}, {settings.dtype})", model=name, settings=settings.as_dict())
+            self.governor.reserve(name, est)
+            self.events.record("load_started", f"loading {name} ({backend}, {settings.device}, {settings.dtype})", model=name, settings=settings.as_dict(),
+                               estimate_bytes=est.total_bytes, plan_taken=plan_taken)
 
             def phase(step: str, data: dict[str, Any]) -> None:
                 model.phase = step
@@ -157,6 +198,7 @@ class ModelManager:
                 model.state, model.error = "failed", str(exc)
                 await self._stop_runners(model)
                 pool.close()
+                self.governor.release(name)
                 del self.models[name]
                 self.events.record("load_failed", f"{name} failed to load: {exc}", model=name, level="error")
                 raise
@@ -167,8 +209,10 @@ class ModelManager:
             )
             model.state, model.phase = "ready", "ready"
             model.loaded_at = model.last_used = time.time()
+            self.governor.release(name)
             seconds = round(time.monotonic() - started, 3)
-            self.events.record("loaded", f"{name} loaded in {seconds} s", model=name, load_s=seconds, info=model.info)
+            self.events.record("loaded", f"{name} loaded in {seconds} s", model=name, load_s=seconds, info=model.info,
+                               estimate_bytes=est.total_bytes, plan_taken=plan_taken)
             self.on_change()
             return model
 
@@ -178,6 +222,10 @@ class ModelManager:
             runner.on_exit = lambda r, code, m=model: self._runner_died(m, r, code)
             model.runners.append(runner)
             model.info = await runner.start(on_phase=phase)
+            model.memory.cap = dict(model.info.get("hard_cap") or {})
+            if model.memory.cap.get("error"):
+                await runner.stop()
+                raise LoadError(f"{model.name}: {model.memory.cap['error']}")
             model.idle.put_nowait(runner)
 
     async def _stop_runners(self, model: LoadedModel) -> None:
@@ -210,6 +258,7 @@ class ModelManager:
     async def close(self) -> None:
         """Stop every runner (daemon shutdown); state is kept so the next start restores it."""
         self._closing = True
+        self.governor.stop()
         for model in list(self.models.values()):
             await self._teardown(model, "stopped with the daemon")
 
@@ -225,11 +274,23 @@ class ModelManager:
         model = self.get(name)
         if model.state != "ready" or model.batcher is None:
             raise ModelUnavailable(f"model {name!r} is {model.state}" + (f": {model.error}" if model.error else ""))
+        if model.memory.shedding or model.memory.effective_max_batch is not None:
+            first = next(iter(inputs.values()), None)
+            rows = int(first.shape[0]) if first is not None and getattr(first, "ndim", 0) else 1
+            self.governor.check_request(model, rows)
         model.last_used = time.time()
         model.requests += 1
         started = time.perf_counter()
         try:
             outputs, info = await model.batcher.submit(inputs)
+        except InferenceError as exc:
+            model.failures += 1
+            if model.memory.cap and _is_allocation_failure(str(exc)):
+                self.events.record("memory_cap_hit", f"{name}: a batch needed more than the runner's memory cap and failed alone: {exc}",
+                                   model=name, level="warning", step="hard_cap", cap=model.memory.cap)
+                raise MemoryPressure(f"model {name!r}: this batch needs more memory than the model's memory_limit_mb "
+                                     f"allows ({exc}); retry with fewer rows or shorter inputs") from exc
+            raise
         except BaseException:
             model.failures += 1
             raise
@@ -258,6 +319,26 @@ class ModelManager:
         self.on_change()
         return model
 
+    async def restart_for_memory(self, model: LoadedModel) -> None:
+        """Ladder step 4: a fresh runner (the old one's memory goes back to the OS). Requests
+        arriving meanwhile get 503; the back-off between memory restarts is the governor's."""
+        if model.name not in self.models or model.state != "ready":
+            return
+        model.state, model.error = "restarting", "restarting the runner to give memory back"
+        try:
+            await self._stop_runners(model)
+            model.pool.shrink()
+            await self._start_runners(model, lambda step, data: setattr(model, "phase", step))
+        except LoadError as exc:
+            model.state, model.error = "failed", str(exc)
+            self.events.record("restart_failed", f"{model.name} memory restart failed: {exc}", model=model.name, level="error")
+            if model.restart_task is None or model.restart_task.done():
+                model.restart_task = asyncio.get_running_loop().create_task(self._restart(model))
+            return
+        model.restarts += 1
+        model.state, model.error, model.phase = "ready", None, "ready"
+        self.events.record("restarted", f"{model.name} runner restarted to give memory back", model=model.name, reason="memory")
+
     # --- failure handling -------------------------------------------------------------------
 
     def _runner_died(self, model: LoadedModel, runner: Runner, exitcode: int | None) -> None:
@@ -285,3 +366,13 @@ class ModelManager:
                 continue
             model.state, model.error, model.phase = "ready", None, "ready"
             self.events.record("restarted", f"{model.name} runner restarted (attempt {attempt})", model=model.name, attempt=attempt)
+
+
+_ALLOCATION_WORDS = ("can't allocate memory", "cannot allocate memory", "failed to allocate", "memoryerror", "bad_alloc",
+                     "out of memory", "std::bad_alloc")
+
+
+def _is_allocation_failure(text: str) -> bool:
+    """Whether a backend's error text is an allocation refused (the runner's memory cap)."""
+    low = text.lower()
+    return any(word in low for word in _ALLOCATION_WORDS)

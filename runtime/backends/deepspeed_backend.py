@@ -41,6 +41,7 @@ from models.spec import Manifest, TensorSpec
 from runtime.accelerators import ensure_ds_accelerator, resolve_device, split_device
 from runtime.backends.base import Backend, BackendError
 from runtime.fusion import TorchFusionPlan, torch_fusion_plan
+from runtime.memory_cap import cap_after_warmup
 
 __all__ = ["DeepSpeedBackend", "zero_env"]
 
@@ -444,6 +445,7 @@ class DeepSpeedBackend(Backend):
             "input_copy": self._input_copy,
             "threads": self._torch.get_num_threads(),
             "notes": list(self._notes),
+            "hard_cap": cap_after_warmup(self, self._kind),
         }
 
     def close(self) -> None:

@@ -27,6 +27,7 @@ from models.spec import Manifest
 from runtime.accelerators import resolve_device, split_device
 from runtime.backends.base import Backend, BackendError
 from runtime.fusion import ORT_LEVEL_NAMES, ort_optimization_level
+from runtime.memory_cap import cap_after_warmup
 
 __all__ = ["OnnxBackend", "ORT_TYPES"]
 
@@ -239,10 +240,19 @@ class OnnxBackend(Backend):
         return "cpu:0"
 
     def shrink(self) -> None:
-        """Ask the next run to give unused arena chunks back (ONNX Runtime shrinks at the end of
-        a run, so this takes effect then, not now)."""
+        """Give unused arena chunks back now: ONNX Runtime shrinks its arena only at the end of
+        a run with ``memory.enable_memory_arena_shrinkage``, so a one-row zero batch is run
+        with it (a model that is shedding load gets no other run)."""
         with self._lock:
             self._shrink_next = True
+        from runtime.runner_main import warmup_inputs
+
+        inputs = warmup_inputs(self.manifest, 1)
+        if inputs is not None:
+            try:
+                self.run(inputs)
+            except Exception:  # noqa: BLE001 - shrinking is best effort; the flag stays for the next run
+                pass
 
     def memory(self) -> dict[str, int]:
         # The CPU arena is inside the process RSS, which the runner samples; ONNX Runtime's
@@ -265,6 +275,7 @@ class OnnxBackend(Backend):
             "graph_dtype": self.graph_dtype,
             "fp16_converted": self.fp16_converted,
             "cpu_mem_arena": True,
+            "hard_cap": cap_after_warmup(self, self._kind),
         }
 
     def close(self) -> None:

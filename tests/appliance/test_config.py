@@ -87,3 +87,9 @@ def test_user_and_system_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     if system is not None:
         assert system.socket_path == Path("/run/lastmile/lastmile.sock")
         assert system.store["state_file"] == Path("/var/lib/lastmile/state.json")
+
+
+def test_shipped_system_config_template_is_valid() -> None:
+    """install-system.sh copies this file to /etc/lastmile; it must load as is."""
+    template = Path(__file__).resolve().parents[2] / "appliance" / "lastmile.system.toml"
+    assert load_config(template, system_mode=True).file == template

@@ -82,3 +82,21 @@ async def test_queue_full_is_503_with_retry_after(demo_store: Path, tmp_path: Pa
         assert b"queue full" in rejected[2]
     finally:
         d.stop()
+
+
+async def test_concurrent_request_limit_and_huge_headers(demo_store: Path, tmp_path: Path) -> None:
+    d = start_daemon(tmp_path / "c", demo_store, server_extra="max_concurrent_requests = 2")
+    try:
+        async with LastmileClient(d.socket) as client:
+            await client.load("demo-mlp", {"max_batch_size": 64, "max_delay_ms": 400.0})
+            body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
+            results = await asyncio.gather(*(client._raw("POST", "/v2/models/demo-mlp/infer", json_body=body) for _ in range(5)))
+            statuses = sorted(r[0] for r in results)
+            assert statuses == [200, 200, 503, 503, 503], statuses
+            refused = next(r for r in results if r[0] == 503)
+            assert b"max_concurrent_requests" in refused[2] and refused[1]["Retry-After"] == "1"
+            status, _, _ = await client._raw("GET", "/v1/status", headers={"X-Big": "x" * 20000})
+            assert status in (400, 431)
+            assert (await client.status())["ready"], "the daemon shrugs both off"
+    finally:
+        d.stop()

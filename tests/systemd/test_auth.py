@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import grp
-import json
 import logging
 import os
 import shutil

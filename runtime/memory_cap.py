@@ -1,0 +1,90 @@
+"""The hard line at a model's ``memory_limit_mb``, drawn inside its runner process.
+
+Why ``RLIMIT_AS`` and how it is sized: the daemon's sampler sees usage only every tick, so a
+single batch could overshoot the limit between two readings (or be OOM-killed). With an
+address-space limit, an allocation that would cross the line fails in the allocator (torch:
+``RuntimeError: can't allocate memory``, ONNX Runtime: ``Failed to allocate memory``,
+NumPy: ``MemoryError``) and only that batch fails; the runner and the daemon live on.
+
+``RLIMIT_AS`` counts virtual memory, and a runner forked from the preloaded forkserver starts
+with about 1 GB of it (torch, ONNX Runtime and DeepSpeed libraries mapped, mostly shared and
+never private). So the cap is set *after* load and warm-up, relative to that moment::
+
+    RLIMIT_AS = VmSize_now + (limit - USS_now)
+
+Every byte the runner can still add to its private memory (USS) or map from the pool needs
+address space first, so ``USS + pool`` stays at or under ``limit`` (page copy-on-write of
+pages shared with the forkserver is the only growth that needs no new address space: a few
+MB, measured in tests/memory). Untouched reservations (an arena's spare chunk, a new thread's
+stack) make the cap bite a little early, never late. Loading itself is not under the cap:
+admission checks the estimate first, and a model whose USS after warm-up is already past its
+limit is refused with that number.
+
+On CUDA the device side is capped by the backends (``torch.cuda.set_per_process_memory_fraction``,
+ONNX Runtime's ``gpu_mem_limit``); ``RLIMIT_AS`` is not set there (the CUDA driver reserves
+terabytes of address space).
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+MB = 1024 * 1024
+
+
+class OverLimit(RuntimeError):
+    """The model already uses more than its limit after warm-up."""
+
+
+def _proc_self() -> tuple[int, int]:
+    vm = uss = 0
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmSize:"):
+                vm = int(line.split()[1]) * 1024
+    with open("/proc/self/smaps_rollup", "rb") as f:
+        for line in f:
+            if line.startswith((b"Private_Clean:", b"Private_Dirty:")):
+                uss += int(line.split()[1]) * 1024
+    return vm, uss
+
+
+def apply_hard_cap(limit_mb: int | None, device_kind: str = "cpu") -> dict[str, Any]:
+    """Set ``RLIMIT_AS`` for this process from ``limit_mb`` (see the module docstring);
+    returns what was done, for ``info()["hard_cap"]``. ``{}`` when there is no limit."""
+    if not limit_mb:
+        return {}
+    if device_kind != "cpu":
+        return {"kind": "device_allocator", "limit_bytes": limit_mb * MB,
+                "note": "device memory capped by the backend (set_per_process_memory_fraction / gpu_mem_limit)"}
+    limit = limit_mb * MB
+    vm, uss = _proc_self()
+    if uss >= limit:
+        raise OverLimit(
+            f"after load and warm-up the model uses {uss / MB:.1f} MB of private memory, more than its "
+            f"memory_limit_mb ({limit_mb} MB); raise memory_limit_mb or lower max_batch_size/dtype"
+        )
+    cap = vm + (limit - uss)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY and cap > hard:
+        cap = hard
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    return {"kind": "rlimit_as", "limit_bytes": limit, "rlimit_as_bytes": cap, "vm_at_cap_bytes": vm,
+            "uss_at_cap_bytes": uss, "headroom_bytes": limit - uss}
+
+
+def cap_after_warmup(backend: Any, device_kind: str) -> dict[str, Any]:
+    """Apply the cap once, the first time the runner asks the backend for its ``info()``
+    (which :mod:`runtime.runner_main` does right after warm-up, before "ready"). A model
+    already over its limit reports ``error`` there and the manager refuses the load."""
+    cap = getattr(backend, "_hard_cap", None)
+    if cap is None:
+        try:
+            cap = apply_hard_cap(backend.settings.memory_limit_mb, device_kind)
+        except OverLimit as exc:
+            cap = {"kind": "none", "error": str(exc)}
+        except (OSError, ValueError) as exc:  # no /proc, or a hard limit we may not raise
+            cap = {"kind": "none", "note": f"no address-space cap: {exc}"} if backend.settings.memory_limit_mb else {}
+        backend._hard_cap = cap
+    return cap

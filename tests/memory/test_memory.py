@@ -1,0 +1,305 @@
+"""The memory-pool manager against a real daemon with the demo models: estimates vs measured
+usage, admission (refusal with numbers and options, plan = "auto", LRU eviction), the
+mitigation ladder under a load past the limit with the runner's hard cap, run-time budget
+changes, the buffer pool, and unload giving memory back. Every answer is checked against the
+OpenAPI document (``call`` from tests/appliance/test_api.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from models.demo import example_inputs
+from runtime.memory import read_proc_memory
+from tests.appliance.test_api import call
+from tests.conftest import DaemonProc, start_daemon
+
+MB = 1024 * 1024
+DEFAULTS = {"host_limit_mb": 0, "plan": "refuse", "evict_idle": False, "pool_idle_s": 30.0, "high_watermark": 0.9, "low_watermark": 0.8}
+
+
+@pytest.fixture(scope="module")
+def daemon(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
+    proc = start_daemon(tmp_path_factory.mktemp("memd"), demo_store, extra_config="[memory]\nsample_interval_s = 0.2\n")
+    yield proc
+    proc.stop()
+
+
+async def api(daemon: DaemonProc, method: str, path: str, body: Any = None) -> tuple[int, Any, dict[str, str]]:
+    status, headers, payload = await call(daemon, method, path, body=body)
+    return status, (json.loads(payload) if payload else None), headers
+
+
+async def unload_all(daemon: DaemonProc) -> None:
+    _, models, _ = await api(daemon, "GET", "/v1/models")
+    for m in models["loaded"]:
+        await api(daemon, "POST", f"/v2/repository/models/{m['name']}/unload")
+    await api(daemon, "PUT", "/v1/memory", DEFAULTS)
+
+
+async def sampled(daemon: DaemonProc, name: str, predicate=lambda m: True, timeout: float = 10.0) -> dict[str, Any]:
+    """The model's row of GET /v1/memory once it was sampled and ``predicate`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, mem, _ = await api(daemon, "GET", "/v1/memory")
+        row = mem["models"].get(name)
+        if row and row["sampled_at"] and predicate(row):
+            return row
+        assert time.monotonic() < deadline, f"{name}: no matching sample in {timeout} s: {row}"
+        await asyncio.sleep(0.2)
+
+
+async def events_since(daemon: DaemonProc, seq: int) -> list[dict[str, Any]]:
+    _, body, _ = await api(daemon, "GET", f"/v1/events?since={seq}")
+    return body["events"]
+
+
+async def last_seq(daemon: DaemonProc) -> int:
+    _, body, _ = await api(daemon, "GET", "/v1/events?since=0&limit=1")
+    return body["events"][-1]["seq"] if body["events"] else 0
+
+
+async def infer_binary(daemon: DaemonProc, name: str, inputs: dict[str, np.ndarray]) -> tuple[int, dict[str, str]]:
+    from appliance.client import LastmileClient
+    from appliance.client import ApiError as ClientApiError
+
+    async with LastmileClient(daemon.socket) as client:
+        try:
+            await client.infer(name, inputs, {k: "INT64" if v.dtype == np.int64 else "FP32" for k, v in inputs.items()})
+            return 200, {}
+        except ClientApiError as exc:
+            return exc.status, {}
+
+
+# --- estimates -------------------------------------------------------------------------------
+
+
+async def test_estimates_within_tolerance_of_measured_usage(daemon: DaemonProc) -> None:
+    """Estimate vs the runner's measured private memory (USS, what unloading returns) plus its
+    pool, after a few requests: within 35 % or 6 MB, for both backends and three formats."""
+    await unload_all(daemon)
+    for name in ("demo-mlp", "demo-lm", "demo-mlp-ds", "demo-lm-ds", "demo-mlp-ts"):
+        status, body, _ = await api(daemon, "POST", f"/v2/repository/models/{name}/load")
+        assert status == 200, body
+        assert body["memory"]["estimate_bytes"] > 0
+        kind = "lm" if "lm" in name else "mlp"
+        for _ in range(3):
+            assert (await infer_binary(daemon, name, example_inputs(kind, 4)))[0] == 200
+    for name in ("demo-mlp", "demo-lm", "demo-mlp-ds", "demo-lm-ds", "demo-mlp-ts"):
+        row = await sampled(daemon, name, lambda m: m["pool"]["bytes"] > 0)
+        used, est = row["used_bytes"], row["estimate_bytes"]
+        pid = (await api(daemon, "GET", f"/v1/models/{name}"))[1]["runners"][0]["pid"]
+        measured = read_proc_memory(pid)["uss"] + row["pool"]["bytes"]
+        assert abs(measured - used) < 4 * MB, (name, measured, used)  # the daemon reports what /proc says
+        assert abs(used - est) <= max(0.35 * est, 6 * MB), f"{name}: estimate {est / MB:.1f} MB, used {used / MB:.1f} MB"
+        assert row["estimate_error"] is not None
+        parts = row["estimate"]["parts"]
+        assert sum(parts.values()) == est
+    # /v1/models shows the same, beside the fusion actually applied
+    _, models, _ = await api(daemon, "GET", "/v1/models")
+    by = {m["name"]: m for m in models["loaded"]}
+    assert by["demo-mlp"]["fusion"] == {"requested": "basic", "applied": ["ORT_ENABLE_BASIC"], "notes": []}
+    assert by["demo-mlp-ts"]["fusion"]["requested"] == "basic" and by["demo-mlp-ts"]["fusion"]["applied"] == []
+    assert by["demo-lm-ds"]["memory"]["used_bytes"] > 0
+    await unload_all(daemon)
+
+
+# --- admission -------------------------------------------------------------------------------
+
+
+async def test_refusal_with_numbers_and_options_then_auto_plan(daemon: DaemonProc) -> None:
+    await unload_all(daemon)
+    params = {"max_batch_size": 4096, "memory_limit_mb": 40}
+    status, dry, _ = await api(daemon, "POST", "/v1/memory/estimate", {"model": "demo-lm", "parameters": params})
+    assert status == 200 and dry["fits"] is False
+    assert dry["shortfall"]["reason"] == "model_limit"
+    seq = await last_seq(daemon)
+    status, body, _ = await api(daemon, "POST", "/v2/repository/models/demo-lm/load", {"parameters": params})
+    assert status == 507, body
+    mem = body["memory"]
+    assert mem["needed_bytes"] > mem["limit_bytes"] == 40 * MB and mem["free_bytes"] == 40 * MB
+    kinds = {o["option"]: o for o in mem["options"]}
+    assert "smaller_batch" in kinds and kinds["smaller_batch"]["estimate_bytes"] <= 40 * MB
+    assert kinds["smaller_batch"]["settings"]["max_batch_size"] < 4096
+    assert "MB" in body["error"] and "would fit" in body["error"]
+    assert [e["kind"] for e in await events_since(daemon, seq)] == ["load_refused"]
+    _, models, _ = await api(daemon, "GET", "/v1/models")
+    assert models["loaded"] == []  # nothing was started
+
+    assert (await api(daemon, "PUT", "/v1/memory", {"plan": "auto"}))[0] == 200
+    status, body, _ = await api(daemon, "POST", "/v2/repository/models/demo-lm/load", {"parameters": params})
+    assert status == 200, body
+    taken = body["memory"]["plan_taken"]
+    assert taken["option"] == "smaller_batch"
+    assert body["settings"]["max_batch_size"] == taken["settings"]["max_batch_size"] < 4096
+    assert body["memory"]["estimate_bytes"] <= 40 * MB
+    assert "memory_plan" in [e["kind"] for e in await events_since(daemon, seq)]
+    await unload_all(daemon)
+
+
+async def test_evict_idle_unloads_the_least_recently_used(daemon: DaemonProc) -> None:
+    await unload_all(daemon)
+    for name in ("demo-mlp", "demo-mlp-ts"):
+        assert (await api(daemon, "POST", f"/v2/repository/models/{name}/load"))[0] == 200
+    assert (await infer_binary(daemon, "demo-mlp", example_inputs("mlp", 2)))[0] == 200
+    await asyncio.sleep(0.05)
+    assert (await infer_binary(daemon, "demo-mlp-ts", example_inputs("mlp", 2)))[0] == 200  # demo-mlp is now LRU
+    await sampled(daemon, "demo-mlp-ts")
+    _, mem, _ = await api(daemon, "GET", "/v1/memory")
+    _, dry, _ = await api(daemon, "POST", "/v1/memory/estimate", {"model": "demo-lm", "parameters": {}})
+    # a host budget with room for what is loaded but not for demo-lm as well
+    limit_mb = (mem["devices"]["host"]["committed_bytes"] + dry["estimate"]["total_bytes"]) // MB - 2
+    assert (await api(daemon, "PUT", "/v1/memory", {"host_limit_mb": int(limit_mb)}))[0] == 200
+    status, body, _ = await api(daemon, "POST", "/v2/repository/models/demo-lm/load")
+    assert status == 507
+    assert [o["evict"] for o in body["memory"]["options"] if o["option"] == "evict_idle"] == [["demo-mlp"]]
+    seq = await last_seq(daemon)
+    assert (await api(daemon, "PUT", "/v1/memory", {"evict_idle": True}))[0] == 200
+    status, body, _ = await api(daemon, "POST", "/v2/repository/models/demo-lm/load")
+    assert status == 200, body
+    assert body["memory"]["plan_taken"]["evict"] == ["demo-mlp"]
+    _, models, _ = await api(daemon, "GET", "/v1/models")
+    assert sorted(m["name"] for m in models["loaded"]) == ["demo-lm", "demo-mlp-ts"]
+    evictions = [e for e in await events_since(daemon, seq) if e["kind"] == "memory_evict"]
+    assert [e["model"] for e in evictions] == ["demo-mlp"]
+    await unload_all(daemon)
+
+
+# --- run-time budgets -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"host_limit_mb": -5}, "host_limit_mb"),
+        ({"high_watermark": 1.5}, "high_watermark"),
+        ({"low_watermark": 0.95}, "low_watermark"),  # not below high_watermark 0.9
+        ({"plan": "yolo"}, "plan"),
+        ({"evict_idle": "yes"}, "evict_idle"),
+        ({"host_limit_mb": 100, "bogus": 1}, "bogus"),
+    ],
+)
+async def test_put_memory_validates_and_changes_nothing_on_error(daemon: DaemonProc, body: dict, field: str) -> None:
+    _, before, _ = await api(daemon, "GET", "/v1/memory")
+    status, err, _ = await api(daemon, "PUT", "/v1/memory", body)
+    assert status == 400 and err["field"] == field, err
+    _, after, _ = await api(daemon, "GET", "/v1/memory")
+    assert after["config"] == before["config"]
+
+
+async def test_put_memory_changes_budget(daemon: DaemonProc) -> None:
+    status, body, _ = await api(daemon, "PUT", "/v1/memory", {"host_limit_mb": 1234})
+    assert status == 200
+    assert body["devices"]["host"]["limit_bytes"] == 1234 * MB and body["devices"]["host"]["source"] == "host_limit_mb"
+    await api(daemon, "PUT", "/v1/memory", DEFAULTS)
+
+
+# --- buffer pool ------------------------------------------------------------------------------
+
+
+async def test_pool_reused_after_warm_up_and_shrinks_when_idle(daemon: DaemonProc) -> None:
+    await unload_all(daemon)
+    assert (await api(daemon, "POST", "/v2/repository/models/demo-mlp/load"))[0] == 200
+    for _ in range(40):
+        assert (await infer_binary(daemon, "demo-mlp", example_inputs("mlp", 8)))[0] == 200
+    row = await sampled(daemon, "demo-mlp")
+    pool = row["pool"]
+    assert pool["hit_rate"] >= 0.95 and pool["misses"] <= 4, pool
+    segments = pool["segments"]
+    for _ in range(20):
+        assert (await infer_binary(daemon, "demo-mlp", example_inputs("mlp", 8)))[0] == 200
+    row = await sampled(daemon, "demo-mlp")
+    assert row["pool"]["segments"] == segments  # no growth over many batches
+    seq = await last_seq(daemon)
+    await api(daemon, "PUT", "/v1/memory", {"pool_idle_s": 0.5})
+    row = await sampled(daemon, "demo-mlp", lambda m: m["pool"]["bytes"] == 0)
+    assert any(e["kind"] == "pool_shrunk" for e in await events_since(daemon, seq))
+    await unload_all(daemon)
+
+
+# --- enforcement ------------------------------------------------------------------------------
+
+
+async def test_over_limit_load_runs_the_ladder_and_peak_stays_within_5_percent(daemon: DaemonProc) -> None:
+    """demo-lm at 128 x 64 tokens needs ~50 MB of activations and an 8 MB output buffer: with
+    memory_limit_mb 60 usage crosses the high watermark (54 MB), and merged batches of 256
+    rows would need ~95 MB, which the runner's cap refuses. The ladder runs in order, the
+    runner's private memory + pool never passes the limit by more than 5 %, the daemon lives."""
+    await unload_all(daemon)
+    limit = 60 * MB
+    status, body, _ = await api(daemon, "POST", "/v2/repository/models/demo-lm/load",
+                                {"parameters": {"memory_limit_mb": 60, "max_batch_size": 256, "max_delay_ms": 20}})
+    assert status == 200, body
+    assert body["memory"]["hard_cap"]["kind"] == "rlimit_as"
+    pid = body["runners"][0]["pid"]
+    ready = read_proc_memory(pid)
+    seq = await last_seq(daemon)
+    big = example_inputs("lm", 128, seq=64)
+    peak = 0
+    statuses: list[int] = []
+
+    def track() -> None:
+        nonlocal peak
+        try:
+            m = read_proc_memory(pid)
+        except OSError:
+            return
+        peak = max(peak, ready["uss"] + (m["hwm"] - ready["rss"]))
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        results = await asyncio.gather(*(infer_binary(daemon, "demo-lm", big) for _ in range(2)))
+        statuses += [s for s, _ in results]
+        track()
+        steps = [e["data"].get("step") for e in await events_since(daemon, seq) if e["kind"] == "memory_mitigation"]
+        if "restart" in steps or ("shed" in steps and statuses[-1] == 503):
+            break
+    events = await events_since(daemon, seq)
+    steps = [e["data"]["step"] for e in events if e["kind"] == "memory_mitigation"]
+    assert steps[:3] == ["shrink", "lower_batch", "lower_batch"][: min(3, len(steps))] and "shed" in steps, steps
+    assert steps.index("shrink") < steps.index("lower_batch") < steps.index("shed")
+    for e in events:
+        if e["kind"] == "memory_mitigation":
+            assert e["model"] == "demo-lm" and e["data"]["limit_bytes"] == limit and e["data"]["used_bytes"] > 0 and e["time"]
+    assert 503 in statuses
+    pool_peak = (await sampled(daemon, "demo-lm"))["pool"]["bytes"]
+    assert peak <= 1.05 * limit, f"peak private {peak / MB:.1f} MB for a {limit / MB:.0f} MB limit"
+    assert peak + 0 * pool_peak > 0
+    # the daemon is alive and the model recovers (shedding ends under the low watermark)
+    assert daemon.proc.poll() is None
+    row = await sampled(daemon, "demo-lm", lambda m: not m["shedding"], timeout=20)
+    assert row["used_bytes"] < limit
+    assert (await infer_binary(daemon, "demo-lm", example_inputs("lm", 2, seq=8)))[0] == 200
+    await unload_all(daemon)
+
+
+# --- unload ----------------------------------------------------------------------------------
+
+
+async def test_unload_gives_memory_back(daemon: DaemonProc) -> None:
+    """lastmile's own processes (daemon + forkserver + runners): USS after unload is back
+    within a few MB of before the load."""
+    import psutil
+
+    await unload_all(daemon)
+
+    def tree_uss() -> int:
+        procs = [psutil.Process(daemon.proc.pid), *psutil.Process(daemon.proc.pid).children(recursive=True)]
+        return sum(read_proc_memory(p.pid)["uss"] for p in procs if p.is_running())
+
+    before = tree_uss()
+    assert (await api(daemon, "POST", "/v2/repository/models/demo-lm-ds/load"))[0] == 200
+    for _ in range(5):
+        assert (await infer_binary(daemon, "demo-lm-ds", example_inputs("lm", 8, seq=32)))[0] == 200
+    loaded = tree_uss()
+    await api(daemon, "POST", "/v2/repository/models/demo-lm-ds/unload")
+    await asyncio.sleep(0.3)
+    after = tree_uss()
+    assert loaded - before > 20 * MB
+    assert after - before < max(0.05 * before, 8 * MB), (before / MB, loaded / MB, after / MB)

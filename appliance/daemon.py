@@ -7,10 +7,11 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 from appliance import __version__
-from appliance.config import Config
+from appliance.config import Config, ConfigError, load_config
 from appliance.state import StateError, read_state, write_state
 from models.store import ModelStore
 from runtime.events import EventLog
@@ -30,6 +31,33 @@ class Daemon:
         self.ready = False
         self.status = "starting"
         self._system: dict[str, Any] | None = None
+
+    def reload_config(self) -> None:
+        """SIGHUP: read the config file again. An invalid file is reported and the running
+        config stays; a valid one applies what can change live (per-model defaults for later
+        loads, log level) and names the keys that only take effect after a restart."""
+        try:
+            new = load_config(self.config.file, system_mode=self.config.system_mode)
+        except ConfigError as exc:
+            self.events.record("config_rejected", f"SIGHUP: config not reloaded, keeping the running one: {exc}", level="error")
+            return
+        old = self.config
+        needs_restart = [
+            f"{section}.{key}"
+            for section in ("server", "auth", "store")
+            for key, value in getattr(new, section).items()
+            if getattr(old, section).get(key) != value
+        ]
+        if new.memory != old.memory:
+            needs_restart.append("memory (use `lastmile memory set` to change budgets live)")
+        self.config = replace(old, defaults=new.defaults, sources={**old.sources, **{k: v for k, v in new.sources.items() if k.startswith("defaults.")}})
+        self.config.server["log_level"] = new.server["log_level"]
+        logging.getLogger().setLevel(new.server["log_level"].upper())
+        self.manager.defaults = new.defaults
+        message = "SIGHUP: config reloaded (defaults, log level)"
+        if needs_restart:
+            message += f"; these changed but take effect only after a restart: {', '.join(needs_restart)}"
+        self.events.record("config_reloaded", message, level="warning" if needs_restart else "info")
 
     def save_state(self) -> None:
         """Persist what is loaded. A failure (disk full) keeps the old file and is an event,

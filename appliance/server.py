@@ -156,6 +156,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_config)
 
     cleanup_stale()
     watchdog = sdnotify.Watchdog.start(lambda: True)

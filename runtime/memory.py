@@ -554,14 +554,14 @@ class MemoryGovernor:
             if stats.get("queue_depth") or stats.get("in_flight"):
                 continue
             freed = model.pool.shrink()
+            model.memory.pool_bytes = model.pool.stats()["bytes_in_use"]
+            self.events.record("pool_shrunk", f"{model.name}: idle for {now - model.last_used:.0f} s, "
+                               f"{freed / MB:.1f} MB of pool buffers given back", model=model.name, freed_bytes=freed)
             for runner in list(model.runners):
                 try:
                     await asyncio.wait_for(runner.shrink(), 5.0)
                 except Exception:  # noqa: BLE001
                     pass
-            model.memory.pool_bytes = model.pool.stats()["bytes_in_use"]
-            self.events.record("pool_shrunk", f"{model.name}: idle for {now - model.last_used:.0f} s, "
-                               f"{freed / MB:.1f} MB of pool buffers given back", model=model.name, freed_bytes=freed)
 
     # --- the ladder -------------------------------------------------------------------------
 

@@ -216,10 +216,12 @@ async def test_pool_reused_after_warm_up_and_shrinks_when_idle(daemon: DaemonPro
         assert (await infer_binary(daemon, "demo-mlp", example_inputs("mlp", 8)))[0] == 200
     row = await sampled(daemon, "demo-mlp")
     assert row["pool"]["segments"] == segments  # no growth over many batches
+    assert row["pool"]["bytes_idle"] > 0
     seq = await last_seq(daemon)
     await api(daemon, "PUT", "/v1/memory", {"pool_idle_s": 0.5})
     row = await sampled(daemon, "demo-mlp", lambda m: m["pool"]["bytes"] == 0)
-    assert any(e["kind"] == "pool_shrunk" for e in await events_since(daemon, seq))
+    shrunk = [e for e in await events_since(daemon, seq) if e["kind"] == "pool_shrunk"]
+    assert shrunk and shrunk[0]["data"]["freed_bytes"] > 0, (row, await events_since(daemon, seq))
     await unload_all(daemon)
 
 
@@ -268,14 +270,14 @@ async def test_over_limit_load_runs_the_ladder_and_peak_stays_within_5_percent(d
         if e["kind"] == "memory_mitigation":
             assert e["model"] == "demo-lm" and e["data"]["limit_bytes"] == limit and e["data"]["used_bytes"] > 0 and e["time"]
     assert 503 in statuses
-    pool_peak = (await sampled(daemon, "demo-lm"))["pool"]["bytes"]
-    assert peak <= 1.05 * limit, f"peak private {peak / MB:.1f} MB for a {limit / MB:.0f} MB limit"
-    assert peak + 0 * pool_peak > 0
+    # peak private memory of the runner, pool pages it mapped included (they count in its RSS)
+    assert 0 < peak <= 1.05 * limit, f"peak {peak / MB:.1f} MB for a {limit / MB:.0f} MB limit"
     # the daemon is alive and the model recovers (shedding ends under the low watermark)
     assert daemon.proc.poll() is None
     row = await sampled(daemon, "demo-lm", lambda m: not m["shedding"], timeout=20)
     assert row["used_bytes"] < limit
-    assert (await infer_binary(daemon, "demo-lm", example_inputs("lm", 2, seq=8)))[0] == 200
+    status, _ = await infer_binary(daemon, "demo-lm", example_inputs("lm", 2, seq=8))
+    assert status == 200, [(e["kind"], e["message"]) for e in await events_since(daemon, seq)]
     await unload_all(daemon)
 
 

@@ -25,7 +25,7 @@ from runtime.backends import resolve_backend
 from runtime.batcher import Batcher
 from runtime.errors import InferenceError, LoadError, ModelUnavailable
 from runtime.events import EventLog
-from runtime.memory import MemoryGovernor, MemoryPressure, ModelMemory
+from runtime.memory import POOL_IDLE_SHARE, MemoryGovernor, MemoryPressure, ModelMemory
 from runtime.runner import Runner
 from runtime.shm import BufferPool
 
@@ -181,6 +181,9 @@ class ModelManager:
             model.memory.device = next((d for d in est.per_device if d != "host"), "host")
             model.memory.limit_bytes = settings.memory_limit_mb * 1024 * 1024 if settings.memory_limit_mb else None
             model.memory.plan_taken = plan_taken
+            if model.memory.limit_bytes:
+                # idle pool buffers count against the limit: keep at most a quarter of it idle
+                pool.max_idle_bytes = min(pool.max_idle_bytes, int(model.memory.limit_bytes * POOL_IDLE_SHARE))
             self.models[name] = model
             self.governor.reserve(name, est)
             self.events.record("load_started", f"loading {name} ({backend}, {settings.device}, {settings.dtype})", model=name, settings=settings.as_dict(),

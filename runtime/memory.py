@@ -55,6 +55,8 @@ logger = logging.getLogger("lastmile.memory")
 
 RECOVER_AFTER_S = 5.0
 SHED_RETRY_AFTER_S = 2.0
+SHED_GRACE_S = 2.0  # shedding this long and still over: restart (step 4)
+POOL_IDLE_SHARE = 0.25  # a model with a limit keeps at most this share of it as idle pool buffers
 RESTART_BACKOFF_S = (0.0, 10.0, 30.0, 60.0, 300.0)
 PLANS = ("refuse", "auto")
 
@@ -116,6 +118,8 @@ class ModelMemory:
     next_restart_at: float = 0.0
     cap: dict[str, Any] = field(default_factory=dict)
     plan_taken: dict[str, Any] | None = None
+    last_step_at: float = 0.0
+    shed_since: float | None = None
     _rss_at_uss: int = 0
     _ticks: int = 0
 
@@ -608,6 +612,10 @@ class MemoryGovernor:
     async def _escalate(self, model: "LoadedModel", used: int, limit: int, why: str, now: float) -> None:
         mem = model.memory
         mem.under_since = None
+        # one step, then at least two samples to see its effect before the next one
+        if now - mem.last_step_at < max(0.5, 2 * self.config["sample_interval_s"]):
+            return
+        mem.last_step_at = now
         configured = model.settings.max_batch_size
         effective = mem.effective_max_batch or configured
         if mem.ladder_step < 1:
@@ -621,6 +629,13 @@ class MemoryGovernor:
             self._event(model, "shrink", f"shrink pools and caches ({freed / MB:.1f} MB of idle pool buffers unlinked)",
                         used, limit, why, pool_freed_bytes=freed)
             return
+        # Step 1 stays in force: segments the pool unlinked since are still mapped by the
+        # runner (and count as its private memory) until it is told to drop them.
+        for runner in list(model.runners):
+            try:
+                await asyncio.wait_for(runner.shrink(), 5.0)
+            except Exception:  # noqa: BLE001
+                pass
         if mem.ladder_step < 2 or (mem.ladder_step == 2 and effective > 1):
             mem.ladder_step = 2
             if effective > 1:
@@ -634,12 +649,15 @@ class MemoryGovernor:
         if mem.ladder_step < 3:
             mem.ladder_step = 3
             mem.shedding = True
+            mem.shed_since = now
             self._event(model, "shed", f"shedding new requests (503 + Retry-After) until under {self.config['low_watermark']:.0%} of the limit",
                         used, limit, why)
             return
         stats = model.batcher.stats() if model.batcher else {}
         if stats.get("in_flight"):
             return  # let the batch in flight finish before the last resort
+        if mem.shed_since is not None and now - mem.shed_since < SHED_GRACE_S:
+            return  # shedding stops growth; give caches a moment to drain first
         if now < mem.next_restart_at:
             return
         mem.ladder_step = 4
@@ -659,6 +677,7 @@ class MemoryGovernor:
             mem.under_since = now
         if mem.shedding:
             mem.shedding = False
+            mem.shed_since = None
             self.events.record("memory_recovered", f"{model.name}: usage {mem.used_bytes / MB:.1f} MB is under the low watermark; "
                                "accepting requests again", model=model.name, step="shed_end", used_bytes=mem.used_bytes,
                                limit_bytes=mem.limit_bytes)

@@ -154,7 +154,7 @@ class _Call:
     """A request sent to the child and the shared-memory buffers it holds until the child
     answers, even when the caller gave up (the child may still read/write them)."""
 
-    __slots__ = ("fut", "bufs", "out", "layout_in", "finished", "abandoned", "drained")
+    __slots__ = ("fut", "bufs", "out", "layout_in", "finished", "abandoned", "drained", "grew")
 
     def __init__(self, fut: asyncio.Future) -> None:
         self.fut = fut
@@ -164,6 +164,7 @@ class _Call:
         self.abandoned = False
         self.drained: asyncio.Future | None = None
         self.layout_in: tuple = ()
+        self.grew = False  # the child asked for a bigger output buffer
 
     def release(self, pool: BufferPool) -> None:
         bufs, self.bufs = self.bufs, []
@@ -231,7 +232,12 @@ class Runner:
 
     async def start(self, on_phase: PhaseCallback | None = None, timeout_s: float = 600.0) -> dict[str, Any]:
         """Spawn the child, load and warm the model; returns ``backend.info()`` plus ``pid``,
-        ``load_s`` (model load in the child), ``warmup_s`` and ``start_s`` (spawn to ready)."""
+        ``load_s`` (model load in the child), ``warmup_s``, ``warmup_rows`` and ``start_s``
+        (spawn to ready). ``timeout_s`` covers all of it, a cold forkserver's boot included.
+
+        Warm-up runs zero inputs of 1 and of ``max_batch_size`` rows (variable dims set to 1):
+        a model that cannot run its largest batch fails here, with numbers, instead of on
+        the first busy minute; and the memory sampled after start includes that workspace."""
         if self.state != "new":
             raise RuntimeError(f"runner for {self.name} was already started (state {self.state})")
         loop = self._loop = asyncio.get_running_loop()
@@ -270,8 +276,9 @@ class Runner:
         loop.add_reader(parent_rx.fileno(), self._on_readable)
         self._reading = True
         loop.add_reader(proc.sentinel, self._on_sentinel)
+        remaining = max(0.001, timeout_s - (time.perf_counter() - started))
         try:
-            info = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
+            info = await asyncio.wait_for(asyncio.shield(self._ready), remaining)
         except asyncio.TimeoutError:
             await self._kill_and_wait()
             raise LoadTimeout(f"loading {self.name} took longer than {timeout_s:g} s; runner process killed") from None
@@ -300,7 +307,11 @@ class Runner:
 
     async def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one whole batch in the child; returns fresh arrays (copied once out of shared
-        memory). Raises :class:`RunnerDied` or :class:`InferenceError`."""
+        memory). Raises :class:`RunnerDied` (the child is gone, at once when it dies
+        mid-batch), :class:`InferenceError` (the backend raised; the runner stays up) or
+        :class:`ModelUnavailable` (stopped). One batch at a time: concurrent callers queue.
+        If the caller is cancelled the child still finishes the batch; its buffers return to
+        the pool when it answers, and the next ``run`` waits for that."""
         if self.state != "ready":
             raise self._unavailable()
         assert self._run_lock is not None and self._loop is not None
@@ -344,7 +355,8 @@ class Runner:
                 result = {name: arr.copy() for name, arr in views(call.out.mm, out_layout).items()}
             finally:
                 call.release(self.pool)
-            self._learn(key, rows, out_layout)
+            if call.grew or key not in self._out_per_row:
+                self._learn(key, rows, out_layout)
             self.batches += 1
             return result
 
@@ -539,6 +551,7 @@ class Runner:
             self._send_quiet(("out", seq, None, str(exc)))
             return
         old, call.out = call.out, buf
+        call.grew = True
         if old is not None:
             self.pool.release(old)
         self._send_quiet(("out", seq, buf.name, buf.size))

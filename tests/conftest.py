@@ -53,7 +53,7 @@ def socket_answers(path: Path) -> bool:
         s.close()
 
 
-def write_config(home: Path, store: Path, extra: str = "", server_extra: str = "") -> Path:
+def write_config(home: Path, store: Path, extra: str = "", server_extra: str = "", state_file: Path | None = None) -> Path:
     """``extra`` goes after the [store] table (whole tables); ``server_extra`` inside [server]."""
     config = home / "lastmile.toml"
     config.write_text(
@@ -64,7 +64,7 @@ shutdown_grace_s = 5
 {server_extra}
 [store]
 models_dir = "{store}"
-state_file = "{home / 'state.json'}"
+state_file = "{state_file or home / 'state.json'}"
 {extra}
 """
     )
@@ -72,10 +72,16 @@ state_file = "{home / 'state.json'}"
 
 
 def start_daemon(
-    home: Path, store: Path, extra_config: str = "", wait_ready: bool = True, env: dict[str, str] | None = None, server_extra: str = ""
+    home: Path,
+    store: Path,
+    extra_config: str = "",
+    wait_ready: bool = True,
+    env: dict[str, str] | None = None,
+    server_extra: str = "",
+    state_file: Path | None = None,
 ) -> DaemonProc:
     home.mkdir(parents=True, exist_ok=True)
-    config = write_config(home, store, extra_config, server_extra)
+    config = write_config(home, store, extra_config, server_extra, state_file)
     log = home / "daemon.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LASTMILE_", "NOTIFY_SOCKET", "LISTEN_"))}
     full_env.update({"PYTHONPATH": str(ROOT), "HOME": str(home)}, **(env or {}))

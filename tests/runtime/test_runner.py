@@ -223,7 +223,8 @@ async def test_cancelled_run_keeps_buffers_until_the_child_answers(forkserver, s
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        # The child may still read/write them: not back in the pool yet (or just answered).
+        # The child still reads/writes them: not back in the pool until it answers.
+        assert pool.stats()["bytes_in_use"] > 0
         small = example_inputs("lm", 1, seq=4)
         out = await runner.run(small)  # waits for the dropped batch, then runs
         want = in_process(manifest, settings, [small])[0]["logits"]
@@ -333,3 +334,51 @@ def test_daemon_death_takes_its_runners_and_leaves_only_stale_segments(tmp_path,
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+@pytest.mark.slow
+async def test_benchmark_ipc_overhead(forkserver, store, pool, capsys):
+    """Numbers for the report (``pytest -m slow -s``): forkserver warm-up, start -> ready,
+    and what one 1x64 batch costs through ``Runner.run`` against ``backend.run`` in-process.
+    The child times its own ``backend.run``, so the IPC overhead is measured on the same
+    batches. Loose bound only: timings depend on the machine and on its load."""
+    from runtime.backends import create_backend
+
+    manifest = store.get("demo-mlp")
+    settings = settings_for(manifest)
+    x = example_inputs("mlp", 1)
+    backend = create_backend(manifest, settings)
+    for _ in range(300):
+        backend.run(x)
+    t = []
+    for _ in range(3000):
+        t0 = time.perf_counter()
+        backend.run(x)
+        t.append(time.perf_counter() - t0)
+    backend.close()
+    in_process = float(np.median(t))
+
+    started = time.perf_counter()
+    runner = await start(manifest, settings, pool)
+    start_s = time.perf_counter() - started
+    try:
+        for _ in range(300):
+            await runner.run(x)
+        t = []
+        b0, n0 = runner.backend_s, runner.batches
+        for _ in range(3000):
+            t0 = time.perf_counter()
+            await runner.run(x)
+            t.append(time.perf_counter() - t0)
+        child_backend = (runner.backend_s - b0) / (runner.batches - n0)
+        through_runner = float(np.median(t))
+    finally:
+        await runner.stop()
+    with capsys.disabled():
+        print(
+            f"\nforkserver warm-up {forkserver:.2f} s | demo-mlp start->ready {start_s * 1000:.0f} ms"
+            f"\nbackend.run in-process p50 {in_process * 1e6:.0f} us | Runner.run p50 {through_runner * 1e6:.0f} us"
+            f" | backend.run in the child (mean) {child_backend * 1e6:.0f} us"
+            f" | IPC + copies {(through_runner - child_backend) * 1e6:.0f} us"
+        )
+    assert through_runner - child_backend < 5e-3

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import json
 import logging
 import time
@@ -76,15 +77,26 @@ def _rss(pids: list[int]) -> int | None:
     return total if seen else None
 
 
+ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/davinci[0-9]*", "/dev/accel/accel[0-9]*")
+
+
+def host_may_have_accelerators() -> bool:
+    """A device node of a GPU/NPU driver exists. Without one there is nothing to probe, and the
+    daemon is spared importing torch and DeepSpeed (seconds of CPU, 100+ MB) for the monitor."""
+    return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES)
+
+
 class _Accelerators:
     """Per-accelerator utilisation and memory. The device list comes from the daemon's host
-    facts (torch/DeepSpeed probing, done once in a thread); live figures come from NVML when
-    ``pynvml`` is installed (it needs no CUDA context in the daemon). CPU-only host: ``[]``."""
+    facts (torch/DeepSpeed probing, done once in a thread, only on a host with accelerator
+    device nodes); live figures come from NVML when ``pynvml`` is installed (it needs no CUDA
+    context in the daemon). CPU-only host: ``[]``."""
 
     def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
         self._facts_task: asyncio.Task | None = None
-        self._devices: list[dict[str, Any]] | None = None
+        cached = getattr(daemon, "_system", None)
+        self._devices: list[dict[str, Any]] | None = None if cached is not None or host_may_have_accelerators() else []
 
     def _device_list(self) -> list[dict[str, Any]] | None:
         if self._devices is not None:

@@ -8,7 +8,8 @@ request is oldest goes first, so no signature starves another. Up to ``concurren
 batches run at once (one per runner instance: ``run_batch`` picks a free one).
 
 Everything happens on the event loop: ``submit`` appends to a deque and arms at most one
-timer; a batch is one task. No thread hops, no per-request tasks. Rows of requests that
+timer; a batch is one task; deadlines share one timer. No thread hops, no per-request
+tasks or timers. Rows of requests that
 were cancelled or timed out before their batch was cut never reach the runner; results of
 requests dropped while their batch runs are discarded.
 
@@ -57,15 +58,15 @@ class BatchInfo:
 
 
 class _Request:
-    __slots__ = ("inputs", "rows", "fut", "enqueued", "state", "timer", "group")
+    __slots__ = ("inputs", "rows", "fut", "enqueued", "deadline", "state", "group")
 
     def __init__(self, inputs: dict[str, np.ndarray], rows: int, fut: asyncio.Future, enqueued: float, group: "_Group") -> None:
         self.inputs = inputs
         self.rows = rows
         self.fut = fut
         self.enqueued = enqueued
+        self.deadline = math.inf
         self.state = QUEUED
-        self.timer: asyncio.TimerHandle | None = None
         self.group = group
 
 
@@ -145,6 +146,12 @@ class Batcher:
         self._tasks: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        # Deadlines: one deque per timeout value, in arrival order, so each is sorted and a
+        # single timer (for the earliest head) serves every request - no heap of per-request
+        # timers. Finished requests are skipped lazily and compacted away.
+        self._deadlines: dict[float, deque[_Request]] = {}
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
         self._closed: str | None = None
         self._ids = itertools.count(1)
         # counters
@@ -178,7 +185,7 @@ class Batcher:
             group = self._groups[key] = _Group(key)
         now = loop.time()
         req = _Request(inputs, rows, loop.create_future(), now, group)
-        req.timer = loop.call_at(now + self.timeout_s, self._expire, req, self.timeout_s)
+        self._track_deadline(req, now)
         group.queue.append(req)
         group.rows += rows
         self._queued += 1
@@ -191,8 +198,6 @@ class Batcher:
                 self._unqueue(req)
             self._cancelled += 1
             raise
-        finally:
-            req.timer.cancel()
 
     def retry_after_s(self) -> float:
         """Seconds until the queue has probably drained a batch's worth: queued rows over
@@ -238,6 +243,10 @@ class Batcher:
             return
         self._closed = reason
         self._cancel_timer()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._deadlines.clear()
         for group in list(self._groups.values()):
             for req in list(group.queue):
                 if req.state == QUEUED:
@@ -286,6 +295,50 @@ class Batcher:
         req.group.rows -= req.rows
         self._queued -= 1
         self._queued_rows -= req.rows
+
+    def _track_deadline(self, req: _Request, now: float) -> None:
+        timeout = self.timeout_s
+        req.deadline = deadline = now + timeout
+        dq = self._deadlines.get(timeout)
+        if dq is None:
+            dq = self._deadlines[timeout] = deque()
+        elif len(dq) > 1024 and len(dq) > 4 * (self._queued + len(self._running) + 1):
+            live = deque(r for r in dq if not r.fut.done())
+            dq.clear()
+            dq.extend(live)
+        dq.append(req)
+        if deadline < self._expiry_at:
+            self._arm_expiry(deadline)
+
+    def _arm_expiry(self, when: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        assert self._loop is not None
+        self._expiry = self._loop.call_at(when, self._on_expiry)
+        self._expiry_at = when
+
+    def _on_expiry(self) -> None:
+        """Fail every request past its deadline; re-arm for the earliest one left."""
+        self._expiry = None
+        self._expiry_at = math.inf
+        assert self._loop is not None
+        now = self._loop.time()
+        earliest = math.inf
+        for timeout, dq in list(self._deadlines.items()):
+            while dq:
+                req = dq[0]
+                if req.fut.done():
+                    dq.popleft()
+                elif req.deadline <= now:
+                    dq.popleft()
+                    self._expire(req, timeout)
+                else:
+                    earliest = min(earliest, req.deadline)
+                    break
+            if not dq and timeout != self.timeout_s:
+                del self._deadlines[timeout]
+        if earliest < math.inf:
+            self._arm_expiry(earliest)
 
     def _expire(self, req: _Request, timeout_s: float) -> None:
         if req.fut.done():
@@ -377,8 +430,8 @@ class Batcher:
                 return
             rows = sum(r.rows for r in live)
             started = loop.time()
-            inputs, buf = self._concat(live, rows)
             try:
+                inputs, buf = self._concat(live, rows)
                 outputs = await self._run_batch(inputs)
                 del inputs
                 _check_outputs(outputs, rows)
@@ -407,6 +460,8 @@ class Batcher:
         finally:
             if buf is not None and self.pool is not None:
                 self.pool.release(buf)
+            for r in batch:
+                r.inputs = None  # type: ignore[assignment]  # the deadline deque may outlive it
             self._running.difference_update(batch)
             self._in_flight -= 1
             self._kick()

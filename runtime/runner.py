@@ -12,9 +12,15 @@ Data path of one batch (see :mod:`runtime.runner_main` for the wire protocol)::
     child: views over the segment -> backend.run -> outputs packed into the out buffer
     daemon: views over the out buffer -> one copy into the result -> buffers back to the pool
 
-Control messages go over a ``multiprocessing`` pipe watched with ``loop.add_reader`` (no
-thread per message); the process sentinel is watched the same way, so a child that dies
-mid-batch fails the awaiting ``run()`` at once with :class:`RunnerDied`.
+The daemon owns every segment (the pool), the child only maps them, so a dying child leaks
+nothing. The output buffer is lent with the request, sized from the manifest (fixed output
+dims) or from what the same input signature produced last time; only when the outputs do not
+fit does the child ask for a bigger one (one extra message, the first batch of a new shape).
+
+Control messages go over two one-way pipes (they wake the other side faster than a
+socketpair) watched with ``loop.add_reader`` (no thread per message); the process sentinel
+is watched the same way, so a child that dies mid-batch fails the awaiting ``run()`` at once
+with :class:`RunnerDied`.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import multiprocessing
 import os
 from pickle import HIGHEST_PROTOCOL, dumps
 import signal
@@ -104,6 +105,13 @@ def _setup_process(label: str) -> None:
     daemon), and show the model's name in ``ps``/``top``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        # The daemon starts runners as daemonic processes (so its own exit terminates them);
+        # inside, a backend may still need worker processes (torch.compile's pool):
+        # multiprocessing refuses children of a daemonic process unless the flag is cleared.
+        multiprocessing.current_process().daemon = False
+    except (AssertionError, ValueError):
+        pass
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

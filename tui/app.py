@@ -30,6 +30,7 @@ from tui.screens.models import ModelsScreen
 from tui.screens.playground import PlaygroundScreen
 from tui.screens.tune import TuneScreen
 from tui.state import MonitorState
+from tui.widgets.chrome import StatusBar
 
 
 class LastmileApp(App[int]):
@@ -106,7 +107,9 @@ class LastmileApp(App[int]):
     # --- monitor messages -----------------------------------------------------------------
 
     def _main_screens(self) -> list[LastmileScreen]:
-        return [s for s in self.screen_stack if isinstance(s, LastmileScreen)]
+        """The screens to redraw: those of the current mode that are fully composed (a
+        snapshot may arrive while a screen is still being built or already closing)."""
+        return [s for s in self.screen_stack if isinstance(s, LastmileScreen) and s.is_mounted and s.query(StatusBar)]
 
     def on_snapshot_arrived(self, message: SnapshotArrived) -> None:
         self.state.ingest(message.snapshot)

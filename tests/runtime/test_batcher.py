@@ -328,3 +328,39 @@ async def test_hot_path_overhead_is_small():
         await b.submit(x)
     per = (time.perf_counter() - t0) / n
     assert per < 500e-6, per
+
+
+async def test_lowered_timeout_applies_to_new_requests_on_time():
+    model = Model()
+    model.gate = asyncio.Event()
+    b = make(model, max_batch_size=1, max_delay_ms=0.0, timeout_s=5.0)
+    old = asyncio.ensure_future(b.submit(request(1, 1)))  # runs, blocked (5 s deadline)
+    await asyncio.sleep(0.01)
+    b.configure(timeout_s=0.05)
+    t0 = time.perf_counter()
+    with pytest.raises(RequestTimeout, match="0.05 s"):
+        await b.submit(request(1, 2))
+    assert time.perf_counter() - t0 < 0.2  # not held back by the older, longer deadline
+    assert not old.done()
+    model.gate.set()
+    out, _ = await old
+    assert (out["row_id"] == 1).all()
+
+
+async def test_finished_requests_do_not_pile_up_in_the_deadline_queue():
+    async def echo(inputs):
+        return {"y": inputs["x"] + 1}
+
+    b = make(echo, max_batch_size=4, max_delay_ms=0.0, timeout_s=60.0)
+    for i in range(3000):
+        await b.submit(request(1, i))
+    assert sum(len(dq) for dq in b._deadlines.values()) <= 1100
+
+
+async def test_shared_memory_exhaustion_fails_the_batch_not_the_batcher():
+    pool = BufferPool(f"lastmile-{os.getpid()}-exhaust-")
+    pool.close()  # every acquire now fails with ShmError
+    b = make(Model(), max_delay_ms=0.0, pool=pool)
+    with pytest.raises(Exception, match="pool is closed"):
+        await asyncio.wait_for(b.submit(request(1, 1)), 2)
+    assert b.stats()["errors"] == 1 and b.stats()["in_flight"] == 0

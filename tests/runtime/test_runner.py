@@ -82,6 +82,8 @@ async def test_runner_outputs_equal_in_process_backend(forkserver, store, pool, 
         assert phases == ["spawning", "loading", "warming", "ready"]
         assert info["pid"] == runner.pid and runner.alive and runner.pid != os.getpid()
         assert info["backend"] == ("onnxruntime" if name == "demo-mlp" else "deepspeed")
+        if name.endswith("-ds"):  # pinned before the forkserver imported deepspeed
+            assert info["deepspeed_accelerator"] == os.environ["DS_ACCELERATOR"]
         assert info["load_s"] > 0 and info["warmup_rows"] == [1, settings.max_batch_size]
         # The forkserver already imported the libraries: a start costs the model load only.
         assert start_s < 10, start_s
@@ -292,7 +294,9 @@ def test_describe_exit():
 
 def test_daemon_death_takes_its_runners_and_leaves_only_stale_segments(tmp_path, demo_store):
     """A daemon killed with SIGKILL: its forkserver exits, the runner dies with it
-    (PR_SET_PDEATHSIG), and the segments it left are found by cleanup_stale."""
+    (PR_SET_PDEATHSIG), and the segments it left are found by cleanup_stale. The script has
+    no ``if __name__ == "__main__"`` guard on purpose: a runner must not re-import the
+    daemon's main module (it would start another runner, and fail)."""
     script = tmp_path / "daemon.py"
     script.write_text(textwrap.dedent(f"""
         import asyncio, os, sys, time

@@ -147,7 +147,7 @@ class DashboardScreen(LastmileScreen):
     def _update_sort_info(self) -> None:
         table = self.query_one(ModelsTable)
         header = next(c[1] for c in COLUMNS if c[0] == table.sort_key)
-        self.query_one("#sort-info", Label).update(f"sorted by {header} {'▼' if table.reverse else '▲'}  (s: next column, r: reverse, click a header)")
+        self.query_one("#sort-info", Label).update(f"sorted by {header} {'▼' if table.reverse else '▲'}  (s next, r reverse, or click a header)")
 
     # --- actions --------------------------------------------------------------------------
 

@@ -185,7 +185,8 @@ class ModelsScreen(LastmileScreen):
             box.placeholder = f"manifest: {settings[key]}" if key in settings else ("none" if key == "memory_limit_mb" else "default")
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.data_table.id == "store" and event.row_key is not None and not self.lm.read_only:
+        # only the operator's own moves pick a model; a table rebuilt by a refresh does not
+        if event.data_table.id == "store" and event.data_table.has_focus and event.row_key is not None and not self.lm.read_only:
             self.select_model(str(event.row_key.value))
 
     def on_select_changed(self, event: Select.Changed) -> None:
@@ -239,6 +240,8 @@ class ModelsScreen(LastmileScreen):
             self.confirm_unload(name)
 
     def confirm_unload(self, name: str) -> None:
+        if not self.lm.writable(f"unload {name}"):
+            return
         self.app.push_screen(
             ConfirmScreen(f"Unload {name}? Requests to it will fail until it is loaded again.", "Unload"),
             lambda yes: yes and self._start("unload", name, {}),
@@ -252,6 +255,8 @@ class ModelsScreen(LastmileScreen):
             self.confirm_reload(name)
 
     def confirm_reload(self, name: str) -> None:
+        if not self.lm.writable(f"reload {name}"):
+            return
         row = self.lm.state.model(name) or {}
         params = dict(row.get("overrides") or {})
         self.app.push_screen(
@@ -268,6 +273,8 @@ class ModelsScreen(LastmileScreen):
             actions[event.button.id]()
 
     def _start(self, action: str, name: str, params: dict[str, Any]) -> None:
+        if not self.lm.writable(f"{action} {name}"):  # every path to the daemon passes here
+            return
         if self.busy:
             self.lm.report_error(f"wait: {self.busy} is still running")
             return

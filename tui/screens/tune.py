@@ -178,6 +178,9 @@ class TuneScreen(LastmileScreen):
 
     @work(group="tune", exclusive=True, exit_on_error=False)
     async def send_tune(self, name: str, changes: dict[str, Any]) -> None:
+        if self.lm.read_only:  # the gate again, for any path that reaches here
+            self.post_message(Tuned(name, changes, None, "read-only mode: settings cannot be changed"))
+            return
         self.query_one("#tune-result", Static).update(f"applying {changes} to {name} ...")
         try:
             row = await self.lm.client.tune(name, changes)

@@ -1,0 +1,45 @@
+"""SVG screenshots of every screen for the docs: ``python -m tui.screenshots --socket S
+--out docs/tui`` against a running daemon (send it some traffic first for live figures)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from appliance.client import LastmileClient
+from tui.app import LastmileApp
+
+
+async def capture(socket: str, out: Path, size: tuple[int, int], settle_s: float = 2.5) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    app = LastmileApp(LastmileClient(socket), rate_hz=5)
+    written = []
+    async with app.run_test(size=size) as pilot:
+        await pilot.pause(settle_s)
+        for key, name in (("d", "dashboard"), ("m", "models"), ("t", "tune"), ("p", "playground"), ("e", "events")):
+            await pilot.press(key)
+            await pilot.pause(1.0)
+            if name == "playground":
+                await pilot.press("ctrl+r")
+                await pilot.pause(1.0)
+            written.append(Path(app.save_screenshot(f"{name}.svg", path=str(out))))
+        await pilot.press("question_mark")
+        await pilot.pause(0.5)
+        written.append(Path(app.save_screenshot("help.svg", path=str(out))))
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--out", default="docs/tui")
+    parser.add_argument("--size", default="160x48", help="COLSxROWS")
+    args = parser.parse_args()
+    cols, rows = (int(v) for v in args.size.split("x"))
+    for path in asyncio.run(capture(args.socket, Path(args.out), (cols, rows))):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

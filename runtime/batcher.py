@@ -439,6 +439,12 @@ class Batcher:
                 raise
             except Exception as exc:  # noqa: BLE001 - every request of the batch gets it
                 self._errors += 1
+                if isinstance(exc, InferenceError) and len(live) > 1:
+                    # The model raised on this batch: one bad request must not fail its
+                    # batch-mates, so each runs alone once and only the bad ones fail.
+                    for r in live:
+                        await self._run_alone(batch_id, r)
+                    return
                 for r in live:
                     if not r.fut.done():
                         r.fut.set_exception(exc)
@@ -465,6 +471,23 @@ class Batcher:
             self._running.difference_update(batch)
             self._in_flight -= 1
             self._kick()
+
+    async def _run_alone(self, batch_id: int, req: _Request) -> None:
+        if req.fut.done():
+            return
+        assert self._loop is not None
+        started = self._loop.time()
+        try:
+            outputs = await self._run_batch(req.inputs)
+            _check_outputs(outputs, req.rows)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this request's own failure
+            if not req.fut.done():
+                req.fut.set_exception(exc)
+            return
+        if not req.fut.done():
+            req.fut.set_result((outputs, BatchInfo(batch_id, req.rows, started - req.enqueued, self._loop.time() - started, 1)))
 
     def _concat(self, batch: list[_Request], rows: int) -> tuple[dict[str, np.ndarray], Any]:
         first = batch[0].inputs

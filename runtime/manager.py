@@ -208,6 +208,7 @@ class ModelManager:
             model.batcher = Batcher(
                 lambda inputs, m=model: self._run_batch(m, inputs),
                 concurrency=settings.instances,
+                pool=model.pool,  # concatenate requests straight into shared memory
                 **{k: getattr(settings, k) for k in BATCHER_KEYS},
             )
             model.state, model.phase = "ready", "ready"

@@ -21,6 +21,7 @@ from appliance.config import ConfigError, load_config
 LOAD_FLAGS = {
     "backend": str, "device": str, "dtype": str, "graph_fusion": str, "memory_limit_mb": int,
     "max_batch_size": int, "max_delay_ms": float, "max_queue": int, "instances": int, "offload": str, "threads": int,
+    "load_timeout_s": float,
 }
 
 

@@ -71,8 +71,12 @@ def to_api_error(exc: BaseException) -> ApiError | None:
             return ApiError(503, str(exc), headers=_retry_after(1.0))
         case RequestTimeout():
             return ApiError(504, str(exc))
-        case LoadTimeout() | LoadError() | BackendError():
-            return ApiError(422 if isinstance(exc, BackendError) else 500, str(exc))
+        case LoadTimeout():
+            return ApiError(504, str(exc))
+        case BackendError():
+            return ApiError(422, str(exc))
+        case LoadError():
+            return ApiError(500, str(exc))
         case InferenceError():
             return ApiError(500, str(exc))
     return None

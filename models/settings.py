@@ -86,6 +86,7 @@ class ModelSettings:
     offload: str = "none"
     threads: int = 0  # 0: let the backend pick (intra-op threads = physical cores)
     timeout_s: float = 30.0  # per request, queueing included
+    load_timeout_s: float = 600.0  # a load (or restart) taking longer is killed and reported
 
     def overlay(self, changes: Mapping[str, Any]) -> "ModelSettings":
         """A copy with ``changes`` validated and applied (``None`` values are skipped)."""
@@ -110,6 +111,7 @@ VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "offload": _choice(OFFLOAD_MODES),
     "threads": _int_range(0, 1024),
     "timeout_s": _number_range(0.001, 3600.0),
+    "load_timeout_s": _number_range(1.0, 86_400.0),
 }
 assert set(VALIDATORS) == {f.name for f in fields(ModelSettings)}
 

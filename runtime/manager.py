@@ -225,7 +225,7 @@ class ModelManager:
             runner = Runner(model.manifest, model.settings, pool=model.pool, instance=instance)
             runner.on_exit = lambda r, code, m=model: self._runner_died(m, r, code)
             model.runners.append(runner)
-            model.info = await runner.start(on_phase=phase)
+            model.info = await runner.start(on_phase=phase, timeout_s=model.settings.load_timeout_s)
             model.memory.cap = dict(model.info.get("hard_cap") or {})
             if model.memory.cap.get("error"):
                 await runner.stop()

@@ -20,14 +20,14 @@ def tui_daemon(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     proc.stop()
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, step: Callable[[], Awaitable[None]] | None = None, what: str = "condition") -> None:
+async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, step: Callable[[], Awaitable[None]] | None = None, what: str | Callable[[], str] = "condition") -> None:
     """Poll ``predicate`` (letting the app run between polls) until it holds or time runs out."""
     deadline = time.monotonic() + timeout
     while True:
         if predicate():
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
         if step is not None:
             await step()
         else:

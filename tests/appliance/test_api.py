@@ -219,3 +219,24 @@ async def test_client_raises_api_error_with_field(daemon: DaemonProc) -> None:
         with pytest.raises(ApiError) as info:
             await client.load("demo-mlp", {"max_queue": 0})
     assert info.value.status == 400 and info.value.field == "parameters.max_queue"
+
+
+async def test_folder_with_only_an_artifact_loads(store_copy: Path, tmp_path: Path) -> None:
+    """No model.toml: the ONNX signature is read from the artifact and the model serves."""
+    from tests.conftest import start_daemon
+
+    bare = store_copy / "bare-onnx"
+    bare.mkdir()
+    (bare / "classifier.onnx").write_bytes((store_copy / "demo-mlp" / "model.onnx").read_bytes())
+    d = start_daemon(tmp_path / "d", store_copy)
+    try:
+        entry = next(e for e in json.loads((await call(d, "GET", "/v1/models"))[2])["store"] if e["name"] == "bare-onnx")
+        assert entry["format"] == "onnx" and entry["error"] is None
+        assert entry["inputs"][0]["name"] == "input"
+        status, _, body = await call(d, "POST", "/v2/repository/models/bare-onnx/load", body={})
+        assert status == 200, body
+        async with LastmileClient(d.socket) as client:
+            outputs, _ = await client.infer("bare-onnx", {"input": example_inputs("mlp", 2)["input"]}, {"input": "FP32"})
+        assert outputs[entry["outputs"][0]["name"]].shape == (2, 10)
+    finally:
+        d.stop()

@@ -110,11 +110,15 @@ async def test_model_that_fails_to_restore_is_reported_not_fatal(store_copy: Pat
         d.stop()
 
 
-def test_journal_mode_drops_timestamps(demo_store: Path, tmp_path: Path) -> None:
-    d = start_daemon(tmp_path / "j", demo_store, env={"JOURNAL_STREAM": "8:1234"})
+def test_first_start_on_empty_store_builds_demo_and_journal_mode_drops_timestamps(tmp_path: Path) -> None:
+    store = tmp_path / "empty-store"
+    d = start_daemon(tmp_path / "j", store, env={"JOURNAL_STREAM": "8:1234"})
     d.stop()
+    assert {"demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds"} <= {p.name for p in store.iterdir()}
     lines = [line for line in d.log_text().splitlines() if "logger=lastmile" in line]
     assert lines and all(line.startswith("level=") for line in lines), lines[:3]
-    d = start_daemon(tmp_path / "t", demo_store)
+    assert any("built demo models" in line for line in lines)
+    d = start_daemon(tmp_path / "t", store)  # not empty any more: nothing is rebuilt
     d.stop()
     assert any(line.startswith("time=") for line in d.log_text().splitlines())
+    assert "built demo models" not in d.log_text()

@@ -88,7 +88,7 @@ async def test_load_through_the_form_shows_progress(tui_daemon: DaemonProc) -> N
             assert app.focused is screen.query_one("#f-max_delay_ms")  # the bad field has the cursor
             screen.query_one("#f-max_delay_ms").value = ""
             await pilot.press("escape", "l")
-            await wait_until(lambda: screen.busy is not None, step=step, what=lambda: f"the load to start; stack {app.screen_stack}, focus {app.focused}, model {screen.query_one('#f-model').value}, errors {app.errors}")
+            await wait_until(lambda: screen.busy is not None, step=step, what=lambda: f"the load to start; stack {app.screen_stack}, focus {app.focused}, model {screen.query_one('#f-model').value}, errors {app.errors}, notes {[n.message for n in app._notifications]}, phase {screen.query_one('#load-phase').content}")
             await wait_until(lambda: screen.busy is None, timeout=60, step=step, what="the load to finish")
             assert app.errors[1:] == [], app.errors
             progress = screen.query_one("#load-progress")

@@ -44,6 +44,7 @@ import numpy as np
 from models.settings import ModelSettings
 from models.spec import Manifest
 from runtime import runner_main
+from runtime.backends.threads import set_thread_env
 from runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavailable, RunnerDied, ShmError
 from runtime.shm import ALIGN, Buffer, BufferPool, PackedArrays, layout_of, pack, views
 
@@ -115,6 +116,7 @@ def get_context() -> Any:
     with _ctx_lock:
         if _ctx is None:
             _accelerator_env()
+            set_thread_env()  # OpenMP reads its wait policy once, when torch loads it
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(list(PRELOAD))
             _ctx = ctx

@@ -40,6 +40,7 @@ from models.settings import ModelSettings
 from models.spec import Manifest, TensorSpec
 from runtime.accelerators import ensure_ds_accelerator, resolve_device, split_device
 from runtime.backends.base import Backend, BackendError
+from runtime.backends.threads import resolve_threads
 from runtime.fusion import TorchFusionPlan, torch_fusion_plan
 from runtime.memory_cap import cap_after_warmup
 
@@ -140,8 +141,7 @@ class DeepSpeedBackend(Backend):
                 f"model {manifest.name!r}: tp_size {settings.tp_size} needs {settings.tp_size} runner processes "
                 f"(one per rank, started with WORLD_SIZE={settings.tp_size}); this runner has WORLD_SIZE={world}"
             )
-        if settings.threads:
-            torch.set_num_threads(settings.threads)  # 0: torch's default (physical cores)
+        torch.set_num_threads(resolve_threads(settings.threads))  # 0: auto, see runtime.backends.threads
         if self._kind == "cuda":
             torch.cuda.set_device(self._index)  # DeepSpeed places the module on the current device
             if settings.memory_limit_mb:

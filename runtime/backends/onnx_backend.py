@@ -26,6 +26,7 @@ from models.settings import ModelSettings
 from models.spec import Manifest
 from runtime.accelerators import resolve_device, split_device
 from runtime.backends.base import Backend, BackendError
+from runtime.backends.threads import resolve_threads
 from runtime.fusion import ORT_LEVEL_NAMES, ort_optimization_level
 from runtime.memory_cap import cap_after_warmup
 
@@ -116,7 +117,9 @@ class OnnxBackend(Backend):
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort_optimization_level(settings.graph_fusion)
-        options.intra_op_num_threads = settings.threads  # 0: ONNX Runtime's default (physical cores)
+        self._threads = resolve_threads(settings.threads)  # 0: auto, see runtime.backends.threads
+        options.intra_op_num_threads = self._threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # sleep, don't spin: shared cores
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_cpu_mem_arena = True
@@ -268,7 +271,8 @@ class OnnxBackend(Backend):
             "provider_options": {k: v for k, v in self._provider_options.items()},
             "graph_fusion": self.settings.graph_fusion,
             "graph_optimization_level": ORT_LEVEL_NAMES[self.settings.graph_fusion],
-            "intra_op_threads": self.settings.threads or "onnxruntime default (physical cores)",
+            "intra_op_threads": self._threads,
+            "intra_op_spinning": False,
             "inter_op_threads": 1,
             "execution_mode": "sequential",
             "dtype": self.settings.dtype,

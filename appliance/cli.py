@@ -211,10 +211,20 @@ async def cmd_events(client: LastmileClient, args: argparse.Namespace) -> int:
         await asyncio.sleep(1.0)
 
 
-async def cmd_demo(client: LastmileClient, args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The README's main job; in a terminal it ends in the TUI showing the demo models serve."""
     from appliance.quickstart import run_demo
 
-    return await run_demo(client, load_config(args.config), args.config)
+    async def demo() -> int:
+        async with _client(args) as client:
+            return await run_demo(client, load_config(args.config), args.config)
+
+    code = asyncio.run(demo())
+    if code == 0 and not args.no_tui and sys.stdin.isatty() and sys.stdout.isatty():
+        from tui.app import run_tui
+
+        return run_tui(_client(args), read_only=False)
+    return code
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
@@ -316,6 +326,77 @@ def add_memory_commands(sub: Any, common: argparse.ArgumentParser, load: argpars
         mset.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, metavar=key.upper())
 
 
+# --- performance: `lastmile bench` and `lastmile tune` (bench/, appliance/autotune.py) ---------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.run import run_from_args
+
+    return run_from_args(args)
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        return [kind(v) for v in text.split(",") if v.strip()]
+
+    return parse
+
+
+async def cmd_tune(client: LastmileClient, args: argparse.Namespace) -> int:
+    from appliance.autotune import Tuner, format_table
+
+    grid = {k: v for k, v in (("max_batch_size", args.batch_sizes), ("max_delay_ms", args.delays_ms),
+                              ("graph_fusion", args.fusions), ("threads", args.threads)) if v is not None}
+
+    def progress(event: dict[str, Any]) -> None:
+        if args.json:
+            return
+        if event["event"] == "start":
+            print(f"tuning {event['model']}: {event['total']} trials, SLO p99 <= {event['slo_ms'] or '-'} ms", file=sys.stderr)
+        elif event["event"] == "trial":
+            t = event["trial"]
+            print(f"  [{event['index']}/{event['total']}] {t['settings']}: {t['rows_per_s']:.1f} rows/s, p99 {t['p99_ms']} ms"
+                  + (f" ({t['error']})" if t["error"] else ""), file=sys.stderr)
+
+    try:
+        tuner = Tuner(client, args.name, latency_slo_ms=args.latency_slo_ms, clients=args.clients,
+                      duration_s=args.duration_s, grid=grid or None, progress=progress)
+        result = await tuner.run(apply=args.apply)
+    except ValueError as exc:
+        raise ClientError(str(exc)) from None
+    if args.json:
+        _print_json(result.as_dict())
+    else:
+        print(format_table(result))
+    return 0 if result.best else 1
+
+
+def add_perf_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    try:
+        from bench.run import add_arguments
+    except ImportError:  # an install without the bench package: no `lastmile bench`
+        add_arguments = None
+    if add_arguments is not None:
+        bench = sub.add_parser("bench", help="benchmark Lastmile against the in-process limit, a naive server and a peer",
+                               description="benchmark Lastmile against the in-process limit, a naive server and a peer",
+                               parents=[common])
+        add_arguments(bench)
+        bench.set_defaults(func=cmd_bench)
+    tune = sub.add_parser("tune", help="sweep batching, fusion and threads for a loaded model; pick the best within an SLO",
+                          description="sweep batching, fusion and threads for a loaded model; pick the best within an SLO", parents=[common])
+    tune.add_argument("name")
+    tune.add_argument("--latency-slo-ms", type=float, help="p99 latency every accepted setting must meet")
+    tune.add_argument("--apply", action="store_true", help="apply the best setting (persisted in state); else the original is restored")
+    tune.add_argument("--clients", type=int, default=32, help="concurrent clients of each trial (default 32)")
+    tune.add_argument("--duration-s", type=float, default=2.0, help="seconds measured per trial (default 2)")
+    tune.add_argument("--batch-sizes", type=_csv(int), help="max_batch_size values, e.g. 1,8,32")
+    tune.add_argument("--delays-ms", type=_csv(float), help="max_delay_ms values, e.g. 0,1,2")
+    tune.add_argument("--fusions", type=_csv(str), help="graph_fusion levels, e.g. basic,extended")
+    tune.add_argument("--threads", type=_csv(int), help="intra-op thread counts, e.g. 1,2")
+    tune.add_argument("--json", action="store_true", help="machine-readable output")
+    tune.set_defaults(func=cmd_tune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Connection options are accepted before or after the subcommand (`lastmile serve --config F`).
     common = argparse.ArgumentParser(add_help=False)
@@ -362,14 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--seed", type=int, default=0)
     events = add("events", "the daemon's event log", cmd_events)
     events.add_argument("--follow", "-f", action="store_true")
-    add("demo", "start the daemon if needed, load the demo models on both backends, send requests", cmd_demo)
+    demo_cmd = add("demo", "start the daemon if needed, load the demo models on both backends, send requests, open the TUI", cmd_demo)
+    demo_cmd.add_argument("--no-tui", action="store_true", help="print the results and exit (the default when not in a terminal)")
     tui = add("tui", "open the terminal UI", cmd_tui)
     tui.add_argument("--read-only", action="store_true", help="hide every action that changes the daemon")
     add_memory_commands(sub, common, load)
+    add_perf_commands(sub, common)
     return parser
 
 
-LOCAL_COMMANDS = (cmd_serve, cmd_config_show, cmd_build_demo, cmd_tui)
+LOCAL_COMMANDS = (cmd_serve, cmd_config_show, cmd_build_demo, cmd_tui, cmd_bench, cmd_demo)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,6 @@ async def run_demo(client: LastmileClient, config: Config, config_file: str | No
         top = out.reshape(out.shape[0], -1, out.shape[-1])[:, -1, :].argmax(-1).tolist()
         print(f"{name:<12} {out_name} {list(out.shape)} argmax {top}  {params['client_ms']:.2f} ms (batch of {params['batch_size']})")
     print()
-    print("the daemon keeps serving; try:")
+    print("the daemon keeps serving (in a terminal, the TUI opens now); try:")
     print(f"  lastmile status        lastmile infer demo-mlp --random        curl --unix-socket {client.socket_path} http://localhost/v2/models/demo-mlp")
     return 0

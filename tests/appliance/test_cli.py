@@ -99,3 +99,22 @@ def test_status_system_models_load_infer_unload(daemon: DaemonProc, tmp_path: Pa
     assert lastmile(*sock, "unload", "demo-mlp").returncode == 0
     gone = lastmile(*sock, "unload", "demo-mlp")
     assert gone.returncode == 1 and "not loaded" in gone.stderr
+
+
+def test_demo_command_from_nothing(tmp_path: Path) -> None:
+    """The README's main command on an empty home: starts the daemon, builds and loads the demo
+    models on both backends, serves requests; both backends of a model give the same answer."""
+    env = {"XDG_RUNTIME_DIR": str(tmp_path / "run"), "XDG_STATE_HOME": str(tmp_path / "state")}
+    result = lastmile("demo", "--no-tui", home=tmp_path, env=env, timeout=300)
+    status = lastmile("status", "--json", home=tmp_path, env=env)
+    try:
+        assert result.returncode == 0, result.stderr + result.stdout
+        lines = result.stdout.splitlines()
+        for name, backend in (("demo-mlp", "onnxruntime"), ("demo-mlp-ds", "deepspeed"), ("demo-lm", "onnxruntime"), ("demo-lm-ds", "deepspeed")):
+            assert any(line.startswith(f"loaded {name} ") and backend in line for line in lines), result.stdout
+        answers = {line.split()[0]: line.split("argmax")[1].split("]")[0] for line in lines if "argmax" in line}
+        assert answers["demo-mlp"] == answers["demo-mlp-ds"] and answers["demo-lm"] == answers["demo-lm-ds"]
+        assert json.loads(status.stdout)["models_loaded"] == 4
+    finally:
+        if status.returncode == 0:
+            os.kill(json.loads(status.stdout)["pid"], 15)

@@ -39,7 +39,10 @@ class ConfigError(ValueError):
 def _path(key: str, value: Any) -> Path:
     if not isinstance(value, str) or not value or "\0" in value:
         raise SettingError(key, f"got {value!r}; allowed: a non-empty path string")
-    path = Path(value).expanduser()
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~user of an unknown user (or no home directory to expand ~ to)
+        raise SettingError(key, f"got {value!r}; its ~ cannot be expanded (no such user or no home directory)") from None
     if not path.is_absolute():
         raise SettingError(key, f"got {value!r}; allowed: an absolute path (or one starting with ~)")
     return path

@@ -116,6 +116,8 @@ async def read_json(request: web.Request, *, required: bool = True) -> dict[str,
         value = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"body is not valid JSON: {exc}") from None
+    except RecursionError:  # json.loads gives up past a few thousand levels of nesting
+        raise ApiError(400, "body is JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise ApiError(400, "body must be a JSON object")
     return value

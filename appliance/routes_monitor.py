@@ -216,10 +216,12 @@ class SnapshotBuilder:
             "models": rows,
             "events": self._events(),
         }
-        memory = getattr(self.daemon, "memory", None)  # the memory-pool manager, once it exists
-        describe = getattr(memory, "describe", None)
-        if callable(describe):
-            snapshot["memory"] = describe()
+        governor = getattr(self.daemon.manager, "governor", None)  # the memory-pool manager (issue 4)
+        if governor is not None:
+            try:
+                snapshot["memory"] = governor.snapshot()
+            except Exception as exc:  # noqa: BLE001 - figures missing for one tick, never a dead stream
+                snapshot["memory"] = {"error": f"{type(exc).__name__}: {exc}"}
         self.seq += 1
         return snapshot
 

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from appliance.daemon import Daemon
-from appliance.http import ApiError, read_json
+from appliance.http import ApiError, read_json, to_api_error
 from appliance.v2codec import HEADER_LENGTH, decode_request, encode_response, split_body
 from runtime.manager import LoadedModel
 
@@ -75,13 +75,33 @@ async def model_ready(request: web.Request) -> web.Response:
 @routes.post("/v2/models/{name}/infer")
 @routes.post("/v2/models/{name}/versions/{version}/infer")
 async def infer(request: web.Request) -> web.Response:
+    """Decode, batch, encode; every request is counted and timed in ``/metrics`` (success and
+    each kind of failure, labelled with the model only when it is loaded or in the store, so
+    a client cannot grow the label set with made-up names)."""
+    metrics = request.app.get("infer_metrics")
+    started = time.perf_counter()
+    try:
+        response = await _infer(request, started)
+    except Exception as exc:
+        if metrics is not None:
+            mapped = to_api_error(exc)
+            name = request.match_info["name"]
+            daemon = daemon_of(request)
+            label = name if name in daemon.manager.models or name in daemon.store.names() else "_unknown"
+            metrics.failure(label, mapped.status if mapped is not None else 500, time.perf_counter() - started)
+        raise
+    if metrics is not None:
+        metrics.success(response[1], time.perf_counter() - started, response[2])
+    return response[0]
+
+
+async def _infer(request: web.Request, started: float) -> tuple[web.Response, str, Any]:
     model = _loaded(request)
     if not model.manifest.inputs or not model.manifest.outputs:
         raise ApiError(422, f"model {model.name!r} has no input/output spec: {' '.join(model.manifest.missing)}")
     body = await request.read()
     header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
     decoded = decode_request(header, binary, model.manifest.inputs, [t.name for t in model.manifest.outputs])
-    started = time.perf_counter()
     outputs, batch = await daemon_of(request).manager.infer(model.name, decoded.inputs)
     extra = {
         "batch_id": batch.batch_id,
@@ -91,7 +111,7 @@ async def infer(request: web.Request) -> web.Response:
         "total_ms": round((time.perf_counter() - started) * 1000, 3),
     }
     payload, headers = encode_response(model.name, decoded, outputs, model.manifest.outputs, extra)
-    return web.Response(body=payload, headers=headers)
+    return web.Response(body=payload, headers=headers), model.name, batch
 
 
 # --- Triton's model repository extension -------------------------------------------------------

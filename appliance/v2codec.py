@@ -68,6 +68,8 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
         header = json.loads(json_part)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
+    except RecursionError:  # json.loads gives up past a few thousand levels of nesting
+        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(header, dict):
         raise BadRequest("body must be a JSON object")
     _check_depth(header)
@@ -147,6 +149,8 @@ def decode_request(
             if offset + size > len(binary):
                 raise BadRequest(f"binary data for {name!r} runs past the end of the body", f"{where}.parameters.binary_data_size")
             array = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+            if datatype == "BOOL" and size and np.frombuffer(binary[offset : offset + size], np.uint8).max() > 1:
+                raise BadRequest("BOOL binary data must be bytes 0 or 1", where)
             offset += size
         else:
             if "data" not in tensor:
@@ -183,18 +187,45 @@ def _json_array(data: Any, datatype: str, dtype: np.dtype, count: int, shape: tu
             if not all(isinstance(v, bool) for v in flat):
                 raise ValueError("BOOL data must be true/false")
             array = flat.astype(np.bool_)
-        elif datatype == "BF16":
-            array = _bf16_from_float(np.asarray(data, dtype=np.float32))
+        elif dtype.kind in "iu" and datatype != "BF16":
+            array = _json_ints(np.asarray(data), dtype, data)
         else:
             probe = np.asarray(data)
-            if probe.dtype.kind not in "biuf" or (dtype.kind in "iu" and probe.dtype.kind == "f"):
-                raise ValueError(f"values must be {'integers' if dtype.kind in 'iu' else 'numbers'}")
-            array = probe.astype(dtype, copy=False)
-    except (ValueError, TypeError) as exc:
+            if probe.size and probe.dtype.kind not in "biuf":
+                raise ValueError("values must be numbers")
+            with np.errstate(over="ignore", invalid="ignore"):
+                wide = probe.astype(np.float32 if datatype == "BF16" else dtype)
+                array = _bf16_from_float(wide) if datatype == "BF16" else wide
+                overflow = np.isinf(bf16_to_float(array) if datatype == "BF16" else array) & ~np.isinf(probe.astype(np.float64))
+            if overflow.any():
+                raise ValueError(f"{probe.reshape(-1)[overflow.reshape(-1)][0]} is out of range for {datatype}")
+    except (ValueError, TypeError, OverflowError) as exc:
         raise BadRequest(f"data cannot be read as {datatype}: {exc}", f"{where}.data") from None
     if array.size != count:
         raise BadRequest(f"data has {array.size} elements but shape {list(shape)} needs {count}", f"{where}.data")
     return array.reshape(shape)
+
+
+def _json_ints(probe: np.ndarray, dtype: np.dtype, data: list[Any]) -> np.ndarray:
+    """Integers exactly, or ValueError: a value outside the datatype's range is refused rather
+    than wrapped (300 as UINT8 is not 44). NumPy reads a list mixing values past int64 (UINT64)
+    with others as float64 or objects: those are re-read as Python ints, exactly."""
+    if probe.size == 0:
+        return probe.astype(dtype)
+    if probe.dtype.kind == "f":
+        probe = np.asarray(data, dtype=object)
+    if probe.dtype.kind == "O":
+        flat = probe.reshape(-1)
+        if not all(isinstance(v, int) for v in flat):
+            raise ValueError("values must be integers")
+    elif probe.dtype.kind not in "biu":
+        raise ValueError("values must be integers")
+    info = np.iinfo(dtype)
+    low, high = int(probe.min()), int(probe.max())
+    if low < info.min or high > info.max:
+        bad = low if low < info.min else high
+        raise ValueError(f"{bad} is out of range ({info.min} to {info.max})")
+    return probe.astype(dtype) if probe.dtype.kind != "O" else np.array(probe.tolist(), dtype=dtype)
 
 
 def _requested_outputs(header: dict[str, Any], names: list[str]) -> tuple[list[str] | None, set[str]]:

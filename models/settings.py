@@ -55,7 +55,7 @@ def _device(key: str, value: Any) -> str:
     if isinstance(value, str):
         kind, _, index = value.partition(":")
         if value in ("auto", "cpu") or (
-            kind in ("cuda", "npu", "xpu", "mps", "hpu") and (not index or index.isdigit())
+            kind in ("cuda", "npu", "xpu", "mps", "hpu") and (not index or (index.isascii() and index.isdigit()))
         ):
             return value
     raise SettingError(key, f"got {value!r}; allowed: auto, cpu, cuda, cuda:N, npu, npu:N, xpu, mps, hpu")

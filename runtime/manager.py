@@ -27,7 +27,7 @@ from runtime.errors import InferenceError, LoadError, ModelUnavailable
 from runtime.events import EventLog
 from runtime.memory import POOL_IDLE_SHARE, MemoryGovernor, MemoryPressure, ModelMemory
 from runtime.runner import Runner
-from runtime.shm import BufferPool
+from runtime.shm import BufferPool, PoolFull
 
 logger = logging.getLogger("lastmile.manager")
 
@@ -231,6 +231,11 @@ class ModelManager:
                 await runner.stop()
                 raise LoadError(f"{model.name}: {model.memory.cap['error']}")
             model.idle.put_nowait(runner)
+        headroom = model.memory.cap.get("headroom_bytes")
+        if headroom:
+            # The pool's segments count against the limit too: never more of them than the
+            # room the runner had left at "ready" (a batch needing more fails alone, 503).
+            model.pool.max_bytes = int(headroom)
 
     async def _stop_runners(self, model: LoadedModel) -> None:
         runners, model.runners = model.runners, []
@@ -262,7 +267,7 @@ class ModelManager:
     async def close(self) -> None:
         """Stop every runner (daemon shutdown); state is kept so the next start restores it."""
         self._closing = True
-        self.governor.stop()
+        self.governor.close()
         for model in list(self.models.values()):
             await self._teardown(model, "stopped with the daemon")
 
@@ -287,9 +292,17 @@ class ModelManager:
         started = time.perf_counter()
         try:
             outputs, info = await model.batcher.submit(inputs)
+        except PoolFull as exc:
+            model.failures += 1
+            self.governor.note_cap_hit(model)
+            self.events.record("memory_cap_hit", f"{name}: the batch's buffers do not fit the model's memory headroom: {exc}",
+                               model=name, level="warning", step="pool_cap", pool_max_bytes=model.pool.max_bytes)
+            raise MemoryPressure(f"model {name!r}: this batch needs more buffer memory than the model's memory_limit_mb "
+                                 f"allows ({exc}); retry with fewer rows or shorter inputs") from exc
         except InferenceError as exc:
             model.failures += 1
             if model.memory.cap and _is_allocation_failure(str(exc)):
+                self.governor.note_cap_hit(model)
                 self.events.record("memory_cap_hit", f"{name}: a batch needed more than the runner's memory cap and failed alone: {exc}",
                                    model=name, level="warning", step="hard_cap", cap=model.memory.cap)
                 raise MemoryPressure(f"model {name!r}: this batch needs more memory than the model's memory_limit_mb "
@@ -373,7 +386,7 @@ class ModelManager:
 
 
 _ALLOCATION_WORDS = ("can't allocate memory", "cannot allocate memory", "failed to allocate", "memoryerror", "bad_alloc",
-                     "out of memory", "std::bad_alloc")
+                     "out of memory", "std::bad_alloc", "pool's cap")
 
 
 def _is_allocation_failure(text: str) -> bool:

@@ -120,6 +120,8 @@ class ModelMemory:
     plan_taken: dict[str, Any] | None = None
     last_step_at: float = 0.0
     shed_since: float | None = None
+    cap_hits: int = 0
+    cap_hit_pending: bool = False  # a batch hit the runner's cap since the last ladder step
     _rss_at_uss: int = 0
     _ticks: int = 0
 
@@ -155,6 +157,7 @@ class ModelMemory:
             "effective_max_batch_size": self.effective_max_batch,
             "shedding": self.shedding,
             "memory_restarts": self.memory_restarts,
+            "cap_hits": self.cap_hits,
             "hard_cap": self.cap or None,
             "plan_taken": self.plan_taken,
             "estimate": self.estimate.as_dict() if self.estimate else None,
@@ -181,6 +184,57 @@ def read_proc_memory(pid: int, full: bool = True) -> dict[str, int]:
                     swap = int(line.split()[1]) * 1024
         out["uss"], out["swap"] = uss, swap
     return out
+
+
+def footprint(pid: int, pool_prefix: str, shm_dir: str = "/dev/shm") -> dict[str, int]:
+    """What one model really occupies, each page counted once (tests and
+    ``python -m runtime.measure_memory``; too slow for the sampler: it reads the runner's whole
+    ``/proc/<pid>/smaps``, 20-40 ms):
+
+    - ``private_bytes``: the runner's private pages outside shared-memory segments
+      (Private_Clean + Private_Dirty of every other mapping: heap, arenas, copied pages);
+    - ``pool_bytes``: the model's pool segments: files in ``shm_dir`` named ``pool_prefix*``
+      (allocated bytes, mapped or not, idle or lent) plus segments already unlinked that the
+      runner still maps (their pages live until it drops the mapping);
+    - ``total_bytes``: the sum, the figure held against ``memory_limit_mb``.
+
+    USS + ``RssShmem`` (what a quick look gives) counts a pool page twice when only the runner
+    maps it, and misses segments the runner has not mapped. Raises OSError when the process
+    is gone."""
+    private = 0
+    stale: dict[str, int] = {}
+    in_pool = False
+    name = ""
+    size = 0
+    with open(f"/proc/{pid}/smaps", "rb") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if not head.endswith(b":"):  # a mapping's header: range perms offset dev inode [path]
+                parts = line.split(None, 5)
+                path = parts[5].strip().decode(errors="replace") if len(parts) > 5 else ""
+                in_pool = path.startswith(f"{shm_dir}/") and "/lastmile-" in path
+                name = path
+                continue
+            if in_pool:
+                if head == b"Size:" and name.endswith(" (deleted)"):
+                    size = int(line.split()[1]) * 1024
+                    stale[name] = max(stale.get(name, 0), size)
+            elif head in (b"Private_Clean:", b"Private_Dirty:"):
+                private += int(line.split()[1]) * 1024
+    pool = 0
+    base = os.path.basename(pool_prefix)
+    try:
+        with os.scandir(shm_dir) as entries:
+            for entry in entries:
+                if entry.name.startswith(base):
+                    try:
+                        pool += entry.stat(follow_symlinks=False).st_blocks * 512
+                    except FileNotFoundError:
+                        pass
+    except FileNotFoundError:
+        pass
+    pool += sum(size for name, size in stale.items() if os.path.basename(name).startswith(base))
+    return {"private_bytes": private, "pool_bytes": pool, "total_bytes": private + pool}
 
 
 # --- budgets -------------------------------------------------------------------------------
@@ -223,6 +277,8 @@ class MemoryGovernor:
         self._own_bytes = 0
         self._device_used: dict[str, int] = {}
         self._reserved: dict[str, Estimate] = {}  # loads in progress
+        self.heart: Any = None  # anything with .beat(): the systemd watchdog's health check
+        self._restarts: set[asyncio.Task] = set()
 
     # --- budgets ----------------------------------------------------------------------------
 
@@ -459,6 +515,14 @@ class MemoryGovernor:
 
     # --- sampling ---------------------------------------------------------------------------
 
+    def supervise(self, heart: Any) -> Any:
+        """Beat ``heart`` (``appliance.sdnotify.Heartbeat``) after every sampling round and
+        start sampling now (models or not), so the systemd watchdog stops pinging when runner
+        supervision is stuck. Returns ``heart`` (the watchdog's health check)."""
+        self.heart = heart
+        self.start()
+        return heart
+
     def start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="lastmile-memory-sampler")
@@ -468,10 +532,18 @@ class MemoryGovernor:
             self._task.cancel()
             self._task = None
 
+    def close(self) -> None:
+        """Stop sampling and any memory restart in progress (daemon shutdown)."""
+        self.stop()
+        for task in list(self._restarts):
+            task.cancel()
+
     async def _loop(self) -> None:
         while True:
             try:
                 await self.sample_once()
+                if self.heart is not None:
+                    self.heart.beat()  # a round that failed does not count as progress
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the sampler must outlive any one bad reading
@@ -588,6 +660,9 @@ class MemoryGovernor:
             over, under, used, limit = self._over(model, device_used)
             if over:
                 hot[model.name] = (used, limit, "model_limit")
+            elif model.memory.cap_hit_pending:
+                # The cap refused a batch: usage touched the limit between two samples.
+                hot[model.name] = (max(used, limit), limit, "hard_cap")
             elif under:
                 cool.add(model.name)
         for device, used in device_used.items():
@@ -616,6 +691,7 @@ class MemoryGovernor:
         if now - mem.last_step_at < max(0.5, 2 * self.config["sample_interval_s"]):
             return
         mem.last_step_at = now
+        mem.cap_hit_pending = False
         configured = model.settings.max_batch_size
         effective = mem.effective_max_batch or configured
         if mem.ladder_step < 1:
@@ -667,7 +743,18 @@ class MemoryGovernor:
         self._event(model, "restart", f"restarting the runner (memory restart {mem.memory_restarts}; next one no sooner than {backoff:g} s)",
                     used, limit, why, memory_restarts=mem.memory_restarts)
         if self.manager is not None:
-            await self.manager.restart_for_memory(model)
+            # its own task: a load can take minutes, and sampling (and the watchdog's
+            # heartbeat) must go on meanwhile
+            task = asyncio.get_running_loop().create_task(self.manager.restart_for_memory(model))
+            self._restarts.add(task)
+            task.add_done_callback(self._restarts.discard)
+
+    def note_cap_hit(self, model: "LoadedModel") -> None:
+        """The runner's hard cap refused a batch (its usage reached the limit between two
+        samples): the next tick treats the model as over its high watermark."""
+        model.memory.cap_hits += 1
+        model.memory.cap_hit_pending = True
+        model.memory.under_since = None
 
     def _recover(self, model: "LoadedModel", now: float) -> None:
         mem = model.memory

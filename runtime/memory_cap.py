@@ -10,7 +10,7 @@ NumPy: ``MemoryError``) and only that batch fails; the runner and the daemon liv
 with about 1 GB of it (torch, ONNX Runtime and DeepSpeed libraries mapped, mostly shared and
 never private). So the cap is set *after* load and warm-up, relative to that moment::
 
-    RLIMIT_AS = VmSize_now + (limit - USS_now)
+    RLIMIT_AS = VmSize_now + (limit - USS_now - malloc_free_now)
 
 Every byte the runner can still add to its private memory (USS) or map from the pool needs
 address space first, so ``USS + pool`` stays at or under ``limit`` (page copy-on-write of
@@ -36,6 +36,7 @@ terabytes of address space).
 from __future__ import annotations
 
 import ctypes
+import os
 import resource
 from typing import Any
 
@@ -50,23 +51,63 @@ MMAP_THRESHOLD_BYTES = 256 * 1024  # blocks from here up are mmapped (and unmapp
 TRIM_THRESHOLD_BYTES = 1 * MB  # free heap top past this goes back to the OS
 
 
-def tune_allocator() -> dict[str, Any]:
+def _mallopt() -> Any:
+    try:
+        fn = ctypes.CDLL("libc.so.6", use_errno=True).mallopt
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int)
+    return fn
+
+
+def single_arena() -> bool:
+    """``M_ARENA_MAX = 1`` in this process (the forkserver, before its preload: see
+    :mod:`runtime.forkserver_prep`)."""
+    fn = _mallopt()
+    return bool(fn and fn(M_ARENA_MAX, 1) == 1)
+
+
+def tune_allocator(limited: bool = True) -> dict[str, Any]:
     """Make every large allocation of this process visible to ``RLIMIT_AS`` (see the module
     docstring): one malloc arena, a fixed mmap threshold (no dynamic raise that would send
     big blocks into a reserved heap), a low trim threshold. Call it in the runner before the
-    backend starts threads. Returns what was set (``{}`` where glibc is not there)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    backend starts threads. ``limited=False`` (a model without a limit) gives glibc's default
+    arena count back instead. Returns what was set (``{}`` where glibc is not there)."""
+    mallopt = _mallopt()
+    if mallopt is None:
         return {}
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    done = {}
+    done: dict[str, Any] = {}
+    if not limited:
+        mallopt(M_ARENA_MAX, 8 * (os.cpu_count() or 1))  # glibc's default on 64-bit
+        return done
     for name, param, value in (("arena_max", M_ARENA_MAX, 1), ("mmap_threshold", M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
                                ("trim_threshold", M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
         if mallopt(param, value) == 1:
             done[name] = value
+    _TUNED.update(done)
     return done
+
+
+_TUNED: dict[str, Any] = {}  # what tune_allocator set in this process (shown with the cap)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_free_bytes() -> int:
+    """Bytes glibc's malloc holds free in its heaps (``mallinfo2().fordblks``, all arenas):
+    address space already counted that an allocation can reuse without asking the kernel.
+    In a forked runner much of it is the forkserver's free space, shared until written: each
+    reuse turns a shared page into a private one with no new address space (measured: 30 MB
+    of such growth for demo-lm). 0 when unknown (not glibc >= 2.33)."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return 0
+    fn.restype = _MallInfo2
+    return int(fn().fordblks)
 
 
 class OverLimit(RuntimeError):
@@ -101,13 +142,41 @@ def apply_hard_cap(limit_mb: int | None, device_kind: str = "cpu") -> dict[str, 
             f"after load and warm-up the model uses {uss / MB:.1f} MB of private memory, more than its "
             f"memory_limit_mb ({limit_mb} MB); raise memory_limit_mb or lower max_batch_size/dtype"
         )
-    cap = vm + (limit - uss)
+    slack = malloc_free_bytes()
+    cap = _set_rlimit_as(vm + max(0, limit - uss - slack))
+    return {"kind": "rlimit_as", "limit_bytes": limit, "rlimit_as_bytes": cap, "vm_at_cap_bytes": vm,
+            "uss_at_cap_bytes": uss, "malloc_free_bytes": slack, "headroom_bytes": max(0, limit - uss - slack),
+            "allocator": dict(_TUNED)}
+
+
+def _set_rlimit_as(cap: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     if hard != resource.RLIM_INFINITY and cap > hard:
         cap = hard
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    return {"kind": "rlimit_as", "limit_bytes": limit, "rlimit_as_bytes": cap, "vm_at_cap_bytes": vm,
-            "uss_at_cap_bytes": uss, "headroom_bytes": limit - uss}
+    return cap
+
+
+def recap(backend: Any) -> dict[str, Any] | None:
+    """Draw the line again from the present (same rule as :func:`apply_hard_cap`)
+    (never above the present size when already over the limit). The rule holds only while
+    address space that is counted but not private (reserved, shared) stays: the runner calls
+    this when it starts serving (reservations released after warm-up would otherwise loosen
+    the cap: 35-52 MB measured for ONNX Runtime) and on every shrink *before* ``malloc_trim``
+    (whose holes are refilled without new address space). Returns the updated cap, or None
+    when this process has no ``RLIMIT_AS`` cap."""
+    cap = getattr(backend, "_hard_cap", None)
+    if not cap or cap.get("kind") != "rlimit_as":
+        return None
+    try:
+        vm, uss = _proc_self()
+        slack = malloc_free_bytes()
+        new = _set_rlimit_as(vm + max(0, int(cap["limit_bytes"]) - uss - slack))
+    except (OSError, ValueError):
+        return cap
+    cap.update(rlimit_as_bytes=new, vm_at_cap_bytes=vm, uss_at_cap_bytes=uss, malloc_free_bytes=slack,
+               recaps=int(cap.get("recaps", 0)) + 1)
+    return cap
 
 
 def cap_after_warmup(backend: Any, device_kind: str) -> dict[str, Any]:

@@ -57,6 +57,7 @@ logger = logging.getLogger("lastmile.runner")
 # device in the forkserver (a fork copies neither threads nor a CUDA context). A failing
 # import is skipped by the forkserver.
 PRELOAD = [
+    "runtime.forkserver_prep",  # first: one malloc arena before any library starts threads
     "numpy",
     "onnxruntime",
     "torch",
@@ -73,6 +74,7 @@ PRELOAD = [
     "runtime.backends.onnx_backend",
     "runtime.backends.deepspeed_backend",
     "runtime.runner_main",
+    "runtime.forkserver_gc",  # last: gc.freeze() what was preloaded (see that module)
 ]
 
 PhaseCallback = Callable[[str, dict], None]

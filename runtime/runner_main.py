@@ -157,10 +157,9 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
     # collector: a full collection writes every object's header, copying each shared page
     # into this process (measured: USS 10 -> 113 MB with no new allocation).
     gc.freeze()
-    if getattr(settings, "memory_limit_mb", None):
-        from runtime.memory_cap import tune_allocator
+    from runtime.memory_cap import tune_allocator
 
-        tune_allocator()  # before the backend starts threads: see runtime.memory_cap
+    tune_allocator(bool(getattr(settings, "memory_limit_mb", None)))  # before the backend starts threads
     send = tx.send
     send(("phase", "loading", {"pid": os.getpid()}))
     started = time.perf_counter()
@@ -221,6 +220,9 @@ def _serve(rx: Any, tx: Any, backend: Any) -> None:
         send_bytes(dumps(msg, HIGHEST_PROTOCOL))
 
     perf_counter = time.perf_counter
+    from runtime.memory_cap import recap
+
+    recap(backend)  # the memory cap, from what is mapped now that serving starts
     segments = SegmentCache()
     backlog: deque = deque()  # messages that arrived while waiting for an "out" answer
     while True:
@@ -272,6 +274,7 @@ def _serve(rx: Any, tx: Any, backend: Any) -> None:
                 segments.drop(msg[2])
                 backend.shrink()
                 gc.collect()
+                recap(backend)  # before the trim: its holes refill without new address space
                 _malloc_trim()
                 send(("ok", msg[1], None))
             except Exception as exc:  # noqa: BLE001

@@ -54,6 +54,11 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 _pool_serial = itertools.count(1)
 
 
+class PoolFull(ShmError):
+    """The pool's byte cap (``BufferPool.max_bytes``: the model's memory headroom) leaves no
+    room for this buffer even after unlinking idle ones; the batch fails alone (503)."""
+
+
 def size_class(nbytes: int) -> int:
     """The segment size a request of ``nbytes`` is served from: the next power of two, at
     least one page."""
@@ -249,6 +254,9 @@ class BufferPool:
         prefix = _SAFE.sub("_", name_prefix if name_prefix is not None else default_prefix())
         self.prefix = f"{prefix[:180]}p{next(_pool_serial)}-"
         self.max_idle_bytes = max_idle_bytes
+        # Cap on all segments (in use + idle), None = none: set by the memory manager from the
+        # model's headroom, so the pool cannot take the model past its memory_limit_mb.
+        self.max_bytes: int | None = None
         self.shm_dir = Path(shm_dir)
         if not self.shm_dir.is_dir():
             raise ShmError(f"shared memory directory {self.shm_dir} does not exist")
@@ -285,7 +293,10 @@ class BufferPool:
                 self._bytes_in_use += cls
                 return buf
             self._misses += 1
+            victims = self._room_for(cls) if self.max_bytes is not None else ()
             name = f"{self.prefix}{next(self._counter)}"
+        for victim in victims:
+            victim._destroy()
         path = self.shm_dir / name
         mm = _create_segment(path, cls)  # outside the lock: fallocate touches every page
         buf = Buffer(name, cls, mm, path)
@@ -340,6 +351,23 @@ class BufferPool:
         self._epoch += 1
         self._unlinked.append((self._epoch, buf.name))
         self._unlinked_total += 1
+
+    def _room_for(self, cls: int) -> list[Buffer]:
+        """Idle buffers to unlink (largest first) so that a new ``cls`` segment fits under
+        ``max_bytes``; raises :class:`PoolFull` when even that is not enough (lock held)."""
+        cap = self.max_bytes or 0
+        if self._bytes_in_use + cls > cap:
+            raise PoolFull(f"a {cls}-byte buffer does not fit the pool's cap of {cap} bytes "
+                           f"({self._bytes_in_use} bytes lent out): the batch is too large for the model's memory limit")
+        victims: list[Buffer] = []
+        for size in sorted(self._idle, reverse=True):
+            bucket = self._idle[size]
+            while bucket and self._bytes_in_use + self._bytes_idle + cls > cap:
+                buf = bucket.pop()
+                self._bytes_idle -= size
+                self._forget(buf)
+                victims.append(buf)
+        return victims
 
     def shrink(self, keep_bytes: int = 0) -> int:
         """Unlink idle buffers (largest first) until at most ``keep_bytes`` stay idle; returns
@@ -405,6 +433,7 @@ class BufferPool:
                 "bytes_in_use": self._bytes_in_use,
                 "bytes_idle": self._bytes_idle,
                 "max_idle_bytes": self.max_idle_bytes,
+                "max_bytes": self.max_bytes,
                 "hits": self._hits,
                 "misses": self._misses,
                 "hit_rate": (self._hits / lookups) if lookups else 1.0,
@@ -530,6 +559,7 @@ __all__ = [
     "BufferPool",
     "Layout",
     "PackedArrays",
+    "PoolFull",
     "SegmentCache",
     "cleanup_stale",
     "count_segments",

@@ -116,6 +116,38 @@ except ImportError:
 
 # ---------------------------------------------------------------- install --
 
+under_home() { case "$1" in /home/*|/root/*|/run/user/*) return 0 ;; *) return 1 ;; esac; }
+
+# The python install.sh builds the venv from. The venv's bin/python is a
+# symlink to it and its libpython is found through it, so it must be visible
+# to the service, which runs with ProtectHome=yes: root's PATH often leads to
+# a pyenv or conda python under /root (seen for real: the service then loaded
+# the distribution's libpython with pyenv's extension modules and died with
+# "undefined symbol" on `import ssl`). $PYTHON wins when set.
+build_python() {
+    local candidate resolved
+    if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return 0; fi
+    for candidate in "$(command -v python3 || true)" /usr/bin/python3 /usr/local/bin/python3; do
+        [ -n "$candidate" ] && [ -x "$candidate" ] || continue
+        resolved=$(readlink -f "$candidate")
+        if ! under_home "$resolved"; then echo "$candidate"; return 0; fi
+    done
+    return 1
+}
+
+# Refuse a venv whose interpreter lives under a home directory (see above):
+# the service would fail to start, or start on a different libpython.
+check_venv_interpreter() {
+    local cfg="$ROOT$PREFIX/pyvenv.cfg" home="" exe="" p
+    if [ -f "$cfg" ]; then home=$(sed -n 's/^home *= *//p' "$cfg" | head -n1); fi
+    if [ -z "$ROOT" ] && [ -e "$PREFIX/bin/python" ]; then exe=$(readlink -f "$PREFIX/bin/python"); fi
+    for p in "$home" "$exe"; do
+        if [ -n "$p" ] && under_home "$p/"; then
+            die "the venv in $PREFIX runs the python in $p, under a home directory; the service runs with ProtectHome=yes and cannot use it. Rebuild it from a system python: rm -rf $PREFIX && PYTHON=/usr/bin/python3 ./install.sh --system"
+        fi
+    done
+}
+
 install_venv() {
     if [ -n "$PREFIX" ]; then
         [ -x "$ROOT$PREFIX/bin/lastmile" ] || die "--venv $PREFIX has no bin/lastmile; build it with ./install.sh --prefix $PREFIX"
@@ -123,14 +155,17 @@ install_venv() {
     else
         PREFIX=$DEFAULT_PREFIX
         [ -f "$SRC/install.sh" ] || die "$SRC/install.sh not found; pass --venv DIR with a built venv"
-        say "building the venv in $PREFIX (./install.sh --prefix $PREFIX)"
-        bash "$SRC/install.sh" --prefix "$ROOT$PREFIX"
+        local py
+        py=$(build_python) || die "no python3 outside a home directory found (the service runs with ProtectHome=yes); install python3 (Debian/Ubuntu: apt install python3-venv) or set PYTHON=/path/to/python3"
+        say "building the venv in $PREFIX with $py (./install.sh --prefix $PREFIX)"
+        PYTHON="$py" bash "$SRC/install.sh" --prefix "$ROOT$PREFIX"
         [ -x "$ROOT$PREFIX/bin/lastmile" ] || die "./install.sh --prefix $PREFIX did not produce bin/lastmile"
     fi
     case "$PREFIX" in
         /home/*|/root/*|/run/user/*)
             say "warning: $PREFIX is under a home directory; the service runs with ProtectHome=yes and cannot read it" ;;
     esac
+    check_venv_interpreter
     if [ -f "$SRC/docs/systemd.md" ]; then
         install -D -m 0644 "$SRC/docs/systemd.md" "$ROOT$PREFIX/share/doc/lastmile/systemd.md"
     fi

@@ -189,3 +189,27 @@ def summarize_output(name: str, array: np.ndarray) -> str:
         top = array.reshape(-1, array.shape[-1]).argmax(axis=-1)[:8]
         line += f"\n    argmax over the last axis: {top.tolist()}{' ...' if top.size < array.size // array.shape[-1] else ''}"
     return line
+
+
+def _mib(value: Any) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def describe_estimate(data: dict[str, Any]) -> str:
+    """The daemon's dry-run answer as the load form shows it (its numbers, nothing made up)."""
+    est = data.get("estimate") or {}
+    parts = ", ".join(f"{k.removesuffix('_bytes')} {_mib(v)}" for k, v in (est.get("parts") or {}).items())
+    free = ", ".join(f"{d} {_mib(v)} free" for d, v in (data.get("free_bytes") or {}).items())
+    text = f"estimate: {_mib(est.get('total_bytes'))} on {est.get('device', '?')} ({parts or 'no breakdown'}); "
+    if data.get("fits"):
+        return text + f"fits: yes ({free or 'no free figure'})"
+    short = data.get("shortfall") or {}
+    text += (f"fits: NO ({short.get('reason', '?')} on {short.get('device', '?')}: needs {_mib(short.get('needed_bytes'))}, "
+             f"{_mib(short.get('free_bytes'))} free, limit {_mib(short.get('limit_bytes'))})")
+    options = data.get("options") or []
+    if options:
+        text += "; would fit: " + "; ".join(
+            f"{o.get('option')} {o.get('settings') or ''}".strip() + (f" (est {_mib(o['estimate_bytes'])})" if o.get("estimate_bytes") else "")
+            for o in options[:4]
+        )
+    return text

@@ -74,3 +74,11 @@ class SpecFetched(Message):
     def __init__(self, name: str, metadata: dict[str, Any] | None, error: str | None) -> None:
         super().__init__()
         self.name, self.metadata, self.error = name, metadata, error
+
+
+class EstimateReady(Message):
+    """``POST /v1/memory/estimate``: what a load would need and whether it fits now."""
+
+    def __init__(self, name: str, data: dict[str, Any] | None, error: str | None) -> None:
+        super().__init__()
+        self.name, self.data, self.error = name, data, error

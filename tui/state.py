@@ -159,4 +159,7 @@ def fmt_memory(row: dict[str, Any]) -> str:
         used = row.get("rss_bytes")
     limit = row.get("memory_limit_mb")
     text = fmt_bytes(used)
-    return f"{text} / {limit} MiB" if limit else text
+    if limit:
+        text = f"{text} / {limit} MiB"
+    estimate = memory.get("estimate_bytes") if isinstance(memory, dict) else None
+    return f"{text} (est {fmt_bytes(estimate)})" if estimate else text

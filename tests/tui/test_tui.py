@@ -81,6 +81,10 @@ async def test_load_through_the_form_shows_progress(tui_daemon: DaemonProc) -> N
             screen.select_model("demo-mlp-ds")
             screen.query_one("#f-max_batch_size").value = "4"
             screen.query_one("#f-dtype").value = "fp32"
+            # the form shows the daemon's own dry-run estimate for these settings (not a made-up number)
+            truth = await client.request("POST", "/v1/memory/estimate", {"model": "demo-mlp-ds", "parameters": {"max_batch_size": 4, "dtype": "fp32"}})
+            await wait_until(lambda: (screen.last_estimate or {}).get("estimate") == truth["estimate"], step=step, what="the estimate for batch 4")
+            assert f"{truth['estimate']['total_bytes'] / 2**20:.1f} MiB" in str(screen.query_one("#estimate").content)
             # a bad value is refused in the form, before the daemon sees it
             screen.query_one("#f-max_delay_ms").value = "-3"
             await pilot.press("l")
@@ -88,8 +92,9 @@ async def test_load_through_the_form_shows_progress(tui_daemon: DaemonProc) -> N
             assert app.focused is screen.query_one("#f-max_delay_ms")  # the bad field has the cursor
             screen.query_one("#f-max_delay_ms").value = ""
             await pilot.press("escape", "l")
-            await wait_until(lambda: screen.busy is not None, step=step, what=lambda: f"the load to start; stack {app.screen_stack}, focus {app.focused}, model {screen.query_one('#f-model').value}, errors {app.errors}, notes {[n.message for n in app._notifications]}, phase {screen.query_one('#load-phase').content}")
-            await wait_until(lambda: screen.busy is None, timeout=60, step=step, what="the load to finish")
+            phase_text = lambda: str(screen.query_one("#load-phase").content)  # noqa: E731
+            await wait_until(lambda: screen.busy is None and ("done" in phase_text() or "failed" in phase_text()), timeout=60, step=step,
+                             what=lambda: f"the load to finish; phase {phase_text()!r}, errors {app.errors}, stack {app.screen_stack}")
             assert app.errors[1:] == [], app.errors
             progress = screen.query_one("#load-progress")
             assert progress.display and progress.progress == progress.total
@@ -192,8 +197,10 @@ async def test_daemon_stop_shows_the_banner_and_recovery_clears_it(store_copy: P
             await pilot.press("m")  # other screens show it too, and nothing crashes while it is down
             await wait_until(lambda: app.screen.query_one(Banner).display, step=step, what="the banner on the models screen")
             await pilot.press("d")
-            proc = await asyncio.to_thread(start_daemon, home, store_copy)
-            await wait_until(lambda: not banner.display and app.state.connection.state == "ok", timeout=30, step=step, what="recovery")
+            # not waiting for ready: the stream answers as soon as the socket is bound, while the
+            # daemon still starts up, and the banner must clear then
+            proc = await asyncio.to_thread(start_daemon, home, store_copy, wait_ready=False)
+            await wait_until(lambda: not banner.display and app.state.connection.state == "ok", timeout=60, step=step, what="recovery")
             assert app.state.daemon["pid"] == proc.proc.pid
             assert not [e for e in app.errors if "Traceback" in e]
     finally:

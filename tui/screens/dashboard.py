@@ -26,7 +26,8 @@ def memory_gauges(memory: Any) -> list[dict[str, Any]]:
     """
     if not isinstance(memory, dict):
         return []
-    low, high = memory.get("low_watermark"), memory.get("high_watermark")
+    config = memory.get("config") if isinstance(memory.get("config"), dict) else memory
+    low, high = config.get("low_watermark"), config.get("high_watermark")
     devices = memory.get("devices") if isinstance(memory.get("devices"), dict) else memory
     specs = []
     for name, entry in devices.items():
@@ -34,10 +35,11 @@ def memory_gauges(memory: Any) -> list[dict[str, Any]]:
             continue
         budget = entry.get("budget_bytes") or entry.get("limit_bytes")
         total = entry.get("total_bytes") or budget
+        used = entry.get("used_bytes") if entry.get("used_bytes") is not None else entry.get("committed_bytes")
         specs.append({
-            "id": name, "used": entry.get("used_bytes"), "total": total, "budget": budget,
+            "id": "mem " + name, "used": used, "total": total, "budget": budget,
             "low": entry.get("low_watermark", low), "high": entry.get("high_watermark", high),
-            "text": f"{fmt_bytes(entry.get('used_bytes'))} of budget {fmt_bytes(budget)}" + (f" (total {fmt_bytes(total)})" if total and total != budget else ""),
+            "text": f"{fmt_bytes(entry.get('used_bytes'))} used, {fmt_bytes(entry.get('committed_bytes'))} committed / budget {fmt_bytes(budget)}",
         })
     return specs
 

@@ -15,17 +15,15 @@ from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, DataTable, Input, Label, ProgressBar, Select, Static
 
 from appliance.client import ApiError, ClientError
-from tui.forms import BACKENDS, DTYPES, GRAPH_FUSION, PHASES, FormError, load_parameters, phase_progress
-from tui.messages import LoadFinished, LoadProgress, StoreListed
+from tui.forms import BACKENDS, DTYPES, GRAPH_FUSION, PHASES, FormError, describe_estimate, load_parameters, phase_progress
+from tui.messages import EstimateReady, LoadFinished, LoadProgress, StoreListed
 from tui.screens.base import LastmileScreen
 from tui.screens.confirm import ConfirmScreen
 from tui.state import MonitorState
 from tui.widgets.models_table import STATE_STYLE
 
-ESTIMATE_TEXT = (
-    "Memory estimate: not available yet. The daemon offers no dry-run load (issue 4), so the TUI "
-    "cannot say before loading whether a model fits; a memory limit you set is passed to the daemon as is."
-)
+ESTIMATE_TEXT = "estimate: pick a model; the daemon's dry run (POST /v1/memory/estimate) says what it needs and whether it fits."
+ESTIMATE_DEBOUNCE_S = 0.4
 PHASE_POLL_S = 0.1
 
 
@@ -85,6 +83,7 @@ class ModelsScreen(LastmileScreen):
         super().on_mount()
         self.store: list[dict[str, Any]] = []
         self.busy: str | None = None
+        self.last_estimate: dict[str, Any] | None = None
         self._loaded_names: tuple[str, ...] | None = None
         store = self.query_one("#store", DataTable)
         store.add_columns("Model", "Format", "Backend", "Loaded", "Inputs", "Description")
@@ -192,6 +191,55 @@ class ModelsScreen(LastmileScreen):
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "f-model" and isinstance(event.value, str):
             self._prefill(event.value)
+        if (event.select.id or "").startswith("f-"):
+            self.schedule_estimate()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if (event.input.id or "").startswith("f-"):
+            self.schedule_estimate()
+
+    # --- the memory estimate (the daemon's dry run) -----------------------------------------
+
+    def schedule_estimate(self) -> None:
+        """Ask again once the operator stops typing (one request, not one per key)."""
+        timer = getattr(self, "_estimate_timer", None)
+        if timer is not None:
+            timer.stop()
+        self._estimate_timer = self.set_timer(ESTIMATE_DEBOUNCE_S, self.request_estimate)
+
+    def request_estimate(self) -> None:
+        if self.lm.read_only:
+            return
+        name = self.query_one("#f-model", Select).value
+        if not isinstance(name, str):
+            return
+        try:
+            params = load_parameters(self.form_values())
+        except FormError as exc:
+            self.query_one("#estimate", Static).update(Text(f"estimate: fix {exc.field} first ({exc.message})", style="yellow"))
+            return
+        self.fetch_estimate(name, params)
+
+    @work(group="estimate", exclusive=True, exit_on_error=False)
+    async def fetch_estimate(self, name: str, params: dict[str, Any]) -> None:
+        try:
+            data = await self.lm.client.request("POST", "/v1/memory/estimate", {"model": name, "parameters": params})
+        except ApiError as exc:
+            error = "not available from this daemon (no /v1/memory/estimate)" if exc.status == 404 and "endpoint" in exc.message else exc.message
+            self.post_message(EstimateReady(name, None, error))
+            return
+        except ClientError as exc:
+            self.post_message(EstimateReady(name, None, str(exc)))
+            return
+        self.post_message(EstimateReady(name, data, None))
+
+    def on_estimate_ready(self, message: EstimateReady) -> None:
+        self.last_estimate = message.data
+        box = self.query_one("#estimate", Static)
+        if message.data is None:
+            box.update(Text(f"estimate for {message.name}: {message.error}", style="yellow"))
+        else:
+            box.update(Text(f"{message.name}: " + describe_estimate(message.data), style="green" if message.data.get("fits") else "bold red"))
 
     # --- load / unload / reload -------------------------------------------------------------
 

@@ -1,0 +1,446 @@
+"""The benchmark: Lastmile against the in-process limit, a naive server and a peer framework,
+same model, same backend session settings, one after another on the same machine, in one run.
+
+``python -m bench`` (or ``lastmile bench``) for every model asked:
+
+1. **limit**: ``bench.limit`` in its own process, ``backend.run`` back to back at batch sizes
+   1, 2, 4... ``max_batch_size``: rows/s per batch size, and the latency of one 1-row call;
+2. **lastmile**: a fresh daemon (``lastmile serve``) on a temp socket, the model loaded with the
+   settings, closed-loop load at each client count (binary tensor extension); the batch sizes
+   it formed are read from ``GET /v1/models/{name}`` before and after;
+3. **lastmile-json**: the same daemon, the same requests as JSON tensors (what the peer gets);
+4. **naive**: ``bench.naive`` (aiohttp, same codec, one request = one forward call);
+5. **peer**: ``bench.peer_litserve`` (LitServe with the same batch size and delay), JSON.
+
+Ratios are to the limit: ``vs_limit`` = rows/s over the best in-process rows/s;
+``vs_limit_same_batch`` = rows/s over in-process rows/s at the batch size the server formed;
+``added_p50_ms`` (1 client) = p50 minus the in-process p50 of a 1-row call.
+
+Before any server, the load generator is measured against a canned-response server with the
+same request bytes (``generator`` in the JSON): a server result near that figure would be
+the generator's limit, not the server's (flagged ``generator_bound``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.common import datatypes_for, inputs_for, kind_of
+from bench.loadgen import Target, closed_loop, generator_capacity, http_request, new_event_loop, open_loop, v2_body
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS = ["demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds"]
+BACKEND_OF = {"demo-mlp": "onnxruntime", "demo-lm": "onnxruntime", "demo-mlp-ds": "deepspeed", "demo-lm-ds": "deepspeed"}
+SERVERS = ("lastmile", "lastmile-json", "naive", "peer")
+
+Progress = Callable[[str], None]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LASTMILE_", "NOTIFY_SOCKET", "LISTEN_"))}
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _http_ok(target: Target, path: str) -> bool:
+    try:
+        if target.unix:
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(1)
+            s.connect(target.unix)
+        else:
+            s = socket.create_connection((target.host, target.port), timeout=1)
+    except OSError:
+        return False
+    try:
+        s.sendall(http_request(target, "GET", path, b"").replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+        return s.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class Proc:
+    """A server process of the benchmark, stopped by its pid (process group)."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.name, self.log = name, log
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env or _env(), stdout=subprocess.DEVNULL,
+                                     stderr=open(log, "wb"), start_new_session=True)
+
+    def wait_ready(self, target: Target, path: str, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not _http_ok(target, path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log.read_text(errors='replace')[-2000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} not ready after {timeout_s:g} s: {self.log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def limit_at(limit: dict[str, Any], batch: float) -> float | None:
+    """In-process rows/s at ``batch`` rows (log-linear between the measured sizes)."""
+    import math
+
+    pts = sorted((int(k), v["rows_per_s"]) for k, v in limit["by_batch"].items())
+    if not pts or batch <= 0:
+        return None
+    if batch <= pts[0][0]:
+        return pts[0][1]
+    for (b0, r0), (b1, r1) in zip(pts, pts[1:]):
+        if b0 <= batch <= b1:
+            t = (math.log(batch) - math.log(b0)) / (math.log(b1) - math.log(b0))
+            return r0 + t * (r1 - r0)
+    return pts[-1][1]
+
+
+class Bench:
+    def __init__(self, *, models: list[str], clients: list[int], duration_s: float, warmup_s: float, servers: list[str],
+                 transport: str, settings: dict[str, Any], store: Path | None, open_rate: float | None,
+                 progress: Progress = print) -> None:
+        unknown = [s for s in servers if s not in SERVERS]
+        if unknown:
+            raise ValueError(f"--servers: unknown {unknown}; known: {', '.join(SERVERS)}")
+        if transport not in ("unix", "tcp"):
+            raise ValueError(f"--transport: got {transport!r}; allowed: unix, tcp")
+        self.models, self.clients, self.duration_s, self.warmup_s = models, clients, duration_s, warmup_s
+        self.servers, self.transport, self.settings, self.open_rate = servers, transport, settings, open_rate
+        self.progress = progress
+        self.tmp = Path(tempfile.mkdtemp(prefix="lastmile-bench-"))
+        self.store = store or self.tmp / "store"
+
+    # --- pieces ---------------------------------------------------------------------------
+
+    def model_settings(self, model: str) -> dict[str, Any]:
+        base = {"max_batch_size": 32 if kind_of(model) == "mlp" else 8, "max_delay_ms": 0.0, "threads": 1}
+        base.update(self.settings)
+        return base
+
+    def request_bytes(self, target: Target, model: str, *, binary: bool, path: str | None = None) -> bytes:
+        inputs = inputs_for(model, 1)
+        body, headers = v2_body(inputs, datatypes_for(inputs), binary=binary)
+        return http_request(target, "POST", path or f"/v2/models/{model}/infer", body, headers)
+
+    def measure_limit(self, model: str, settings: dict[str, Any]) -> dict[str, Any]:
+        top = settings["max_batch_size"]
+        batches = sorted({1, *(2 ** i for i in range(0, 13) if 2 ** i <= top), top})
+        per = max(0.3, min(1.5, self.duration_s / 2))
+        out = subprocess.run([sys.executable, "-m", "bench.limit", "--store", str(self.store), "--model", model, "--json",
+                              "--settings", json.dumps({k: v for k, v in settings.items() if k not in ("max_delay_ms",)}),
+                              "--batches", ",".join(map(str, batches)), "--duration-s", str(per)],
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"bench.limit failed for {model}: {out.stderr[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def load_runs(self, name: str, target: Target, request: bytes, stats: Callable[[], dict] | None = None) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        loop = new_event_loop()
+        try:
+            for c in self.clients:
+                before = stats() if stats else None
+                r = loop.run_until_complete(closed_loop(target, request, concurrency=c, duration_s=self.duration_s,
+                                                        warmup_s=self.warmup_s))
+                row = r.as_dict()
+                if stats and before is not None:
+                    after = stats()
+                    batches = after.get("batches", 0) - before.get("batches", 0)
+                    rows = after.get("rows", 0) - before.get("rows", 0)
+                    row["avg_batch_size"] = round(rows / batches, 3) if batches else None
+                elif name == "naive":
+                    row["avg_batch_size"] = 1.0
+                results[str(c)] = row
+                self.progress(f"  {name:<14} {c:>3} clients: {r.throughput_rps:>9.1f} req/s  p50 {r.p50_ms} ms  "
+                              f"p99 {r.p99_ms} ms  errors {r.errors}" + (f"  batch {row.get('avg_batch_size')}" if row.get("avg_batch_size") else ""))
+            if self.open_rate:
+                r = loop.run_until_complete(open_loop(target, request, rate=self.open_rate, duration_s=self.duration_s))
+                results[f"open@{self.open_rate:g}"] = r.as_dict()
+                self.progress(f"  {name:<14} open {self.open_rate:g}/s: {r.throughput_rps:.1f} req/s p50 {r.p50_ms} p99 {r.p99_ms} lag p99 {r.lag_p99_ms}")
+        finally:
+            loop.close()
+        return results
+
+    # --- servers --------------------------------------------------------------------------
+
+    def start_lastmile(self) -> tuple[Proc, Target]:
+        home = self.tmp / "lastmile"
+        (home / "run").mkdir(parents=True, exist_ok=True)
+        sock = home / "run" / "lastmile.sock"
+        server_extra = ""
+        target = Target(unix=str(sock))
+        if self.transport == "tcp":
+            token = secrets.token_hex(16)
+            token_file = home / "token"
+            token_file.write_text(token)
+            token_file.chmod(0o600)
+            port = _free_port()
+            server_extra = f'tcp_port = {port}\ntoken_file = "{token_file}"\n'
+            target = Target(host="127.0.0.1", port=port, token=token)
+        config = home / "lastmile.toml"
+        config.write_text(f'[server]\nsocket = "{sock}"\nlog_level = "warning"\n{server_extra}'
+                          f'[store]\nmodels_dir = "{self.store}"\nstate_file = "{home / "state.json"}"\nbuild_demo = false\n')
+        env = _env()
+        env["HOME"] = str(home)
+        proc = Proc("lastmile", [sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)], home / "daemon.log", env)
+        proc.wait_ready(target, "/v2/health/ready")
+        return proc, target
+
+    def _control(self, target: Target, method: str, path: str, body: Any = None) -> Any:
+        """A control call over a Unix socket or TCP with the same raw client (no aiohttp needed)."""
+        async def go() -> Any:
+            from bench.loadgen import read_response
+
+            reader, writer = await target.connect()
+            data = json.dumps(body).encode() if body is not None else b""
+            writer.write(http_request(target, method, path, data, {"Content-Type": "application/json"}))
+            status, payload = await read_response(reader)
+            writer.close()
+            if status >= 400:
+                raise RuntimeError(f"{method} {path}: HTTP {status}: {payload[:500].decode(errors='replace')}")
+            return json.loads(payload) if payload else None
+
+        loop = new_event_loop()
+        try:
+            return loop.run_until_complete(go())
+        finally:
+            loop.close()
+
+    # --- the run ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        if not (self.store / "demo-mlp").exists():
+            self.progress(f"building the demo models in {self.store}")
+            from models.demo import build_demo
+
+            build_demo(self.store)
+        result: dict[str, Any] = {"meta": self.meta(), "models": {}}
+        gen_target = Target(unix="/x")
+        req = self.request_bytes(gen_target, self.models[0], binary=True)
+        loop = new_event_loop()
+        try:
+            capacity = loop.run_until_complete(generator_capacity(req, b"x" * 300, concurrency=max(self.clients), duration_s=1.0))
+        finally:
+            loop.close()
+        result["generator"] = capacity.as_dict()
+        self.progress(f"load generator alone (canned server, {max(self.clients)} clients): {capacity.throughput_rps:.0f} req/s")
+        lastmile: tuple[Proc, Target] | None = None
+        try:
+            for model in self.models:
+                settings = self.model_settings(model)
+                self.progress(f"{model} ({BACKEND_OF.get(model, '?')}), settings {settings}")
+                entry: dict[str, Any] = {"backend": BACKEND_OF.get(model), "settings": settings, "servers": {}}
+                entry["limit"] = limit = self.measure_limit(model, settings)
+                self.progress(f"  {'limit':<14} best {limit['best_rows_per_s']:.0f} rows/s at batch {limit['best_batch']}; "
+                              f"1-row call p50 {limit['one_call_p50_ms']} ms")
+                if {"lastmile", "lastmile-json"} & set(self.servers):
+                    if lastmile is None:
+                        lastmile = self.start_lastmile()
+                    proc, target = lastmile
+                    self._control(target, "POST", f"/v2/repository/models/{model}/load", {"parameters": settings})
+
+                    def stats(target: Target = target, model: str = model) -> dict:
+                        return self._control(target, "GET", f"/v1/models/{model}")["batcher"]
+
+                    for name, binary in (("lastmile", True), ("lastmile-json", False)):
+                        if name in self.servers:
+                            entry["servers"][name] = self.load_runs(name, target, self.request_bytes(target, model, binary=binary), stats)
+                    self._control(target, "POST", f"/v2/repository/models/{model}/unload", {})
+                if "naive" in self.servers:
+                    target, proc = self._start_naive(model, settings)
+                    try:
+                        entry["servers"]["naive"] = self.load_runs("naive", target, self.request_bytes(target, model, binary=True))
+                    finally:
+                        proc.stop()
+                if "peer" in self.servers:
+                    target, proc = self._start_peer(model, settings)
+                    try:
+                        entry["servers"]["peer"] = self.load_runs("peer", target, self.request_bytes(target, model, binary=False))
+                    finally:
+                        proc.stop()
+                self.ratios(entry, capacity.throughput_rps)
+                result["models"][model] = entry
+        finally:
+            if lastmile is not None:
+                lastmile[0].stop()
+        result["meta"]["wall_s"] = round(time.time() - started, 1)
+        result["meta"]["loadavg_end"] = os.getloadavg()
+        return result
+
+    def _start_naive(self, model: str, settings: dict[str, Any]) -> tuple[Target, Proc]:
+        argv = [sys.executable, "-m", "bench.naive", "--store", str(self.store), "--model", model, "--settings", json.dumps(settings)]
+        if self.transport == "tcp":
+            port = _free_port()
+            target = Target(host="127.0.0.1", port=port)
+            argv += ["--port", str(port)]
+        else:
+            path = str(self.tmp / f"naive-{model}.sock")
+            target = Target(unix=path)
+            argv += ["--socket", path]
+        proc = Proc("naive", argv, self.tmp / f"naive-{model}.log")
+        proc.wait_ready(target, "/v2/health/ready")
+        return target, proc
+
+    def _start_peer(self, model: str, settings: dict[str, Any]) -> tuple[Target, Proc]:
+        port = _free_port()
+        target = Target(host="127.0.0.1", port=port)  # LitServe listens on TCP only
+        argv = [sys.executable, "-m", "bench.peer_litserve", "--store", str(self.store), "--model", model,
+                "--settings", json.dumps({k: v for k, v in settings.items() if k not in ("max_batch_size", "max_delay_ms")}),
+                "--port", str(port), "--max-batch-size", str(settings["max_batch_size"]),
+                "--batch-timeout-ms", str(settings["max_delay_ms"])]
+        proc = Proc("peer", argv, self.tmp / f"peer-{model}.log")
+        proc.wait_ready(target, "/health")
+        return target, proc
+
+    @staticmethod
+    def ratios(entry: dict[str, Any], generator_rps: float) -> None:
+        limit = entry["limit"]
+        best = limit["best_rows_per_s"]
+        for name, runs in entry["servers"].items():
+            for key, row in runs.items():
+                row["vs_limit"] = round(row["rows_per_s"] / best, 4) if best else None
+                batch = row.get("avg_batch_size")
+                same = limit_at(limit, batch) if batch else None
+                row["limit_same_batch_rows_per_s"] = round(same, 1) if same else None
+                row["vs_limit_same_batch"] = round(row["rows_per_s"] / same, 4) if same else None
+                if row.get("concurrency") == 1 and row.get("p50_ms") is not None:
+                    row["added_p50_ms"] = round(row["p50_ms"] - limit["one_call_p50_ms"], 4)
+                row["generator_bound"] = bool(generator_rps and row["throughput_rps"] > 0.5 * generator_rps)
+
+    def meta(self) -> dict[str, Any]:
+        import importlib.metadata as md
+
+        versions = {}
+        for pkg in ("aiohttp", "onnxruntime", "torch", "deepspeed", "litserve", "uvloop", "numpy"):
+            try:
+                versions[pkg] = md.version(pkg)
+            except md.PackageNotFoundError:
+                versions[pkg] = None
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            commit = ""
+        return {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "cpus": os.cpu_count(),
+                "python": platform.python_version(), "versions": versions, "commit": commit, "loadavg_start": os.getloadavg(),
+                "clients": self.clients, "duration_s": self.duration_s, "transport": self.transport, "servers": self.servers,
+                "argv": sys.argv}
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: per model, throughput at the largest client count and added latency at 1."""
+    clients = result["meta"]["clients"]
+    hi, lo = str(max(clients)), str(min(clients))
+    servers = [s for s in SERVERS if s in result["meta"]["servers"]]
+    head = ["model", "backend", "limit rows/s (batch)"] + [f"{s} @{hi} req/s (x limit)" for s in servers]
+    head += [f"lastmile batch @{hi}", f"lastmile x limit same batch", f"p50 ms @{lo}: limit / " + " / ".join(servers)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, e in result["models"].items():
+        lim = e["limit"]
+        cells = [model, e["backend"] or "", f"{lim['best_rows_per_s']:.0f} ({lim['best_batch']})"]
+        for s in servers:
+            r = e["servers"].get(s, {}).get(hi)
+            cells.append(f"{r['throughput_rps']:.0f} ({r['vs_limit']:.2f})" if r else "-")
+        lm = e["servers"].get("lastmile", {}).get(hi, {})
+        cells.append(f"{lm.get('avg_batch_size')}" if lm else "-")
+        cells.append(f"{lm['vs_limit_same_batch']:.2f}" if lm.get("vs_limit_same_batch") else "-")
+        p50s = [f"{lim['one_call_p50_ms']:.3f}"]
+        for s in servers:
+            r = e["servers"].get(s, {}).get(lo)
+            p50s.append(f"{r['p50_ms']:.3f}" if r and r.get("p50_ms") is not None else "-")
+        cells.append(" / ".join(p50s))
+        lines.append("| " + " | ".join(cells) + " |")
+    gen = result.get("generator") or {}
+    lines.append("")
+    lines.append(f"Load generator alone against a canned-response server: {gen.get('throughput_rps', 0):.0f} req/s at "
+                 f"{gen.get('concurrency')} clients. Load average {result['meta']['loadavg_start'][0]:.1f} at the start.")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "python -m bench") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated store names (default: the four demo models)")
+    p.add_argument("--clients", default="1,64", help="closed-loop client counts (default 1,64)")
+    p.add_argument("--duration-s", type=float, default=5.0, help="seconds measured per run (default 5)")
+    p.add_argument("--warmup-s", type=float, default=1.0)
+    p.add_argument("--servers", default=",".join(SERVERS), help=f"subset of {','.join(SERVERS)}")
+    p.add_argument("--transport", default="unix", choices=["unix", "tcp"], help="how the load reaches Lastmile and the naive server")
+    p.add_argument("--settings", default="{}", help='JSON settings for every model, e.g. \'{"max_delay_ms": 1}\'')
+    p.add_argument("--store", help="model store (default: demo models built in a temp dir)")
+    p.add_argument("--open-rate", type=float, help="also run open loop at this many requests/s")
+    p.add_argument("--out", help="write the raw JSON here (e.g. bench/results/last.json)")
+    p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    try:
+        settings = json.loads(args.settings)
+        if not isinstance(settings, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        print(f"bench: --settings must be a JSON object: {exc}", file=sys.stderr)
+        return 2
+    bench = Bench(models=[m for m in args.models.split(",") if m], clients=[int(c) for c in args.clients.split(",") if c],
+                  duration_s=args.duration_s, warmup_s=args.warmup_s, servers=[s for s in args.servers.split(",") if s],
+                  transport=args.transport, settings=settings, store=Path(args.store) if args.store else None,
+                  open_rate=args.open_rate, progress=(lambda m: print(m, file=sys.stderr, flush=True)))
+    try:
+        result = bench.run()
+    finally:
+        bench.close()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1) if args.json else table(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_from_args(parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""The benchmark harness works end to end (seconds, default suite): the load generator against
+a canned server and against a real daemon over the Unix socket and TCP, the in-process limit,
+the naive server, and the whole `bench.run` on one model with every server, peer included.
+Numbers are not checked against targets here (a shared CI box is too noisy); the real
+benchmark is `pytest -m slow tests/perf` or `lastmile bench`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.loadgen import Target, closed_loop, generator_capacity, http_request, open_loop, read_response, v2_body
+from bench.run import Bench, limit_at, table
+from models.demo import example_inputs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_generator_counts_requests_and_errors_against_a_canned_server():
+    req = http_request(Target(unix="/x"), "POST", "/v2/models/m/infer", b"{}")
+    result = await generator_capacity(req, b"y" * 100, concurrency=4, duration_s=0.3)
+    assert result.requests > 50 and result.errors == 0
+    assert result.p50_ms is not None and result.p50_ms <= result.p99_ms <= result.max_ms
+
+
+async def test_loadgen_against_a_real_daemon_unix_and_open_loop(daemon):
+    target = Target(unix=str(daemon.socket))
+    reader, writer = await target.connect()
+    writer.write(http_request(target, "POST", "/v2/repository/models/demo-mlp/load", b"{}"))
+    status, _ = await read_response(reader)
+    writer.close()
+    assert status == 200
+    inputs = example_inputs("mlp", 1)
+    body, headers = v2_body(inputs, {"input": "FP32"})
+    req = http_request(target, "POST", "/v2/models/demo-mlp/infer", body, headers)
+    closed = await closed_loop(target, req, concurrency=4, duration_s=0.5, warmup_s=0.1)
+    assert closed.requests > 10 and closed.errors == 0
+    opened = await open_loop(target, req, rate=100, duration_s=0.3)
+    assert opened.requests == 30 and opened.errors == 0 and opened.lag_p99_ms is not None
+    # errors are counted, not hidden: a model that is not loaded answers 404
+    bad = http_request(target, "POST", "/v2/models/nope/infer", body, headers)
+    failed = await closed_loop(target, bad, concurrency=2, duration_s=0.2, warmup_s=0.0)
+    assert failed.errors > 0 and failed.requests == 0 and "HTTP 404" in failed.error_samples[0]
+
+
+def test_limit_interpolates_between_measured_batches():
+    limit = {"by_batch": {"1": {"rows_per_s": 100.0}, "4": {"rows_per_s": 300.0}, "16": {"rows_per_s": 500.0}}}
+    assert limit_at(limit, 1) == 100.0
+    assert limit_at(limit, 2) == pytest.approx(200.0)
+    assert limit_at(limit, 8) == pytest.approx(400.0)
+    assert limit_at(limit, 64) == 500.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("litserve") is None, reason="the peer (litserve, dev extra) is not installed")
+def test_bench_run_one_model_every_server_tcp(demo_store: Path):
+    """`bench.run` on demo-mlp: limit, Lastmile (binary and JSON), naive, LitServe; TCP for
+    Lastmile (bearer token) and the naive server."""
+    lines: list[str] = []
+    bench = Bench(models=["demo-mlp"], clients=[1, 4], duration_s=0.4, warmup_s=0.1, servers=["lastmile", "lastmile-json", "naive", "peer"],
+                  transport="tcp", settings={"max_batch_size": 8}, store=demo_store, open_rate=None, progress=lines.append)
+    try:
+        result = bench.run()
+    finally:
+        bench.close()
+    entry = result["models"]["demo-mlp"]
+    assert entry["limit"]["best_rows_per_s"] > 0 and set(entry["limit"]["by_batch"]) == {"1", "2", "4", "8"}
+    for server in ("lastmile", "lastmile-json", "naive", "peer"):
+        for clients in ("1", "4"):
+            row = entry["servers"][server][clients]
+            assert row["requests"] > 0 and row["errors"] == 0, (server, clients, row["error_samples"])
+            assert row["vs_limit"] > 0
+        assert entry["servers"][server]["1"]["added_p50_ms"] is not None
+    assert entry["servers"]["lastmile"]["4"]["avg_batch_size"] >= 1
+    assert entry["servers"]["lastmile"]["4"]["vs_limit_same_batch"] > 0
+    text = table(result)
+    assert "| demo-mlp | onnxruntime |" in text and "peer @4" in text
+    json.dumps(result)  # the raw result is JSON as is

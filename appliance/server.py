@@ -159,7 +159,7 @@ async def serve(config: Config) -> None:
     loop.add_signal_handler(signal.SIGHUP, daemon.reload_config)
 
     cleanup_stale()
-    watchdog = sdnotify.Watchdog.start(lambda: True)
+    watchdog = sdnotify.Watchdog.start(daemon.manager.governor.supervise(sdnotify.Heartbeat(max_age_s=20.0)))  # stuck runner supervision: no pings
     startup = asyncio.create_task(_start_serving(daemon))
     startup.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
     try:

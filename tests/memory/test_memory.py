@@ -294,12 +294,12 @@ async def test_over_limit_load_peak_stays_within_5_percent_and_ladder_runs(daemo
     big = example_inputs("lm", 128, seq=64)
     statuses: list[int] = []
     with FootprintWatch(pid, prefix) as watch:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        started = time.monotonic()
+        while time.monotonic() < started + 30:
             results = await asyncio.gather(*(infer_binary(daemon, "demo-lm", big) for _ in range(3)))
             statuses += [s for s, _ in results]
             events = await events_since(daemon, seq)
-            if "lower_batch" in ladder_steps(events, "demo-lm") and len(statuses) >= 12:
+            if "lower_batch" in ladder_steps(events, "demo-lm") and time.monotonic() > started + 5:
                 break
     events = await events_since(daemon, seq)
     steps = ladder_steps(events, "demo-lm")
@@ -316,6 +316,9 @@ async def test_over_limit_load_peak_stays_within_5_percent_and_ladder_runs(daemo
     assert 0 < peak["total_bytes"] <= 1.05 * limit, (
         f"peak {peak['total_bytes'] / MB:.1f} MB (private {peak['private_bytes'] / MB:.1f} + pool "
         f"{peak['pool_bytes'] / MB:.1f}) for a {limit / MB:.0f} MB limit")
+    print(f"\npeak footprint {peak['total_bytes'] / MB:.1f} MB (private {peak['private_bytes'] / MB:.1f} + pool "
+          f"{peak['pool_bytes'] / MB:.1f}) for a {limit / MB:.0f} MB limit, {watch.samples} samples, statuses "
+          f"{ {s: statuses.count(s) for s in set(statuses)} }, steps {steps}")
     assert peak["total_bytes"] > 0.8 * limit  # the load really pressed against the limit
     assert daemon.proc.poll() is None
     _, model, _ = await api(daemon, "GET", "/v1/models/demo-lm")

@@ -23,8 +23,8 @@ RELOAD_NOTE = "max batch size and max delay apply at once; graph fusion and memo
 
 
 class TuneScreen(LastmileScreen):
-    BINDINGS = [Binding("a", "apply", "Apply"), Binding("z", "revert", "Revert form")]
-    MUTATING_ACTIONS = ("apply",)
+    BINDINGS = [Binding("a", "apply", "Apply"), Binding("z", "revert", "Revert form"), Binding("t", "autotune", "Auto-tune")]
+    MUTATING_ACTIONS = ("apply", "autotune")
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="tune-body"):
@@ -44,6 +44,7 @@ class TuneScreen(LastmileScreen):
                 with Horizontal(id="tune-buttons", classes="mutating"):
                     yield Button("Apply", variant="success", id="b-apply")
                     yield Button("Revert", id="b-revert")
+                    yield Button("Auto-tune", id="b-autotune")
                 yield Static("", id="tune-result")
             with Vertical(id="tune-live"):
                 yield Label("Live figures", classes="section")
@@ -175,6 +176,50 @@ class TuneScreen(LastmileScreen):
             self.action_apply()
         elif event.button.id == "b-revert":
             self.action_revert()
+        elif event.button.id == "b-autotune":
+            self.action_autotune()
+
+    # --- the auto-tuner (appliance.autotune): a sweep under load, the best setting applied ---
+
+    def action_autotune(self) -> None:
+        if not self.lm.writable("auto-tune a model"):
+            return
+        name = self.model_name
+        if name is None or self.lm.state.model(name) is None:
+            self.lm.report_error("pick a loaded model to auto-tune")
+            return
+        self.app.push_screen(
+            ConfirmScreen(f"Auto-tune sends load to {name} and reloads it for fusion/threads trials "
+                          "(pauses in serving), then applies the best setting. Go on?", "Auto-tune"),
+            lambda yes: yes and self.run_autotune(name),
+        )
+
+    @work(group="autotune", exclusive=True, exit_on_error=False)
+    async def run_autotune(self, name: str) -> None:
+        from appliance.autotune import Tuner, format_table
+
+        out = self.query_one("#tune-result", Static)
+        lines: list[str] = []
+
+        def progress(event: dict[str, Any]) -> None:
+            if event["event"] == "start":
+                lines.append(f"auto-tuning {name}: {event['total']} trials")
+            elif event["event"] == "trial":
+                t = event["trial"]
+                s = t["settings"]
+                lines.append(f"[{event['index']}/{event['total']}] batch {s['max_batch_size']} delay {s['max_delay_ms']:g} "
+                             f"{s['graph_fusion']} threads {s['threads']}: {t['rows_per_s']:.0f} rows/s p99 {t['p99_ms']} ms"
+                             + (f" ({t['error']})" if t["error"] else ""))
+            out.update("\n".join(lines[-8:]))
+
+        try:
+            result = await Tuner(self.lm.client, name, clients=16, duration_s=1.0, progress=progress).run(apply=True)
+        except (ClientError, ValueError) as exc:
+            out.update(Text(f"auto-tune failed: {exc}", style="red"))
+            return
+        out.update(format_table(result))
+        if result.best is not None:
+            self.fill({**(self.lm.state.model(name) or {}).get("settings", {}), **result.best.settings})
 
     @work(group="tune", exclusive=True, exit_on_error=False)
     async def send_tune(self, name: str, changes: dict[str, Any]) -> None:

@@ -133,7 +133,7 @@ done
 
 in_c() { nsenter -t "$LEADER" -a env -i PATH="$CPATH" HOME=/root LANG=C.UTF-8 "$@"; }
 # curl_c PATH [curl args...]: HTTP status on stdout, body in $W/body
-curl_c() { local p="$1"; shift; in_c curl -s -o /dev/stdout -w '\n%{http_code}' --max-time 300 --unix-socket "$SOCK" "$@" "http://localhost$p" >"$W/resp" 2>/dev/null; sed '$d' "$W/resp" >"$W/body"; tail -n1 "$W/resp"; }
+curl_c() { local p="$1"; shift; in_c curl -s -w '\n%{http_code}' --max-time 300 --unix-socket "$SOCK" "$@" "http://localhost$p" >"$W/resp" 2>/dev/null; sed '$d' "$W/resp" >"$W/body"; tail -n1 "$W/resp"; }
 
 # Right after the start systemctl cannot reach the container's manager yet.
 state=""
@@ -187,7 +187,7 @@ wait_model() { # wait_model NAME SECONDS: /v2/models/NAME/ready answers 200
     return 1
 }
 
-check "lastmile.socket is listening" test "$(prop lastmile.socket SubState)" = listening
+check "lastmile.socket is active" test "$(prop lastmile.socket ActiveState)" = active
 check "lastmile.service reached active (READY=1) within 300 s" wait_active 300
 check "both units enabled" test "$(in_c systemctl is-enabled lastmile.socket lastmile.service | sort -u)" = enabled
 log "systemctl status lastmile.service:"

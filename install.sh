@@ -6,6 +6,7 @@
 #   ./install.sh --hf            ... plus the Hugging Face extra (transformers, safetensors)
 #   ./install.sh --system        as root: /opt/lastmile, /etc/lastmile, systemd units (see systemd/)
 #   ./install.sh --system --uninstall [--purge]
+#   ./install.sh --system [--venv DIR] [--no-start]   (reuse a venv; install without starting)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,8 +26,9 @@ while [ $# -gt 0 ]; do
     --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; prefix="$2"; shift ;;
     --prefix=*) prefix="${1#--prefix=}" ;;
     --system) system=1 ;;
-    --uninstall|--purge) system_args+=("$1") ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    --uninstall|--purge|--no-start) system_args+=("$1") ;;
+    --venv) [ $# -ge 2 ] || die "--venv needs a directory"; system_args+=("$1" "$2"); shift ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
   shift

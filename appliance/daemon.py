@@ -31,6 +31,7 @@ class Daemon:
         self.ready = False
         self.status = "starting"
         self._system: dict[str, Any] | None = None
+        self.unrestored: dict[str, dict[str, Any]] = {}  # in the state file, failed to restore
 
     def reload_config(self) -> None:
         """SIGHUP: read the config file again. An invalid file is reported and the running
@@ -62,7 +63,10 @@ class Daemon:
     def save_state(self) -> None:
         """Persist what is loaded. A failure (disk full) keeps the old file and is an event,
         never a crash: serving goes on."""
-        models = {name: m.overrides for name, m in self.manager.models.items() if m.state != "unloading"}
+        for name in self.manager.models:
+            self.unrestored.pop(name, None)
+        loaded = {name: m.overrides for name, m in self.manager.models.items() if m.state != "unloading"}
+        models = {**self.unrestored, **loaded}
         try:
             write_state(self.config.store["state_file"], models)
         except OSError as exc:
@@ -70,10 +74,14 @@ class Daemon:
 
     async def restore(self, notify_status: Any = None) -> None:
         """Load what the state file lists. A model that fails is reported, not fatal."""
+        path = self.config.store["state_file"]
         try:
-            wanted = read_state(self.config.store["state_file"])
+            wanted = read_state(path)
         except StateError as exc:
-            self.events.record("state_unreadable", str(exc), level="error")
+            # Set aside, not overwritten by the next save: the operator can still read it.
+            aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+            path.rename(aside)
+            self.events.record("state_unreadable", f"{exc}; moved to {aside}, starting with nothing loaded", level="error")
             return
         for i, (name, overrides) in enumerate(wanted.items(), 1):
             self.status = f"restoring {name} ({i}/{len(wanted)})"
@@ -82,7 +90,14 @@ class Daemon:
             try:
                 await self.manager.load(name, overrides)
             except Exception as exc:  # noqa: BLE001 - one bad model must not stop the others
-                self.events.record("restore_failed", f"could not restore {name}: {exc}", model=name, level="error")
+                self.unrestored[name] = overrides
+                self.events.record(
+                    "restore_failed",
+                    f"could not restore {name}: {exc}; kept in the state file and tried again at the next start "
+                    f"(`lastmile unload {name}` forgets it)",
+                    model=name,
+                    level="error",
+                )
         self.save_state()
 
     def build_demo_if_empty(self) -> list[str]:

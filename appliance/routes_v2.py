@@ -148,5 +148,10 @@ async def repository_load(request: web.Request) -> web.Response:
 @routes.post("/v2/repository/models/{name}/unload")
 async def repository_unload(request: web.Request) -> web.Response:
     await read_json(request, required=False)
-    await daemon_of(request).manager.unload(request.match_info["name"])
+    daemon, name = daemon_of(request), request.match_info["name"]
+    if name not in daemon.manager.models and name in daemon.unrestored:
+        del daemon.unrestored[name]  # a model that failed to restore: forget it
+        daemon.save_state()
+        return web.json_response({})
+    await daemon.manager.unload(name)
     return web.json_response({})

@@ -23,7 +23,7 @@ from models.spec import Manifest
 from models.store import ModelStore
 from runtime.backends import resolve_backend
 from runtime.batcher import Batcher
-from runtime.errors import InferenceError, LoadError, ModelUnavailable
+from runtime.errors import BatchTooLarge, InferenceError, LoadError, ModelUnavailable
 from runtime.events import EventLog
 from runtime.memory import POOL_IDLE_SHARE, MemoryGovernor, MemoryPressure, ModelMemory
 from runtime.runner import Runner
@@ -292,6 +292,13 @@ class ModelManager:
         started = time.perf_counter()
         try:
             outputs, info = await model.batcher.submit(inputs)
+        except BatchTooLarge as exc:
+            model.failures += 1
+            if model.memory.effective_max_batch is not None and exc.rows <= model.settings.max_batch_size:
+                # queued before the ladder lowered the batch size: it fits again after recovery
+                raise MemoryPressure(f"model {name!r} lowered its max_batch_size to {model.memory.effective_max_batch} "
+                                     f"under memory pressure; this request has {exc.rows} rows: retry later or split it") from exc
+            raise
         except PoolFull as exc:
             model.failures += 1
             self.governor.note_cap_hit(model)

@@ -755,6 +755,9 @@ class MemoryGovernor:
         model.memory.cap_hits += 1
         model.memory.cap_hit_pending = True
         model.memory.under_since = None
+        # A buffer lent for the failed batch (often the one the runner could not map) would
+        # now sit idle outside the runner's cap, on top of a runner at its limit: unlink.
+        model.pool.shrink()
 
     def _recover(self, model: "LoadedModel", now: float) -> None:
         mem = model.memory

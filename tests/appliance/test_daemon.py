@@ -4,6 +4,7 @@ daemon, stale sockets, SIGTERM drain, state restore."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -106,8 +107,23 @@ async def test_model_that_fails_to_restore_is_reported_not_fatal(store_copy: Pat
             assert (await client.model("demo-mlp"))["state"] == "ready"
             failed = [e for e in await client.events() if e["kind"] == "restore_failed"]
             assert failed and "no-such-model" in failed[0]["message"]
+            state = json.loads((home / "state.json").read_text())["models"]
+            assert set(state) == {"no-such-model", "demo-mlp"}, "a failed restore stays in the state for the next start"
+            await client.unload("no-such-model")
+            assert set(json.loads((home / "state.json").read_text())["models"]) == {"demo-mlp"}
     finally:
         d.stop()
+
+
+def test_unreadable_state_is_set_aside_not_overwritten(demo_store: Path, tmp_path: Path) -> None:
+    home = tmp_path / "d"
+    home.mkdir()
+    (home / "state.json").write_text('{"version": 1, "models": {"demo-mlp": {}')  # cut short
+    d = start_daemon(home, demo_store)
+    d.stop()
+    aside = list(home.glob("state.json.unreadable-*"))
+    assert len(aside) == 1 and aside[0].read_text().startswith('{"version": 1')
+    assert "moved to" in d.log_text()
 
 
 def test_first_start_on_empty_store_builds_demo_and_journal_mode_drops_timestamps(tmp_path: Path) -> None:

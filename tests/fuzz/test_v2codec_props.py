@@ -172,7 +172,7 @@ MUTATIONS = [
     "fixed_dim", "extra_dim", "negative_dim", "shape_not_ints", "datatype", "unknown_name", "duplicate",
     "missing_input", "drop_value", "extra_value", "size_off", "trailing_bytes", "truncated_binary",
     "int_out_of_range", "float_for_int", "string_value", "batch_mismatch", "unknown_output", "id_not_string",
-    "data_and_binary", "no_data", "bool_byte",
+    "data_and_binary", "no_data", "bool_byte", "float_out_of_range",
 ]
 
 
@@ -282,6 +282,15 @@ def _mutate(case: Case, mutation: str, draw_index: int) -> tuple[dict[str, Any],
             return None  # removing a binary tensor's size shifts the others; covered by size_off
         del t["data"]
         return header, binary, f"{where}.data"
+    if mutation == "float_out_of_range":
+        narrow = [k for k in json_positions if tensors[k]["datatype"] in ("FP16", "FP32", "BF16")]
+        if not narrow:
+            return None
+        t = tensors[narrow[0]]
+        flat = [v for v in np.asarray(t["data"], dtype=object).reshape(-1)]
+        flat[0] = 1e300  # finite in JSON, past the type's range: was silently inf
+        t["data"] = flat
+        return header, binary, f"inputs[{narrow[0]}].data"
     if mutation == "bool_byte":
         positions = [k for k in binary_positions if tensors[k]["datatype"] == "BOOL"]
         if not positions:
@@ -416,11 +425,12 @@ def test_any_bytes_split_cleanly(scale: int) -> None:
 
 def test_every_mutation_is_exercised() -> None:
     """Each kind of mistake applies to some valid request (else the property proves nothing)."""
-    spec = (TensorSpec("a", "INT8", (-1, 2)), TensorSpec("b", "BOOL", (-1, 2)), TensorSpec("c", "FP32", (-1, 3)))
+    spec = (TensorSpec("a", "INT8", (-1, 2)), TensorSpec("b", "BOOL", (-1, 2)), TensorSpec("c", "FP32", (-1, 3)), TensorSpec("d", "FP16", (-1,)))
     case = Case(
         specs=spec,
-        arrays={"a": np.array([[1, 2]], np.int8), "b": np.array([[True, False]]), "c": np.zeros((1, 3), np.float32)},
-        binary={"a": False, "b": True, "c": True}, nested={"a": False, "b": False, "c": False}, order=["a", "b", "c"], outputs=["y"],
+        arrays={"a": np.array([[1, 2]], np.int8), "b": np.array([[True, False]]), "c": np.zeros((1, 3), np.float32), "d": np.ones(1, np.float16)},
+        binary={"a": False, "b": True, "c": True, "d": False}, nested={"a": False, "b": False, "c": False, "d": False},
+        order=["a", "b", "c", "d"], outputs=["y"],
     )
     for mutation in MUTATIONS:
         assert any(_mutate(case, mutation, i) is not None for i in range(3)), mutation

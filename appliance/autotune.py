@@ -65,7 +65,7 @@ class TuneResult:
 def sample_request(metadata: dict[str, Any], rows: int = 1, seq: int = 16) -> tuple[bytes, dict[str, str]]:
     """A V2 binary infer body for the model's inputs: ``rows`` rows, other variable dims
     ``seq``; integers in [0, 64) (valid token ids for any vocabulary), floats normal."""
-    from bench.loadgen import v2_body
+    from appliance.v2codec import encode_request
 
     rng = np.random.default_rng(0)
     inputs, types = {}, {}
@@ -79,7 +79,7 @@ def sample_request(metadata: dict[str, Any], rows: int = 1, seq: int = 16) -> tu
         else:
             arr = rng.standard_normal(shape).astype(dtype)
         inputs[spec["name"]], types[spec["name"]] = arr, spec["datatype"]
-    return v2_body(inputs, types, binary=True)
+    return encode_request(inputs, types, binary=True)
 
 
 def target_for(client: LastmileClient) -> Any:

@@ -12,9 +12,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from models.spec import V2_TO_NUMPY
-
-HEADER_LENGTH = "Inference-Header-Content-Length"
+from appliance.v2codec import HEADER_LENGTH, decode_response, encode_request
 
 
 class ClientError(Exception):
@@ -130,41 +128,14 @@ class LastmileClient:
 
         ``binary`` uses the binary tensor data extension both ways (no float text round trip).
         """
-        tensors, chunks = [], []
-        for tensor_name, array in inputs.items():
-            entry: dict[str, Any] = {"name": tensor_name, "datatype": datatypes[tensor_name], "shape": list(array.shape)}
-            if binary:
-                raw = np.ascontiguousarray(array).tobytes()
-                entry["parameters"] = {"binary_data_size": len(raw)}
-                chunks.append(raw)
-            else:
-                entry["data"] = array.reshape(-1).tolist()
-            tensors.append(entry)
-        header: dict[str, Any] = {"inputs": tensors}
-        if binary:
-            header["parameters"] = {"binary_data_output": True}
-        text = json.dumps(header).encode()
+        body, headers = encode_request(inputs, datatypes, binary=binary)
         started = time.perf_counter()
-        status, headers, payload = await self._raw(
-            "POST", f"/v2/models/{name}/infer", data=text + b"".join(chunks),
-            headers={HEADER_LENGTH: str(len(text)), "Content-Type": "application/octet-stream"} if binary else {"Content-Type": "application/json"},
-        )
+        status, response_headers, payload = await self._raw("POST", f"/v2/models/{name}/infer", data=body, headers=headers)
         elapsed = time.perf_counter() - started
         if status >= 400:
             err = json.loads(payload) if payload.startswith(b"{") else {"error": payload.decode(errors="replace")}
             raise ApiError(status, err.get("error", f"HTTP {status}"), err.get("field"))
-        split = int(headers.get(HEADER_LENGTH, len(payload)))
-        body = json.loads(payload[:split])
-        outputs, offset = {}, split
-        for out in body["outputs"]:
-            dtype = V2_TO_NUMPY[out["datatype"]]
-            size = (out.get("parameters") or {}).get("binary_data_size")
-            if size is not None:
-                outputs[out["name"]] = np.frombuffer(payload, dtype=dtype, count=size // dtype.itemsize, offset=offset).reshape(out["shape"])
-                offset += size
-            else:
-                outputs[out["name"]] = np.asarray(out["data"], dtype=dtype).reshape(out["shape"])
-        params = dict(body.get("parameters") or {})
+        outputs, params = decode_response(payload, response_headers.get(HEADER_LENGTH))
         params["client_ms"] = round(elapsed * 1000, 3)
         return outputs, params
 

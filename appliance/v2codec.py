@@ -276,6 +276,44 @@ def encode_response(
     return b"".join([text, *chunks]), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(text))}
 
 
+def encode_request(inputs: dict[str, np.ndarray], datatypes: dict[str, str], *, binary: bool = True) -> tuple[bytes, dict[str, str]]:
+    """A client's V2 infer body and headers: the binary tensor extension both ways (no float
+    text round trip), or plain JSON tensors."""
+    tensors, chunks = [], []
+    for name, array in inputs.items():
+        entry: dict[str, Any] = {"name": name, "datatype": datatypes[name], "shape": list(array.shape)}
+        if binary:
+            raw = np.ascontiguousarray(array).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        tensors.append(entry)
+    header: dict[str, Any] = {"inputs": tensors}
+    if binary:
+        header["parameters"] = {"binary_data_output": True}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if binary:
+        return text + b"".join(chunks), {HEADER_LENGTH: str(len(text)), "Content-Type": "application/octet-stream"}
+    return text, {"Content-Type": "application/json"}
+
+
+def decode_response(payload: bytes, header_length: str | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A V2 infer response's outputs as arrays (binary ones viewed in place) and its parameters."""
+    split = int(header_length) if header_length is not None else len(payload)
+    body = json.loads(payload[:split])
+    outputs, offset = {}, split
+    for out in body["outputs"]:
+        dtype = V2_TO_NUMPY[out["datatype"]]
+        size = (out.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            outputs[out["name"]] = np.frombuffer(payload, dtype=dtype, count=size // dtype.itemsize, offset=offset).reshape(out["shape"])
+            offset += size
+        else:
+            outputs[out["name"]] = np.asarray(out["data"], dtype=dtype).reshape(out["shape"])
+    return outputs, dict(body.get("parameters") or {})
+
+
 def _v2_datatype(array: np.ndarray) -> str:
     from models.spec import NUMPY_TO_V2
 

@@ -21,7 +21,6 @@ Two modes:
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import socket
 import time
@@ -30,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 @dataclass(frozen=True)
@@ -64,27 +62,6 @@ def http_request(target: Target, method: str, path: str, body: bytes, headers: d
     for key, value in (headers or {}).items():
         lines.append(f"{key}: {value}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-def v2_body(inputs: dict[str, np.ndarray], datatypes: dict[str, str], *, binary: bool = True) -> tuple[bytes, dict[str, str]]:
-    """A KServe V2 infer body and its headers: binary tensor extension (both ways) or JSON."""
-    tensors, chunks = [], []
-    for name, array in inputs.items():
-        entry: dict[str, Any] = {"name": name, "datatype": datatypes[name], "shape": list(array.shape)}
-        if binary:
-            raw = np.ascontiguousarray(array).tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            entry["data"] = array.reshape(-1).tolist()
-        tensors.append(entry)
-    header: dict[str, Any] = {"inputs": tensors}
-    if binary:
-        header["parameters"] = {"binary_data_output": True}
-    text = json.dumps(header, separators=(",", ":")).encode()
-    if binary:
-        return text + b"".join(chunks), {HEADER_LENGTH: str(len(text)), "Content-Type": "application/octet-stream"}
-    return text, {"Content-Type": "application/json"}
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:

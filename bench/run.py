@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.common import datatypes_for, inputs_for, kind_of
-from bench.loadgen import Target, closed_loop, generator_capacity, http_request, new_event_loop, open_loop, v2_body
+from appliance.v2codec import encode_request
+from bench.loadgen import Target, closed_loop, generator_capacity, http_request, new_event_loop, open_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ["demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds"]
@@ -151,7 +152,7 @@ class Bench:
 
     def request_bytes(self, target: Target, model: str, *, binary: bool, path: str | None = None) -> bytes:
         inputs = inputs_for(model, 1)
-        body, headers = v2_body(inputs, datatypes_for(inputs), binary=binary)
+        body, headers = encode_request(inputs, datatypes_for(inputs), binary=binary)
         return http_request(target, "POST", path or f"/v2/models/{model}/infer", body, headers)
 
     def measure_limit(self, model: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -371,7 +372,7 @@ def table(result: dict[str, Any]) -> str:
     hi, lo = str(max(clients)), str(min(clients))
     servers = [s for s in SERVERS if s in result["meta"]["servers"]]
     head = ["model", "backend", "limit rows/s (batch)"] + [f"{s} @{hi} req/s (x limit)" for s in servers]
-    head += [f"lastmile batch @{hi}", f"lastmile x limit same batch", f"p50 ms @{lo}: limit / " + " / ".join(servers)]
+    head += [f"lastmile batch @{hi}", "lastmile x limit same batch", f"p50 ms @{lo}: limit / " + " / ".join(servers)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, e in result["models"].items():
         lim = e["limit"]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.loadgen import Target, closed_loop, generator_capacity, http_request, open_loop, read_response, v2_body
+from appliance.v2codec import encode_request
+from bench.loadgen import Target, closed_loop, generator_capacity, http_request, open_loop, read_response
 from bench.run import Bench, limit_at, table
 from models.demo import example_inputs
 
@@ -35,7 +36,7 @@ async def test_loadgen_against_a_real_daemon_unix_and_open_loop(daemon):
     writer.close()
     assert status == 200
     inputs = example_inputs("mlp", 1)
-    body, headers = v2_body(inputs, {"input": "FP32"})
+    body, headers = encode_request(inputs, {"input": "FP32"})
     req = http_request(target, "POST", "/v2/models/demo-mlp/infer", body, headers)
     closed = await closed_loop(target, req, concurrency=4, duration_s=0.5, warmup_s=0.1)
     assert closed.requests > 10 and closed.errors == 0

@@ -8,7 +8,7 @@ from typing import Any
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Input, Label, RichLog, Sparkline, Static
+from textual.widgets import Input, Label, RichLog, Sparkline
 
 from tui.screens.base import LastmileScreen
 from tui.state import MonitorState, fmt_bytes, fmt_ms, fmt_rate

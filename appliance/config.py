@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from models.settings import ModelSettings, SettingError, validate_settings
+from runtime.memory import DEFAULTS as MEMORY_DEFAULTS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -205,18 +206,7 @@ def builtin_defaults(system_mode: bool) -> dict[str, dict[str, Any]]:
         },
         "auth": {"operator_groups": ["lastmile-admin"], "operator_uids": [0]},
         "store": {"models_dir": data / "models", "state_file": data / "state.json", "build_demo": True},
-        "memory": {
-            "host_limit_mb": 0,
-            "host_limit_fraction": 0.8,
-            "device_limit_mb": 0,
-            "device_limit_fraction": 0.9,
-            "high_watermark": 0.9,
-            "low_watermark": 0.8,
-            "plan": "refuse",
-            "evict_idle": False,
-            "sample_interval_s": 0.5,
-            "pool_idle_s": 30.0,
-        },
+        "memory": dict(MEMORY_DEFAULTS),
     }
 
 

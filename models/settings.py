@@ -61,6 +61,13 @@ def _device(key: str, value: Any) -> str:
     raise SettingError(key, f"got {value!r}; allowed: auto, cpu, cuda, cuda:N, npu, npu:N, xpu, mps, hpu")
 
 
+def _graph_fusion(key: str, value: Any) -> str:
+    """A level, or the boolean other servers' ``--enable_graph_fusion`` flags use: true = all."""
+    if isinstance(value, bool):
+        return "all" if value else "off"
+    return _choice(GRAPH_FUSION_LEVELS)(key, value)
+
+
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     def optional(key: str, value: Any) -> Any:
         return None if value is None else check(key, value)
@@ -101,7 +108,7 @@ VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "backend": _choice(BACKENDS),
     "device": _device,
     "dtype": _choice(DTYPES),
-    "graph_fusion": _choice(GRAPH_FUSION_LEVELS),
+    "graph_fusion": _graph_fusion,
     "memory_limit_mb": _optional(_int_range(16, 16 * 1024 * 1024)),
     "max_batch_size": _int_range(1, 4096),
     "max_delay_ms": _number_range(0.0, 10_000.0),

@@ -607,6 +607,11 @@ class MemoryGovernor:
                             device_bytes[mem.device] = device_bytes.get(mem.device, 0) + int(backend["device_reserved"])
                     except Exception:  # noqa: BLE001
                         pass
+            headroom = mem.cap.get("headroom_bytes")
+            if mem.limit_bytes and headroom and budget_device(mem.device) == "host":
+                # Pool segments the runner has not mapped yet are outside its cap: the pool
+                # may hold what the limit leaves beside the runner's private memory, no more.
+                model.pool.max_bytes = max(0, min(int(headroom), mem.limit_bytes - uss))
             stats = model.pool.stats()
             mem.uss_bytes, mem.rss_bytes, mem.vm_bytes = uss, rss, vm
             mem.pool_bytes = stats["bytes_in_use"] + stats["bytes_idle"]

@@ -32,7 +32,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[store]\nbuild_demo = 'yes'\n", "store.build_demo", "true or false"),
         ("[auth]\noperator_uids = ['root']\n", "auth.operator_uids", "numeric user ids"),
         ("[defaults]\ndtype = 'int4'\n", "defaults.dtype", "fp32, fp16, bf16"),
-        ("[defaults]\ngraph_fusion = true\n", "defaults.graph_fusion", "off, basic, extended, all"),
+        ("[defaults]\ngraph_fusion = 3\n", "defaults.graph_fusion", "off, basic, extended, all"),
         ("[defaults]\nmax_batch_size = 0\n", "defaults.max_batch_size", "from 1 to"),
         ("[defaults]\ndevice = 'gpu'\n", "defaults.device", "cuda:N"),
         ("[defaults]\nbatch = 4\n", "defaults.batch", "unknown setting"),
@@ -93,3 +93,8 @@ def test_shipped_system_config_template_is_valid() -> None:
     """install-system.sh copies this file to /etc/lastmile; it must load as is."""
     template = Path(__file__).resolve().parents[2] / "appliance" / "lastmile.system.toml"
     assert load_config(template, system_mode=True).file == template
+
+
+def test_graph_fusion_accepts_the_boolean_other_servers_use(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "[defaults]\ngraph_fusion = true\n")).defaults.graph_fusion == "all"
+    assert load_config(write(tmp_path, "[defaults]\ngraph_fusion = false\n")).defaults.graph_fusion == "off"

@@ -288,7 +288,7 @@ async def test_over_limit_load_peak_stays_within_5_percent_and_ladder_runs(daemo
     assert status == 200, body
     cap = body["memory"]["hard_cap"]
     assert cap["kind"] == "rlimit_as" and cap["headroom_bytes"] > 0
-    assert body["pool"]["max_bytes"] == cap["headroom_bytes"]
+    assert 0 < body["pool"]["max_bytes"] <= cap["headroom_bytes"]  # the sampler may lower it already
     pid, prefix = body["runners"][0]["pid"], body["pool"]["prefix"]
     seq = await last_seq(daemon)
     big = example_inputs("lm", 128, seq=64)

@@ -41,7 +41,7 @@ def check(report: SoakReport) -> None:
     assert report.daemon_rss_drift_mib <= DAEMON_RSS_DRIFT_MIB, report.daemon_rss_mib
     assert report.runner_rss_drift_mib <= RUNNER_RSS_DRIFT_MIB, report.runner_rss_mib
     fds, shm = report.daemon_fds, report.shm_segments
-    assert fds["unloaded"] == fds["idle"], f"daemon fd leak: {fds}"
+    assert fds["unloaded"] <= fds["idle"], f"daemon fd leak: {fds}"  # one fewer is a transient fd gone, not a leak
     assert shm["unloaded"] == shm["idle"] == 0, f"shared-memory leak: {shm}"
     assert fds["after_traffic"] - fds["loaded"] <= shm["after_traffic"], f"fds beyond the pool's segments: {fds} {shm}"
 

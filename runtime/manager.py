@@ -172,7 +172,12 @@ class ModelManager:
             requested = settings
             settings, est, plan_taken = await self.governor.admit(manifest, settings, backend)
             self.governor.start()
-            if current:
+            # A serving model is replaced without dropping requests when the new runners fit
+            # beside the old ones: start them, switch, then drain the old. Else stop it first.
+            swap = current is not None and current.state == "ready" and self._fits_beside(est)
+            if current and not swap:
+                why = "not enough free memory to run both while switching" if current.state == "ready" else f"it is {current.state}"
+                self.events.record("reload_in_place", f"{name} stops before its reload ({why}): requests in between get 503", model=name)
                 await self._teardown(current, reason="reload with new settings")
             pool = BufferPool(f"lastmile-{os.getpid()}-{name}-")
             model = LoadedModel(name, manifest, settings, overrides, backend, pool)
@@ -184,8 +189,10 @@ class ModelManager:
             if model.memory.limit_bytes:
                 # idle pool buffers count against the limit: keep at most a quarter of it idle
                 pool.max_idle_bytes = min(pool.max_idle_bytes, int(model.memory.limit_bytes * POOL_IDLE_SHARE))
-            self.models[name] = model
-            self.governor.reserve(name, est)
+            reservation = f"{name}\0next" if swap else name
+            if not swap:
+                self.models[name] = model
+            self.governor.reserve(reservation, est)
             self.events.record("load_started", f"loading {name} ({backend}, {settings.device}, {settings.dtype})", model=name, settings=settings.as_dict(),
                                estimate_bytes=est.total_bytes, plan_taken=plan_taken)
 
@@ -201,9 +208,11 @@ class ModelManager:
                 model.state, model.error = "failed", str(exc)
                 await self._stop_runners(model)
                 pool.close()
-                self.governor.release(name)
-                del self.models[name]
-                self.events.record("load_failed", f"{name} failed to load: {exc}", model=name, level="error")
+                self.governor.release(reservation)
+                if self.models.get(name) is model:
+                    del self.models[name]
+                kept = "; the running instance keeps serving" if swap else ""
+                self.events.record("load_failed", f"{name} failed to load: {exc}{kept}", model=name, level="error")
                 raise
             model.batcher = Batcher(
                 lambda inputs, m=model: self._run_batch(m, inputs),
@@ -213,7 +222,12 @@ class ModelManager:
             )
             model.state, model.phase = "ready", "ready"
             model.loaded_at = model.last_used = time.time()
-            self.governor.release(name)
+            if swap:
+                assert current is not None
+                self.models[name] = model  # new requests go to the new runners from here on
+                await self._drain(current)
+                self.events.record("switched", f"{name} switched to its new runners; the old ones drained and stopped", model=name)
+            self.governor.release(reservation)
             seconds = round(time.monotonic() - started, 3)
             self.events.record("loaded", f"{name} loaded in {seconds} s", model=name, load_s=seconds, info=model.info,
                                estimate_bytes=est.total_bytes, plan_taken=plan_taken)
@@ -262,7 +276,23 @@ class ModelManager:
             await model.batcher.close(f"model {model.name} is being {reason}")
         await self._stop_runners(model)
         model.pool.close()
-        self.models.pop(model.name, None)
+        if self.models.get(model.name) is model:
+            del self.models[model.name]
+
+    def _fits_beside(self, est: Any) -> bool:
+        """Whether the new instance fits while the old one still holds its memory."""
+        return all(self.governor.free(device) >= need for device, need in est.per_device.items())
+
+    async def _drain(self, old: LoadedModel) -> None:
+        """Let the requests already queued on the old instance finish (within the request
+        timeout), then stop it."""
+        deadline = time.monotonic() + old.settings.timeout_s
+        while old.batcher and time.monotonic() < deadline:
+            stats = old.batcher.stats()
+            if not stats.get("queue_depth") and not stats.get("in_flight"):
+                break
+            await asyncio.sleep(0.01)
+        await self._teardown(old, reason="replaced by its reload")
 
     async def close(self) -> None:
         """Stop every runner (daemon shutdown); state is kept so the next start restores it."""

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from models.settings import ModelSettings
 from models.spec import Manifest
 from runtime.errors import LastmileRuntimeError, ModelUnavailable
-from runtime.estimate import MB, Estimate, artifact_weights, budget_device, estimate
+from runtime.estimate import MB, Estimate, budget_device, estimate
 
 if TYPE_CHECKING:
     from runtime.events import EventLog

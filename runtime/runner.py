@@ -129,7 +129,7 @@ def warm_up(timeout_s: float = 600.0) -> float:
     """Start the forkserver and block until its preload (torch, deepspeed, onnxruntime...)
     is done, by starting and joining a no-op process. Returns the seconds it took. The
     daemon calls this once at start (from a thread: it blocks), before the first load."""
-    ctx = get_context()
+    get_context()  # configures the forkserver and its preload list on first use
     started = time.perf_counter()
     proc = runner_main.RunnerProcess(target=runner_main._noop, name="lastmile-warmup", daemon=True)
     proc.start()

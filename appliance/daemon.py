@@ -10,6 +10,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import psutil
+
 from appliance import __version__
 from appliance.config import Config, ConfigError, load_config
 from appliance.state import StateError, read_state, write_state
@@ -115,12 +117,13 @@ class Daemon:
         return built
 
     async def system_facts(self) -> dict[str, Any]:
-        """Host facts, computed once in a thread (importing torch/deepspeed takes seconds)."""
+        """Host facts, computed once in a forkserver child: the daemon stays free of torch."""
         if self._system is None:
-            from runtime.accelerators import detect
+            from runtime.runner import host_facts
 
-            self._system = await asyncio.get_running_loop().run_in_executor(None, detect)
-        return self._system
+            self._system = await asyncio.get_running_loop().run_in_executor(None, host_facts)
+        memory = psutil.virtual_memory()  # the one fact that changes: read it fresh
+        return {**self._system, "ram": {"total_bytes": memory.total, "available_bytes": memory.available}}
 
     def summary(self) -> dict[str, Any]:
         return {

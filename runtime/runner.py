@@ -147,6 +147,29 @@ async def warm_up_async(timeout_s: float = 600.0) -> float:
     return await asyncio.get_running_loop().run_in_executor(None, warm_up, timeout_s)
 
 
+def host_facts(timeout_s: float = 120.0) -> dict[str, Any]:
+    """``accelerators.detect()`` run in a forkserver child, so the daemon never imports torch
+    or DeepSpeed itself (they cost it ~100 MB and seconds of a blocked thread). Blocking: call
+    it from a thread."""
+    get_context()
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    proc = runner_main.RunnerProcess(target=runner_main._send_host_facts, args=(sender,), name="lastmile-facts", daemon=True)
+    proc.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout_s):
+            raise LoadError(f"host facts not reported within {timeout_s:g} s")
+        return receiver.recv()
+    except EOFError:
+        raise LoadError(f"the host facts probe died ({describe_exit(proc.exitcode)})") from None
+    finally:
+        receiver.close()
+        proc.join(5)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+
+
 def describe_exit(code: int | None) -> str:
     """``SIGKILL`` for -9 (what the OOM killer and ``kill -9`` leave), ``exit code N`` else."""
     if code is not None and code < 0:

@@ -47,6 +47,17 @@ def _noop() -> None:
     """Target of the forkserver warm-up process."""
 
 
+def _send_host_facts(conn: Any) -> None:
+    """Target of :func:`runtime.runner.host_facts`: torch and DeepSpeed are already imported
+    in the forkserver, so this costs a fork, not seconds of imports."""
+    from runtime.accelerators import detect
+
+    try:
+        conn.send(detect())
+    finally:
+        conn.close()
+
+
 # --- the process class (pickled by reference: it lives in this preloaded module) -----------
 
 _prep_lock = threading.Lock()

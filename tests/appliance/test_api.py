@@ -109,6 +109,8 @@ async def test_system_facts(daemon: DaemonProc) -> None:
     assert "CPUExecutionProvider" in facts["accelerators"]["onnxruntime_providers"]
     assert facts["accelerators"]["deepspeed"]["name"] == ("cuda" if facts["accelerators"]["default_device"] == "cuda" else "cpu")
     assert {"torch", "deepspeed", "onnxruntime"} <= set(facts["versions"])
+    maps = Path(f"/proc/{facts['daemon']['pid']}/maps").read_text()
+    assert "libtorch" not in maps, "host facts come from a forkserver child; the daemon never loads torch"
 
 
 async def test_load_infer_unload_on_both_backends(daemon: DaemonProc) -> None:

@@ -109,19 +109,19 @@ class Daemon:
         self.store.ensure()
         if self.store.names():
             return []
-        from models.demo import build_demo
+        from runtime.runner import call_in_forkserver
 
         self.status = "building demo models"
-        built = build_demo(self.config.store["models_dir"])
+        built = call_in_forkserver("models.demo", "build_demo", self.config.store["models_dir"])
         self.events.record("demo_built", f"built demo models {built} in {self.config.store['models_dir']}")
         return built
 
     async def system_facts(self) -> dict[str, Any]:
         """Host facts, computed once in a forkserver child: the daemon stays free of torch."""
         if self._system is None:
-            from runtime.runner import host_facts
+            from runtime.runner import call_in_forkserver
 
-            self._system = await asyncio.get_running_loop().run_in_executor(None, host_facts)
+            self._system = await asyncio.get_running_loop().run_in_executor(None, call_in_forkserver, "runtime.accelerators", "detect")
         memory = psutil.virtual_memory()  # the one fact that changes: read it fresh
         return {**self._system, "ram": {"total_bytes": memory.total, "available_bytes": memory.available}}
 

@@ -147,27 +147,33 @@ async def warm_up_async(timeout_s: float = 600.0) -> float:
     return await asyncio.get_running_loop().run_in_executor(None, warm_up, timeout_s)
 
 
-def host_facts(timeout_s: float = 120.0) -> dict[str, Any]:
-    """``accelerators.detect()`` run in a forkserver child, so the daemon never imports torch
-    or DeepSpeed itself (they cost it ~100 MB and seconds of a blocked thread). Blocking: call
-    it from a thread."""
+def call_in_forkserver(module: str, function: str, *args: Any, timeout_s: float = 300.0) -> Any:
+    """``module.function(*args)`` in a child of the preloaded forkserver, for work that needs
+    torch or DeepSpeed (host facts, building the demo models): the daemon itself never imports
+    them, which would cost it ~100-300 MB for its whole life and seconds of a blocked thread.
+    Blocking: call it from a thread. The result must be picklable."""
     get_context()
     receiver, sender = multiprocessing.Pipe(duplex=False)
-    proc = runner_main.RunnerProcess(target=runner_main._send_host_facts, args=(sender,), name="lastmile-facts", daemon=True)
+    proc = runner_main.RunnerProcess(
+        target=runner_main._call_and_send, args=(sender, module, function, args), name=f"lastmile-{function}", daemon=True
+    )
     proc.start()
     sender.close()
     try:
         if not receiver.poll(timeout_s):
-            raise LoadError(f"host facts not reported within {timeout_s:g} s")
-        return receiver.recv()
+            raise LoadError(f"{module}.{function} did not answer within {timeout_s:g} s")
+        status, value = receiver.recv()
     except EOFError:
-        raise LoadError(f"the host facts probe died ({describe_exit(proc.exitcode)})") from None
+        raise LoadError(f"{module}.{function} died ({describe_exit(proc.exitcode)})") from None
     finally:
         receiver.close()
         proc.join(5)
         if proc.exitcode is None:
             proc.kill()
             proc.join()
+    if status != "ok":
+        raise LoadError(f"{module}.{function} failed: {value}")
+    return value
 
 
 def describe_exit(code: int | None) -> str:

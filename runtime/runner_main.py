@@ -47,13 +47,15 @@ def _noop() -> None:
     """Target of the forkserver warm-up process."""
 
 
-def _send_host_facts(conn: Any) -> None:
-    """Target of :func:`runtime.runner.host_facts`: torch and DeepSpeed are already imported
-    in the forkserver, so this costs a fork, not seconds of imports."""
-    from runtime.accelerators import detect
+def _call_and_send(conn: Any, module: str, function: str, args: tuple) -> None:
+    """Target of :func:`runtime.runner.call_in_forkserver`: torch and DeepSpeed are already
+    imported in the forkserver, so the call costs a fork, not seconds of imports."""
+    import importlib
 
     try:
-        conn.send(detect())
+        conn.send(("ok", getattr(importlib.import_module(module), function)(*args)))
+    except Exception as exc:  # noqa: BLE001 - reported to the caller as text
+        conn.send(("error", describe_error(exc)))
     finally:
         conn.close()
 

@@ -129,7 +129,9 @@ def test_unreadable_state_is_set_aside_not_overwritten(demo_store: Path, tmp_pat
 def test_first_start_on_empty_store_builds_demo_and_journal_mode_drops_timestamps(tmp_path: Path) -> None:
     store = tmp_path / "empty-store"
     d = start_daemon(tmp_path / "j", store, env={"JOURNAL_STREAM": "8:1234"})
+    maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
     d.stop()
+    assert "libtorch" not in maps, "the demo models are built in a forkserver child, not in the daemon"
     assert {"demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds"} <= {p.name for p in store.iterdir()}
     lines = [line for line in d.log_text().splitlines() if "logger=lastmile" in line]
     assert lines and all(line.startswith("level=") for line in lines), lines[:3]

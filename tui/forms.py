@@ -36,7 +36,7 @@ class FormError(ValueError):
         self.field, self.message = field, message
 
 
-def _int(field: str, text: str, low: int, high: int) -> int | None:
+def parse_int(field: str, text: str, low: int, high: int) -> int | None:
     text = text.strip()
     if not text:
         return None
@@ -74,10 +74,10 @@ def load_parameters(fields: Mapping[str, str]) -> dict[str, Any]:
         if value and value != "default" and not (key == "backend" and value == "auto"):
             params[key] = value
     numbers = {
-        "memory_limit_mb": _int("memory_limit_mb", fields.get("memory_limit_mb", ""), 16, 16 * 1024 * 1024),
-        "max_batch_size": _int("max_batch_size", fields.get("max_batch_size", ""), 1, 4096),
+        "memory_limit_mb": parse_int("memory_limit_mb", fields.get("memory_limit_mb", ""), 16, 16 * 1024 * 1024),
+        "max_batch_size": parse_int("max_batch_size", fields.get("max_batch_size", ""), 1, 4096),
         "max_delay_ms": _float("max_delay_ms", fields.get("max_delay_ms", ""), 0.0, 10_000.0),
-        "max_queue": _int("max_queue", fields.get("max_queue", ""), 1, 1_000_000),
+        "max_queue": parse_int("max_queue", fields.get("max_queue", ""), 1, 1_000_000),
     }
     params.update({k: v for k, v in numbers.items() if v is not None})
     return params
@@ -90,7 +90,7 @@ def tune_changes(current: Mapping[str, Any], fields: Mapping[str, str]) -> dict[
     set now. Empty batching fields mean "leave as is".
     """
     changes: dict[str, Any] = {}
-    batch = _int("max_batch_size", fields.get("max_batch_size", ""), 1, 4096)
+    batch = parse_int("max_batch_size", fields.get("max_batch_size", ""), 1, 4096)
     if batch is not None and batch != current.get("max_batch_size"):
         changes["max_batch_size"] = batch
     delay = _float("max_delay_ms", fields.get("max_delay_ms", ""), 0.0, 10_000.0)
@@ -101,7 +101,7 @@ def tune_changes(current: Mapping[str, Any], fields: Mapping[str, str]) -> dict[
         if fusion not in GRAPH_FUSION:
             raise FormError("graph_fusion", f"{fusion!r}; allowed: {', '.join(GRAPH_FUSION)}")
         changes["graph_fusion"] = fusion
-    limit = _int("memory_limit_mb", fields.get("memory_limit_mb", ""), 16, 16 * 1024 * 1024)
+    limit = parse_int("memory_limit_mb", fields.get("memory_limit_mb", ""), 16, 16 * 1024 * 1024)
     if limit != current.get("memory_limit_mb"):
         changes["memory_limit_mb"] = limit
     return changes

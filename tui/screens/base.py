@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from textual.app import ComposeResult
 from textual.screen import Screen
-from textual.widgets import Footer
+from textual.widgets import Footer, Select
 
 from tui.state import MonitorState
 from tui.widgets.chrome import Banner, StatusBar
@@ -59,3 +59,19 @@ class LastmileScreen(Screen):
         if self.lm.read_only and action in getattr(self, "MUTATING_ACTIONS", ()):
             return False
         return True
+
+
+class ModelPickerScreen(LastmileScreen):
+    """A screen about one loaded model, chosen in the ``Select`` whose id is ``PICKER_ID``."""
+
+    PICKER_ID = ""
+    _names: tuple[str, ...] = ()
+
+    @property
+    def model_name(self) -> str | None:
+        value = self.query_one(f"#{self.PICKER_ID}", Select).value
+        return value if isinstance(value, str) else None
+
+    def select_model(self, name: str) -> None:
+        if name in self._names:
+            self.query_one(f"#{self.PICKER_ID}", Select).value = name

@@ -16,14 +16,16 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import Button, Input, Label, RichLog, Select, Static
 
 from appliance.client import ApiError, ClientError
-from tui.forms import FormError, file_inputs, random_inputs, summarize_output
+from tui.forms import FormError, file_inputs, parse_int, random_inputs, summarize_output
 from tui.messages import InferDone, SpecFetched
-from tui.screens.base import LastmileScreen
+from tui.screens.base import ModelPickerScreen
 from tui.state import MonitorState
 
 
-class PlaygroundScreen(LastmileScreen):
+class PlaygroundScreen(ModelPickerScreen):
     """Inference does not change the daemon's state, so it stays available in read-only mode."""
+
+    PICKER_ID = "p-model"
 
     BINDINGS = [Binding("ctrl+r", "send_random", "Send random"), Binding("ctrl+f", "send_file", "Send file")]
 
@@ -55,15 +57,6 @@ class PlaygroundScreen(LastmileScreen):
         self.last_results: list[tuple[dict[str, Any], dict[str, Any]]] = []
         if self.lm.state.snapshot is not None:
             self.refresh_from(self.lm.state)
-
-    @property
-    def model_name(self) -> str | None:
-        value = self.query_one("#p-model", Select).value
-        return value if isinstance(value, str) else None
-
-    def select_model(self, name: str) -> None:
-        if name in self._names:
-            self.query_one("#p-model", Select).value = name
 
     def refresh_from(self, state: MonitorState) -> None:
         names = tuple(r["name"] for r in state.models if r["state"] in ("ready", "restarting"))
@@ -102,17 +95,11 @@ class PlaygroundScreen(LastmileScreen):
         spec.update(f"{message.name} ({message.metadata.get('platform')}): inputs {ins or '-'}  ->  outputs {outs or '-'}")
 
     def _numbers(self) -> tuple[int, int, int]:
-        values = []
-        for wid, low, high in (("p-rows", 1, 4096), ("p-seq", 1, 65536), ("p-burst", 1, 256)):
-            text = self.query_one(f"#{wid}", Input).value.strip() or "1"
-            try:
-                number = int(text)
-            except ValueError:
-                raise FormError(wid, f"{text!r} is not a whole number") from None
-            if not low <= number <= high:
-                raise FormError(wid, f"{number} is out of range ({low} to {high})")
-            values.append(number)
-        return values[0], values[1], values[2]
+        rows, seq, burst = (
+            parse_int(wid, self.query_one(f"#{wid}", Input).value.strip() or "1", low, high) or 1
+            for wid, low, high in (("p-rows", 1, 4096), ("p-seq", 1, 65536), ("p-burst", 1, 256))
+        )
+        return rows, seq, burst
 
     def _prepare(self, source: str) -> tuple[str, dict[str, Any], dict[str, str], int] | None:
         name = self.model_name

@@ -15,14 +15,15 @@ from textual.widgets import Button, Input, Label, Select, Sparkline, Static
 from appliance.client import ApiError, ClientError
 from tui.forms import GRAPH_FUSION, RELOADING_KEYS, FormError, tune_changes
 from tui.messages import Tuned
-from tui.screens.base import LastmileScreen
+from tui.screens.base import ModelPickerScreen
 from tui.screens.confirm import ConfirmScreen
 from tui.state import MonitorState, fmt_memory, fmt_ms, fmt_rate
 
 RELOAD_NOTE = "max batch size and max delay apply at once; graph fusion and memory limit reload the model."
 
 
-class TuneScreen(LastmileScreen):
+class TuneScreen(ModelPickerScreen):
+    PICKER_ID = "t-model"
     BINDINGS = [Binding("a", "apply", "Apply"), Binding("z", "revert", "Revert form"), Binding("t", "autotune", "Auto-tune")]
     MUTATING_ACTIONS = ("apply", "autotune")
 
@@ -64,15 +65,6 @@ class TuneScreen(LastmileScreen):
             self.query_one("#tune-note", Static).update("read-only mode: settings are shown, not changed. " + RELOAD_NOTE)
         if self.lm.state.snapshot is not None:
             self.refresh_from(self.lm.state)
-
-    @property
-    def model_name(self) -> str | None:
-        value = self.query_one("#t-model", Select).value
-        return value if isinstance(value, str) else None
-
-    def select_model(self, name: str) -> None:
-        if name in self._names:
-            self.query_one("#t-model", Select).value = name
 
     def refresh_from(self, state: MonitorState) -> None:
         names = tuple(r["name"] for r in state.models)

@@ -23,34 +23,13 @@ import argparse
 import asyncio
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from runtime.memory import FootprintWatch
+
 MB = 1024 * 1024
-
-
-class _Peak(threading.Thread):
-    def __init__(self, pid: int, prefix: str) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.prefix = pid, prefix
-        self.peak: dict[str, int] = {"total_bytes": 0, "private_bytes": 0, "pool_bytes": 0}
-        self.samples = 0
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        from runtime.memory import footprint
-
-        while not self.halt.is_set():
-            try:
-                now = footprint(self.pid, self.prefix)
-            except OSError:
-                return
-            self.samples += 1
-            if now["total_bytes"] > self.peak["total_bytes"]:
-                self.peak = now
-            self.halt.wait(0.02)
 
 
 def _pss(pids: list[int]) -> int:
@@ -87,24 +66,21 @@ async def peak_vs_limit(store: Path, seconds: float) -> dict[str, Any]:
     mm = await _manager(store)
     try:
         model = await mm.load("demo-lm", {"memory_limit_mb": 60, "max_batch_size": 256, "max_delay_ms": 20})
-        watch = _Peak(model.runners[0].pid, model.pool.prefix)
-        watch.start()
-        big = example_inputs("lm", 128, seq=64)
-        answers: dict[str, int] = {}
+        with FootprintWatch(model.runners[0].pid, model.pool.prefix) as watch:
+            big = example_inputs("lm", 128, seq=64)
+            answers: dict[str, int] = {}
 
-        async def one() -> None:
-            try:
-                await mm.infer("demo-lm", big)
-                key = "ok"
-            except Exception as exc:  # noqa: BLE001 - counted by kind
-                key = type(exc).__name__
-            answers[key] = answers.get(key, 0) + 1
+            async def one() -> None:
+                try:
+                    await mm.infer("demo-lm", big)
+                    key = "ok"
+                except Exception as exc:  # noqa: BLE001 - counted by kind
+                    key = type(exc).__name__
+                answers[key] = answers.get(key, 0) + 1
 
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            await asyncio.gather(*(one() for _ in range(3)))
-        watch.halt.set()
-        watch.join()
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                await asyncio.gather(*(one() for _ in range(3)))
         events = mm.events.since(0, limit=2000)
         steps = [e["data"].get("step") for e in events if e["kind"] == "memory_mitigation"]
         cap_hits = sum(1 for e in events if e["kind"] == "memory_cap_hit")

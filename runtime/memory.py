@@ -38,6 +38,7 @@ import asyncio
 import glob
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
@@ -235,6 +236,37 @@ def footprint(pid: int, pool_prefix: str, shm_dir: str = "/dev/shm") -> dict[str
         pass
     pool += sum(size for name, size in stale.items() if os.path.basename(name).startswith(base))
     return {"private_bytes": private, "pool_bytes": pool, "total_bytes": private + pool}
+
+
+class FootprintWatch:
+    """Samples :func:`runtime.memory.footprint` of a runner from a thread: its private memory
+    outside shared memory + the model's pool segments, each page once; keeps the peak."""
+
+    def __init__(self, pid: int, prefix: str, interval_s: float = 0.02) -> None:
+        self.pid, self.prefix, self.interval_s = pid, prefix, interval_s
+        self.peak: dict[str, int] = {"total_bytes": 0}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                now = footprint(self.pid, self.prefix)
+            except OSError:
+                return
+            self.samples += 1
+            if now["total_bytes"] > self.peak["total_bytes"]:
+                self.peak = now
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "FootprintWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 # --- budgets -------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from models.demo import example_inputs
-from runtime.memory import footprint, read_proc_memory
+from runtime.memory import FootprintWatch, read_proc_memory
 from tests.appliance.test_api import call
 from tests.conftest import DaemonProc, start_daemon
 
@@ -241,37 +240,6 @@ def assert_in_ladder_order(steps: list[str]) -> None:
     halves again, and after a recovery the batch size can be lowered anew)."""
     firsts = list(dict.fromkeys(steps))
     assert firsts == LADDER[:len(firsts)], steps
-
-
-class FootprintWatch:
-    """Samples :func:`runtime.memory.footprint` of a runner from a thread: its private memory
-    outside shared memory + the model's pool segments, each page once; keeps the peak."""
-
-    def __init__(self, pid: int, prefix: str, interval_s: float = 0.02) -> None:
-        self.pid, self.prefix, self.interval_s = pid, prefix, interval_s
-        self.peak: dict[str, int] = {"total_bytes": 0}
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                now = footprint(self.pid, self.prefix)
-            except OSError:
-                return
-            self.samples += 1
-            if now["total_bytes"] > self.peak["total_bytes"]:
-                self.peak = now
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> "FootprintWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 async def test_over_limit_load_peak_stays_within_5_percent_and_ladder_runs(daemon: DaemonProc) -> None:

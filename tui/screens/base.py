@@ -75,3 +75,16 @@ class ModelPickerScreen(LastmileScreen):
     def select_model(self, name: str) -> None:
         if name in self._names:
             self.query_one(f"#{self.PICKER_ID}", Select).value = name
+
+    def set_model_names(self, names: tuple[str, ...]) -> None:
+        """New choices, keeping the current one when it is still there."""
+        if names == self._names:
+            return
+        select = self.query_one(f"#{self.PICKER_ID}", Select)
+        current = self.model_name
+        self._names = names
+        select.set_options([(n, n) for n in names])
+        if current in names:
+            select.value = current
+        elif names:
+            select.value = names[0]

@@ -59,17 +59,7 @@ class PlaygroundScreen(ModelPickerScreen):
             self.refresh_from(self.lm.state)
 
     def refresh_from(self, state: MonitorState) -> None:
-        names = tuple(r["name"] for r in state.models if r["state"] in ("ready", "restarting"))
-        if names == self._names:
-            return
-        select = self.query_one("#p-model", Select)
-        current = self.model_name
-        self._names = names
-        select.set_options([(n, n) for n in names])
-        if current in names:
-            select.value = current
-        elif names:
-            select.value = names[0]
+        self.set_model_names(tuple(r["name"] for r in state.models if r["state"] in ("ready", "restarting")))
 
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "p-model" and isinstance(event.value, str):

@@ -67,16 +67,7 @@ class TuneScreen(ModelPickerScreen):
             self.refresh_from(self.lm.state)
 
     def refresh_from(self, state: MonitorState) -> None:
-        names = tuple(r["name"] for r in state.models)
-        select = self.query_one("#t-model", Select)
-        if names != self._names:
-            current = self.model_name
-            self._names = names
-            select.set_options([(n, n) for n in names])
-            if current in names:
-                select.value = current
-            elif names:
-                select.value = names[0]
+        self.set_model_names(tuple(r["name"] for r in state.models))
         name = self.model_name
         row = state.model(name) if name else None
         if row is not None and self._filled_for != name:

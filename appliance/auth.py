@@ -161,13 +161,22 @@ def caller_of(request: web.Request) -> Caller | None:
     return request.get(CALLER)
 
 
+_string_key_used = False
+
+
 def _store_caller(request: web.Request, caller: Caller) -> None:
+    global _string_key_used
     request[CALLER] = caller
-    if CALLER != "caller":
-        with warnings.catch_warnings():
-            if _NotAppKeyWarning is not None:
-                warnings.simplefilter("ignore", _NotAppKeyWarning)
-            request["caller"] = caller
+    if CALLER == "caller":
+        return
+    if _string_key_used:  # aiohttp warns about a string key once per process, so only then
+        request["caller"] = caller  # is the warning filter (costly per request) needed
+        return
+    with warnings.catch_warnings():
+        if _NotAppKeyWarning is not None:
+            warnings.simplefilter("ignore", _NotAppKeyWarning)
+        request["caller"] = caller
+    _string_key_used = True
 
 
 # --- tokens -----------------------------------------------------------------------------

@@ -5,13 +5,17 @@ only those can be concatenated: LM requests of different sequence lengths wait i
 groups. A group's batch closes when it holds ``max_batch_size`` rows or ``max_delay_ms``
 after its oldest request arrived; when several groups are ready, the one whose oldest
 request is oldest goes first, so no signature starves another. Up to ``concurrency``
-batches run at once (one per runner instance: ``run_batch`` picks a free one).
+batches run at once (one per runner instance: ``run_batch`` picks a free one), and while all
+are busy one more *full* batch per runner may be sent ahead (it waits in the runner's pipe,
+so the model never idles between batches under load; a partial batch keeps collecting rows
+instead).
 
 Everything happens on the event loop: ``submit`` appends to a deque and arms at most one
-timer; a batch is one task; deadlines share one timer. No thread hops, no per-request
-tasks or timers. Rows of requests that
-were cancelled or timed out before their batch was cut never reach the runner; results of
-requests dropped while their batch runs are discarded.
+timer; a batch is one task (or runs in the task of its only request, when that request finds
+a free runner and nothing queued); deadlines share one timer. No thread hops, no per-request
+tasks or timers. Rows of requests that were cancelled or timed out before their batch was
+cut never reach the runner; results of requests dropped while their batch runs are
+discarded.
 
 With a ``pool`` the batch is concatenated straight into a shared-memory buffer and handed
 to ``run_batch`` as :class:`runtime.shm.PackedArrays`, which :class:`runtime.runner.Runner`
@@ -26,7 +30,8 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
@@ -48,7 +53,8 @@ QUEUED, RUNNING, DROPPED = 0, 1, 2
 @dataclass(frozen=True, slots=True)
 class BatchInfo:
     """How one request was served: which batch, how many rows it had, time queued (arrival
-    to batch start) and the batch's compute time (``run_batch``, IPC included)."""
+    to batch start) and the batch's compute time (``run_batch``: IPC included and, for a
+    batch sent ahead, its wait behind the runner's current one)."""
 
     batch_id: int
     batch_size: int
@@ -58,7 +64,7 @@ class BatchInfo:
 
 
 class _Request:
-    __slots__ = ("inputs", "rows", "fut", "enqueued", "deadline", "state", "group")
+    __slots__ = ("inputs", "rows", "fut", "enqueued", "deadline", "state", "group", "task", "interrupted")
 
     def __init__(self, inputs: dict[str, np.ndarray], rows: int, fut: asyncio.Future, enqueued: float, group: "_Group") -> None:
         self.inputs = inputs
@@ -68,6 +74,8 @@ class _Request:
         self.deadline = math.inf
         self.state = QUEUED
         self.group = group
+        self.task: asyncio.Task | None = None  # set while the request's own task runs its batch
+        self.interrupted = False
 
 
 class _Group:
@@ -190,6 +198,24 @@ class Batcher:
         group.rows += rows
         self._queued += 1
         self._queued_rows += rows
+        if self._queued == 1 and self._in_flight < self.concurrency and (self._delay_s == 0 or rows >= self.max_batch_size):
+            # Alone, due now and a runner is free: this request's own task runs its batch (no
+            # batch task, no extra event-loop turn to start it and another to hand the result
+            # back) - what sets the latency of a lightly loaded server.
+            req.task = task = asyncio.current_task()
+            batch = self._cut(group)
+            try:
+                await self._run(next(self._ids), batch)
+            except asyncio.CancelledError:
+                if req.interrupted and task is not None and task.uncancel() == 0:
+                    return req.fut.result()  # timed out or closed: raises what _fail set
+                if req.fut.done() and not req.fut.cancelled():
+                    req.fut.exception()  # retrieved: the caller's cancellation wins
+                self._cancelled += 1
+                raise
+            finally:
+                req.task = None
+            return req.fut.result()
         self._kick()
         try:
             return await req.fut
@@ -255,8 +281,7 @@ class Batcher:
                         req.fut.set_exception(ModelUnavailable(reason))
         self._groups.clear()
         for req in list(self._running):
-            if not req.fut.done():
-                req.fut.set_exception(ModelUnavailable(reason))
+            self._fail(req, ModelUnavailable(reason))
 
     @property
     def closed(self) -> bool:
@@ -349,7 +374,18 @@ class Batcher:
         else:
             stage = "running"
         self._timeouts += 1
-        req.fut.set_exception(RequestTimeout(timeout_s, stage))
+        self._fail(req, RequestTimeout(timeout_s, stage))
+
+    @staticmethod
+    def _fail(req: _Request, exc: Exception) -> None:
+        """Fail a request now; one whose own task runs its batch is interrupted, so it does
+        not wait for the runner (which finishes the batch regardless)."""
+        if req.fut.done():
+            return
+        req.fut.set_exception(exc)
+        if req.task is not None and not req.interrupted:
+            req.interrupted = True
+            req.task.cancel()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -363,12 +399,18 @@ class Batcher:
         self._kick()
 
     def _kick(self) -> None:
-        """Cut and launch every batch that is due while runners are free; otherwise arm one
-        timer for the earliest group deadline."""
+        """Cut and launch every batch that is due while runners are free (and full batches
+        ahead of busy ones); otherwise arm one timer for the earliest group deadline."""
         loop = self._loop
         if loop is None or self._closed is not None:
             return
-        while self._in_flight < self.concurrency and self._queued:
+        while self._queued:
+            if self._in_flight < self.concurrency:
+                full_only = False
+            elif self._in_flight < 2 * self.concurrency and (self.pool is None or self.pool.fits_twice()):
+                full_only = True  # runners busy: only a full batch goes ahead of them
+            else:
+                return
             now = loop.time()
             best: _Group | None = None
             best_t = math.inf
@@ -378,13 +420,13 @@ class Batcher:
                 if head is None:
                     del self._groups[key]
                     continue
-                if group.rows >= self.max_batch_size or now >= head.enqueued + self._delay_s:
+                if group.rows >= self.max_batch_size or (not full_only and now >= head.enqueued + self._delay_s):
                     if head.enqueued < best_t:
                         best, best_t = group, head.enqueued
                 else:
                     wake = min(wake, head.enqueued + self._delay_s)
             if best is None:
-                if wake < self._timer_at:
+                if wake < self._timer_at and not full_only:  # a finishing batch kicks again
                     if self._timer is not None:
                         self._timer.cancel()
                     self._timer = loop.call_at(wake, self._on_timer)
@@ -393,6 +435,14 @@ class Batcher:
             self._launch(best)
 
     def _launch(self, group: _Group) -> None:
+        batch = self._cut(group)
+        assert self._loop is not None
+        task = self._loop.create_task(self._run(next(self._ids), batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _cut(self, group: _Group) -> list[_Request]:
+        """Take the group's next batch off the queue; it counts as in flight from here."""
         batch: list[_Request] = []
         rows = 0
         q = group.queue
@@ -415,10 +465,7 @@ class Batcher:
             self._groups.pop(group.key, None)
         self._in_flight += 1
         self._running.update(batch)
-        assert self._loop is not None
-        task = self._loop.create_task(self._run(next(self._ids), batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return batch
 
     async def _run(self, batch_id: int, batch: list[_Request]) -> None:
         loop = self._loop
@@ -512,7 +559,7 @@ class Batcher:
 
 def _describe(inputs: Mapping[str, np.ndarray]) -> tuple[int, tuple]:
     """Rows (dim 0, equal across inputs) and the batching signature of one request."""
-    if not isinstance(inputs, Mapping) or not inputs:
+    if not inputs or not (type(inputs) is dict or isinstance(inputs, Mapping)):
         raise InvalidBatch("", "a request needs at least one input tensor")
     rows = -1
     first = ""
@@ -533,7 +580,7 @@ def _describe(inputs: Mapping[str, np.ndarray]) -> tuple[int, tuple]:
 
 
 def _check_outputs(outputs: Any, rows: int) -> None:
-    if not isinstance(outputs, Mapping):
+    if type(outputs) is not dict and not isinstance(outputs, Mapping):
         raise InferenceError(f"run_batch returned {type(outputs).__name__}, expected a dict of arrays")
     for name, arr in outputs.items():
         if not isinstance(arr, np.ndarray) or arr.ndim == 0 or arr.shape[0] != rows:

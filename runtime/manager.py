@@ -26,7 +26,7 @@ from runtime.batcher import Batcher
 from runtime.errors import BatchTooLarge, InferenceError, LoadError, ModelUnavailable
 from runtime.events import EventLog
 from runtime.memory import POOL_IDLE_SHARE, MemoryGovernor, MemoryPressure, ModelMemory
-from runtime.runner import Runner
+from runtime.runner import PIPELINE_DEPTH, Runner
 from runtime.shm import BufferPool, PoolFull
 
 logger = logging.getLogger("lastmile.manager")
@@ -63,7 +63,7 @@ class LoadedModel:
     phase: str = "queued"
     error: str | None = None
     runners: list[Runner] = field(default_factory=list)
-    idle: asyncio.Queue = field(default_factory=asyncio.Queue)  # runners free for a batch
+    idle: asyncio.Queue = field(default_factory=asyncio.Queue)  # runner slots free for a batch
     batcher: Batcher | None = None
     info: dict[str, Any] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
@@ -244,7 +244,8 @@ class ModelManager:
             if model.memory.cap.get("error"):
                 await runner.stop()
                 raise LoadError(f"{model.name}: {model.memory.cap['error']}")
-            model.idle.put_nowait(runner)
+            for _ in range(PIPELINE_DEPTH):  # one entry per batch the runner may hold
+                model.idle.put_nowait(runner)
         headroom = model.memory.cap.get("headroom_bytes")
         if headroom:
             # The pool's segments count against the limit too: never more of them than the

@@ -17,6 +17,11 @@ nothing. The output buffer is lent with the request, sized from the manifest (fi
 dims) or from what the same input signature produced last time; only when the outputs do not
 fit does the child ask for a bigger one (one extra message, the first batch of a new shape).
 
+A runner holds up to :data:`PIPELINE_DEPTH` batches: the next one waits in the child's pipe
+while the current one computes, so the child goes straight on to it instead of idling while
+the daemon hands out results and cuts another batch (the daemon's event loop is busy exactly
+when the model is).
+
 Control messages go over two one-way pipes (they wake the other side faster than a
 socketpair) watched with ``loop.add_reader`` (no thread per message); the process sentinel
 is watched the same way, so a child that dies mid-batch fails the awaiting ``run()`` at once
@@ -49,6 +54,9 @@ from runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavaila
 from runtime.shm import ALIGN, Buffer, BufferPool, PackedArrays, layout_of, pack, views
 
 logger = logging.getLogger("lastmile.runner")
+
+#: Batches a runner holds at once (one computing, the rest queued in its pipe).
+PIPELINE_DEPTH = 2
 
 # What the forkserver imports once, so that a load pays for the model and not for imports.
 # Beyond the libraries: the lazily imported machinery ``torch.export.load`` pulls in (sympy,
@@ -193,7 +201,7 @@ class _Call:
     """A request sent to the child and the shared-memory buffers it holds until the child
     answers, even when the caller gave up (the child may still read/write them)."""
 
-    __slots__ = ("fut", "bufs", "out", "layout_in", "finished", "abandoned", "drained", "grew")
+    __slots__ = ("fut", "bufs", "out", "layout_in", "finished", "abandoned", "on_answer", "grew")
 
     def __init__(self, fut: asyncio.Future) -> None:
         self.fut = fut
@@ -201,7 +209,7 @@ class _Call:
         self.out: Buffer | None = None
         self.finished = False
         self.abandoned = False
-        self.drained: asyncio.Future | None = None
+        self.on_answer: Callable[[], None] | None = None  # for an abandoned call: frees its slot
         self.layout_in: tuple = ()
         self.grew = False  # the child asked for a bigger output buffer
 
@@ -243,8 +251,7 @@ class Runner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seq = itertools.count(1)
         self._calls: dict[int, _Call] = {}
-        self._run_lock: asyncio.Lock | None = None
-        self._draining: asyncio.Future | None = None
+        self._slots: asyncio.Semaphore | None = None
         self._ready: asyncio.Future | None = None
         self._exited: asyncio.Future | None = None
         self._on_phase: PhaseCallback | None = None
@@ -280,7 +287,7 @@ class Runner:
         if self.state != "new":
             raise RuntimeError(f"runner for {self.name} was already started (state {self.state})")
         loop = self._loop = asyncio.get_running_loop()
-        self._run_lock = asyncio.Lock()
+        self._slots = asyncio.Semaphore(PIPELINE_DEPTH)
         self._on_phase = on_phase
         self._ready = loop.create_future()
         self._ready.add_done_callback(_retrieve)  # start() may have given up on it already
@@ -348,15 +355,16 @@ class Runner:
         """Run one whole batch in the child; returns fresh arrays (copied once out of shared
         memory). Raises :class:`RunnerDied` (the child is gone, at once when it dies
         mid-batch), :class:`InferenceError` (the backend raised; the runner stays up) or
-        :class:`ModelUnavailable` (stopped). One batch at a time: concurrent callers queue.
-        If the caller is cancelled the child still finishes the batch; its buffers return to
-        the pool when it answers, and the next ``run`` waits for that."""
+        :class:`ModelUnavailable` (stopped). Up to :data:`PIPELINE_DEPTH` batches are sent at
+        once (the child runs them in order); further callers wait. If the caller is cancelled
+        the child still finishes the batch: its buffers and its slot are freed when it
+        answers."""
         if self.state != "ready":
             raise self._unavailable()
-        assert self._run_lock is not None and self._loop is not None
-        async with self._run_lock:
-            if self._draining is not None and not self._draining.done():
-                await asyncio.shield(self._draining)  # the child still works on a dropped batch
+        assert self._slots is not None and self._loop is not None
+        await self._slots.acquire()
+        slot_handed_over = False
+        try:
             if self.state != "ready":
                 raise self._unavailable()
             call = _Call(self._loop.create_future())
@@ -385,7 +393,8 @@ class Runner:
                     call.release(self.pool)
                 else:  # the child still has the buffers: they are freed on its answer
                     call.abandoned = True
-                    call.drained = self._draining = self._loop.create_future()
+                    call.on_answer = self._slots.release
+                    slot_handed_over = True
                 raise
             except BaseException:
                 call.release(self.pool)
@@ -398,6 +407,9 @@ class Runner:
                 self._learn(key, rows, out_layout)
             self.batches += 1
             return result
+        finally:
+            if not slot_handed_over:
+                self._slots.release()
 
     def _prepare(self, call: _Call, inputs: dict[str, np.ndarray]) -> tuple[int, tuple]:
         """Input buffer (the batcher's when it packed into our pool) and an output buffer
@@ -555,8 +567,8 @@ class Runner:
             call.finished = True
             if call.abandoned:
                 call.release(self.pool)
-                if call.drained is not None and not call.drained.done():
-                    call.drained.set_result(None)
+                if call.on_answer is not None:
+                    call.on_answer()
             elif not call.fut.done():
                 if op == "ok":
                     if len(msg) > 3:
@@ -624,15 +636,13 @@ class Runner:
             call.finished = True
             if call.abandoned:
                 call.release(self.pool)
-                if call.drained is not None and not call.drained.done():
-                    call.drained.set_result(None)
+                if call.on_answer is not None:
+                    call.on_answer()
             elif not call.fut.done():
                 if expected:
                     call.fut.set_exception(ModelUnavailable(f"runner for {self.name} was stopped"))
                 else:
                     call.fut.set_exception(RunnerDied(self._death, code))
-        if self._draining is not None and not self._draining.done():
-            self._draining.set_result(None)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(LoadError(f"{self.name}: runner process died while loading ({describe_exit(code)})"))
         for conn in (self._rx, self._tx):

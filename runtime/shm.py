@@ -343,6 +343,12 @@ class BufferPool:
     def owns(self, buf: Buffer) -> bool:
         return self._in_use.get(buf.name) is buf
 
+    def fits_twice(self) -> bool:
+        """Whether what is lent out now could be lent out once more under ``max_bytes``: the
+        batcher sends a second batch to a busy runner only then, so pipelining never turns
+        into a :class:`PoolFull` under a tight memory limit."""
+        return self.max_bytes is None or 2 * self._bytes_in_use <= self.max_bytes
+
     # --- giving memory back ----------------------------------------------------------------
 
     def _forget(self, buf: Buffer) -> None:

@@ -85,7 +85,7 @@ async def test_concurrent_mixed_sizes_each_caller_gets_its_own_rows(use_pool):
     assert max(sizes) <= 8
     assert sum(sizes) == sum(len(r["x"]) for r in reqs)  # every row ran exactly once
     assert len(model.batches) < len(reqs)  # requests were really batched together
-    assert model.max_in_flight <= 2
+    assert model.max_in_flight <= 4  # two runners, each with at most one full batch sent ahead
     s = b.stats()
     assert s["requests"] == 60 and s["queue_depth"] == 0 and s["in_flight"] == 0
     assert s["avg_batch_size"] == pytest.approx(sum(sizes) / len(sizes))
@@ -93,6 +93,49 @@ async def test_concurrent_mixed_sizes_each_caller_gets_its_own_rows(use_pool):
         assert all(model.packed)  # concatenated straight into shared memory
         assert pool.stats()["bytes_in_use"] == 0
         pool.close()
+
+
+async def test_a_full_batch_goes_ahead_of_a_busy_runner_a_partial_one_waits():
+    model = Model()
+    model.gate = asyncio.Event()
+    b = make(model, max_batch_size=2, max_delay_ms=0.0, concurrency=1)
+    first = asyncio.ensure_future(b.submit(request(1, 1)))
+    await asyncio.sleep(0.01)
+    assert model.in_flight == 1
+    partial = asyncio.ensure_future(b.submit(request(1, 2)))
+    await asyncio.sleep(0.01)
+    assert model.in_flight == 1 and b.stats()["queue_depth"] == 1  # collects rows meanwhile
+    completes = asyncio.ensure_future(b.submit(request(1, 3)))
+    await asyncio.sleep(0.01)
+    assert model.in_flight == 2  # now full: sent ahead while the first still runs
+    later = asyncio.ensure_future(b.submit(request(2, 4)))
+    await asyncio.sleep(0.01)
+    assert model.in_flight == 2 and b.stats()["queue_depth"] == 1  # one ahead per runner, no more
+    model.gate.set()
+    for t, marker in ((first, 1), (partial, 2), (completes, 3), (later, 4)):
+        out, _ = await t
+        assert (out["row_id"] == marker).all()
+    assert [sorted({int(v) for v in x[:, 0]}) for x in model.batches] == [[1], [2, 3], [4]]
+    assert model.max_in_flight == 2 and b.stats()["in_flight"] == 0
+
+
+async def test_no_batch_goes_ahead_when_the_pool_could_not_lend_it_too():
+    pool = BufferPool(f"lastmile-{os.getpid()}-ahead-")
+    probe = pool.acquire(2 * 4 * 4)  # what one 2-row batch of 4 float32 takes
+    pool.max_bytes = probe.size * 3 // 2
+    pool.release(probe)
+    model = Model()
+    model.gate = asyncio.Event()
+    b = make(model, max_batch_size=2, max_delay_ms=0.0, concurrency=1, pool=pool)
+    tasks = [asyncio.ensure_future(b.submit(request(2, i + 1))) for i in range(3)]
+    await asyncio.sleep(0.02)
+    assert model.in_flight == 1 and b.stats()["queue_depth"] == 2
+    model.gate.set()
+    for i, t in enumerate(tasks):
+        out, _ = await t
+        assert (out["row_id"] == i + 1).all()
+    assert model.max_in_flight == 1 and pool.stats()["bytes_in_use"] == 0
+    pool.close()
 
 
 async def test_different_trailing_shapes_batch_separately_and_neither_starves():
@@ -149,8 +192,9 @@ async def test_max_delay_is_respected():
 async def test_queue_full_with_retry_after():
     model = Model()
     model.gate = asyncio.Event()
-    b = make(model, max_batch_size=2, max_delay_ms=0.0, max_queue=3)
+    b = make(model, max_batch_size=8, max_delay_ms=0.0, max_queue=3)
     running = asyncio.ensure_future(b.submit(request(2, 1)))  # goes to the runner, blocks there
+    # the queued 6 rows are no full batch, so none goes ahead of the busy runner
     await asyncio.sleep(0.01)
     queued = [asyncio.ensure_future(b.submit(request(2, i))) for i in (2, 3, 4)]
     await asyncio.sleep(0.01)
@@ -185,7 +229,7 @@ async def test_bad_inputs_name_the_tensor():
 async def test_timeout_while_queued_and_while_running():
     model = Model()
     model.gate = asyncio.Event()
-    b = make(model, max_batch_size=2, max_delay_ms=0.0, timeout_s=0.1)
+    b = make(model, max_batch_size=4, max_delay_ms=0.0, timeout_s=0.1)  # 2 queued rows: not full
     t0 = time.perf_counter()
     running = asyncio.ensure_future(b.submit(request(2, 1)))
     await asyncio.sleep(0)
@@ -245,7 +289,7 @@ async def test_configure_live():
     b.configure(max_batch_size=2, concurrency=3)
     await asyncio.gather(*(b.submit(request(1, i)) for i in range(12)))
     assert max(len(x) for x in model.batches) == 2
-    assert model.max_in_flight == 3
+    assert model.max_in_flight == 6  # three runners, and a full batch sent ahead of each
     assert b.stats()["max_batch_size"] == 2
     with pytest.raises(ValueError, match="max_batch_size: got 0"):
         b.configure(max_batch_size=0)
@@ -253,7 +297,7 @@ async def test_configure_live():
         b.configure(bogus=1)
     # Lowering max_batch_size below a queued request fails that request, not the others.
     model.gate = asyncio.Event()
-    b.configure(max_batch_size=4, concurrency=1, max_delay_ms=0)
+    b.configure(max_batch_size=8, concurrency=1, max_delay_ms=0)  # 5 queued rows: not full
     blocker = asyncio.ensure_future(b.submit(request(1, 1)))
     await asyncio.sleep(0.01)
     big = asyncio.ensure_future(b.submit(request(4, 2)))

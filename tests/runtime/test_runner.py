@@ -22,7 +22,7 @@ from models.settings import ModelSettings
 from models.store import ModelStore
 from runtime.batcher import Batcher
 from runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavailable, RunnerDied
-from runtime.runner import Runner, describe_exit, warm_up
+from runtime.runner import PIPELINE_DEPTH, Runner, describe_exit, warm_up
 from runtime.shm import BufferPool, cleanup_stale, count_segments
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -232,6 +232,31 @@ async def test_cancelled_run_keeps_buffers_until_the_child_answers(forkserver, s
         want = in_process(manifest, settings, [small])[0]["logits"]
         np.testing.assert_allclose(out["logits"], want, rtol=1e-4, atol=1e-5)
         assert pool.stats()["bytes_in_use"] == 0
+    finally:
+        await runner.stop()
+
+
+async def test_batches_sent_ahead_each_get_their_own_outputs(forkserver, store, pool):
+    """Up to PIPELINE_DEPTH batches wait in the child's pipe; each caller still gets exactly
+    its own rows, in new shapes too (each asks for a bigger output buffer mid-pipeline), and
+    a dropped one in the middle frees its slot and buffers when the child answers."""
+    manifest = store.get("demo-lm")
+    settings = settings_for(manifest)
+    runner = await start(manifest, settings, pool)
+    try:
+        batches = [example_inputs("lm", rows, seq=seq) for rows, seq in ((2, 8), (8, 64), (3, 32), (5, 64), (1, 16))]
+        want = in_process(manifest, settings, batches)
+        tasks = [asyncio.ensure_future(runner.run(x)) for x in batches]
+        await asyncio.sleep(0)
+        assert len(runner._calls) == PIPELINE_DEPTH  # the rest wait for a slot
+        tasks[1].cancel()
+        for i, task in enumerate(tasks):
+            if i == 1:
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                continue
+            np.testing.assert_allclose((await task)["logits"], want[i]["logits"], rtol=1e-4, atol=1e-5)
+        assert not runner._calls and pool.stats()["bytes_in_use"] == 0
     finally:
         await runner.stop()
 

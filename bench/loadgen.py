@@ -25,7 +25,7 @@ import math
 import socket
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -128,10 +128,13 @@ def summarize(mode: str, target: Target, concurrency: int, rate: float | None, e
 
 
 async def closed_loop(target: Target, request: bytes, *, concurrency: int, duration_s: float, warmup_s: float = 0.5,
-                      rows: int = 1) -> Result:
+                      rows: int = 1, on_measure: Callable[[], None] | None = None) -> Result:
     """``concurrency`` keep-alive connections, each one request at a time, for ``duration_s``
-    after ``warmup_s`` (warm-up answers are not counted)."""
+    after ``warmup_s`` (warm-up answers are not counted; ``on_measure`` is called when the
+    measured window opens)."""
     conns = [await target.connect() for _ in range(concurrency)]
+    if on_measure is not None:
+        asyncio.get_running_loop().call_later(warmup_s, on_measure)
     lat: list[float] = []
     errors = 0
     samples: list[str] = []

@@ -14,7 +14,8 @@ same model, same backend session settings, one after another on the same machine
 
 Ratios are to the limit: ``vs_limit`` = rows/s over the best in-process rows/s;
 ``vs_limit_same_batch`` = rows/s over in-process rows/s at the batch size the server formed;
-``added_p50_ms`` (1 client) = p50 minus the in-process p50 of a 1-row call.
+``added_p50_ms`` (1 client) = p50 minus the in-process p50 of a 1-row call back to back;
+``added_p50_paced_ms`` = the same against a 1-row call after a 1 ms pause (see ``bench.limit``).
 
 Before any server, the load generator is measured against a canned-response server with the
 same request bytes (``generator`` in the JSON): a server result near that figure would be
@@ -37,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+import psutil
 
 from bench.common import datatypes_for, inputs_for, kind_of
 from appliance.v2codec import encode_request
@@ -112,6 +115,36 @@ class Proc:
                 self.proc.wait()
 
 
+class _CpuMeter:
+    """CPU seconds a server's whole process tree (daemon, forkserver, runners; LitServe's
+    workers) and this process (the load generator) spend over the measured window: where a
+    request's cost goes on a machine whose cores all of them share."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.t0: tuple[float, float] | None = None
+
+    def _now(self) -> tuple[float, float]:
+        server = 0.0
+        for p in [self.root, *self.root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                server += t.user + t.system
+            except psutil.Error:
+                pass
+        return server, time.process_time()
+
+    def start(self) -> None:
+        self.t0 = self._now()
+
+    def per_request(self, requests: int) -> dict[str, float | None]:
+        if self.t0 is None or not requests:
+            return {"server_cpu_us": None, "loadgen_cpu_us": None}
+        server, gen = self._now()
+        return {"server_cpu_us": round((server - self.t0[0]) / requests * 1e6, 1),
+                "loadgen_cpu_us": round((gen - self.t0[1]) / requests * 1e6, 1)}
+
+
 def limit_at(limit: dict[str, Any], batch: float) -> float | None:
     """In-process rows/s at ``batch`` rows (log-linear between the measured sizes)."""
     import math
@@ -167,15 +200,17 @@ class Bench:
             raise RuntimeError(f"bench.limit failed for {model}: {out.stderr[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def load_runs(self, name: str, target: Target, request: bytes, stats: Callable[[], dict] | None = None) -> dict[str, Any]:
+    def load_runs(self, name: str, target: Target, request: bytes, proc: Proc, stats: Callable[[], dict] | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {}
         loop = new_event_loop()
         try:
             for c in self.clients:
                 before = stats() if stats else None
+                cpu = _CpuMeter(proc.proc.pid)
                 r = loop.run_until_complete(closed_loop(target, request, concurrency=c, duration_s=self.duration_s,
-                                                        warmup_s=self.warmup_s))
+                                                        warmup_s=self.warmup_s, on_measure=cpu.start))
                 row = r.as_dict()
+                row.update(cpu.per_request(r.requests))
                 if stats and before is not None:
                     after = stats()
                     batches = after.get("batches", 0) - before.get("batches", 0)
@@ -185,7 +220,8 @@ class Bench:
                     row["avg_batch_size"] = 1.0
                 results[str(c)] = row
                 self.progress(f"  {name:<14} {c:>3} clients: {r.throughput_rps:>9.1f} req/s  p50 {r.p50_ms} ms  "
-                              f"p99 {r.p99_ms} ms  errors {r.errors}" + (f"  batch {row.get('avg_batch_size')}" if row.get("avg_batch_size") else ""))
+                              f"p99 {r.p99_ms} ms  errors {r.errors}" + (f"  batch {row.get('avg_batch_size')}" if row.get("avg_batch_size") else "")
+                              + f"  CPU/request: server {row['server_cpu_us']} us, load generator {row['loadgen_cpu_us']} us")
             if self.open_rate:
                 r = loop.run_until_complete(open_loop(target, request, rate=self.open_rate, duration_s=self.duration_s))
                 results[f"open@{self.open_rate:g}"] = r.as_dict()
@@ -266,7 +302,7 @@ class Bench:
                 entry: dict[str, Any] = {"backend": BACKEND_OF.get(model), "settings": settings, "servers": {}}
                 entry["limit"] = limit = self.measure_limit(model, settings)
                 self.progress(f"  {'limit':<14} best {limit['best_rows_per_s']:.0f} rows/s at batch {limit['best_batch']}; "
-                              f"1-row call p50 {limit['one_call_p50_ms']} ms")
+                              f"1-row call p50 {limit['one_call_p50_ms']} ms (paced {limit.get('one_call_paced_p50_ms')} ms)")
                 if {"lastmile", "lastmile-json"} & set(self.servers):
                     if lastmile is None:
                         lastmile = self.start_lastmile()
@@ -278,18 +314,18 @@ class Bench:
 
                     for name, binary in (("lastmile", True), ("lastmile-json", False)):
                         if name in self.servers:
-                            entry["servers"][name] = self.load_runs(name, target, self.request_bytes(target, model, binary=binary), stats)
+                            entry["servers"][name] = self.load_runs(name, target, self.request_bytes(target, model, binary=binary), proc, stats)
                     self._control(target, "POST", f"/v2/repository/models/{model}/unload", {})
                 if "naive" in self.servers:
                     target, proc = self._start_naive(model, settings)
                     try:
-                        entry["servers"]["naive"] = self.load_runs("naive", target, self.request_bytes(target, model, binary=True))
+                        entry["servers"]["naive"] = self.load_runs("naive", target, self.request_bytes(target, model, binary=True), proc)
                     finally:
                         proc.stop()
                 if "peer" in self.servers:
                     target, proc = self._start_peer(model, settings)
                     try:
-                        entry["servers"]["peer"] = self.load_runs("peer", target, self.request_bytes(target, model, binary=False))
+                        entry["servers"]["peer"] = self.load_runs("peer", target, self.request_bytes(target, model, binary=False), proc)
                     finally:
                         proc.stop()
                 self.ratios(entry, capacity.throughput_rps)
@@ -339,6 +375,8 @@ class Bench:
                 row["vs_limit_same_batch"] = round(row["rows_per_s"] / same, 4) if same else None
                 if row.get("concurrency") == 1 and row.get("p50_ms") is not None:
                     row["added_p50_ms"] = round(row["p50_ms"] - limit["one_call_p50_ms"], 4)
+                    if limit.get("one_call_paced_p50_ms") is not None:
+                        row["added_p50_paced_ms"] = round(row["p50_ms"] - limit["one_call_paced_p50_ms"], 4)
                 row["generator_bound"] = bool(generator_rps and row["throughput_rps"] > 0.5 * generator_rps)
 
     def meta(self) -> dict[str, Any]:
@@ -372,7 +410,8 @@ def table(result: dict[str, Any]) -> str:
     hi, lo = str(max(clients)), str(min(clients))
     servers = [s for s in SERVERS if s in result["meta"]["servers"]]
     head = ["model", "backend", "limit rows/s (batch)"] + [f"{s} @{hi} req/s (x limit)" for s in servers]
-    head += [f"lastmile batch @{hi}", "lastmile x limit same batch", f"p50 ms @{lo}: limit / " + " / ".join(servers)]
+    head += [f"lastmile batch @{hi}", "lastmile x limit same batch", f"lastmile CPU us/req @{hi}: server + generator",
+             f"p50 ms @{lo}: limit (paced) / " + " / ".join(servers)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, e in result["models"].items():
         lim = e["limit"]
@@ -383,7 +422,9 @@ def table(result: dict[str, Any]) -> str:
         lm = e["servers"].get("lastmile", {}).get(hi, {})
         cells.append(f"{lm.get('avg_batch_size')}" if lm else "-")
         cells.append(f"{lm['vs_limit_same_batch']:.2f}" if lm.get("vs_limit_same_batch") else "-")
-        p50s = [f"{lim['one_call_p50_ms']:.3f}"]
+        cells.append(f"{lm['server_cpu_us']:.0f} + {lm['loadgen_cpu_us']:.0f}" if lm.get("server_cpu_us") else "-")
+        paced = lim.get("one_call_paced_p50_ms")
+        p50s = [f"{lim['one_call_p50_ms']:.3f}" + (f" ({paced:.3f})" if paced is not None else "")]
         for s in servers:
             r = e["servers"].get(s, {}).get(lo)
             p50s.append(f"{r['p50_ms']:.3f}" if r and r.get("p50_ms") is not None else "-")

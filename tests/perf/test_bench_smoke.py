@@ -68,12 +68,15 @@ def test_bench_run_one_model_every_server_tcp(demo_store: Path):
         bench.close()
     entry = result["models"]["demo-mlp"]
     assert entry["limit"]["best_rows_per_s"] > 0 and set(entry["limit"]["by_batch"]) == {"1", "2", "4", "8"}
+    assert entry["limit"]["one_call_paced_p50_ms"] > 0
     for server in ("lastmile", "lastmile-json", "naive", "peer"):
         for clients in ("1", "4"):
             row = entry["servers"][server][clients]
             assert row["requests"] > 0 and row["errors"] == 0, (server, clients, row["error_samples"])
             assert row["vs_limit"] > 0
         assert entry["servers"][server]["1"]["added_p50_ms"] is not None
+        assert entry["servers"][server]["1"]["added_p50_paced_ms"] is not None
+        assert entry["servers"][server]["4"]["server_cpu_us"] > 0 and entry["servers"][server]["4"]["loadgen_cpu_us"] > 0
     assert entry["servers"]["lastmile"]["4"]["avg_batch_size"] >= 1
     assert entry["servers"]["lastmile"]["4"]["vs_limit_same_batch"] > 0
     text = table(result)

@@ -95,7 +95,8 @@ class LoadedModel:
             "settings": self.settings.as_dict(),
             "overrides": self.overrides,
             "backend_info": self.info,
-            "runners": [{"instance": i, "pid": r.pid, "alive": r.alive} for i, r in enumerate(self.runners)],
+            "runners": [{"instance": i, "pid": r.pid, "alive": r.alive, "batches": r.batches, "backend_s": round(r.backend_s, 6)}
+                        for i, r in enumerate(self.runners)],
             "loaded_at": self.loaded_at,
             "last_used": self.last_used,
             "restarts": self.restarts,

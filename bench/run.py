@@ -145,6 +145,31 @@ class _CpuMeter:
                 "loadgen_cpu_us": round((gen - self.t0[1]) / requests * 1e6, 1)}
 
 
+def median_pass(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One entry out of several interleaved passes: the limit of the pass with the median
+    best rows/s, and for each server and client count the run with the median throughput
+    (a whole run, so its latencies and CPU figures belong together). Every pass's figure is
+    kept under ``repeats``. On a shared host whose neighbours come and go, the median of
+    interleaved passes is what a single pass cannot be: comparable across servers."""
+    if len(passes) == 1:
+        return passes[0]
+
+    def median(items: list[Any], key: Callable[[Any], float]) -> Any:
+        return sorted(items, key=key)[(len(items) - 1) // 2]
+
+    entry = dict(passes[0], servers={})
+    entry["limit"] = dict(median([p["limit"] for p in passes], lambda lim: lim["best_rows_per_s"]))
+    entry["limit"]["repeats"] = [p["limit"]["best_rows_per_s"] for p in passes]
+    for name in passes[0]["servers"]:
+        entry["servers"][name] = {}
+        for key in passes[0]["servers"][name]:
+            rows = [p["servers"][name][key] for p in passes]
+            chosen = dict(median(rows, lambda r: r["throughput_rps"]))
+            chosen["repeats"] = [r["throughput_rps"] for r in rows]
+            entry["servers"][name][key] = chosen
+    return entry
+
+
 def limit_at(limit: dict[str, Any], batch: float) -> float | None:
     """In-process rows/s at ``batch`` rows (log-linear between the measured sizes)."""
     import math
@@ -164,7 +189,7 @@ def limit_at(limit: dict[str, Any], batch: float) -> float | None:
 class Bench:
     def __init__(self, *, models: list[str], clients: list[int], duration_s: float, warmup_s: float, servers: list[str],
                  transport: str, settings: dict[str, Any], store: Path | None, open_rate: float | None,
-                 progress: Progress = print) -> None:
+                 progress: Progress = print, repeat: int = 1) -> None:
         unknown = [s for s in servers if s not in SERVERS]
         if unknown:
             raise ValueError(f"--servers: unknown {unknown}; known: {', '.join(SERVERS)}")
@@ -173,6 +198,9 @@ class Bench:
         self.models, self.clients, self.duration_s, self.warmup_s = models, clients, duration_s, warmup_s
         self.servers, self.transport, self.settings, self.open_rate = servers, transport, settings, open_rate
         self.progress = progress
+        if repeat < 1:
+            raise ValueError(f"--repeat: got {repeat}; must be >= 1")
+        self.repeat = repeat
         self.tmp = Path(tempfile.mkdtemp(prefix="lastmile-bench-"))
         self.store = store or self.tmp / "store"
 
@@ -299,35 +327,14 @@ class Bench:
             for model in self.models:
                 settings = self.model_settings(model)
                 self.progress(f"{model} ({BACKEND_OF.get(model, '?')}), settings {settings}")
-                entry: dict[str, Any] = {"backend": BACKEND_OF.get(model), "settings": settings, "servers": {}}
-                entry["limit"] = limit = self.measure_limit(model, settings)
-                self.progress(f"  {'limit':<14} best {limit['best_rows_per_s']:.0f} rows/s at batch {limit['best_batch']}; "
-                              f"1-row call p50 {limit['one_call_p50_ms']} ms (paced {limit.get('one_call_paced_p50_ms')} ms)")
-                if {"lastmile", "lastmile-json"} & set(self.servers):
-                    if lastmile is None:
+                passes = []
+                for i in range(self.repeat):
+                    if self.repeat > 1:
+                        self.progress(f" pass {i + 1} of {self.repeat}")
+                    if lastmile is None and {"lastmile", "lastmile-json"} & set(self.servers):
                         lastmile = self.start_lastmile()
-                    proc, target = lastmile
-                    self._control(target, "POST", f"/v2/repository/models/{model}/load", {"parameters": settings})
-
-                    def stats(target: Target = target, model: str = model) -> dict:
-                        return self._control(target, "GET", f"/v1/models/{model}")["batcher"]
-
-                    for name, binary in (("lastmile", True), ("lastmile-json", False)):
-                        if name in self.servers:
-                            entry["servers"][name] = self.load_runs(name, target, self.request_bytes(target, model, binary=binary), proc, stats)
-                    self._control(target, "POST", f"/v2/repository/models/{model}/unload", {})
-                if "naive" in self.servers:
-                    target, proc = self._start_naive(model, settings)
-                    try:
-                        entry["servers"]["naive"] = self.load_runs("naive", target, self.request_bytes(target, model, binary=True), proc)
-                    finally:
-                        proc.stop()
-                if "peer" in self.servers:
-                    target, proc = self._start_peer(model, settings)
-                    try:
-                        entry["servers"]["peer"] = self.load_runs("peer", target, self.request_bytes(target, model, binary=False), proc)
-                    finally:
-                        proc.stop()
+                    passes.append(self._one_pass(model, settings, lastmile))
+                entry = median_pass(passes)
                 self.ratios(entry, capacity.throughput_rps)
                 result["models"][model] = entry
         finally:
@@ -336,6 +343,37 @@ class Bench:
         result["meta"]["wall_s"] = round(time.time() - started, 1)
         result["meta"]["loadavg_end"] = os.getloadavg()
         return result
+
+    def _one_pass(self, model: str, settings: dict[str, Any], lastmile: tuple[Proc, Target] | None) -> dict[str, Any]:
+        """The limit, then each server, once."""
+        entry: dict[str, Any] = {"backend": BACKEND_OF.get(model), "settings": settings, "servers": {}}
+        entry["limit"] = limit = self.measure_limit(model, settings)
+        self.progress(f"  {'limit':<14} best {limit['best_rows_per_s']:.0f} rows/s at batch {limit['best_batch']}; "
+                      f"1-row call p50 {limit['one_call_p50_ms']} ms (paced {limit.get('one_call_paced_p50_ms')} ms)")
+        if lastmile is not None:
+            proc, target = lastmile
+            self._control(target, "POST", f"/v2/repository/models/{model}/load", {"parameters": settings})
+
+            def stats(target: Target = target, model: str = model) -> dict:
+                return self._control(target, "GET", f"/v1/models/{model}")["batcher"]
+
+            for name, binary in (("lastmile", True), ("lastmile-json", False)):
+                if name in self.servers:
+                    entry["servers"][name] = self.load_runs(name, target, self.request_bytes(target, model, binary=binary), proc, stats)
+            self._control(target, "POST", f"/v2/repository/models/{model}/unload", {})
+        if "naive" in self.servers:
+            target, proc = self._start_naive(model, settings)
+            try:
+                entry["servers"]["naive"] = self.load_runs("naive", target, self.request_bytes(target, model, binary=True), proc)
+            finally:
+                proc.stop()
+        if "peer" in self.servers:
+            target, proc = self._start_peer(model, settings)
+            try:
+                entry["servers"]["peer"] = self.load_runs("peer", target, self.request_bytes(target, model, binary=False), proc)
+            finally:
+                proc.stop()
+        return entry
 
     def _start_naive(self, model: str, settings: dict[str, Any]) -> tuple[Target, Proc]:
         argv = [sys.executable, "-m", "bench.naive", "--store", str(self.store), "--model", model, "--settings", json.dumps(settings)]
@@ -399,7 +437,8 @@ class Bench:
             commit = ""
         return {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "cpus": os.cpu_count(),
                 "python": platform.python_version(), "versions": versions, "commit": commit, "loadavg_start": os.getloadavg(),
-                "clients": self.clients, "duration_s": self.duration_s, "transport": self.transport, "servers": self.servers,
+                "clients": self.clients, "duration_s": self.duration_s, "repeat": self.repeat, "transport": self.transport,
+                "servers": self.servers,
                 "argv": sys.argv}
 
     def close(self) -> None:
@@ -458,6 +497,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", default="{}", help='JSON settings for every model, e.g. \'{"max_delay_ms": 1}\'')
     p.add_argument("--store", help="model store (default: demo models built in a temp dir)")
     p.add_argument("--open-rate", type=float, help="also run open loop at this many requests/s")
+    p.add_argument("--repeat", type=int, default=1, help="interleaved passes per model; the median pass is reported (noisy hosts)")
     p.add_argument("--out", help="write the raw JSON here (e.g. bench/results/last.json)")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
 
@@ -473,7 +513,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     bench = Bench(models=[m for m in args.models.split(",") if m], clients=[int(c) for c in args.clients.split(",") if c],
                   duration_s=args.duration_s, warmup_s=args.warmup_s, servers=[s for s in args.servers.split(",") if s],
                   transport=args.transport, settings=settings, store=Path(args.store) if args.store else None,
-                  open_rate=args.open_rate, progress=(lambda m: print(m, file=sys.stderr, flush=True)))
+                  open_rate=args.open_rate, progress=(lambda m: print(m, file=sys.stderr, flush=True)), repeat=args.repeat)
     try:
         result = bench.run()
     finally:

@@ -14,7 +14,7 @@ import pytest
 
 from appliance.v2codec import encode_request
 from bench.loadgen import Target, closed_loop, generator_capacity, http_request, open_loop, read_response
-from bench.run import Bench, limit_at, table
+from bench.run import Bench, limit_at, median_pass, table
 from models.demo import example_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +45,18 @@ async def test_loadgen_against_a_real_daemon_unix_and_open_loop(daemon):
     bad = http_request(target, "POST", "/v2/models/nope/infer", body, headers)
     failed = await closed_loop(target, bad, concurrency=2, duration_s=0.2, warmup_s=0.0)
     assert failed.errors > 0 and failed.requests == 0 and "HTTP 404" in failed.error_samples[0]
+
+
+def test_median_pass_keeps_whole_runs_and_every_figure():
+    def one(limit: float, rps: float, p50: float) -> dict:
+        return {"backend": "onnxruntime", "settings": {}, "limit": {"best_rows_per_s": limit},
+                "servers": {"lastmile": {"64": {"throughput_rps": rps, "p50_ms": p50}}}}
+
+    merged = median_pass([one(100, 30, 3.0), one(300, 10, 1.0), one(200, 20, 2.0)])
+    assert merged["limit"]["best_rows_per_s"] == 200 and merged["limit"]["repeats"] == [100, 300, 200]
+    row = merged["servers"]["lastmile"]["64"]
+    assert row["throughput_rps"] == 20 and row["p50_ms"] == 2.0  # the median run, not a mix
+    assert row["repeats"] == [30, 10, 20]
 
 
 def test_limit_interpolates_between_measured_batches():

@@ -510,10 +510,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bench: --settings must be a JSON object: {exc}", file=sys.stderr)
         return 2
-    bench = Bench(models=[m for m in args.models.split(",") if m], clients=[int(c) for c in args.clients.split(",") if c],
-                  duration_s=args.duration_s, warmup_s=args.warmup_s, servers=[s for s in args.servers.split(",") if s],
-                  transport=args.transport, settings=settings, store=Path(args.store) if args.store else None,
-                  open_rate=args.open_rate, progress=(lambda m: print(m, file=sys.stderr, flush=True)), repeat=args.repeat)
+    try:
+        clients = [int(c) for c in args.clients.split(",") if c]
+    except ValueError:
+        print(f"bench: --clients: expected comma-separated integers, got {args.clients!r}", file=sys.stderr)
+        return 2
+    try:
+        bench = Bench(models=[m for m in args.models.split(",") if m], clients=clients,
+                      duration_s=args.duration_s, warmup_s=args.warmup_s, servers=[s for s in args.servers.split(",") if s],
+                      transport=args.transport, settings=settings, store=Path(args.store) if args.store else None,
+                      open_rate=args.open_rate, progress=(lambda m: print(m, file=sys.stderr, flush=True)), repeat=args.repeat)
+    except ValueError as exc:  # a bad --servers, --repeat or --clients: one line, no traceback
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
     try:
         result = bench.run()
     finally:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,17 @@ def test_median_pass_keeps_whole_runs_and_every_figure():
     row = merged["servers"]["lastmile"]["64"]
     assert row["throughput_rps"] == 20 and row["p50_ms"] == 2.0  # the median run, not a mix
     assert row["repeats"] == [30, 10, 20]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--repeat", "0"], "--repeat: got 0"),
+    (["--servers", "lastmile,bogus"], "--servers: unknown ['bogus']"),
+    (["--clients", "1,x"], "--clients: expected comma-separated integers"),
+    (["--settings", "[1]"], "--settings must be a JSON object"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(argv, says):
+    out = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_limit_interpolates_between_measured_batches():

@@ -32,7 +32,9 @@ from runtime.memory import FootprintWatch
 MB = 1024 * 1024
 
 
-def _pss(pids: list[int]) -> int:
+def pss(pids: list[int]) -> int:
+    """PSS summed over ``pids`` (gone ones count 0): unlike USS it adds up across fork
+    sharing (a fork turns the forkserver's private pages into shared ones)."""
     total = 0
     for pid in pids:
         try:
@@ -43,10 +45,11 @@ def _pss(pids: list[int]) -> int:
     return total
 
 
-def _forkserver_pids() -> list[int]:
+def forkserver_pids(parent: int | None = None) -> list[int]:
+    """The multiprocessing forkserver(s) among the children of ``parent`` (default: this process)."""
     import psutil
 
-    return [c.pid for c in psutil.Process().children() if "forkserver" in " ".join(c.cmdline())]
+    return [c.pid for c in psutil.Process(parent).children() if "forkserver" in " ".join(c.cmdline())]
 
 
 async def _manager(store: Path) -> Any:
@@ -95,16 +98,16 @@ async def load_unload(store: Path, name: str) -> dict[str, float]:
 
     mm = await _manager(store)
     try:
-        base = [os.getpid(), *_forkserver_pids()]
+        base = [os.getpid(), *forkserver_pids()]
         await asyncio.sleep(0.5)
-        before = _pss(base)
+        before = pss(base)
         model = await mm.load(name)
         for _ in range(5):
             await mm.infer(name, example_inputs("lm", 8, seq=32))
-        loaded = _pss(base + [model.runners[0].pid])
+        loaded = pss(base + [model.runners[0].pid])
         await mm.unload(name)
         await asyncio.sleep(0.5)
-        after = _pss(base)
+        after = pss(base)
         return {"before_mb": before / MB, "loaded_mb": loaded / MB, "after_mb": after / MB}
     finally:
         await mm.close()

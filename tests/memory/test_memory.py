@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from models.demo import example_inputs
+from runtime.measure_memory import forkserver_pids, pss
 from runtime.memory import FootprintWatch, read_proc_memory
 from tests.appliance.test_api import call
 from tests.conftest import DaemonProc, start_daemon
@@ -344,34 +345,23 @@ async def test_ladder_runs_every_step_in_order_then_recovers(daemon: DaemonProc)
 async def test_unload_gives_memory_back(daemon: DaemonProc) -> None:
     """lastmile's own processes (daemon + forkserver + runner): PSS after unload is back
     within a few MB of before the load."""
-    import psutil
-
     await unload_all(daemon)
     await asyncio.sleep(1.0)  # runners of earlier tests are gone
 
-    base = [daemon.proc.pid, *(c.pid for c in psutil.Process(daemon.proc.pid).children() if "forkserver" in " ".join(c.cmdline()))]
+    base = [daemon.proc.pid, *forkserver_pids(daemon.proc.pid)]
 
-    def tree_uss(extra: tuple[int, ...] = ()) -> int:
-        """PSS summed over the processes: it adds up across fork sharing (USS does not: a fork
-        turns the forkserver's private pages into shared ones)."""
-        total = 0
-        for pid in (*base, *extra):
-            try:
-                with open(f"/proc/{pid}/smaps_rollup") as f:
-                    total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-            except (OSError, StopIteration):
-                pass
-        return total
+    def tree_pss(extra: tuple[int, ...] = ()) -> int:
+        return pss([*base, *extra])
 
-    before = tree_uss()
+    before = tree_pss()
     status, body, _ = await api(daemon, "POST", "/v2/repository/models/demo-lm-ds/load")
     assert status == 200
     runner = (body["runners"][0]["pid"],)
     for _ in range(5):
         assert (await infer_binary(daemon, "demo-lm-ds", example_inputs("lm", 8, seq=32)))[0] == 200
-    loaded = tree_uss(runner)
+    loaded = tree_pss(runner)
     await api(daemon, "POST", "/v2/repository/models/demo-lm-ds/unload")
     await asyncio.sleep(0.3)
-    after = tree_uss(runner)  # the runner is gone: nothing of it is left to count
+    after = tree_pss(runner)  # the runner is gone: nothing of it is left to count
     assert loaded - before > 20 * MB
     assert after - before < max(0.05 * before, 8 * MB), (before / MB, loaded / MB, after / MB)

@@ -361,18 +361,13 @@ class Bench:
                 if name in self.servers:
                     entry["servers"][name] = self.load_runs(name, target, self.request_bytes(target, model, binary=binary), proc, stats)
             self._control(target, "POST", f"/v2/repository/models/{model}/unload", {})
-        if "naive" in self.servers:
-            target, proc = self._start_naive(model, settings)
-            try:
-                entry["servers"]["naive"] = self.load_runs("naive", target, self.request_bytes(target, model, binary=True), proc)
-            finally:
-                proc.stop()
-        if "peer" in self.servers:
-            target, proc = self._start_peer(model, settings)
-            try:
-                entry["servers"]["peer"] = self.load_runs("peer", target, self.request_bytes(target, model, binary=False), proc)
-            finally:
-                proc.stop()
+        for name, start, binary in (("naive", self._start_naive, True), ("peer", self._start_peer, False)):
+            if name in self.servers:
+                target, proc = start(model, settings)
+                try:
+                    entry["servers"][name] = self.load_runs(name, target, self.request_bytes(target, model, binary=binary), proc)
+                finally:
+                    proc.stop()
         return entry
 
     def _start_naive(self, model: str, settings: dict[str, Any]) -> tuple[Target, Proc]:

@@ -73,7 +73,11 @@ if [ ${#extras[@]} -gt 0 ]; then spec="$here[$(IFS=,; echo "${extras[*]}")]"; fi
 step "installing lastmile ($spec)"
 # DeepSpeed's setup imports torch: build it against the torch installed above, not a fresh one.
 "${pip[@]}" install setuptools wheel >/dev/null || die "installing setuptools failed"
-"${pip[@]}" install --no-build-isolation "$spec" || die "installing lastmile failed (see pip's message above)"
+# The checkout's own venv gets an editable install (the checkout is the install: edits take
+# effect, tests import what they test); a venv elsewhere (--prefix) gets a copy.
+editable=()
+[ "$prefix" = "$here/.venv" ] && editable=(-e)
+"${pip[@]}" install --no-build-isolation "${editable[@]}" "$spec" || die "installing lastmile failed (see pip's message above)"
 
 "$prefix/bin/lastmile" --version >/dev/null || die "the installed 'lastmile' command does not run"
 step "done: $prefix/bin/lastmile"

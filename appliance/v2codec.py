@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from models.spec import V2_TO_NUMPY, TensorSpec
+from lastmile.models.spec import V2_TO_NUMPY, TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_JSON_DEPTH = 64
@@ -315,6 +315,6 @@ def decode_response(payload: bytes, header_length: str | None) -> tuple[dict[str
 
 
 def _v2_datatype(array: np.ndarray) -> str:
-    from models.spec import NUMPY_TO_V2
+    from lastmile.models.spec import NUMPY_TO_V2
 
     return NUMPY_TO_V2.get(array.dtype, "FP32")

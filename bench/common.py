@@ -14,7 +14,7 @@ DATATYPES = {"input": "FP32", "input_ids": "INT64"}
 
 def prepare_env() -> None:
     """Same process environment as a Lastmile runner (before torch is imported)."""
-    from runtime.backends.threads import set_thread_env
+    from lastmile.runtime.backends.threads import set_thread_env
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     set_thread_env()
@@ -24,9 +24,9 @@ def load_backend(store: str | Path, name: str, settings: dict[str, Any] | None =
     """The model's backend, built exactly as a runner builds it (``create_backend``), with the
     manifest's settings overlaid by ``settings``."""
     prepare_env()
-    from models.settings import ModelSettings
-    from models.store import ModelStore
-    from runtime.backends import create_backend
+    from lastmile.models.settings import ModelSettings
+    from lastmile.models.store import ModelStore
+    from lastmile.runtime.backends import create_backend
 
     manifest = ModelStore(Path(store)).get(name)
     eff = ModelSettings().overlay(manifest.settings).overlay({"backend": manifest.backend, **(settings or {})})
@@ -38,12 +38,12 @@ def kind_of(name: str) -> str:
 
 
 def inputs_for(name: str, rows: int, seq: int = 16) -> dict[str, np.ndarray]:
-    from models.demo import example_inputs
+    from lastmile.models.demo import example_inputs
 
     return example_inputs(kind_of(name), rows, seq=seq)
 
 
 def datatypes_for(inputs: dict[str, np.ndarray]) -> dict[str, str]:
-    from models.spec import NUMPY_TO_V2
+    from lastmile.models.spec import NUMPY_TO_V2
 
     return {k: DATATYPES.get(k) or NUMPY_TO_V2[v.dtype] for k, v in inputs.items()}

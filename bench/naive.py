@@ -14,12 +14,12 @@ import time
 
 from aiohttp import web
 
-from appliance.v2codec import HEADER_LENGTH, BadRequest, decode_request, encode_response, split_body
+from lastmile.appliance.v2codec import HEADER_LENGTH, BadRequest, decode_request, encode_response, split_body
 from bench.common import load_backend
 
 
 def build_app(store: str, model: str, settings: dict) -> web.Application:
-    from models.store import ModelStore
+    from lastmile.models.store import ModelStore
 
     manifest = ModelStore(store).get(model)
     backend = load_backend(store, model, settings)

@@ -35,8 +35,8 @@ class V2Api(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         from bench.common import load_backend
-        from models.spec import V2_TO_NUMPY
-        from models.store import ModelStore
+        from lastmile.models.spec import V2_TO_NUMPY
+        from lastmile.models.store import ModelStore
 
         self.manifest = ModelStore(self.store).get(self.model)
         self.backend = load_backend(self.store, self.model, self.settings)

@@ -7,7 +7,7 @@ same model, same backend session settings, one after another on the same machine
    1, 2, 4... ``max_batch_size``: rows/s per batch size, and the latency of one 1-row call;
 2. **lastmile**: a fresh daemon (``lastmile serve``) on a temp socket, the model loaded with the
    settings, closed-loop load at each client count (binary tensor extension); the batch sizes
-   it formed are read from ``GET /v1/models/{name}`` before and after;
+   it formed are read from ``GET /lm/v1/models/{name}`` before and after;
 3. **lastmile-json**: the same daemon, the same requests as JSON tensors (what the peer gets);
 4. **naive**: ``bench.naive`` (aiohttp, same codec, one request = one forward call);
 5. **peer**: ``bench.peer_litserve`` (LitServe with the same batch size and delay), JSON.
@@ -42,8 +42,8 @@ from typing import Any, Callable
 import psutil
 
 from bench.common import datatypes_for, inputs_for, kind_of
-from appliance.v2codec import encode_request
-from bench.loadgen import Target, closed_loop, generator_capacity, http_request, new_event_loop, open_loop
+from lastmile.appliance.v2codec import encode_request
+from lastmile.appliance.client.loadgen import Target, closed_loop, generator_capacity, http_request, new_event_loop, open_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ["demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds"]
@@ -279,14 +279,14 @@ class Bench:
                           f'[store]\nmodels_dir = "{self.store}"\nstate_file = "{home / "state.json"}"\nbuild_demo = false\n')
         env = _env()
         env["HOME"] = str(home)
-        proc = Proc("lastmile", [sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)], home / "daemon.log", env)
+        proc = Proc("lastmile", [sys.executable, "-m", "lastmile.appliance.client.cli", "serve", "--config", str(config)], home / "daemon.log", env)
         proc.wait_ready(target, "/v2/health/ready")
         return proc, target
 
     def _control(self, target: Target, method: str, path: str, body: Any = None) -> Any:
         """A control call over a Unix socket or TCP with the same raw client (no aiohttp needed)."""
         async def go() -> Any:
-            from bench.loadgen import read_response
+            from lastmile.appliance.client.loadgen import read_response
 
             reader, writer = await target.connect()
             data = json.dumps(body).encode() if body is not None else b""
@@ -309,7 +309,7 @@ class Bench:
         started = time.time()
         if not (self.store / "demo-mlp").exists():
             self.progress(f"building the demo models in {self.store}")
-            from models.demo import build_demo
+            from lastmile.models.demo import build_demo
 
             build_demo(self.store)
         result: dict[str, Any] = {"meta": self.meta(), "models": {}}
@@ -355,7 +355,7 @@ class Bench:
             self._control(target, "POST", f"/v2/repository/models/{model}/load", {"parameters": settings})
 
             def stats(target: Target = target, model: str = model) -> dict:
-                return self._control(target, "GET", f"/v1/models/{model}")["batcher"]
+                return self._control(target, "GET", f"/lm/v1/models/{model}")["batcher"]
 
             for name, binary in (("lastmile", True), ("lastmile-json", False)):
                 if name in self.servers:

@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.manifest import load_manifest, write_manifest
-from models.spec import Manifest, TensorSpec
-from models.store import ModelStore
+from lastmile.models.manifest import load_manifest, write_manifest
+from lastmile.models.spec import Manifest, TensorSpec
+from lastmile.models.store import ModelStore
 
-if TYPE_CHECKING:  # torch is imported lazily: importing models.demo must stay cheap
+if TYPE_CHECKING:  # torch is imported lazily: importing lastmile.models.demo must stay cheap
     import torch
 
 __all__ = ["DEMO_MODELS", "DemoModel", "build_demo", "reference_module", "example_inputs", "KINDS"]
@@ -312,7 +312,7 @@ def build_demo(store: Path, *, force: bool = False, names: list[str] | None = No
     return [name for name in wanted if build_one(store, DEMO_MODELS[name], force=force)]
 
 
-if __name__ == "__main__":  # python -m models.demo STORE [--force]
+if __name__ == "__main__":  # python -m lastmile.models.demo STORE [--force]
     import argparse
 
     parser = argparse.ArgumentParser(description="Build the Lastmile demo models into a model store.")

@@ -33,7 +33,7 @@ class StoreEscapeError(ManifestError):
 
 
 class InvalidModelName(ValueError):
-    """A model name breaks the naming rule (see ``models.store.NAME_RULE``)."""
+    """A model name breaks the naming rule (see ``lastmile.models.store.NAME_RULE``)."""
 
     def __init__(self, name: object, rule: str) -> None:
         self.name = name

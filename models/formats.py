@@ -19,8 +19,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from models.errors import FormatError
-from models.spec import FORMATS, TensorSpec
+from lastmile.models.errors import FormatError
+from lastmile.models.spec import FORMATS, TensorSpec
 
 MANIFEST_FILE = "model.toml"
 

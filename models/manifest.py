@@ -3,7 +3,7 @@
 Every problem is a :class:`ManifestError` naming the file and the dotted key, with what is
 allowed, e.g. ``/models/clf/model.toml: inputs[0].datatype: got 'FLOAT'; allowed: BOOL, ...``.
 Unknown keys are errors (a typo must not be silently ignored). A folder without ``model.toml``
-is described from its artifact (see :mod:`models.formats`) with ``from_manifest_file=False``
+is described from its artifact (see :mod:`lastmile.models.formats`) with ``from_manifest_file=False``
 and ``missing`` saying what the operator still has to write.
 
 Example::
@@ -30,10 +30,10 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from models.errors import FormatError, ManifestError, StoreEscapeError
-from models.formats import MANIFEST_FILE, artifact_problem, batch_notes, detect_format, format_of, infer_signature
-from models.settings import BACKENDS, SettingError, validate_settings
-from models.spec import FORMATS, V2_TO_NUMPY, Manifest, TensorSpec
+from lastmile.models.errors import FormatError, ManifestError, StoreEscapeError
+from lastmile.models.formats import MANIFEST_FILE, artifact_problem, batch_notes, detect_format, format_of, infer_signature
+from lastmile.models.settings import BACKENDS, SettingError, validate_settings
+from lastmile.models.spec import FORMATS, V2_TO_NUMPY, Manifest, TensorSpec
 
 if sys.version_info >= (3, 11):
     import tomllib

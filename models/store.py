@@ -14,9 +14,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import InvalidModelName, ManifestError, ModelNotFoundError, StoreEscapeError
-from models.manifest import load_manifest
-from models.spec import Manifest
+from lastmile.models.errors import InvalidModelName, ManifestError, ModelNotFoundError, StoreEscapeError
+from lastmile.models.manifest import load_manifest
+from lastmile.models.spec import Manifest
 
 __all__ = [
     "ModelStore",
@@ -79,7 +79,7 @@ class ModelStore:
     def _folders(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        # Dot-folders are in-progress builds/installs (see models.demo): never models.
+        # Dot-folders are in-progress builds/installs (see lastmile.models.demo): never models.
         return sorted(p for p in self.root.iterdir() if not p.name.startswith(".") and p.is_dir())
 
     def names(self) -> list[str]:

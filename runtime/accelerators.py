@@ -2,7 +2,7 @@
 
 Two jobs:
 
-- :func:`detect` gathers the host facts ``GET /v1/system`` shows (CPU, RAM, accelerators seen
+- :func:`detect` gathers the host facts ``GET /lm/v1/system`` shows (CPU, RAM, accelerators seen
   through DeepSpeed's accelerator abstraction and ONNX Runtime's execution providers,
   library versions). The probing imports torch and DeepSpeed, so the result is cached; only
   the RAM numbers, which change, are re-read on every call.
@@ -26,7 +26,7 @@ import platform
 import threading
 from typing import Any
 
-from runtime.backends.base import BackendError
+from lastmile.runtime.backends.base import BackendError
 
 __all__ = ["detect", "resolve_device", "ensure_ds_accelerator", "device_count", "split_device"]
 
@@ -185,7 +185,7 @@ def _deepspeed_accelerator() -> dict[str, Any]:
             # their memory; say so rather than list the RAM twice as "device memory".
             out["note"] = "cpu accelerator: device_count is NUMA nodes; memory is host RAM"
         return out
-    except Exception as exc:  # a broken DeepSpeed must not take GET /v1/system down
+    except Exception as exc:  # a broken DeepSpeed must not take GET /lm/v1/system down
         return {"name": None, "device_count": 0, "devices": [], "error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -235,7 +235,7 @@ def _static_facts() -> dict[str, Any]:
 
 
 def detect(*, refresh: bool = False) -> dict[str, Any]:
-    """Host facts for ``GET /v1/system`` (a fresh dict each call; safe to mutate).
+    """Host facts for ``GET /lm/v1/system`` (a fresh dict each call; safe to mutate).
 
     The probe (torch, DeepSpeed, ONNX Runtime) runs once per process; ``ram`` is re-read each
     call. ``refresh=True`` probes again (after a hot-plugged device, in tests).

@@ -18,7 +18,7 @@ cut never reach the runner; results of requests dropped while their batch runs a
 discarded.
 
 With a ``pool`` the batch is concatenated straight into a shared-memory buffer and handed
-to ``run_batch`` as :class:`runtime.shm.PackedArrays`, which :class:`runtime.runner.Runner`
+to ``run_batch`` as :class:`lastmile.runtime.shm.PackedArrays`, which :class:`lastmile.runtime.runner.Runner`
 sends to its child without another copy. ``run_batch`` must then not return views of its
 inputs (the buffer is reused as soon as it returns).
 """
@@ -35,7 +35,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from runtime.errors import (
+from lastmile.runtime.errors import (
     BatchTooLarge,
     InferenceError,
     InvalidBatch,
@@ -43,7 +43,7 @@ from runtime.errors import (
     QueueFull,
     RequestTimeout,
 )
-from runtime.shm import BufferPool, PackedArrays, plan_layout, views
+from lastmile.runtime.shm import BufferPool, PackedArrays, plan_layout, views
 
 RunBatch = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
 

@@ -1,7 +1,7 @@
 """How much memory a model will need, per device, before it is loaded.
 
 An estimate is the sum of four parts, each shown to the operator (``lastmile load --dry-run``,
-``POST /v1/memory/estimate``, refusals) so a wrong one can be traced to its part:
+``POST /lm/v1/memory/estimate``, refusals) so a wrong one can be traced to its part:
 
 - ``weights``: the artifact's parameter bytes at the serving dtype. ONNX: the graph's
   initializers (exact, per data type, external data included) read with ``onnx`` without
@@ -15,7 +15,7 @@ An estimate is the sum of four parts, each shown to the operator (``lastmile loa
 - ``pool``: the shared-memory buffers of one batch in and out (power-of-two size classes), two
   of each per instance (the batcher fills one while the runner answers another).
 - ``overhead``: what a runner process costs on top of that, per backend, *measured* on this
-  appliance (``python -m runtime.measure_overhead``; figures and method in docs/memory.md).
+  appliance (``python -m lastmile.runtime.measure_overhead``; figures and method in docs/memory.md).
   The factor :data:`WEIGHT_FACTOR` covers what a backend holds beyond one copy of the weights
   (ORT keeps the graph proto and prepacked MatMul weights; torch.export keeps the archive's
   buffers while building the module).
@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.settings import ModelSettings
-from models.spec import Manifest
-from runtime.shm import size_class
+from lastmile.models.settings import ModelSettings
+from lastmile.models.spec import Manifest
+from lastmile.runtime.shm import size_class
 
 MB = 1024 * 1024
 
-# Measured with ``python -m runtime.measure_overhead`` on the development appliance (2-core
+# Measured with ``python -m lastmile.runtime.measure_overhead`` on the development appliance (2-core
 # x86-64, torch 2.13 CPU, onnxruntime 1.32, deepspeed 0.19.8): the runner's USS at "ready"
 # minus its weights, over the demo models and a 64 MB synthetic MLP (see docs/memory.md).
 BACKEND_OVERHEAD_BYTES: dict[tuple[str, str], int] = {

@@ -1,5 +1,5 @@
 """The event log: every load, unload, failure, restart and mitigation step, in order, so the
-operator can see what the appliance did and why (``GET /v1/events``, the TUI's events pane)."""
+operator can see what the appliance did and why (``GET /lm/v1/events``, the TUI's events pane)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Imported last by the forkserver's preload (see ``runtime.runner.PRELOAD``), never by the
+"""Imported last by the forkserver's preload (see ``lastmile.runtime.runner.PRELOAD``), never by the
 daemon: moves everything preloaded (torch, onnxruntime, deepspeed: ~100 MB of objects) out of
 the garbage collector's reach with :func:`gc.freeze`.
 
@@ -8,7 +8,7 @@ and the runner's copy becomes its alone: the runner's private memory (USS) jumpe
 without it allocating anything (measured with demo-lm; see docs/memory.md), which no memory
 cap in the runner can prevent. Frozen objects are never walked (and never freed: they are the
 preloaded libraries, which live as long as the forkserver anyway). Runners freeze their
-inheritance again at start (:func:`runtime.runner_main.main`) for the same reason.
+inheritance again at start (:func:`lastmile.runtime.runner_main.main`) for the same reason.
 """
 
 import gc

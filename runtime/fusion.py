@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.settings import GRAPH_FUSION_LEVELS
+from lastmile.models.settings import GRAPH_FUSION_LEVELS
 
 __all__ = ["ORT_LEVEL_NAMES", "ort_optimization_level", "TorchFusionPlan", "torch_fusion_plan"]
 

@@ -18,16 +18,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from models.settings import ModelSettings
-from models.spec import Manifest
-from models.store import ModelStore
-from runtime.backends import resolve_backend
-from runtime.batcher import Batcher
-from runtime.errors import BatchTooLarge, InferenceError, LoadError, ModelUnavailable
-from runtime.events import EventLog
-from runtime.memory import POOL_IDLE_SHARE, MemoryGovernor, MemoryPressure, ModelMemory
-from runtime.runner import PIPELINE_DEPTH, Runner
-from runtime.shm import BufferPool, PoolFull
+from lastmile.models.settings import ModelSettings
+from lastmile.models.spec import Manifest
+from lastmile.models.store import ModelStore
+from lastmile.runtime.backends import resolve_backend
+from lastmile.runtime.batcher import Batcher
+from lastmile.runtime.errors import BatchTooLarge, InferenceError, LoadError, ModelUnavailable
+from lastmile.runtime.events import EventLog
+from lastmile.runtime.memory import POOL_IDLE_SHARE, MemoryGovernor, MemoryPressure, ModelMemory
+from lastmile.runtime.runner import PIPELINE_DEPTH, Runner
+from lastmile.runtime.shm import BufferPool, PoolFull
 
 logger = logging.getLogger("lastmile.manager")
 
@@ -77,7 +77,7 @@ class LoadedModel:
     requested: ModelSettings | None = None  # the settings asked for (plan = "auto" may change them)
 
     def describe(self) -> dict[str, Any]:
-        """The row ``GET /v1/models`` shows for this model."""
+        """The row ``GET /lm/v1/models`` shows for this model."""
         stats = self.batcher.stats() if self.batcher else {}
         lat = sorted(self.latencies_s)
 

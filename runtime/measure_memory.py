@@ -1,12 +1,12 @@
 """Benchmark of the memory-pool manager on the demo transformer (not a timed test).
 
-``python -m runtime.measure_memory [--seconds 8] [--fusion-seconds 4]`` builds the demo models
-in a temporary store and drives a real :class:`runtime.manager.ModelManager` (governor,
+``python -m lastmile.runtime.measure_memory [--seconds 8] [--fusion-seconds 4]`` builds the demo models
+in a temporary store and drives a real :class:`lastmile.runtime.manager.ModelManager` (governor,
 forkserver runners, batcher, shared-memory pool; no HTTP) to print three tables:
 
 1. **peak vs limit**: ``demo-lm`` (ONNX Runtime) with ``memory_limit_mb = 60`` under
    concurrent 128-row x 64-token requests (one alone needs ~61 MB past "ready"). Peak is the
-   model's footprint sampled every 20 ms (:func:`runtime.memory.footprint`: the runner's
+   model's footprint sampled every 20 ms (:func:`lastmile.runtime.memory.footprint`: the runner's
    private memory outside shared memory + the model's pool segments, each page once), with
    the ladder steps and answers seen.
 2. **memory before load / after load / after unload**: PSS of this process + the forkserver
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.memory import FootprintWatch
+from lastmile.runtime.memory import FootprintWatch
 
 MB = 1024 * 1024
 
@@ -53,18 +53,18 @@ def forkserver_pids(parent: int | None = None) -> list[int]:
 
 
 async def _manager(store: Path) -> Any:
-    from models.settings import ModelSettings
-    from models.store import ModelStore
-    from runtime.events import EventLog
-    from runtime.manager import ModelManager
-    from runtime.runner import warm_up_async
+    from lastmile.models.settings import ModelSettings
+    from lastmile.models.store import ModelStore
+    from lastmile.runtime.events import EventLog
+    from lastmile.runtime.manager import ModelManager
+    from lastmile.runtime.runner import warm_up_async
 
     await warm_up_async()
     return ModelManager(ModelStore(store), ModelSettings(), EventLog(), memory={"sample_interval_s": 0.2})
 
 
 async def peak_vs_limit(store: Path, seconds: float) -> dict[str, Any]:
-    from models.demo import example_inputs
+    from lastmile.models.demo import example_inputs
 
     mm = await _manager(store)
     try:
@@ -94,7 +94,7 @@ async def peak_vs_limit(store: Path, seconds: float) -> dict[str, Any]:
 
 
 async def load_unload(store: Path, name: str) -> dict[str, float]:
-    from models.demo import example_inputs
+    from lastmile.models.demo import example_inputs
 
     mm = await _manager(store)
     try:
@@ -114,7 +114,7 @@ async def load_unload(store: Path, name: str) -> dict[str, float]:
 
 
 async def fusion_throughput(store: Path, name: str, seconds: float) -> dict[str, float]:
-    from models.demo import example_inputs
+    from lastmile.models.demo import example_inputs
 
     mm = await _manager(store)
     out: dict[str, float] = {}
@@ -144,7 +144,7 @@ async def fusion_throughput(store: Path, name: str, seconds: float) -> dict[str,
 
 async def main(seconds: float, fusion_seconds: float) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from models.demo import build_demo
+    from lastmile.models.demo import build_demo
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"

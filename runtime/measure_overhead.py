@@ -1,11 +1,11 @@
 """Measure what a runner costs beyond its weights, per backend, on this machine.
 
-``python -m runtime.measure_overhead [--mb 64]`` builds the demo models and a synthetic MLP of
+``python -m lastmile.runtime.measure_overhead [--mb 64]`` builds the demo models and a synthetic MLP of
 about ``--mb`` MB (ONNX and torch.export) in a temporary store, starts a real runner for each
 (from the same forkserver the daemon uses), and prints, at "ready": the runner's USS (what
 unloading gives back), RSS, VM size, the weights the estimator reads from the artifact, and
 ``overhead = USS - weights`` and ``factor = (USS_big - USS_small) / (weights_big - weights_small)``.
-Those figures are what :mod:`runtime.estimate` uses (docs/memory.md records a run).
+Those figures are what :mod:`lastmile.runtime.estimate` uses (docs/memory.md records a run).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from models.manifest import write_manifest
-from models.spec import Manifest, TensorSpec
+from lastmile.models.manifest import write_manifest
+from lastmile.models.spec import Manifest, TensorSpec
 
 MB = 1024 * 1024
 
@@ -78,12 +78,12 @@ def proc_memory(pid: int) -> dict[str, int]:
 
 
 async def _measure(store: Path, names: list[str]) -> list[dict[str, Any]]:
-    from models.settings import ModelSettings
-    from models.store import ModelStore
-    from runtime.backends import resolve_backend
-    from runtime.estimate import artifact_weights
-    from runtime.runner import Runner, warm_up
-    from runtime.shm import BufferPool
+    from lastmile.models.settings import ModelSettings
+    from lastmile.models.store import ModelStore
+    from lastmile.runtime.backends import resolve_backend
+    from lastmile.runtime.estimate import artifact_weights
+    from lastmile.runtime.runner import Runner, warm_up
+    from lastmile.runtime.shm import BufferPool
 
     await asyncio.get_running_loop().run_in_executor(None, warm_up)
     st = ModelStore(store)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=64, help="size of the synthetic MLP (MB of fp32 weights)")
     args = parser.parse_args(argv)
-    from models.demo import build_demo
+    from lastmile.models.demo import build_demo
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)

@@ -5,7 +5,7 @@ Vocabulary (all bytes):
 
 - *budget* of a device (``host``, ``cuda:0``...): ``[memory] host_limit_mb`` /
   ``device_limit_mb``, or a fraction of what the device has. Changeable at run time
-  (:meth:`MemoryGovernor.configure`, ``PUT /v1/memory``).
+  (:meth:`MemoryGovernor.configure`, ``PUT /lm/v1/memory``).
 - *used* by a model: its runners' USS (private memory: what unloading gives back, read from
   ``/proc/<pid>/smaps_rollup``) plus its shared-memory pool (daemon-owned segments), and on an
   accelerator what the backend reports (torch's reserved bytes).
@@ -28,7 +28,7 @@ sampling tick that is still over goes one step further, every step an event
 
 Recovery: under the low watermark for :data:`RECOVER_AFTER_S`, shedding stops and the batch
 size comes back (doubling per tick) to the configured one (``memory_recovered`` events).
-The hard line at the limit itself is the runner's cap (:mod:`runtime.memory_cap`), so a batch
+The hard line at the limit itself is the runner's cap (:mod:`lastmile.runtime.memory_cap`), so a batch
 that would go past it fails alone instead of the kernel OOM killer taking anything down.
 """
 
@@ -43,14 +43,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
-from models.settings import ModelSettings
-from models.spec import Manifest
-from runtime.errors import LastmileRuntimeError, ModelUnavailable
-from runtime.estimate import MB, Estimate, budget_device, estimate
+from lastmile.models.settings import ModelSettings
+from lastmile.models.spec import Manifest
+from lastmile.runtime.errors import LastmileRuntimeError, ModelUnavailable
+from lastmile.runtime.estimate import MB, Estimate, budget_device, estimate
 
 if TYPE_CHECKING:
-    from runtime.events import EventLog
-    from runtime.manager import LoadedModel, ModelManager
+    from lastmile.runtime.events import EventLog
+    from lastmile.runtime.manager import LoadedModel, ModelManager
 
 logger = logging.getLogger("lastmile.memory")
 
@@ -99,7 +99,7 @@ class MemoryPressure(ModelUnavailable):
 @dataclass
 class ModelMemory:
     """What the governor knows about one loaded model (shown under ``memory`` in
-    ``/v1/models`` and ``/v1/memory``)."""
+    ``/lm/v1/models`` and ``/lm/v1/memory``)."""
 
     device: str = "host"  # the budget its main usage counts against
     estimate: Estimate | None = None
@@ -189,7 +189,7 @@ def read_proc_memory(pid: int, full: bool = True) -> dict[str, int]:
 
 def footprint(pid: int, pool_prefix: str, shm_dir: str = "/dev/shm") -> dict[str, int]:
     """What one model really occupies, each page counted once (tests and
-    ``python -m runtime.measure_memory``; too slow for the sampler: it reads the runner's whole
+    ``python -m lastmile.runtime.measure_memory``; too slow for the sampler: it reads the runner's whole
     ``/proc/<pid>/smaps``, 20-40 ms):
 
     - ``private_bytes``: the runner's private pages outside shared-memory segments
@@ -239,7 +239,7 @@ def footprint(pid: int, pool_prefix: str, shm_dir: str = "/dev/shm") -> dict[str
 
 
 class FootprintWatch:
-    """Samples :func:`runtime.memory.footprint` of a runner from a thread: its private memory
+    """Samples :func:`lastmile.runtime.memory.footprint` of a runner from a thread: its private memory
     outside shared memory + the model's pool segments, each page once; keeps the peak."""
 
     def __init__(self, pid: int, prefix: str, interval_s: float = 0.02) -> None:
@@ -278,7 +278,7 @@ def accelerator_memory() -> dict[str, int]:
     if not glob.glob("/dev/nvidia[0-9]*") and not glob.glob("/dev/davinci[0-9]*"):
         return {}
     try:
-        from runtime.accelerators import detect
+        from lastmile.runtime.accelerators import detect
 
         devices = detect()["accelerators"]["deepspeed"].get("devices", [])
         return {d["device"]: int(d["total_memory_bytes"]) for d in devices if d.get("total_memory_bytes")}
@@ -548,7 +548,7 @@ class MemoryGovernor:
     # --- sampling ---------------------------------------------------------------------------
 
     def supervise(self, heart: Any) -> Any:
-        """Beat ``heart`` (``appliance.sdnotify.Heartbeat``) after every sampling round and
+        """Beat ``heart`` (``lastmile.appliance.server.sdnotify.Heartbeat``) after every sampling round and
         start sampling now (models or not), so the systemd watchdog stops pinging when runner
         supervision is stuck. Returns ``heart`` (the watchdog's health check)."""
         self.heart = heart
@@ -836,7 +836,7 @@ class MemoryGovernor:
                                  f"pressure; this request has {rows} rows: retry later or split it", SHED_RETRY_AFTER_S)
 
     def snapshot(self) -> dict[str, Any]:
-        """``GET /v1/memory``."""
+        """``GET /lm/v1/memory``."""
         devices = {}
         for device in self.devices():
             b = self.budget(device)

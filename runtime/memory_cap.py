@@ -62,7 +62,7 @@ def _mallopt() -> Any:
 
 def single_arena() -> bool:
     """``M_ARENA_MAX = 1`` in this process (the forkserver, before its preload: see
-    :mod:`runtime.forkserver_prep`)."""
+    :mod:`lastmile.runtime.forkserver_prep`)."""
     fn = _mallopt()
     return bool(fn and fn(M_ARENA_MAX, 1) == 1)
 
@@ -180,7 +180,7 @@ def recap(backend: Any) -> dict[str, Any] | None:
 
 
 def cap_after_warmup(backend: Any, device_kind: str) -> dict[str, Any]:
-    """Apply the cap once per backend: :mod:`runtime.runner_main` calls this right after
+    """Apply the cap once per backend: :mod:`lastmile.runtime.runner_main` calls this right after
     warm-up, before "ready" (the backends' ``info()`` call it too and get the same answer).
     A model already over its limit reports ``error`` and the manager refuses the load."""
     cap = getattr(backend, "_hard_cap", None)

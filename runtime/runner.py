@@ -6,7 +6,7 @@ measurable. Why a forkserver: the server imports torch, deepspeed and onnxruntim
 (:func:`warm_up`, at daemon start); each runner is a ``fork`` of it, so loading a model costs
 the model's load, not interpreter and library start-up.
 
-Data path of one batch (see :mod:`runtime.runner_main` for the wire protocol)::
+Data path of one batch (see :mod:`lastmile.runtime.runner_main` for the wire protocol)::
 
     inputs --pack--> pool buffer (or the batcher's buffer, no copy) --name+layout--> child
     child: views over the segment -> backend.run -> outputs packed into the out buffer
@@ -46,12 +46,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from models.settings import ModelSettings
-from models.spec import Manifest
-from runtime import runner_main
-from runtime.backends.threads import set_thread_env
-from runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavailable, RunnerDied, ShmError
-from runtime.shm import ALIGN, Buffer, BufferPool, PackedArrays, layout_of, pack, views
+from lastmile.models.settings import ModelSettings
+from lastmile.models.spec import Manifest
+from lastmile.runtime import runner_main
+from lastmile.runtime.backends.threads import set_thread_env
+from lastmile.runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavailable, RunnerDied, ShmError
+from lastmile.runtime.shm import ALIGN, Buffer, BufferPool, PackedArrays, layout_of, pack, views
 
 logger = logging.getLogger("lastmile.runner")
 
@@ -65,7 +65,7 @@ PIPELINE_DEPTH = 2
 # device in the forkserver (a fork copies neither threads nor a CUDA context). A failing
 # import is skipped by the forkserver.
 PRELOAD = [
-    "runtime.forkserver_prep",  # first: one malloc arena before any library starts threads
+    "lastmile.runtime.forkserver_prep",  # first: one malloc arena before any library starts threads
     "numpy",
     "onnxruntime",
     "torch",
@@ -78,11 +78,11 @@ PRELOAD = [
     "torch._functorch.aot_autograd",
     "torch._dynamo",
     "torch._inductor",
-    "runtime.backends",
-    "runtime.backends.onnx_backend",
-    "runtime.backends.deepspeed_backend",
-    "runtime.runner_main",
-    "runtime.forkserver_gc",  # last: gc.freeze() what was preloaded (see that module)
+    "lastmile.runtime.backends",
+    "lastmile.runtime.backends.onnx_backend",
+    "lastmile.runtime.backends.deepspeed_backend",
+    "lastmile.runtime.runner_main",
+    "lastmile.runtime.forkserver_gc",  # last: gc.freeze() what was preloaded (see that module)
 ]
 
 PhaseCallback = Callable[[str, dict], None]
@@ -104,7 +104,7 @@ def _accelerator_env() -> None:
     and CUDA does not survive ``fork``: every runner would fail on its first CUDA call. With
     the accelerator named, DeepSpeed skips that probe; ``PYTORCH_NVML_BASED_CUDA_CHECK=1``
     makes any other ``is_available()`` ask NVML instead of initialising CUDA. Same choice as
-    :func:`runtime.accelerators.ensure_ds_accelerator` (cuda, else npu, else cpu); an
+    :func:`lastmile.runtime.accelerators.ensure_ds_accelerator` (cuda, else npu, else cpu); an
     operator's own ``DS_ACCELERATOR`` wins.
     """
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")

@@ -1,6 +1,6 @@
 """The runner child: loads one model with its backend and serves whole batches over a pipe.
 
-Runs in a process forked from the preloaded forkserver (see :mod:`runtime.runner`), so
+Runs in a process forked from the preloaded forkserver (see :mod:`lastmile.runtime.runner`), so
 importing torch/deepspeed/onnxruntime cost nothing here. Protocol (pickled tuples over a
 ``multiprocessing`` duplex pipe; tensors travel in the daemon's shared-memory segments):
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.shm import SegmentCache, layout_of, pack, views
+from lastmile.runtime.shm import SegmentCache, layout_of, pack, views
 
 PR_SET_NAME = 15
 PR_SET_PDEATHSIG = 1
@@ -48,7 +48,7 @@ def _noop() -> None:
 
 
 def _call_and_send(conn: Any, module: str, function: str, args: tuple) -> None:
-    """Target of :func:`runtime.runner.call_in_forkserver`: torch and DeepSpeed are already
+    """Target of :func:`lastmile.runtime.runner.call_in_forkserver`: torch and DeepSpeed are already
     imported in the forkserver, so the call costs a fork, not seconds of imports."""
     import importlib
 
@@ -78,8 +78,8 @@ def _lean_preparation_data(original: Any) -> Any:
 class _LeanPopen(popen_forkserver.Popen):
     """The forkserver launcher without "re-import the daemon's ``__main__`` in the child".
 
-    multiprocessing tells every child to import the parent's main module (``appliance.cli``
-    for ``python -m appliance.cli``, the console script for ``lastmile``): a runner needs none
+    multiprocessing tells every child to import the parent's main module (``lastmile.appliance.client.cli``
+    for ``python -m lastmile.appliance.client.cli``, the console script for ``lastmile``): a runner needs none
     of it, and it would cost every load the import of the daemon's HTTP stack. The swap of
     ``spawn.get_preparation_data`` is held under a lock for the duration of one launch.
     """
@@ -105,7 +105,7 @@ class RunnerProcess(ForkServerProcess):
 def describe_error(exc: BaseException) -> str:
     """The text an operator sees: the backend's own message; the exception type only when
     the message alone would be meaningless. Never a traceback (that goes to stderr/journal)."""
-    from runtime.backends.base import BackendError
+    from lastmile.runtime.backends.base import BackendError
 
     text = str(exc).strip()
     if not isinstance(exc, BackendError) or not text:
@@ -170,14 +170,14 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
     # collector: a full collection writes every object's header, copying each shared page
     # into this process (measured: USS 10 -> 113 MB with no new allocation).
     gc.freeze()
-    from runtime.memory_cap import tune_allocator
+    from lastmile.runtime.memory_cap import tune_allocator
 
     tune_allocator(bool(getattr(settings, "memory_limit_mb", None)))  # before the backend starts threads
     send = tx.send
     send(("phase", "loading", {"pid": os.getpid()}))
     started = time.perf_counter()
     try:
-        from runtime.backends import create_backend
+        from lastmile.runtime.backends import create_backend
 
         backend = create_backend(manifest, settings)
     except BaseException as exc:  # noqa: BLE001 - everything becomes the load error text
@@ -206,7 +206,7 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
             tx.close()
         return
     warmup_s = time.perf_counter() - warm_started
-    from runtime.memory_cap import cap_after_warmup
+    from lastmile.runtime.memory_cap import cap_after_warmup
 
     cap_after_warmup(backend, getattr(backend, "_kind", "cpu"))  # the hard cap, before "ready"
     try:
@@ -233,7 +233,7 @@ def _serve(rx: Any, tx: Any, backend: Any) -> None:
         send_bytes(dumps(msg, HIGHEST_PROTOCOL))
 
     perf_counter = time.perf_counter
-    from runtime.memory_cap import recap
+    from lastmile.runtime.memory_cap import recap
 
     recap(backend)  # the memory cap, from what is mapped now that serving starts
     segments = SegmentCache()

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from runtime.errors import ShmError
+from lastmile.runtime.errors import ShmError
 
 SHM_DIR = Path("/dev/shm")
 PREFIX_ROOT = "lastmile-"

@@ -244,7 +244,7 @@ install_config() {
     fi
     local template="${LASTMILE_CONFIG_TEMPLATE:-}"
     if [ -z "$template" ]; then
-        for candidate in "$SRC/appliance/lastmile.system.toml" "$SRC/appliance/lastmile.toml" "$SRC/appliance/default.toml"; do
+        for candidate in "$SRC/appliance/server/lastmile.system.toml"; do
             if [ -f "$candidate" ]; then template=$candidate; break; fi
         done
     fi

@@ -86,7 +86,7 @@ def start_daemon(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LASTMILE_", "NOTIFY_SOCKET", "LISTEN_"))}
     full_env.update({"PYTHONPATH": str(ROOT), "HOME": str(home)}, **(env or {}))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "lastmile.appliance.client.cli", "serve", "--config", str(config)],
         cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
     )
     daemon = DaemonProc(proc, home / "run" / "lastmile.sock", config, home, log)
@@ -105,7 +105,7 @@ def start_daemon(
 @pytest.fixture(scope="session")
 def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo models, built once; tests that change the store copy it first."""
-    from models.demo import build_demo
+    from lastmile.models.demo import build_demo
 
     store = tmp_path_factory.mktemp("store")
     build_demo(store)

@@ -1,3 +1,3 @@
 """The Textual terminal UI: ``lastmile tui``. A client of the daemon's public API only
-(:class:`appliance.client.LastmileClient` and the ``/v1/monitor`` stream); it never imports
+(:class:`lastmile.appliance.client.api.LastmileClient` and the ``/lm/v1/monitor`` stream); it never imports
 the runtime."""

@@ -2,8 +2,8 @@
 
 Structure: one screen per job (dashboard, models, tune, playground, events) as Textual modes,
 a help screen and a confirm dialog as modals. The live figures come from one worker reading
-``/v1/monitor`` (through :func:`appliance.monitor_client.monitor`, which reconnects by itself)
-and posting typed messages; the app keeps them in a :class:`~tui.state.MonitorState` that the
+``/lm/v1/monitor`` (through :func:`lastmile.appliance.client.monitor.monitor`, which reconnects by itself)
+and posting typed messages; the app keeps them in a :class:`~lastmile.tui.state.MonitorState` that the
 screens draw from. Every other daemon call runs in a worker of the screen that asked and
 reports back with a message; a failure becomes a notification carrying the daemon's words.
 """
@@ -18,19 +18,19 @@ from textual.app import App
 from textual.binding import Binding
 from textual.worker import Worker, WorkerState
 
-from appliance.client import ApiError, ClientError, LastmileClient
-from appliance.monitor_client import monitor
-from tui.commands import LastmileCommands
-from tui.messages import ConnectionChanged, SnapshotArrived
-from tui.screens.base import LastmileScreen
-from tui.screens.dashboard import DashboardScreen
-from tui.screens.events import EventsScreen
-from tui.screens.help import HelpScreen
-from tui.screens.models import ModelsScreen
-from tui.screens.playground import PlaygroundScreen
-from tui.screens.tune import TuneScreen
-from tui.state import MonitorState
-from tui.widgets.chrome import StatusBar
+from lastmile.appliance.client.api import ApiError, ClientError, LastmileClient
+from lastmile.appliance.client.monitor import monitor
+from lastmile.tui.commands import LastmileCommands
+from lastmile.tui.messages import ConnectionChanged, SnapshotArrived
+from lastmile.tui.screens.base import LastmileScreen
+from lastmile.tui.screens.dashboard import DashboardScreen
+from lastmile.tui.screens.events import EventsScreen
+from lastmile.tui.screens.help import HelpScreen
+from lastmile.tui.screens.models import ModelsScreen
+from lastmile.tui.screens.playground import PlaygroundScreen
+from lastmile.tui.screens.tune import TuneScreen
+from lastmile.tui.state import MonitorState
+from lastmile.tui.widgets.chrome import StatusBar
 
 
 class LastmileApp(App[int]):

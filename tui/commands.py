@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 if TYPE_CHECKING:
-    from tui.app import LastmileApp
+    from lastmile.tui.app import LastmileApp
 
 
 class LastmileCommands(Provider):

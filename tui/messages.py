@@ -9,7 +9,7 @@ from textual.message import Message
 
 
 class SnapshotArrived(Message):
-    """A monitor snapshot from ``/v1/monitor``."""
+    """A monitor snapshot from ``/lm/v1/monitor``."""
 
     def __init__(self, snapshot: dict[str, Any]) -> None:
         super().__init__()
@@ -25,7 +25,7 @@ class ConnectionChanged(Message):
 
 
 class LoadProgress(Message):
-    """A load in flight reached ``phase`` (polled from ``GET /v1/models/{name}``)."""
+    """A load in flight reached ``phase`` (polled from ``GET /lm/v1/models/{name}``)."""
 
     def __init__(self, name: str, phase: str, state: str | None) -> None:
         super().__init__()
@@ -41,7 +41,7 @@ class LoadFinished(Message):
 
 
 class StoreListed(Message):
-    """``GET /v1/models``: the store and what is loaded."""
+    """``GET /lm/v1/models``: the store and what is loaded."""
 
     def __init__(self, listing: dict[str, Any]) -> None:
         super().__init__()
@@ -77,7 +77,7 @@ class SpecFetched(Message):
 
 
 class EstimateReady(Message):
-    """``POST /v1/memory/estimate``: what a load would need and whether it fits now."""
+    """``POST /lm/v1/memory/estimate``: what a load would need and whether it fits now."""
 
     def __init__(self, name: str, data: dict[str, Any] | None, error: str | None) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""SVG screenshots of every screen for the docs: ``python -m tui.screenshots --socket S
+"""SVG screenshots of every screen for the docs: ``python -m lastmile.tui.screenshots --socket S
 --out docs/tui`` against a running daemon (send it some traffic first for live figures)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from appliance.client import LastmileClient
-from tui.app import LastmileApp
+from lastmile.appliance.client.api import LastmileClient
+from lastmile.tui.app import LastmileApp
 
 
 async def capture(socket: str, out: Path, size: tuple[int, int], settle_s: float = 2.5) -> list[Path]:

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import importlib
 
-from models.manifest import BACKEND_FORMATS
-from models.settings import ModelSettings
-from models.spec import Manifest
-from runtime.backends.base import Backend, BackendError
+from lastmile.models.manifest import BACKEND_FORMATS
+from lastmile.models.settings import ModelSettings
+from lastmile.models.spec import Manifest
+from lastmile.runtime.backends.base import Backend, BackendError
 
 __all__ = ["Backend", "BackendError", "resolve_backend", "create_backend", "BACKEND_FORMATS"]
 
 _MODULES = {
-    "onnxruntime": ("runtime.backends.onnx_backend", "OnnxBackend"),
-    "deepspeed": ("runtime.backends.deepspeed_backend", "DeepSpeedBackend"),
+    "onnxruntime": ("lastmile.runtime.backends.onnx_backend", "OnnxBackend"),
+    "deepspeed": ("lastmile.runtime.backends.deepspeed_backend", "DeepSpeedBackend"),
 }
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from models.settings import ModelSettings
-from models.spec import Manifest
+from lastmile.models.settings import ModelSettings
+from lastmile.models.spec import Manifest
 
 
 class BackendError(RuntimeError):
@@ -40,7 +40,7 @@ class Backend(ABC):
         """Give cached memory back (arena shrink, ``empty_cache``); the first mitigation step."""
 
     def info(self) -> dict[str, Any]:
-        """What was actually chosen (provider, dtype, fusion applied...), for ``/v1/models``."""
+        """What was actually chosen (provider, dtype, fusion applied...), for ``/lm/v1/models``."""
         return {}
 
     def close(self) -> None:

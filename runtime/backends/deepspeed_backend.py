@@ -36,13 +36,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from models.settings import ModelSettings
-from models.spec import Manifest, TensorSpec
-from runtime.accelerators import ensure_ds_accelerator, resolve_device, split_device
-from runtime.backends.base import Backend, BackendError
-from runtime.backends.threads import resolve_threads
-from runtime.fusion import TorchFusionPlan, torch_fusion_plan
-from runtime.memory_cap import cap_after_warmup
+from lastmile.models.settings import ModelSettings
+from lastmile.models.spec import Manifest, TensorSpec
+from lastmile.runtime.accelerators import ensure_ds_accelerator, resolve_device, split_device
+from lastmile.runtime.backends.base import Backend, BackendError
+from lastmile.runtime.backends.threads import resolve_threads
+from lastmile.runtime.fusion import TorchFusionPlan, torch_fusion_plan
+from lastmile.runtime.memory_cap import cap_after_warmup
 
 __all__ = ["DeepSpeedBackend", "zero_env"]
 
@@ -141,7 +141,7 @@ class DeepSpeedBackend(Backend):
                 f"model {manifest.name!r}: tp_size {settings.tp_size} needs {settings.tp_size} runner processes "
                 f"(one per rank, started with WORLD_SIZE={settings.tp_size}); this runner has WORLD_SIZE={world}"
             )
-        torch.set_num_threads(resolve_threads(settings.threads))  # 0: auto, see runtime.backends.threads
+        torch.set_num_threads(resolve_threads(settings.threads))  # 0: auto, see lastmile.runtime.backends.threads
         if self._kind == "cuda":
             torch.cuda.set_device(self._index)  # DeepSpeed places the module on the current device
             if settings.memory_limit_mb:

@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from models.settings import ModelSettings
-from models.spec import Manifest
-from runtime.accelerators import resolve_device, split_device
-from runtime.backends.base import Backend, BackendError
-from runtime.backends.threads import resolve_threads
-from runtime.fusion import ORT_LEVEL_NAMES, ort_optimization_level
-from runtime.memory_cap import cap_after_warmup
+from lastmile.models.settings import ModelSettings
+from lastmile.models.spec import Manifest
+from lastmile.runtime.accelerators import resolve_device, split_device
+from lastmile.runtime.backends.base import Backend, BackendError
+from lastmile.runtime.backends.threads import resolve_threads
+from lastmile.runtime.fusion import ORT_LEVEL_NAMES, ort_optimization_level
+from lastmile.runtime.memory_cap import cap_after_warmup
 
 __all__ = ["OnnxBackend", "ORT_TYPES"]
 
@@ -117,7 +117,7 @@ class OnnxBackend(Backend):
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort_optimization_level(settings.graph_fusion)
-        self._threads = resolve_threads(settings.threads)  # 0: auto, see runtime.backends.threads
+        self._threads = resolve_threads(settings.threads)  # 0: auto, see lastmile.runtime.backends.threads
         options.intra_op_num_threads = self._threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # sleep, don't spin: shared cores
         options.inter_op_num_threads = 1
@@ -248,7 +248,7 @@ class OnnxBackend(Backend):
         with it (a model that is shedding load gets no other run)."""
         with self._lock:
             self._shrink_next = True
-        from runtime.runner_main import warmup_inputs
+        from lastmile.runtime.runner_main import warmup_inputs
 
         inputs = warmup_inputs(self.manifest, 1)
         if inputs is not None:

@@ -1,5 +1,5 @@
 """The API over the real socket of a real daemon, every answer checked against the OpenAPI
-document (appliance/openapi.yaml)."""
+document (appliance/server/openapi.yaml)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import pytest
 import yaml
 from openapi_spec_validator import validate as validate_spec
 
-from appliance.client import ApiError, LastmileClient
-from models.demo import example_inputs, reference_module
+from lastmile.appliance.client.api import ApiError, LastmileClient
+from lastmile.models.demo import example_inputs, reference_module
 from tests.conftest import ROOT, DaemonProc
 
-SPEC = yaml.safe_load((ROOT / "appliance" / "openapi.yaml").read_text())
+SPEC = yaml.safe_load((ROOT / "appliance" / "server" / "openapi.yaml").read_text())
 
 
 def _jsonschema(node: Any) -> Any:
@@ -88,7 +88,7 @@ async def test_health_and_server_metadata(daemon: DaemonProc) -> None:
     assert status == 200 and meta["name"] == "lastmile" and "model_repository" in meta["extensions"]
 
 
-@pytest.mark.parametrize("path", ["/v2/models/nope", "/v2/models/nope/ready", "/v2/models/nope/versions/1", "/v1/models/nope"])
+@pytest.mark.parametrize("path", ["/v2/models/nope", "/v2/models/nope/ready", "/v2/models/nope/versions/1", "/lm/v1/models/nope"])
 async def test_unknown_model_is_404_json(daemon: DaemonProc, path: str) -> None:
     status, _, body = await call(daemon, "GET", path)
     assert status == 404 and "nope" in json.loads(body)["error"]
@@ -102,7 +102,7 @@ async def test_unknown_route_is_json_404(daemon: DaemonProc) -> None:
 
 
 async def test_system_facts(daemon: DaemonProc) -> None:
-    status, _, body = await call(daemon, "GET", "/v1/system")
+    status, _, body = await call(daemon, "GET", "/lm/v1/system")
     facts = json.loads(body)
     assert status == 200
     assert facts["cpu"]["logical_cores"] >= 1 and facts["ram"]["total_bytes"] > 0
@@ -161,11 +161,11 @@ async def test_load_infer_unload_on_both_backends(daemon: DaemonProc) -> None:
 )
 async def test_bad_infer_input_is_400_naming_the_field(daemon: DaemonProc, request_body: dict, field: str) -> None:
     await call(daemon, "POST", "/v2/repository/models/demo-mlp/load", body={"parameters": {"max_batch_size": 32}})
-    before = json.loads((await call(daemon, "GET", "/v1/models/demo-mlp"))[2])
+    before = json.loads((await call(daemon, "GET", "/lm/v1/models/demo-mlp"))[2])
     status, _, body = await call(daemon, "POST", "/v2/models/demo-mlp/infer", body=request_body)
     assert status == 400, body
     assert json.loads(body)["field"] == field
-    after = json.loads((await call(daemon, "GET", "/v1/models/demo-mlp"))[2])
+    after = json.loads((await call(daemon, "GET", "/lm/v1/models/demo-mlp"))[2])
     assert after["batcher"]["batches"] == before["batcher"]["batches"], "a bad request never reaches the runner"
 
 
@@ -178,7 +178,7 @@ async def test_malformed_and_oversized_bodies(daemon: DaemonProc) -> None:
 
 
 async def test_bad_load_requests_change_nothing(daemon: DaemonProc) -> None:
-    before = json.loads((await call(daemon, "GET", "/v1/models"))[2])["loaded"]
+    before = json.loads((await call(daemon, "GET", "/lm/v1/models"))[2])["loaded"]
     for name, params, code, words in [
         ("nope", {}, 404, "not found"),
         ("a..b", {}, 400, "invalid model name"),
@@ -190,25 +190,25 @@ async def test_bad_load_requests_change_nothing(daemon: DaemonProc) -> None:
         status, _, body = await call(daemon, "POST", f"/v2/repository/models/{name}/load", body={"parameters": params})
         assert status == code, (name, params, body)
         assert words in json.loads(body)["error"].lower()
-    after = json.loads((await call(daemon, "GET", "/v1/models"))[2])["loaded"]
+    after = json.loads((await call(daemon, "GET", "/lm/v1/models"))[2])["loaded"]
     assert [m["name"] for m in after] == [m["name"] for m in before]
 
 
 async def test_tune_live_and_validation(daemon: DaemonProc) -> None:
     await call(daemon, "POST", "/v2/repository/models/demo-mlp/load", body={})
-    status, _, body = await call(daemon, "PATCH", "/v1/models/demo-mlp", body={"settings": {"max_batch_size": 5, "max_delay_ms": 1.5}})
+    status, _, body = await call(daemon, "PATCH", "/lm/v1/models/demo-mlp", body={"settings": {"max_batch_size": 5, "max_delay_ms": 1.5}})
     assert status == 200 and json.loads(body)["settings"]["max_batch_size"] == 5
-    status, _, body = await call(daemon, "PATCH", "/v1/models/demo-mlp", body={"settings": {"max_batch_size": -1}})
+    status, _, body = await call(daemon, "PATCH", "/lm/v1/models/demo-mlp", body={"settings": {"max_batch_size": -1}})
     assert status == 400 and json.loads(body)["field"] == "parameters.max_batch_size"
-    model = json.loads((await call(daemon, "GET", "/v1/models/demo-mlp"))[2])
+    model = json.loads((await call(daemon, "GET", "/lm/v1/models/demo-mlp"))[2])
     assert model["settings"]["max_batch_size"] == 5
 
 
 async def test_events_config_metrics(daemon: DaemonProc) -> None:
-    status, _, body = await call(daemon, "GET", "/v1/events?since=0&limit=10")
+    status, _, body = await call(daemon, "GET", "/lm/v1/events?since=0&limit=10")
     assert status == 200 and len(json.loads(body)["events"]) <= 10
-    assert (await call(daemon, "GET", "/v1/events?since=x"))[0] == 400
-    status, _, body = await call(daemon, "GET", "/v1/config")
+    assert (await call(daemon, "GET", "/lm/v1/events?since=x"))[0] == 400
+    status, _, body = await call(daemon, "GET", "/lm/v1/config")
     config = json.loads(body)
     assert config["values"]["server"]["socket"] == str(daemon.socket)
     assert config["sources"]["server.socket"].startswith("file ")
@@ -232,7 +232,7 @@ async def test_folder_with_only_an_artifact_loads(store_copy: Path, tmp_path: Pa
     (bare / "classifier.onnx").write_bytes((store_copy / "demo-mlp" / "model.onnx").read_bytes())
     d = start_daemon(tmp_path / "d", store_copy)
     try:
-        entry = next(e for e in json.loads((await call(d, "GET", "/v1/models"))[2])["store"] if e["name"] == "bare-onnx")
+        entry = next(e for e in json.loads((await call(d, "GET", "/lm/v1/models"))[2])["store"] if e["name"] == "bare-onnx")
         assert entry["format"] == "onnx" and entry["error"] is None
         assert entry["inputs"][0]["name"] == "input"
         status, _, body = await call(d, "POST", "/v2/repository/models/bare-onnx/load", body={})

@@ -19,7 +19,7 @@ def lastmile(*args: str, home: Path | None = None, env: dict[str, str] | None = 
     base.update({"PYTHONPATH": str(ROOT)}, **(env or {}))
     if home:
         base["HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "appliance.cli", *args], cwd=ROOT, env=base, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "lastmile.appliance.client.cli", *args], cwd=ROOT, env=base, capture_output=True, text=True, timeout=timeout)
 
 
 def test_daemon_not_running_is_one_line_exit_3(tmp_path: Path) -> None:
@@ -40,9 +40,12 @@ def test_permission_denied_is_exit_4(daemon: DaemonProc, tmp_path: Path) -> None
     if probe.stdout.strip() != str(sys.version_info[:2]):
         pytest.skip("/usr/bin/python3 is another Python version than the venv's")
     site = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)]
+    # site.addsitedir, not PYTHONPATH: the editable install's finder is loaded by a .pth file
+    run_cli = ("import runpy, site, sys; [site.addsitedir(p) for p in sys.argv.pop(1).split(':')]; "
+               "runpy.run_module('lastmile.appliance.client.cli', run_name='__main__', alter_sys=True)")
     result = subprocess.run(
-        [str(system_python), "-m", "appliance.cli", "--socket", str(daemon.socket), "status"],
-        cwd="/", env={"PYTHONPATH": os.pathsep.join([str(ROOT), *site]), "PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
+        [str(system_python), "-c", run_cli, os.pathsep.join(site), "--socket", str(daemon.socket), "status"],
+        cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
         capture_output=True, text=True, timeout=60, user="nobody", group="nogroup", extra_groups=[],
     )
     assert result.returncode == 4, result.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import ConfigError, load_config
+from lastmile.appliance.server.config import ConfigError, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -91,7 +91,7 @@ def test_user_and_system_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_shipped_system_config_template_is_valid() -> None:
     """install-system.sh copies this file to /etc/lastmile; it must load as is."""
-    template = Path(__file__).resolve().parents[2] / "appliance" / "lastmile.system.toml"
+    template = Path(__file__).resolve().parents[2] / "appliance" / "server" / "lastmile.system.toml"
     assert load_config(template, system_mode=True).file == template
 
 

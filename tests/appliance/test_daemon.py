@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.client import DaemonNotRunning, LastmileClient
+from lastmile.appliance.client.api import DaemonNotRunning, LastmileClient
 from tests.conftest import ROOT, DaemonProc, socket_answers, start_daemon
 
 
@@ -29,7 +29,7 @@ def test_socket_and_directory_modes(daemon: DaemonProc) -> None:
 def test_second_daemon_on_live_socket_is_refused(daemon: DaemonProc, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LASTMILE_")}
     result = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "serve", "--config", str(daemon.config)],
+        [sys.executable, "-m", "lastmile.appliance.client.cli", "serve", "--config", str(daemon.config)],
         cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.client import ApiError, LastmileClient
+from lastmile.appliance.client.api import ApiError, LastmileClient
 from tests.conftest import start_daemon
 
 
@@ -95,7 +95,7 @@ async def test_concurrent_request_limit_and_huge_headers(demo_store: Path, tmp_p
             assert statuses == [200, 200, 503, 503, 503], statuses
             refused = next(r for r in results if r[0] == 503)
             assert b"max_concurrent_requests" in refused[2] and refused[1]["Retry-After"] == "1"
-            status, _, _ = await client._raw("GET", "/v1/status", headers={"X-Big": "x" * 20000})
+            status, _, _ = await client._raw("GET", "/lm/v1/status", headers={"X-Big": "x" * 20000})
             assert status in (400, 431)
             assert (await client.status())["ready"], "the daemon shrugs both off"
     finally:

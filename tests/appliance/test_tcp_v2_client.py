@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from models.demo import example_inputs, reference_module
+from lastmile.models.demo import example_inputs, reference_module
 from tests.conftest import DaemonProc, start_daemon
 
 httpclient = pytest.importorskip("tritonclient.http")

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from appliance.v2codec import BadRequest, InferRequest, bf16_to_float, decode_request, encode_response, split_body
-from models.spec import TensorSpec
+from lastmile.appliance.v2codec import BadRequest, InferRequest, bf16_to_float, decode_request, encode_response, split_body
+from lastmile.models.spec import TensorSpec
 
 SPECS = (TensorSpec("input", "FP32", (-1, 4)), TensorSpec("mask", "BOOL", (-1, 4)))
 OUTS = ["logits"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.client import ApiError, LastmileClient
+from lastmile.appliance.client.api import ApiError, LastmileClient
 from tests.conftest import start_daemon
 
 pytestmark = pytest.mark.faults

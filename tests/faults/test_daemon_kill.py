@@ -13,8 +13,8 @@ import numpy as np
 import psutil
 import pytest
 
-from appliance.client import ClientError, LastmileClient
-from runtime.shm import count_segments
+from lastmile.appliance.client.api import ClientError, LastmileClient
+from lastmile.runtime.shm import count_segments
 from tests.conftest import start_daemon
 
 pytestmark = pytest.mark.faults

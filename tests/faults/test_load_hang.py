@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from appliance.client import ApiError, LastmileClient
+from lastmile.appliance.client.api import ApiError, LastmileClient
 from tests.conftest import start_daemon
 
 pytestmark = pytest.mark.faults

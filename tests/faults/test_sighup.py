@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.client import LastmileClient
+from lastmile.appliance.client.api import LastmileClient
 from tests.conftest import start_daemon
 
 pytestmark = pytest.mark.faults

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from appliance.client import ApiError, LastmileClient
+from lastmile.appliance.client.api import ApiError, LastmileClient
 from tests.conftest import start_daemon
 
 pytestmark = pytest.mark.faults

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
-from appliance.config import SCHEMA, Config, ConfigError, load_config
-from models.settings import VALIDATORS, ModelSettings, SettingError, validate_settings
+from lastmile.appliance.server.config import SCHEMA, Config, ConfigError, load_config
+from lastmile.models.settings import VALIDATORS, ModelSettings, SettingError, validate_settings
 from tests.fuzz._util import LONG, examples, run_property
 
 pytestmark = pytest.mark.fuzz

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from appliance.v2codec import HEADER_LENGTH, BadRequest, InferRequest, bf16_to_float, decode_request, encode_response, split_body
-from models.spec import V2_TO_NUMPY, TensorSpec
+from lastmile.appliance.v2codec import HEADER_LENGTH, BadRequest, InferRequest, bf16_to_float, decode_request, encode_response, split_body
+from lastmile.models.spec import V2_TO_NUMPY, TensorSpec
 from tests.fuzz._util import LONG, examples, run_property
 
 pytestmark = pytest.mark.fuzz

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.demo import example_inputs
-from models.settings import ModelSettings
-from models.store import ModelStore
-from runtime.backends import create_backend
+from lastmile.models.demo import example_inputs
+from lastmile.models.settings import ModelSettings
+from lastmile.models.store import ModelStore
+from lastmile.runtime.backends import create_backend
 
 LEVELS = {"off": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 

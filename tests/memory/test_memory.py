@@ -15,9 +15,9 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from models.demo import example_inputs
-from runtime.measure_memory import forkserver_pids, pss
-from runtime.memory import FootprintWatch, read_proc_memory
+from lastmile.models.demo import example_inputs
+from lastmile.runtime.measure_memory import forkserver_pids, pss
+from lastmile.runtime.memory import FootprintWatch, read_proc_memory
 from tests.appliance.test_api import call
 from tests.conftest import DaemonProc, start_daemon
 
@@ -38,17 +38,17 @@ async def api(daemon: DaemonProc, method: str, path: str, body: Any = None) -> t
 
 
 async def unload_all(daemon: DaemonProc) -> None:
-    _, models, _ = await api(daemon, "GET", "/v1/models")
+    _, models, _ = await api(daemon, "GET", "/lm/v1/models")
     for m in models["loaded"]:
         await api(daemon, "POST", f"/v2/repository/models/{m['name']}/unload")
-    await api(daemon, "PUT", "/v1/memory", DEFAULTS)
+    await api(daemon, "PUT", "/lm/v1/memory", DEFAULTS)
 
 
 async def sampled(daemon: DaemonProc, name: str, predicate=lambda m: True, timeout: float = 10.0) -> dict[str, Any]:
-    """The model's row of GET /v1/memory once it was sampled and ``predicate`` holds."""
+    """The model's row of GET /lm/v1/memory once it was sampled and ``predicate`` holds."""
     deadline = time.monotonic() + timeout
     while True:
-        _, mem, _ = await api(daemon, "GET", "/v1/memory")
+        _, mem, _ = await api(daemon, "GET", "/lm/v1/memory")
         row = mem["models"].get(name)
         if row and row["sampled_at"] and predicate(row):
             return row
@@ -57,18 +57,18 @@ async def sampled(daemon: DaemonProc, name: str, predicate=lambda m: True, timeo
 
 
 async def events_since(daemon: DaemonProc, seq: int) -> list[dict[str, Any]]:
-    _, body, _ = await api(daemon, "GET", f"/v1/events?since={seq}")
+    _, body, _ = await api(daemon, "GET", f"/lm/v1/events?since={seq}")
     return body["events"]
 
 
 async def last_seq(daemon: DaemonProc) -> int:
-    _, body, _ = await api(daemon, "GET", "/v1/events?since=0&limit=1")
+    _, body, _ = await api(daemon, "GET", "/lm/v1/events?since=0&limit=1")
     return body["events"][-1]["seq"] if body["events"] else 0
 
 
 async def infer_binary(daemon: DaemonProc, name: str, inputs: dict[str, np.ndarray]) -> tuple[int, dict[str, str]]:
-    from appliance.client import LastmileClient
-    from appliance.client import ApiError as ClientApiError
+    from lastmile.appliance.client.api import LastmileClient
+    from lastmile.appliance.client.api import ApiError as ClientApiError
 
     async with LastmileClient(daemon.socket) as client:
         try:
@@ -95,15 +95,15 @@ async def test_estimates_within_tolerance_of_measured_usage(daemon: DaemonProc) 
     for name in ("demo-mlp", "demo-lm", "demo-mlp-ds", "demo-lm-ds", "demo-mlp-ts"):
         row = await sampled(daemon, name, lambda m: m["pool"]["bytes"] > 0)
         used, est = row["used_bytes"], row["estimate_bytes"]
-        pid = (await api(daemon, "GET", f"/v1/models/{name}"))[1]["runners"][0]["pid"]
+        pid = (await api(daemon, "GET", f"/lm/v1/models/{name}"))[1]["runners"][0]["pid"]
         measured = read_proc_memory(pid)["uss"] + row["pool"]["bytes"]
         assert abs(measured - used) < 4 * MB, (name, measured, used)  # the daemon reports what /proc says
         assert abs(used - est) <= max(0.35 * est, 6 * MB), f"{name}: estimate {est / MB:.1f} MB, used {used / MB:.1f} MB"
         assert row["estimate_error"] is not None
         parts = row["estimate"]["parts"]
         assert sum(parts.values()) == est
-    # /v1/models shows the same, beside the fusion actually applied
-    _, models, _ = await api(daemon, "GET", "/v1/models")
+    # /lm/v1/models shows the same, beside the fusion actually applied
+    _, models, _ = await api(daemon, "GET", "/lm/v1/models")
     by = {m["name"]: m for m in models["loaded"]}
     assert by["demo-mlp"]["fusion"] == {"requested": "basic", "applied": ["ORT_ENABLE_BASIC"], "notes": []}
     assert by["demo-mlp-ts"]["fusion"]["requested"] == "basic" and by["demo-mlp-ts"]["fusion"]["applied"] == []
@@ -117,7 +117,7 @@ async def test_estimates_within_tolerance_of_measured_usage(daemon: DaemonProc) 
 async def test_refusal_with_numbers_and_options_then_auto_plan(daemon: DaemonProc) -> None:
     await unload_all(daemon)
     params = {"max_batch_size": 4096, "memory_limit_mb": 40}
-    status, dry, _ = await api(daemon, "POST", "/v1/memory/estimate", {"model": "demo-lm", "parameters": params})
+    status, dry, _ = await api(daemon, "POST", "/lm/v1/memory/estimate", {"model": "demo-lm", "parameters": params})
     assert status == 200 and dry["fits"] is False
     assert dry["shortfall"]["reason"] == "model_limit"
     seq = await last_seq(daemon)
@@ -130,10 +130,10 @@ async def test_refusal_with_numbers_and_options_then_auto_plan(daemon: DaemonPro
     assert kinds["smaller_batch"]["settings"]["max_batch_size"] < 4096
     assert "MB" in body["error"] and "would fit" in body["error"]
     assert [e["kind"] for e in await events_since(daemon, seq)] == ["load_refused"]
-    _, models, _ = await api(daemon, "GET", "/v1/models")
+    _, models, _ = await api(daemon, "GET", "/lm/v1/models")
     assert models["loaded"] == []  # nothing was started
 
-    assert (await api(daemon, "PUT", "/v1/memory", {"plan": "auto"}))[0] == 200
+    assert (await api(daemon, "PUT", "/lm/v1/memory", {"plan": "auto"}))[0] == 200
     status, body, _ = await api(daemon, "POST", "/v2/repository/models/demo-lm/load", {"parameters": params})
     assert status == 200, body
     taken = body["memory"]["plan_taken"]
@@ -152,20 +152,20 @@ async def test_evict_idle_unloads_the_least_recently_used(daemon: DaemonProc) ->
     await asyncio.sleep(0.05)
     assert (await infer_binary(daemon, "demo-mlp-ts", example_inputs("mlp", 2)))[0] == 200  # demo-mlp is now LRU
     await sampled(daemon, "demo-mlp-ts")
-    _, mem, _ = await api(daemon, "GET", "/v1/memory")
-    _, dry, _ = await api(daemon, "POST", "/v1/memory/estimate", {"model": "demo-lm", "parameters": {}})
+    _, mem, _ = await api(daemon, "GET", "/lm/v1/memory")
+    _, dry, _ = await api(daemon, "POST", "/lm/v1/memory/estimate", {"model": "demo-lm", "parameters": {}})
     # a host budget with room for what is loaded but not for demo-lm as well
     limit_mb = (mem["devices"]["host"]["committed_bytes"] + dry["estimate"]["total_bytes"]) // MB - 2
-    assert (await api(daemon, "PUT", "/v1/memory", {"host_limit_mb": int(limit_mb)}))[0] == 200
+    assert (await api(daemon, "PUT", "/lm/v1/memory", {"host_limit_mb": int(limit_mb)}))[0] == 200
     status, body, _ = await api(daemon, "POST", "/v2/repository/models/demo-lm/load")
     assert status == 507
     assert [o["evict"] for o in body["memory"]["options"] if o["option"] == "evict_idle"] == [["demo-mlp"]]
     seq = await last_seq(daemon)
-    assert (await api(daemon, "PUT", "/v1/memory", {"evict_idle": True}))[0] == 200
+    assert (await api(daemon, "PUT", "/lm/v1/memory", {"evict_idle": True}))[0] == 200
     status, body, _ = await api(daemon, "POST", "/v2/repository/models/demo-lm/load")
     assert status == 200, body
     assert body["memory"]["plan_taken"]["evict"] == ["demo-mlp"]
-    _, models, _ = await api(daemon, "GET", "/v1/models")
+    _, models, _ = await api(daemon, "GET", "/lm/v1/models")
     assert sorted(m["name"] for m in models["loaded"]) == ["demo-lm", "demo-mlp-ts"]
     evictions = [e for e in await events_since(daemon, seq) if e["kind"] == "memory_evict"]
     assert [e["model"] for e in evictions] == ["demo-mlp"]
@@ -187,18 +187,18 @@ async def test_evict_idle_unloads_the_least_recently_used(daemon: DaemonProc) ->
     ],
 )
 async def test_put_memory_validates_and_changes_nothing_on_error(daemon: DaemonProc, body: dict, field: str) -> None:
-    _, before, _ = await api(daemon, "GET", "/v1/memory")
-    status, err, _ = await api(daemon, "PUT", "/v1/memory", body)
+    _, before, _ = await api(daemon, "GET", "/lm/v1/memory")
+    status, err, _ = await api(daemon, "PUT", "/lm/v1/memory", body)
     assert status == 400 and err["field"] == field, err
-    _, after, _ = await api(daemon, "GET", "/v1/memory")
+    _, after, _ = await api(daemon, "GET", "/lm/v1/memory")
     assert after["config"] == before["config"]
 
 
 async def test_put_memory_changes_budget(daemon: DaemonProc) -> None:
-    status, body, _ = await api(daemon, "PUT", "/v1/memory", {"host_limit_mb": 1234})
+    status, body, _ = await api(daemon, "PUT", "/lm/v1/memory", {"host_limit_mb": 1234})
     assert status == 200
     assert body["devices"]["host"]["limit_bytes"] == 1234 * MB and body["devices"]["host"]["source"] == "host_limit_mb"
-    await api(daemon, "PUT", "/v1/memory", DEFAULTS)
+    await api(daemon, "PUT", "/lm/v1/memory", DEFAULTS)
 
 
 # --- buffer pool ------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ async def test_pool_reused_after_warm_up_and_shrinks_when_idle(daemon: DaemonPro
     assert row["pool"]["segments"] == segments  # no growth over many batches
     assert row["pool"]["bytes_idle"] > 0
     seq = await last_seq(daemon)
-    await api(daemon, "PUT", "/v1/memory", {"pool_idle_s": 0.5})
+    await api(daemon, "PUT", "/lm/v1/memory", {"pool_idle_s": 0.5})
     row = await sampled(daemon, "demo-mlp", lambda m: m["pool"]["bytes"] == 0)
     shrunk = [e for e in await events_since(daemon, seq) if e["kind"] == "pool_shrunk"]
     assert shrunk and shrunk[0]["data"]["freed_bytes"] > 0, (row, await events_since(daemon, seq))
@@ -290,7 +290,7 @@ async def test_over_limit_load_peak_stays_within_5_percent_and_ladder_runs(daemo
           f"{ {s: statuses.count(s) for s in set(statuses)} }, steps {steps}")
     assert peak["total_bytes"] > 0.8 * limit  # the load really pressed against the limit
     assert daemon.proc.poll() is None
-    _, model, _ = await api(daemon, "GET", "/v1/models/demo-lm")
+    _, model, _ = await api(daemon, "GET", "/lm/v1/models/demo-lm")
     assert model["runners"][0]["pid"] == pid and model["runners"][0]["alive"]  # the cap, not a kill, held the line
     assert model["memory"]["cap_hits"] >= 1
     status, _ = await infer_binary(daemon, "demo-lm", example_inputs("lm", 1, seq=8))
@@ -310,7 +310,7 @@ async def test_ladder_runs_every_step_in_order_then_recovers(daemon: DaemonProc)
     old_pid = body["runners"][0]["pid"]
     assert (await infer_binary(daemon, "demo-lm", example_inputs("lm", 2, seq=8)))[0] == 200
     seq = await last_seq(daemon)
-    assert (await api(daemon, "PUT", "/v1/memory", {"high_watermark": 0.05, "low_watermark": 0.02}))[0] == 200
+    assert (await api(daemon, "PUT", "/lm/v1/memory", {"high_watermark": 0.05, "low_watermark": 0.02}))[0] == 200
     shed_answer = None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -327,11 +327,11 @@ async def test_ladder_runs_every_step_in_order_then_recovers(daemon: DaemonProc)
     assert [e["data"].get("max_batch_size") for e in events if e["data"].get("step") == "lower_batch"][:3] == [4, 2, 1]
     assert shed_answer is not None and shed_answer[0] == 503 and "Retry-After" in shed_answer[1], shed_answer
     assert any(e["kind"] == "restarted" and e["data"].get("reason") == "memory" for e in events)
-    _, model, _ = await api(daemon, "GET", "/v1/models/demo-lm")
+    _, model, _ = await api(daemon, "GET", "/lm/v1/models/demo-lm")
     assert model["runners"][0]["pid"] != old_pid and model["memory"]["memory_restarts"] >= 1
     assert daemon.proc.poll() is None
     seq = await last_seq(daemon)
-    await api(daemon, "PUT", "/v1/memory", DEFAULTS)
+    await api(daemon, "PUT", "/lm/v1/memory", DEFAULTS)
     row = await sampled(daemon, "demo-lm", lambda m: not m["shedding"], timeout=10)
     assert row["state"] == "ready"
     assert any(e["kind"] == "memory_recovered" for e in await events_since(daemon, seq))

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.sdnotify import Heartbeat, Watchdog
-from runtime.events import EventLog
-from runtime.memory import MemoryGovernor
-from runtime.shm import BufferPool, PoolFull
+from lastmile.appliance.server.sdnotify import Heartbeat, Watchdog
+from lastmile.runtime.events import EventLog
+from lastmile.runtime.memory import MemoryGovernor
+from lastmile.runtime.shm import BufferPool, PoolFull
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "systemd"))
 from sdhelpers import make_receiver  # noqa: E402
@@ -26,7 +26,7 @@ def pings(receiver) -> list[float]:
 
 
 async def test_stalled_sampler_stops_watchdog_pings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The daemon's wiring (appliance/server.py): the governor's sampling loop beats the
+    """The daemon's wiring (appliance/server/server.py): the governor's sampling loop beats the
     heartbeat each round, the watchdog pings only while beats are fresh. A sampler stuck on
     a runner stops WATCHDOG=1; once it moves again, the pings come back."""
     receiver = make_receiver("path", tmp_path)

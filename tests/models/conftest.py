@@ -12,7 +12,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no GPU here; keep DeepSpeed of
 
 @pytest.fixture(scope="session")
 def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.demo import build_demo
+    from lastmile.models.demo import build_demo
 
     store = tmp_path_factory.mktemp("demo-store") / "models"
     build_demo(store)

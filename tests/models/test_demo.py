@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models import demo
-from models.demo import DEMO_MODELS, build_demo, example_inputs, reference_module
-from models.store import ModelStore
+from lastmile.models import demo
+from lastmile.models.demo import DEMO_MODELS, build_demo, example_inputs, reference_module
+from lastmile.models.store import ModelStore
 
 # (batch, seq) pairs; seq only matters for the LM. 1 and 64 are the edges of the dynamic dims.
 SHAPES = {"mlp": [(1, 0), (3, 0), (32, 0)], "lm": [(1, 1), (3, 7), (2, 64)]}

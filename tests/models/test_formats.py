@@ -11,10 +11,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from models.errors import FormatError, ManifestError
-from models.formats import detect_format, infer_signature
-from models.manifest import load_manifest
-from models.spec import TensorSpec
+from lastmile.models.errors import FormatError, ManifestError
+from lastmile.models.formats import detect_format, infer_signature
+from lastmile.models.manifest import load_manifest
+from lastmile.models.spec import TensorSpec
 
 
 def folder_with(tmp_path: Path, src: Path, name: str = "m") -> Path:

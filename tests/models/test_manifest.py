@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from models.errors import ManifestError, StoreEscapeError
-from models.manifest import load_manifest, write_manifest
-from models.spec import TensorSpec
+from lastmile.models.errors import ManifestError, StoreEscapeError
+from lastmile.models.manifest import load_manifest, write_manifest
+from lastmile.models.spec import TensorSpec
 
 GOOD = """\
 name = "clf"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from models.errors import InvalidModelName, ManifestError, ModelNotFoundError, StoreEscapeError
-from models.store import NAME_RULE, ModelStore
+from lastmile.models.errors import InvalidModelName, ManifestError, ModelNotFoundError, StoreEscapeError
+from lastmile.models.store import NAME_RULE, ModelStore
 
 TOML = """\
 format = "torchscript"

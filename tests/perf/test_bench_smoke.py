@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.v2codec import encode_request
-from bench.loadgen import Target, closed_loop, generator_capacity, http_request, open_loop, read_response
+from lastmile.appliance.v2codec import encode_request
+from lastmile.appliance.client.loadgen import Target, closed_loop, generator_capacity, http_request, open_loop, read_response
 from bench.run import Bench, limit_at, median_pass, table
-from models.demo import example_inputs
+from lastmile.models.demo import example_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,6 @@
 """/metrics names and labels against a real daemon after real traffic (counts move, histograms
 fill), and the auto-tuner against a real daemon with a tiny sweep: it chooses a setting, and
-``--apply`` persists it (``GET /v1/models/{name}``, the state file, and a daemon restart)."""
+``--apply`` persists it (``GET /lm/v1/models/{name}``, the state file, and a daemon restart)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.autotune import Tuner, format_table
-from appliance.client import ApiError, LastmileClient
-from models.demo import example_inputs
+from lastmile.appliance.client.autotune import Tuner, format_table
+from lastmile.appliance.client.api import ApiError, LastmileClient
+from lastmile.models.demo import example_inputs
 from tests.conftest import ROOT, start_daemon
 
 
@@ -129,6 +129,6 @@ async def test_autotune_tiny_sweep_applies_and_persists(store_copy: Path, tmp_pa
 
 
 def test_tune_cli_errors_are_one_line(daemon):
-    out = subprocess.run([sys.executable, "-m", "appliance.cli", "--socket", str(daemon.socket), "tune", "not-loaded"],
+    out = subprocess.run([sys.executable, "-m", "lastmile.appliance.client.cli", "--socket", str(daemon.socket), "tune", "not-loaded"],
                          cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode != 0 and out.stderr.startswith("lastmile: ") and "not-loaded" in out.stderr

@@ -1,4 +1,4 @@
-"""Host detection for ``GET /v1/system`` and the ``device`` setting's resolution."""
+"""Host detection for ``GET /lm/v1/system`` and the ``device`` setting's resolution."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import runtime.accelerators as acc
-from runtime.accelerators import detect, ensure_ds_accelerator, resolve_device
-from runtime.backends.base import BackendError
+import lastmile.runtime.accelerators as acc
+from lastmile.runtime.accelerators import detect, ensure_ds_accelerator, resolve_device
+from lastmile.runtime.backends.base import BackendError
 
 HAS_CUDA = torch.cuda.is_available()
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def test_fresh_process_pins_deepspeed_before_it_guesses() -> None:
     """In a clean process (DS_ACCELERATOR unset) DeepSpeed must not auto-detect: its guess logs
     a warning on CPU hosts and picks npu whenever torch_npu imports."""
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    code = ("import json; from runtime.accelerators import detect; "
+    code = ("import json; from lastmile.runtime.accelerators import detect; "
             "print(json.dumps(detect()['accelerators']['deepspeed']['name']))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

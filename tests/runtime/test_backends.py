@@ -1,7 +1,7 @@
 """The two backends against a plain in-process torch computation of the same weights.
 
 Everything here is real: ONNX Runtime sessions, DeepSpeed inference and ZeRO-3 engines, the
-demo models built by ``models.demo``. The only stand-in is for a GPU, which this CI machine
+demo models built by ``lastmile.models.demo``. The only stand-in is for a GPU, which this CI machine
 does not have: one test pretends torch sees a CUDA device to check that the ONNX backend
 refuses (instead of falling back to the CPU) when the CUDA provider is missing; the real GPU
 tests are marked ``gpu`` and skip without CUDA.
@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.demo import example_inputs, reference_module
-from models.settings import ModelSettings
-from models.spec import Manifest, TensorSpec
-from models.store import ModelStore
-from runtime.backends import BackendError, create_backend, resolve_backend
-from runtime.backends.onnx_backend import cast_input
+from lastmile.models.demo import example_inputs, reference_module
+from lastmile.models.settings import ModelSettings
+from lastmile.models.spec import Manifest, TensorSpec
+from lastmile.models.store import ModelStore
+from lastmile.runtime.backends import BackendError, create_backend, resolve_backend
+from lastmile.runtime.backends.onnx_backend import cast_input
 
 KIND = {"demo-mlp": "mlp", "demo-lm": "lm", "demo-mlp-ds": "mlp", "demo-lm-ds": "lm", "demo-mlp-ts": "mlp"}
 ONNX_MODELS = ["demo-mlp", "demo-lm"]
@@ -161,7 +161,7 @@ def test_onnx_refuses_missing_cuda_provider(store: ModelStore, monkeypatch: pyte
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has the CUDA provider")
-    import runtime.backends.onnx_backend as onnx_backend
+    import lastmile.runtime.backends.onnx_backend as onnx_backend
 
     monkeypatch.setattr(onnx_backend, "resolve_device", lambda setting: "cuda:0")
     with pytest.raises(BackendError, match=r"CUDAExecutionProvider.*available: .*CPUExecutionProvider"):

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from runtime.batcher import Batcher
-from runtime.errors import BatchTooLarge, InvalidBatch, ModelUnavailable, QueueFull, RequestTimeout
-from runtime.shm import BufferPool, PackedArrays
+from lastmile.runtime.batcher import Batcher
+from lastmile.runtime.errors import BatchTooLarge, InvalidBatch, ModelUnavailable, QueueFull, RequestTimeout
+from lastmile.runtime.shm import BufferPool, PackedArrays
 
 W = np.arange(12, dtype=np.float32).reshape(4, 3) / 7.0
 

@@ -17,13 +17,13 @@ import numpy as np
 import psutil
 import pytest
 
-from models.demo import example_inputs
-from models.settings import ModelSettings
-from models.store import ModelStore
-from runtime.batcher import Batcher
-from runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavailable, RunnerDied
-from runtime.runner import PIPELINE_DEPTH, Runner, describe_exit, warm_up
-from runtime.shm import BufferPool, cleanup_stale, count_segments
+from lastmile.models.demo import example_inputs
+from lastmile.models.settings import ModelSettings
+from lastmile.models.store import ModelStore
+from lastmile.runtime.batcher import Batcher
+from lastmile.runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavailable, RunnerDied
+from lastmile.runtime.runner import PIPELINE_DEPTH, Runner, describe_exit, warm_up
+from lastmile.runtime.shm import BufferPool, cleanup_stale, count_segments
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,7 @@ def settings_for(manifest, **changes) -> ModelSettings:
 
 def in_process(manifest, settings, inputs_list):
     """The reference: the same backend, loaded in this process."""
-    from runtime.backends import create_backend
+    from lastmile.runtime.backends import create_backend
 
     backend = create_backend(manifest, settings)
     try:
@@ -326,12 +326,12 @@ def test_daemon_death_takes_its_runners_and_leaves_only_stale_segments(tmp_path,
     script.write_text(textwrap.dedent(f"""
         import asyncio, os, sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        import runtime.runner as rr
-        rr.PRELOAD[:] = ["numpy", "runtime.runner_main"]   # a light forkserver for this test
-        from models.settings import ModelSettings
-        from models.store import ModelStore
-        from models.demo import example_inputs
-        from runtime.shm import BufferPool
+        import lastmile.runtime.runner as rr
+        rr.PRELOAD[:] = ["numpy", "lastmile.runtime.runner_main"]   # a light forkserver for this test
+        from lastmile.models.settings import ModelSettings
+        from lastmile.models.store import ModelStore
+        from lastmile.models.demo import example_inputs
+        from lastmile.runtime.shm import BufferPool
 
         async def main():
             m = ModelStore({str(demo_store)!r}).get("demo-mlp")
@@ -371,7 +371,7 @@ async def test_benchmark_ipc_overhead(forkserver, store, pool, capsys):
     and what one 1x64 batch costs through ``Runner.run`` against ``backend.run`` in-process.
     The child times its own ``backend.run``, so the IPC overhead is measured on the same
     batches. Loose bound only: timings depend on the machine and on its load."""
-    from runtime.backends import create_backend
+    from lastmile.runtime.backends import create_backend
 
     manifest = store.get("demo-mlp")
     settings = settings_for(manifest)

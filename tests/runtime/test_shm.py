@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.errors import ShmError
-from runtime.shm import (
+from lastmile.runtime.errors import ShmError
+from lastmile.runtime.shm import (
     ALIGN,
     BufferPool,
     SegmentCache,

@@ -28,7 +28,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lastmile-soak-") as tmp:
         store = args.store
         if store is None:
-            from models.demo import build_demo
+            from lastmile.models.demo import build_demo
 
             store = Path(tmp) / "store"
             build_demo(store)

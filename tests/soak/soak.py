@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import psutil
 
-from appliance.client import ApiError, LastmileClient
-from runtime.shm import count_segments
+from lastmile.appliance.client.api import ApiError, LastmileClient
+from lastmile.runtime.shm import count_segments
 from tests.conftest import DaemonProc, start_daemon
 
 STEADY = {"demo-mlp": {"max_batch_size": 16, "max_delay_ms": 2.0, "max_queue": 24}, "demo-mlp-ds": {"max_batch_size": 16, "max_delay_ms": 2.0, "max_queue": 24}}
@@ -104,7 +104,7 @@ def _references() -> list[tuple[np.ndarray, np.ndarray]]:
     """A few inputs with the outputs the demo MLP must give for them (plain torch)."""
     import torch
 
-    from models.demo import reference_module
+    from lastmile.models.demo import reference_module
 
     module = reference_module("mlp")
     rng = np.random.default_rng(7)

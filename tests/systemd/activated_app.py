@@ -18,8 +18,8 @@ import sys
 
 from aiohttp import web
 
-from appliance import activation, sdnotify
-from appliance.auth import AuthPolicy, auth_middleware
+from lastmile.appliance.server import activation, sdnotify
+from lastmile.appliance.server.auth import AuthPolicy, auth_middleware
 
 CHILD = r"""
 import json, os

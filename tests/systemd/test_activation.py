@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.activation import listen_sockets
+from lastmile.appliance.server.activation import listen_sockets
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,7 +102,7 @@ def test_sockets_meant_for_another_process_are_ignored(monkeypatch: pytest.Monke
 
 SETUP_FD3 = """
     import os, socket, sys
-    from appliance.activation import listen_sockets, ActivationError
+    from lastmile.appliance.server.activation import listen_sockets, ActivationError
     s = socket.socket(socket.AF_UNIX, {kind})
     {prepare}
     os.dup2(s.fileno(), 3)

@@ -26,7 +26,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).parent))
 from sdhelpers import ADMIN_GID, NOBODY, SOCKET_GID, request_as  # noqa: E402
 
-from appliance.auth import (
+from lastmile.appliance.server.auth import (
     AuthPolicy,
     PeerCredentials,
     TokenFileError,
@@ -70,8 +70,8 @@ def make_app(policy: AuthPolicy) -> web.Application:
     app.router.add_post("/v2/repository/index", _whoami)
     app.router.add_post("/v2/repository/models/{name}/load", _whoami)
     app.router.add_post("/v2/repository/models/{name}/unload", _whoami)
-    app.router.add_patch("/v1/models/{name}", _whoami)  # tune
-    app.router.add_get("/v1/config", _config)
+    app.router.add_patch("/lm/v1/models/{name}", _whoami)  # tune
+    app.router.add_get("/lm/v1/config", _config)
     return app
 
 
@@ -112,8 +112,8 @@ async def as_root(path: Path, method: str, target: str) -> tuple[int, dict]:
 OPERATOR_ROUTES = [
     ("POST", "/v2/repository/models/m/load"),
     ("POST", "/v2/repository/models/m/unload"),
-    ("PATCH", "/v1/models/m"),
-    ("GET", "/v1/config"),  # marked with requires_role("operator")
+    ("PATCH", "/lm/v1/models/m"),
+    ("GET", "/lm/v1/config"),  # marked with requires_role("operator")
 ]
 VIEWER_ROUTES = [
     ("GET", "/v2/models/m"),
@@ -172,9 +172,9 @@ async def test_supplementary_group_makes_an_operator(serve_unix: Serve) -> None:
 async def test_operator_group_by_name(serve_unix: Serve) -> None:
     group = next(g for g in grp.getgrall() if g.gr_gid not in (0, NOBODY, SOCKET_GID))
     path = await serve_unix(AuthPolicy(operator_groups=["no-such-group-here", group.gr_name]))
-    ok = await as_user(NOBODY, [SOCKET_GID, group.gr_gid], path, "PATCH", "/v1/models/m")
+    ok = await as_user(NOBODY, [SOCKET_GID, group.gr_gid], path, "PATCH", "/lm/v1/models/m")
     assert ok["status"] == 200 and ok["body"]["role"] == "operator", ok
-    no = await as_user(NOBODY, [SOCKET_GID], path, "PATCH", "/v1/models/m")
+    no = await as_user(NOBODY, [SOCKET_GID], path, "PATCH", "/lm/v1/models/m")
     assert no["status"] == 403, no
 
 

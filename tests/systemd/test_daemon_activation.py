@@ -1,4 +1,4 @@
-"""The real daemon (``python -m appliance.cli serve``) started the way systemd starts it.
+"""The real daemon (``python -m lastmile.appliance.client.cli serve``) started the way systemd starts it.
 
 ``systemd-socket-activate`` binds the socket, passes it as fd 3 with LISTEN_FDS and
 execs the daemon; NOTIFY_SOCKET and WATCHDOG_USEC point at a datagram socket in the
@@ -31,7 +31,7 @@ ACTIVATE = shutil.which("systemd-socket-activate")
 
 pytestmark = [
     pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate is not installed"),
-    pytest.mark.skipif(importlib.util.find_spec("appliance.cli") is None, reason="appliance.cli not there yet"),
+    pytest.mark.skipif(importlib.util.find_spec("lastmile.appliance.client.cli") is None, reason="lastmile.appliance.client.cli not there yet"),
 ]
 
 
@@ -60,7 +60,7 @@ def activated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Activated]:
         ACTIVATE, "-l", str(sock),
         "-E", f"NOTIFY_SOCKET={notify.address}", "-E", "WATCHDOG_USEC=4000000",
         "-E", f"PYTHONPATH={REPO}", "-E", f"HOME={home}", "-E", "DS_ACCELERATOR=cpu",
-        sys.executable, "-m", "appliance.cli", "serve", "--config", str(config),
+        sys.executable, "-m", "lastmile.appliance.client.cli", "serve", "--config", str(config),
     ]
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -105,7 +105,7 @@ def test_daemon_serves_the_passed_socket_and_reports_ready(activated: Activated)
     [
         ("POST", "/v2/repository/models/mlp/load"),
         ("POST", "/v2/repository/models/mlp/unload"),
-        ("PATCH", "/v1/models/mlp"),
+        ("PATCH", "/lm/v1/models/mlp"),
     ],
 )
 def test_viewer_gets_403_from_the_real_daemon(activated: Activated, method: str, target: str) -> None:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from appliance import sdnotify
-from appliance.sdnotify import Watchdog, notify, watchdog_interval_s
+from lastmile.appliance import sdnotify
+from lastmile.appliance.server.sdnotify import Watchdog, notify, watchdog_interval_s
 
 
 def test_notify_without_socket_is_a_noop(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""``GET /v1/monitor`` over the real socket of a real daemon: the rate is honoured, a bad rate
+"""``GET /lm/v1/monitor`` over the real socket of a real daemon: the rate is honoured, a bad rate
 is a 400 naming ``rate_hz``, snapshots carry models and events, and the client side raises on
 a refused rate instead of retrying forever."""
 
@@ -12,15 +12,15 @@ import aiohttp
 import numpy as np
 import pytest
 
-from appliance.client import ApiError, LastmileClient
-from appliance.monitor_client import monitor
+from lastmile.appliance.client.api import ApiError, LastmileClient
+from lastmile.appliance.client.monitor import monitor
 from tests.appliance.test_api import check_against_spec
 from tests.conftest import DaemonProc
 
 
 async def _collect(socket: str, query: str, seconds: float) -> list[dict]:
     async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=socket)) as session:
-        async with session.ws_connect(f"http://lastmile/v1/monitor?{query}") as ws:
+        async with session.ws_connect(f"http://lastmile/lm/v1/monitor?{query}") as ws:
             out: list[dict] = []
             deadline = time.monotonic() + seconds
             while (left := deadline - time.monotonic()) > 0:
@@ -55,19 +55,19 @@ async def test_rate_is_honoured(tui_daemon: DaemonProc) -> None:
 async def test_bad_rate_is_400_naming_rate_hz(tui_daemon: DaemonProc, rate: str) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(tui_daemon.socket))) as session:
         with pytest.raises(aiohttp.WSServerHandshakeError) as failed:
-            await session.ws_connect(f"http://lastmile/v1/monitor?rate_hz={rate}")
+            await session.ws_connect(f"http://lastmile/lm/v1/monitor?rate_hz={rate}")
         assert failed.value.status == 400
-        async with session.get(f"http://lastmile/v1/monitor?rate_hz={rate}") as resp:  # the body, as a plain GET sees it
+        async with session.get(f"http://lastmile/lm/v1/monitor?rate_hz={rate}") as resp:  # the body, as a plain GET sees it
             body = await resp.read()
             assert resp.status == 400
             assert json.loads(body)["field"] == "rate_hz"
             assert "rate_hz" in json.loads(body)["error"]
-            check_against_spec("GET", "/v1/monitor", resp.status, resp.headers["Content-Type"], body)
+            check_against_spec("GET", "/lm/v1/monitor", resp.status, resp.headers["Content-Type"], body)
 
 
 async def test_plain_get_without_upgrade_is_400(tui_daemon: DaemonProc) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(tui_daemon.socket))) as session:
-        async with session.get("http://lastmile/v1/monitor?rate_hz=1") as resp:
+        async with session.get("http://lastmile/lm/v1/monitor?rate_hz=1") as resp:
             assert resp.status == 400
             assert "WebSocket" in (await resp.json())["error"]
 
@@ -102,7 +102,7 @@ async def test_models_requests_per_s_and_events_arrive(tui_daemon: DaemonProc) -
 
 async def test_rate_can_change_on_a_live_stream(tui_daemon: DaemonProc) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(tui_daemon.socket))) as session:
-        async with session.ws_connect("http://lastmile/v1/monitor?rate_hz=0.2") as ws:
+        async with session.ws_connect("http://lastmile/lm/v1/monitor?rate_hz=0.2") as ws:
             await ws.receive(timeout=5)  # the first snapshot comes at once
             await ws.send_str(json.dumps({"rate_hz": 20}))
             got = json.loads((await ws.receive(timeout=2)).data)  # a 5 s period would time out here

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.client import LastmileClient
+from lastmile.appliance.client.api import LastmileClient
 from tests.conftest import DaemonProc, start_daemon
 from tests.tui.conftest import wait_until
-from tui.app import LastmileApp
-from tui.commands import LastmileCommands
-from tui.screens.models import ModelsScreen
-from tui.screens.tune import TuneScreen
-from tui.widgets.chrome import Banner
-from tui.widgets.models_table import SORT_KEYS, ModelsTable
+from lastmile.tui.app import LastmileApp
+from lastmile.tui.commands import LastmileCommands
+from lastmile.tui.screens.models import ModelsScreen
+from lastmile.tui.screens.tune import TuneScreen
+from lastmile.tui.widgets.chrome import Banner
+from lastmile.tui.widgets.models_table import SORT_KEYS, ModelsTable
 
 SIZE = (160, 48)
 
@@ -82,7 +82,7 @@ async def test_load_through_the_form_shows_progress(tui_daemon: DaemonProc) -> N
             screen.query_one("#f-max_batch_size").value = "4"
             screen.query_one("#f-dtype").value = "fp32"
             # the form shows the daemon's own dry-run estimate for these settings (not a made-up number)
-            truth = await client.request("POST", "/v1/memory/estimate", {"model": "demo-mlp-ds", "parameters": {"max_batch_size": 4, "dtype": "fp32"}})
+            truth = await client.request("POST", "/lm/v1/memory/estimate", {"model": "demo-mlp-ds", "parameters": {"max_batch_size": 4, "dtype": "fp32"}})
             await wait_until(lambda: (screen.last_estimate or {}).get("estimate") == truth["estimate"], step=step, what="the estimate for batch 4")
             assert f"{truth['estimate']['total_bytes'] / 2**20:.1f} MiB" in str(screen.query_one("#estimate").content)
             # a bad value is refused in the form, before the daemon sees it

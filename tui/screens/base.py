@@ -9,11 +9,11 @@ from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import Footer, Select
 
-from tui.state import MonitorState
-from tui.widgets.chrome import Banner, StatusBar
+from lastmile.tui.state import MonitorState
+from lastmile.tui.widgets.chrome import Banner, StatusBar
 
 if TYPE_CHECKING:
-    from tui.app import LastmileApp
+    from lastmile.tui.app import LastmileApp
 
 
 class LastmileScreen(Screen):

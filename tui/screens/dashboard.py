@@ -10,11 +10,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Input, Label, RichLog, Sparkline
 
-from tui.screens.base import LastmileScreen
-from tui.state import MonitorState, fmt_bytes, fmt_ms, fmt_rate
-from tui.widgets.events_log import event_line
-from tui.widgets.gauge import Gauge
-from tui.widgets.models_table import COLUMNS, ModelsTable
+from lastmile.tui.screens.base import LastmileScreen
+from lastmile.tui.state import MonitorState, fmt_bytes, fmt_ms, fmt_rate
+from lastmile.tui.widgets.events_log import event_line
+from lastmile.tui.widgets.gauge import Gauge
+from lastmile.tui.widgets.models_table import COLUMNS, ModelsTable
 
 
 def memory_gauges(memory: Any) -> list[dict[str, Any]]:

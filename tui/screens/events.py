@@ -9,11 +9,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Input, RichLog, Select
 
-from appliance.client import ClientError
-from tui.messages import EventsFetched
-from tui.screens.base import LastmileScreen
-from tui.state import MonitorState
-from tui.widgets.events_log import event_line
+from lastmile.appliance.client.api import ClientError
+from lastmile.tui.messages import EventsFetched
+from lastmile.tui.screens.base import LastmileScreen
+from lastmile.tui.state import MonitorState
+from lastmile.tui.widgets.events_log import event_line
 
 LEVELS = ("all", "info", "warning", "error")
 

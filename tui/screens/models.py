@@ -14,15 +14,15 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, DataTable, Input, Label, ProgressBar, Select, Static
 
-from appliance.client import ApiError, ClientError
-from tui.forms import BACKENDS, DTYPES, GRAPH_FUSION, PHASES, FormError, describe_estimate, load_parameters, phase_progress
-from tui.messages import EstimateReady, LoadFinished, LoadProgress, StoreListed
-from tui.screens.base import LastmileScreen
-from tui.screens.confirm import ConfirmScreen
-from tui.state import MonitorState
-from tui.widgets.models_table import STATE_STYLE
+from lastmile.appliance.client.api import ApiError, ClientError
+from lastmile.tui.forms import BACKENDS, DTYPES, GRAPH_FUSION, PHASES, FormError, describe_estimate, load_parameters, phase_progress
+from lastmile.tui.messages import EstimateReady, LoadFinished, LoadProgress, StoreListed
+from lastmile.tui.screens.base import LastmileScreen
+from lastmile.tui.screens.confirm import ConfirmScreen
+from lastmile.tui.state import MonitorState
+from lastmile.tui.widgets.models_table import STATE_STYLE
 
-ESTIMATE_TEXT = "estimate: pick a model; the daemon's dry run (POST /v1/memory/estimate) says what it needs and whether it fits."
+ESTIMATE_TEXT = "estimate: pick a model; the daemon's dry run (POST /lm/v1/memory/estimate) says what it needs and whether it fits."
 ESTIMATE_DEBOUNCE_S = 0.4
 PHASE_POLL_S = 0.1
 
@@ -223,9 +223,9 @@ class ModelsScreen(LastmileScreen):
     @work(group="estimate", exclusive=True, exit_on_error=False)
     async def fetch_estimate(self, name: str, params: dict[str, Any]) -> None:
         try:
-            data = await self.lm.client.request("POST", "/v1/memory/estimate", {"model": name, "parameters": params})
+            data = await self.lm.client.request("POST", "/lm/v1/memory/estimate", {"model": name, "parameters": params})
         except ApiError as exc:
-            error = "not available from this daemon (no /v1/memory/estimate)" if exc.status == 404 and "endpoint" in exc.message else exc.message
+            error = "not available from this daemon (no /lm/v1/memory/estimate)" if exc.status == 404 and "endpoint" in exc.message else exc.message
             self.post_message(EstimateReady(name, None, error))
             return
         except ClientError as exc:

@@ -15,11 +15,11 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import Button, Input, Label, RichLog, Select, Static
 
-from appliance.client import ApiError, ClientError
-from tui.forms import FormError, file_inputs, parse_int, random_inputs, summarize_output
-from tui.messages import InferDone, SpecFetched
-from tui.screens.base import ModelPickerScreen
-from tui.state import MonitorState
+from lastmile.appliance.client.api import ApiError, ClientError
+from lastmile.tui.forms import FormError, file_inputs, parse_int, random_inputs, summarize_output
+from lastmile.tui.messages import InferDone, SpecFetched
+from lastmile.tui.screens.base import ModelPickerScreen
+from lastmile.tui.state import MonitorState
 
 
 class PlaygroundScreen(ModelPickerScreen):

@@ -12,12 +12,12 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import Button, Input, Label, Select, Sparkline, Static
 
-from appliance.client import ApiError, ClientError
-from tui.forms import GRAPH_FUSION, RELOADING_KEYS, FormError, tune_changes
-from tui.messages import Tuned
-from tui.screens.base import ModelPickerScreen
-from tui.screens.confirm import ConfirmScreen
-from tui.state import MonitorState, fmt_memory, fmt_ms, fmt_rate
+from lastmile.appliance.client.api import ApiError, ClientError
+from lastmile.tui.forms import GRAPH_FUSION, RELOADING_KEYS, FormError, tune_changes
+from lastmile.tui.messages import Tuned
+from lastmile.tui.screens.base import ModelPickerScreen
+from lastmile.tui.screens.confirm import ConfirmScreen
+from lastmile.tui.state import MonitorState, fmt_memory, fmt_ms, fmt_rate
 
 RELOAD_NOTE = "max batch size and max delay apply at once; graph fusion and memory limit reload the model."
 
@@ -162,7 +162,7 @@ class TuneScreen(ModelPickerScreen):
         elif event.button.id == "b-autotune":
             self.action_autotune()
 
-    # --- the auto-tuner (appliance.autotune): a sweep under load, the best setting applied ---
+    # --- the auto-tuner (lastmile.appliance.client.autotune): a sweep under load, the best setting applied ---
 
     def action_autotune(self) -> None:
         if not self.lm.writable("auto-tune a model"):
@@ -179,7 +179,7 @@ class TuneScreen(ModelPickerScreen):
 
     @work(group="autotune", exclusive=True, exit_on_error=False)
     async def run_autotune(self, name: str) -> None:
-        from appliance.autotune import Tuner, format_table
+        from lastmile.appliance.client.autotune import Tuner, format_table
 
         out = self.query_one("#tune-result", Static)
         lines: list[str] = []

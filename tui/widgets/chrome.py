@@ -7,7 +7,7 @@ import time
 from rich.text import Text
 from textual.widgets import Static
 
-from tui.state import MonitorState, fmt_time, fmt_uptime
+from lastmile.tui.state import MonitorState, fmt_time, fmt_uptime
 
 
 class StatusBar(Static):

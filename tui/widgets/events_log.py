@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.text import Text
 
-from tui.state import fmt_time
+from lastmile.tui.state import fmt_time
 
 LEVEL_STYLE = {"error": "bold red", "warning": "yellow", "info": ""}
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 from rich.text import Text
 from textual.widgets import DataTable
 
-from tui.state import fmt_memory, fmt_ms, fmt_rate
+from lastmile.tui.state import fmt_memory, fmt_ms, fmt_rate
 
 STATE_STYLE = {"ready": "green", "loading": "yellow", "restarting": "yellow", "unloading": "dim", "failed": "bold red"}
 

@@ -1,25 +1,25 @@
-"""``/v1/memory``: budgets per device and per model with live usage (GET), budgets and memory
+"""``/lm/v1/memory``: budgets per device and per model with live usage (GET), budgets and memory
 policy changed at run time (PUT), and the estimate of a load before it is made (POST
-``/v1/memory/estimate``, what ``lastmile load --dry-run`` shows)."""
+``/lm/v1/memory/estimate``, what ``lastmile load --dry-run`` shows)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from appliance.config import SCHEMA
-from appliance.http import ApiError, read_json
-from appliance.routes_v2 import daemon_of
-from models.settings import SettingError
+from lastmile.appliance.server.config import SCHEMA
+from lastmile.appliance.server.http import ApiError, read_json
+from lastmile.appliance.server.routes_v2 import daemon_of
+from lastmile.models.settings import SettingError
 
 routes = web.RouteTableDef()
 
 
-@routes.get("/v1/memory")
+@routes.get("/lm/v1/memory")
 async def memory(request: web.Request) -> web.Response:
     return web.json_response(daemon_of(request).manager.governor.snapshot())
 
 
-@routes.put("/v1/memory")
+@routes.put("/lm/v1/memory")
 async def set_memory(request: web.Request) -> web.Response:
     """Any subset of the ``[memory]`` keys; every value is checked (and the watermarks
     against each other) before anything changes. Not written back to the config file."""
@@ -43,7 +43,7 @@ async def set_memory(request: web.Request) -> web.Response:
     return web.json_response(governor.snapshot())
 
 
-@routes.post("/v1/memory/estimate")
+@routes.post("/lm/v1/memory/estimate")
 async def estimate(request: web.Request) -> web.Response:
     """``{"model": name, "parameters": {...settings}}`` -> the estimate per part and device,
     whether it fits now, and when not the shortfall and the options that would fit."""

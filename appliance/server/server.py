@@ -19,19 +19,19 @@ from pathlib import Path
 
 from aiohttp import web
 
-from appliance import activation, sdnotify
-from appliance.auth import AuthPolicy, TokenFileError, auth_middleware, load_token
-from appliance.config import Config
-from appliance.daemon import Daemon
-from appliance.http import concurrency_limit, error_middleware
-from appliance.logs import log
-from appliance.metrics import setup_metrics
-from appliance.routes_memory import routes as memory_routes
-from appliance.routes_monitor import routes as monitor_routes
-from appliance.routes_v1 import routes as v1_routes
-from appliance.routes_v2 import routes as v2_routes
-from runtime.runner import warm_up
-from runtime.shm import cleanup_stale
+from lastmile.appliance.server import activation, sdnotify
+from lastmile.appliance.server.auth import AuthPolicy, TokenFileError, auth_middleware, load_token
+from lastmile.appliance.server.config import Config
+from lastmile.appliance.server.daemon import Daemon
+from lastmile.appliance.server.http import concurrency_limit, error_middleware
+from lastmile.appliance.logs import log
+from lastmile.appliance.server.metrics import setup_metrics
+from lastmile.appliance.server.routes_memory import routes as memory_routes
+from lastmile.appliance.server.routes_monitor import routes as monitor_routes
+from lastmile.appliance.server.routes_control import routes as v1_routes
+from lastmile.appliance.server.routes_v2 import routes as v2_routes
+from lastmile.runtime.runner import warm_up
+from lastmile.runtime.shm import cleanup_stale
 
 logger = logging.getLogger("lastmile.server")
 

@@ -1,4 +1,4 @@
-"""The client side of ``GET /v1/monitor``: an endless async iterator of snapshots that rides
+"""The client side of ``GET /lm/v1/monitor``: an endless async iterator of snapshots that rides
 out daemon restarts.
 
 Why here and not in the TUI: scripts want the same stream, and reconnection is subtle enough
@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from appliance.client import ApiError, LastmileClient
+from lastmile.appliance.client.api import ApiError, LastmileClient
 
 BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 3.0)  # a restarted daemon is usually back within seconds
 
@@ -38,7 +38,7 @@ def _describe(exc: BaseException) -> str:
 
 
 async def monitor(client: LastmileClient, rate_hz: float = 1.0) -> AsyncIterator[dict[str, Any]]:
-    """Snapshots of ``/v1/monitor`` at ``rate_hz``, forever, with connection markers.
+    """Snapshots of ``/lm/v1/monitor`` at ``rate_hz``, forever, with connection markers.
 
     A bad ``rate_hz`` raises :class:`ApiError` (400, field ``rate_hz``) at once instead of
     retrying: it would never succeed. Every other failure becomes a ``lost`` marker (the first
@@ -57,7 +57,7 @@ async def monitor(client: LastmileClient, rate_hz: float = 1.0) -> AsyncIterator
             assert client._session is not None
             receive_timeout = max(10.0, 5.0 / rate_hz)  # a daemon that stops talking is lost
             async with client._session.ws_connect(
-                f"{client.base_url}/v1/monitor?{query}", timeout=aiohttp.ClientWSTimeout(ws_receive=receive_timeout, ws_close=2.0),
+                f"{client.base_url}/lm/v1/monitor?{query}", timeout=aiohttp.ClientWSTimeout(ws_receive=receive_timeout, ws_close=2.0),
                 heartbeat=None, autoping=True,
             ) as ws:
                 attempt = 0

@@ -12,12 +12,12 @@ from typing import Any
 
 import psutil
 
-from appliance import __version__
-from appliance.config import Config, ConfigError, load_config
-from appliance.state import StateError, read_state, write_state
-from models.store import ModelStore
-from runtime.events import EventLog
-from runtime.manager import ModelManager
+from lastmile.appliance import __version__
+from lastmile.appliance.server.config import Config, ConfigError, load_config
+from lastmile.appliance.server.state import StateError, read_state, write_state
+from lastmile.models.store import ModelStore
+from lastmile.runtime.events import EventLog
+from lastmile.runtime.manager import ModelManager
 
 logger = logging.getLogger("lastmile.daemon")
 
@@ -109,19 +109,19 @@ class Daemon:
         self.store.ensure()
         if self.store.names():
             return []
-        from runtime.runner import call_in_forkserver
+        from lastmile.runtime.runner import call_in_forkserver
 
         self.status = "building demo models"
-        built = call_in_forkserver("models.demo", "build_demo", self.config.store["models_dir"])
+        built = call_in_forkserver("lastmile.models.demo", "build_demo", self.config.store["models_dir"])
         self.events.record("demo_built", f"built demo models {built} in {self.config.store['models_dir']}")
         return built
 
     async def system_facts(self) -> dict[str, Any]:
         """Host facts, computed once in a forkserver child: the daemon stays free of torch."""
         if self._system is None:
-            from runtime.runner import call_in_forkserver
+            from lastmile.runtime.runner import call_in_forkserver
 
-            self._system = await asyncio.get_running_loop().run_in_executor(None, call_in_forkserver, "runtime.accelerators", "detect")
+            self._system = await asyncio.get_running_loop().run_in_executor(None, call_in_forkserver, "lastmile.runtime.accelerators", "detect")
         memory = psutil.virtual_memory()  # the one fact that changes: read it fresh
         return {**self._system, "ram": {"total_bytes": memory.total, "available_bytes": memory.available}}
 

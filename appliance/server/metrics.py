@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from appliance.daemon import Daemon
+from lastmile.appliance.server.daemon import Daemon
 
 routes = web.RouteTableDef()
 

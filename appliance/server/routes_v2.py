@@ -8,10 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.daemon import Daemon
-from appliance.http import ApiError, read_json, to_api_error
-from appliance.v2codec import HEADER_LENGTH, decode_request, encode_response, split_body
-from runtime.manager import LoadedModel
+from lastmile.appliance.server.daemon import Daemon
+from lastmile.appliance.server.http import ApiError, read_json, to_api_error
+from lastmile.appliance.v2codec import HEADER_LENGTH, decode_request, encode_response, split_body
+from lastmile.runtime.manager import LoadedModel
 
 routes = web.RouteTableDef()
 EXTENSIONS = ["model_repository", "binary_tensor_data", "lastmile_v1"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,9 +15,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from appliance import __version__
-from appliance.client import ClientError, LastmileClient
-from appliance.config import ConfigError, load_config
+from lastmile.appliance import __version__
+from lastmile.appliance.client.api import ClientError, LastmileClient
+from lastmile.appliance.server.config import ConfigError, load_config
 
 LOAD_FLAGS = {
     "backend": str, "device": str, "dtype": str, "graph_fusion": str, "memory_limit_mb": int,
@@ -51,8 +52,8 @@ def _client(args: argparse.Namespace) -> LastmileClient:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from appliance.logs import setup_logging
-    from appliance.server import StartupError, serve
+    from lastmile.appliance.logs import setup_logging
+    from lastmile.appliance.server.server import StartupError, serve
 
     config = load_config(args.config)
     setup_logging(config.server["log_level"])
@@ -79,7 +80,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_build_demo(args: argparse.Namespace) -> int:
-    from models.demo import build_demo
+    from lastmile.models.demo import build_demo
 
     store = Path(args.store) if args.store else load_config(args.config).store["models_dir"]
     started = time.monotonic()
@@ -157,7 +158,7 @@ async def cmd_unload(client: LastmileClient, args: argparse.Namespace) -> int:
 
 
 def _random_input(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
-    from models.spec import V2_TO_NUMPY
+    from lastmile.models.spec import V2_TO_NUMPY
 
     shape = [1 if d == -1 and i == 0 else (8 if d == -1 else d) for i, d in enumerate(spec["shape"])]
     dtype = V2_TO_NUMPY[spec["datatype"]]
@@ -213,7 +214,7 @@ async def cmd_events(client: LastmileClient, args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job; in a terminal it ends in the TUI showing the demo models serve."""
-    from appliance.quickstart import run_demo
+    from lastmile.appliance.client.quickstart import run_demo
 
     async def demo() -> int:
         async with _client(args) as client:
@@ -221,14 +222,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     code = asyncio.run(demo())
     if code == 0 and not args.no_tui and sys.stdin.isatty() and sys.stdout.isatty():
-        from tui.app import run_tui
+        from lastmile.tui.app import run_tui
 
         return run_tui(_client(args), read_only=False)
     return code
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
-    from tui.app import run_tui
+    from lastmile.tui.app import run_tui
 
     return run_tui(_client(args), read_only=args.read_only)
 
@@ -250,7 +251,7 @@ def _mb(value: Any) -> str:
 
 
 async def cmd_memory(client: LastmileClient, args: argparse.Namespace) -> int:
-    data = await client.request("GET", "/v1/memory")
+    data = await client.request("GET", "/lm/v1/memory")
     if args.json:
         _print_json(data)
         return 0
@@ -277,7 +278,7 @@ async def cmd_memory_set(client: LastmileClient, args: argparse.Namespace) -> in
         changes["evict_idle"] = changes["evict_idle"] == "true"
     if not changes:
         raise ClientError("memory set: give at least one of " + ", ".join("--" + k.replace("_", "-") for k in MEMORY_SET_FLAGS))
-    data = await client.request("PUT", "/v1/memory", changes)
+    data = await client.request("PUT", "/lm/v1/memory", changes)
     if args.json:
         _print_json(data)
     else:
@@ -289,7 +290,7 @@ async def cmd_load_or_dry_run(client: LastmileClient, args: argparse.Namespace) 
     if not args.dry_run:
         return await cmd_load(client, args)
     params = {k: getattr(args, k) for k in LOAD_FLAGS if getattr(args, k) is not None}
-    data = await client.request("POST", "/v1/memory/estimate", {"model": args.name, "parameters": params})
+    data = await client.request("POST", "/lm/v1/memory/estimate", {"model": args.name, "parameters": params})
     if args.json:
         _print_json(data)
         return 0 if data["fits"] else 1
@@ -326,13 +327,18 @@ def add_memory_commands(sub: Any, common: argparse.ArgumentParser, load: argpars
         mset.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, metavar=key.upper())
 
 
-# --- performance: `lastmile bench` and `lastmile tune` (bench/, appliance/autotune.py) ---------
+# --- performance: `lastmile bench` and `lastmile tune` (bench/, appliance/client/autotune.py) ---------
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bench.run import run_from_args
-
-    return run_from_args(args)
+    """Run the benchmark harness of the source checkout this install came from: bench/ is a
+    development tool (it drives a naive server and a peer framework from the dev extra), not a
+    package of the product, so an installed copy of Lastmile has no ``lastmile bench``."""
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / "bench" / "run.py").is_file():
+        raise ClientError("`lastmile bench` runs the benchmark harness of a source checkout (bench/); "
+                          "this install has none: clone the repository and run ./install.sh --dev there")
+    return subprocess.run([sys.executable, "-m", "bench", *args.bench_args], cwd=checkout).returncode
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -343,7 +349,7 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 
 
 async def cmd_tune(client: LastmileClient, args: argparse.Namespace) -> int:
-    from appliance.autotune import Tuner, format_table
+    from lastmile.appliance.client.autotune import Tuner, format_table
 
     grid = {k: v for k, v in (("max_batch_size", args.batch_sizes), ("max_delay_ms", args.delays_ms),
                               ("graph_fusion", args.fusions), ("threads", args.threads)) if v is not None}
@@ -372,16 +378,11 @@ async def cmd_tune(client: LastmileClient, args: argparse.Namespace) -> int:
 
 
 def add_perf_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    try:
-        from bench.run import add_arguments
-    except ImportError:  # an install without the bench package: no `lastmile bench`
-        add_arguments = None
-    if add_arguments is not None:
-        bench = sub.add_parser("bench", help="benchmark Lastmile against the in-process limit, a naive server and a peer",
-                               description="benchmark Lastmile against the in-process limit, a naive server and a peer",
-                               parents=[common])
-        add_arguments(bench)
-        bench.set_defaults(func=cmd_bench)
+    bench = sub.add_parser("bench", add_help=False,
+                           help="benchmark Lastmile against the in-process limit, a naive server and a peer (source checkout; --help for its flags)",
+                           description="benchmark Lastmile against the in-process limit, a naive server and a peer")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
     tune = sub.add_parser("tune", help="sweep batching, fusion and threads for a loaded model; pick the best within an SLO",
                           description="sweep batching, fusion and threads for a loaded model; pick the best within an SLO", parents=[common])
     tune.add_argument("name")

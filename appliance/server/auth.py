@@ -373,7 +373,7 @@ class AuthPolicy:
 def requires_role(role: Literal["operator", "viewer"]) -> Callable[[Handler], Handler]:
     """Mark a route handler's required role, overriding the method-based default.
 
-    ``@requires_role("operator")`` on ``GET /v1/config`` makes reading the
+    ``@requires_role("operator")`` on ``GET /lm/v1/config`` makes reading the
     config operator-only; ``@requires_role("viewer")`` on a POST that
     changes nothing lets viewers call it. Works above or below ``@routes.get``.
     """

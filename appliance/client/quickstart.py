@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.client import ClientError, DaemonNotRunning, LastmileClient
-from appliance.config import Config
+from lastmile.appliance.client.api import ClientError, DaemonNotRunning, LastmileClient
+from lastmile.appliance.server.config import Config
 
 DEMO_LOADS = ("demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds")
 START_TIMEOUT_S = 300.0
@@ -34,7 +34,7 @@ async def ensure_daemon(client: LastmileClient, config_file: str | None) -> str:
         pass
     log = daemon_log_path()
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "appliance.cli", "serve"] + (["--config", config_file] if config_file else [])
+    command = [sys.executable, "-m", "lastmile.appliance.client.cli", "serve"] + (["--config", config_file] if config_file else [])
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True)
     print(f"started the daemon (pid {proc.pid}); its log: {log}")
     deadline = time.monotonic() + START_TIMEOUT_S

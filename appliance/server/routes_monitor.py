@@ -1,4 +1,4 @@
-"""``GET /v1/monitor``: the live monitoring stream (a WebSocket) the TUI's dashboard draws from.
+"""``GET /lm/v1/monitor``: the live monitoring stream (a WebSocket) the TUI's dashboard draws from.
 
 One JSON snapshot per tick, at the rate the client asks for (``?rate_hz=``, 0.1..20, default 1;
 a running client may send ``{"rate_hz": x}`` to change it without reconnecting). Each snapshot
@@ -7,7 +7,7 @@ daemon summary, one row per loaded model (its ``describe()`` plus requests/s fro
 and the resident memory of its runner processes) and the events recorded since the previous
 snapshot. ``?since=N`` resumes the event stream after a reconnect.
 
-Why a push stream rather than the TUI polling ``/v1/models``: one connection, deltas computed
+Why a push stream rather than the TUI polling ``/lm/v1/models``: one connection, deltas computed
 where the counters live (requests/s is exact, not two polls' guess), and events arrive with
 the figures they explain. The stream ends by itself when the daemon stops (close code 1001),
 so a graceful stop never waits on idle monitors.
@@ -26,8 +26,8 @@ from typing import Any
 import psutil
 from aiohttp import WSMsgType, web
 
-from appliance.daemon import Daemon
-from appliance.http import ApiError
+from lastmile.appliance.server.daemon import Daemon
+from lastmile.appliance.server.http import ApiError
 
 logger = logging.getLogger("lastmile.monitor")
 
@@ -226,7 +226,7 @@ class SnapshotBuilder:
         return snapshot
 
 
-@routes.get("/v1/monitor")
+@routes.get("/lm/v1/monitor")
 async def monitor(request: web.Request) -> web.StreamResponse:
     daemon: Daemon = request.app["daemon"]
     rate = parse_rate(request.query.get("rate_hz", DEFAULT_RATE_HZ))
@@ -236,7 +236,7 @@ async def monitor(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, f"since must be an integer event seq; got {request.query.get('since')!r}", field="since") from None
     ws = web.WebSocketResponse(heartbeat=30.0)
     if not ws.can_prepare(request).ok:
-        raise ApiError(400, "GET /v1/monitor is a WebSocket: connect with an 'Upgrade: websocket' request (rate_hz, since)", field="Upgrade")
+        raise ApiError(400, "GET /lm/v1/monitor is a WebSocket: connect with an 'Upgrade: websocket' request (rate_hz, since)", field="Upgrade")
     await ws.prepare(request)
     state = {"rate_hz": rate}
     wake = asyncio.Event()

@@ -1,30 +1,30 @@
-"""Lastmile's own ``/v1`` API: host facts, status, models with their live figures, settings
+"""Lastmile's own ``/lm/v1`` API: host facts, status, models with their live figures, settings
 changes, events and the effective config."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from appliance.auth import requires_role
-from appliance.http import ApiError, read_json
-from appliance.routes_v2 import daemon_of
-from runtime.manager import BATCHER_KEYS
+from lastmile.appliance.server.auth import requires_role
+from lastmile.appliance.server.http import ApiError, read_json
+from lastmile.appliance.server.routes_v2 import daemon_of
+from lastmile.runtime.manager import BATCHER_KEYS
 
 routes = web.RouteTableDef()
 
 
-@routes.get("/v1/status")
+@routes.get("/lm/v1/status")
 async def status(request: web.Request) -> web.Response:
     return web.json_response(daemon_of(request).summary())
 
 
-@routes.get("/v1/system")
+@routes.get("/lm/v1/system")
 async def system(request: web.Request) -> web.Response:
     daemon = daemon_of(request)
     return web.json_response({**(await daemon.system_facts()), "daemon": daemon.summary()})
 
 
-@routes.get("/v1/models")
+@routes.get("/lm/v1/models")
 async def models(request: web.Request) -> web.Response:
     daemon = daemon_of(request)
     store = []
@@ -48,12 +48,12 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"loaded": loaded, "store": store})
 
 
-@routes.get("/v1/models/{name}")
+@routes.get("/lm/v1/models/{name}")
 async def model(request: web.Request) -> web.Response:
     return web.json_response(daemon_of(request).manager.get(request.match_info["name"]).describe())
 
 
-@routes.patch("/v1/models/{name}")
+@routes.patch("/lm/v1/models/{name}")
 async def tune(request: web.Request) -> web.Response:
     """Batching knobs change live; any other setting reloads the model with it."""
     daemon = daemon_of(request)
@@ -71,7 +71,7 @@ async def tune(request: web.Request) -> web.Response:
     return web.json_response(model.describe())
 
 
-@routes.get("/v1/events")
+@routes.get("/lm/v1/events")
 async def events(request: web.Request) -> web.Response:
     try:
         since = int(request.query.get("since", "0"))
@@ -83,7 +83,7 @@ async def events(request: web.Request) -> web.Response:
     return web.json_response({"events": daemon_of(request).events.since(since, limit)})
 
 
-@routes.get("/v1/config")
+@routes.get("/lm/v1/config")
 @requires_role("operator")
 async def config(request: web.Request) -> web.Response:
     cfg = daemon_of(request).config

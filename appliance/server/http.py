@@ -9,13 +9,13 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from appliance.v2codec import BadRequest
-from models.errors import FormatError, InvalidModelName, ManifestError, ModelNotFoundError, StoreEscapeError
-from models.settings import SettingError
-from runtime.backends.base import BackendError
-from runtime.errors import BatchTooLarge, InferenceError, InvalidBatch, LoadError, LoadTimeout, ModelUnavailable, QueueFull, RequestTimeout, RunnerDied
-from runtime.manager import ModelNotLoaded
-from runtime.memory import InsufficientMemory, MemoryPressure
+from lastmile.appliance.v2codec import BadRequest
+from lastmile.models.errors import FormatError, InvalidModelName, ManifestError, ModelNotFoundError, StoreEscapeError
+from lastmile.models.settings import SettingError
+from lastmile.runtime.backends.base import BackendError
+from lastmile.runtime.errors import BatchTooLarge, InferenceError, InvalidBatch, LoadError, LoadTimeout, ModelUnavailable, QueueFull, RequestTimeout, RunnerDied
+from lastmile.runtime.manager import ModelNotLoaded
+from lastmile.runtime.memory import InsufficientMemory, MemoryPressure
 
 logger = logging.getLogger("lastmile.http")
 

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from appliance.v2codec import HEADER_LENGTH, decode_response, encode_request
+from lastmile.appliance.v2codec import HEADER_LENGTH, decode_response, encode_request
 
 
 class ClientError(Exception):
@@ -139,25 +139,25 @@ class LastmileClient:
         params["client_ms"] = round(elapsed * 1000, 3)
         return outputs, params
 
-    # --- /v1 ------------------------------------------------------------------------------
+    # --- /lm/v1 ------------------------------------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
-        return await self.request("GET", "/v1/status")
+        return await self.request("GET", "/lm/v1/status")
 
     async def system(self) -> dict[str, Any]:
-        return await self.request("GET", "/v1/system")
+        return await self.request("GET", "/lm/v1/system")
 
     async def models(self) -> dict[str, Any]:
-        return await self.request("GET", "/v1/models")
+        return await self.request("GET", "/lm/v1/models")
 
     async def model(self, name: str) -> dict[str, Any]:
-        return await self.request("GET", f"/v1/models/{name}")
+        return await self.request("GET", f"/lm/v1/models/{name}")
 
     async def tune(self, name: str, settings: dict[str, Any]) -> dict[str, Any]:
-        return await self.request("PATCH", f"/v1/models/{name}", {"settings": settings})
+        return await self.request("PATCH", f"/lm/v1/models/{name}", {"settings": settings})
 
     async def events(self, since: int = 0) -> list[dict[str, Any]]:
-        return (await self.request("GET", f"/v1/events?since={since}"))["events"]
+        return (await self.request("GET", f"/lm/v1/events?since={since}"))["events"]
 
     async def config(self) -> dict[str, Any]:
-        return await self.request("GET", "/v1/config")
+        return await self.request("GET", "/lm/v1/config")

@@ -3,7 +3,7 @@ throughput within a latency SLO, by measuring, over the public API only.
 
 The sweep, in two stages (a full grid would take minutes of reloads):
 
-1. **batching** (changed live with ``PATCH /v1/models/{name}``, no reload): every
+1. **batching** (changed live with ``PATCH /lm/v1/models/{name}``, no reload): every
    ``max_batch_size`` x ``max_delay_ms`` pair, each measured with closed-loop load;
 2. **session** (each a reload with the best batching of stage 1): ``graph_fusion`` levels and
    intra-op ``threads``. A reload the memory governor refuses (over the limit) is a failed
@@ -14,7 +14,7 @@ The best trial is the one with the most rows/s, no errors and p99 within
 ``latency_slo_ms`` (when given). With ``apply`` its settings are PATCHed, which the daemon
 persists in its state file; without, the model's original settings are put back.
 
-The load comes from :mod:`bench.loadgen` (a raw HTTP/1.1 client: the generator must cost
+The load comes from :mod:`lastmile.appliance.client.loadgen` (a raw HTTP/1.1 client: the generator must cost
 less than the server it measures). ``progress`` gets one dict per step, so the CLI prints
 a table and the TUI's tune screen shows a live list.
 """
@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from appliance.client import LastmileClient
-from models.spec import V2_TO_NUMPY
+from lastmile.appliance.client.api import LastmileClient
+from lastmile.models.spec import V2_TO_NUMPY
 
 Progress = Callable[[dict[str, Any]], None]
 LIVE_KEYS = ("max_batch_size", "max_delay_ms")
@@ -65,7 +65,7 @@ class TuneResult:
 def sample_request(metadata: dict[str, Any], rows: int = 1, seq: int = 16) -> tuple[bytes, dict[str, str]]:
     """A V2 binary infer body for the model's inputs: ``rows`` rows, other variable dims
     ``seq``; integers in [0, 64) (valid token ids for any vocabulary), floats normal."""
-    from appliance.v2codec import encode_request
+    from lastmile.appliance.v2codec import encode_request
 
     rng = np.random.default_rng(0)
     inputs, types = {}, {}
@@ -86,7 +86,7 @@ def target_for(client: LastmileClient) -> Any:
     """Where the load goes: the client's Unix socket, or its ``http://host:port`` with its token."""
     from urllib.parse import urlsplit
 
-    from bench.loadgen import Target
+    from lastmile.appliance.client.loadgen import Target
 
     if client.socket_path is not None:
         return Target(unix=str(client.socket_path))
@@ -132,7 +132,7 @@ class Tuner:
         return await self.client.tune(self.name, settings)
 
     async def _measure(self, request: bytes, settings: dict[str, Any]) -> Trial:
-        from bench.loadgen import closed_loop
+        from lastmile.appliance.client.loadgen import closed_loop
 
         trial = Trial(settings=dict(settings))
         before = (await self.client.model(self.name)).get("batcher", {})
@@ -150,7 +150,7 @@ class Tuner:
         return trial
 
     async def run(self, apply: bool = False) -> TuneResult:
-        from bench.loadgen import http_request
+        from lastmile.appliance.client.loadgen import http_request
 
         started = time.monotonic()
         described = await self.client.model(self.name)
@@ -163,7 +163,7 @@ class Tuner:
         request = http_request(self.target, "POST", f"/v2/models/{self.name}/infer", body, headers)
         try:
             cores = int((await self.client.system()).get("cpu", {}).get("physical_cores") or 0)
-        except Exception:  # noqa: BLE001 - /v1/system is informative only
+        except Exception:  # noqa: BLE001 - /lm/v1/system is informative only
             cores = 0
         import os
 

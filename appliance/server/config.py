@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from models.settings import ModelSettings, SettingError, validate_settings
-from runtime.memory import DEFAULTS as MEMORY_DEFAULTS
+from lastmile.models.settings import ModelSettings, SettingError, validate_settings
+from lastmile.runtime.memory import DEFAULTS as MEMORY_DEFAULTS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -172,7 +172,7 @@ class Config:
         return self.server["socket"]
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
-        """Plain values for ``config show --json`` and ``GET /v1/config``."""
+        """Plain values for ``config show --json`` and ``GET /lm/v1/config``."""
 
         def plain(v: Any) -> Any:
             return str(v) if isinstance(v, Path) else v

@@ -1,0 +1,1 @@
+"""The daemon's side: config, the aiohttp app and its routes, auth, state, systemd glue, metrics."""

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lastmile.appliance import sdnotify
+from lastmile.appliance.server import sdnotify
 from lastmile.appliance.server.sdnotify import Watchdog, notify, watchdog_interval_s
 
 

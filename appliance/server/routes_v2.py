@@ -110,7 +110,8 @@ async def _infer(request: web.Request, started: float) -> tuple[web.Response, st
         "compute_ms": round(batch.compute_s * 1000, 3),
         "total_ms": round((time.perf_counter() - started) * 1000, 3),
     }
-    payload, headers = encode_response(model.name, decoded, outputs, model.manifest.outputs, extra)
+    max_bytes = request.app["config"].server["max_response_mb"] * 1024 * 1024
+    payload, headers = encode_response(model.name, decoded, outputs, model.manifest.outputs, extra, max_bytes=max_bytes)
     return web.Response(body=payload, headers=headers), model.name, batch
 
 
@@ -138,6 +139,9 @@ async def repository_index(request: web.Request) -> web.Response:
 @routes.post("/v2/repository/models/{name}/load")
 async def repository_load(request: web.Request) -> web.Response:
     body = await read_json(request, required=False)
+    unknown = sorted(set(body) - {"parameters"})
+    if unknown:  # a misspelt "parameters" must not load the model with no settings at all
+        raise ApiError(400, f"unknown key {unknown[0]!r} in the load body; known: parameters", field=unknown[0])
     parameters = body.get("parameters", {})
     if not isinstance(parameters, dict):
         raise ApiError(400, "'parameters' must be an object of settings", field="parameters")

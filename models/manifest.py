@@ -29,7 +29,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from lastmile.models.errors import FormatError, ManifestError, StoreEscapeError
 from lastmile.models.formats import MANIFEST_FILE, artifact_problem, batch_notes, detect_format, format_of, infer_signature
@@ -61,18 +61,19 @@ PICKLE_REFUSAL = (
 )
 
 
-def load_manifest(model_dir: Path, name: str) -> Manifest:
+def load_manifest(model_dir: Path, name: str, *, read_signature: Callable[[str, Path], Any] = infer_signature) -> Manifest:
     """The manifest of the model folder ``model_dir`` served as ``name``.
 
     Reads ``model_dir/model.toml`` when present, else infers everything from the artifact.
     Raises :class:`ManifestError` (or its subclass :class:`StoreEscapeError` when the artifact
-    resolves outside the folder).
+    resolves outside the folder). ``read_signature`` reads what the artifact carries (the
+    daemon's store passes a cached reader that works in a forkserver child).
     """
     model_dir = Path(model_dir).absolute()
     file = model_dir / MANIFEST_FILE
     if not file.is_symlink() and not file.exists():
-        return _inferred(model_dir, name)
-    return _from_table(model_dir, file, name, _read_toml(model_dir, file))
+        return _inferred(model_dir, name, read_signature)
+    return _from_table(model_dir, file, name, _read_toml(model_dir, file), read_signature)
 
 
 def _read_toml(model_dir: Path, file: Path) -> dict[str, Any]:
@@ -101,7 +102,8 @@ def _read_toml(model_dir: Path, file: Path) -> dict[str, Any]:
         raise ManifestError(file, "", f"not valid TOML: {exc}") from None
 
 
-def _from_table(model_dir: Path, file: Path, name: str, data: Mapping[str, Any]) -> Manifest:
+def _from_table(model_dir: Path, file: Path, name: str, data: Mapping[str, Any],
+                read_signature: Callable[[str, Path], Any] = infer_signature) -> Manifest:
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise ManifestError(file, key, f"unknown key; known: {', '.join(TOP_LEVEL_KEYS)}")
@@ -151,7 +153,7 @@ def _from_table(model_dir: Path, file: Path, name: str, data: Mapping[str, Any])
     if inputs is None or outputs is None:
         # Whatever the file leaves out is read from the artifact, as for a folder with no file.
         try:
-            found_in, found_out, notes = infer_signature(fmt, artifact)
+            found_in, found_out, notes = read_signature(fmt, artifact)
         except FormatError as exc:
             raise ManifestError(file, "artifact", str(exc)) from exc
         if inputs is None and outputs is None:
@@ -285,7 +287,7 @@ def _shape(file: Path, key: str, shape: Any) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _inferred(model_dir: Path, name: str) -> Manifest:
+def _inferred(model_dir: Path, name: str, read_signature: Callable[[str, Path], Any] = infer_signature) -> Manifest:
     """A manifest for a folder with no ``model.toml``, from its one artifact."""
     try:
         fmt, artifact = detect_format(model_dir)
@@ -300,7 +302,7 @@ def _inferred(model_dir: Path, name: str) -> Manifest:
             f"{artifact.name} looks like a pickled torch file; " + PICKLE_REFUSAL.format(file=model_dir / MANIFEST_FILE),
         )
     try:
-        inputs, outputs, missing = infer_signature(fmt, artifact)
+        inputs, outputs, missing = read_signature(fmt, artifact)
     except FormatError as exc:
         raise ManifestError(model_dir, "artifact", str(exc)) from exc
     return Manifest(

@@ -189,8 +189,10 @@ class ModelManager:
         a serving instance is touched (settings, device, dtype, artifact, memory: 4xx errors);
         a reload that still fails later leaves the previous instance serving."""
         overrides = dict(overrides or {})
-        manifest, settings, backend = self.plan(name, overrides)
-        await asyncio.get_running_loop().run_in_executor(None, check_load, manifest, settings, backend, call_in_forkserver)
+        loop = asyncio.get_running_loop()
+        # In a thread: the manifest may need its artifact's signature read (a forkserver child).
+        manifest, settings, backend = await loop.run_in_executor(None, self.plan, name, overrides)
+        await loop.run_in_executor(None, check_load, manifest, settings, backend, call_in_forkserver)
         async with self._locks.setdefault(name, asyncio.Lock()):
             current = self.models.get(name)
             if current and current.state == "ready" and (current.requested or current.settings) == settings:

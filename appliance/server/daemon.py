@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -15,12 +16,26 @@ import psutil
 from lastmile.appliance import __version__
 from lastmile.appliance.server.config import Config, ConfigError, load_config
 from lastmile.appliance.server.state import StateError, read_state_report, write_state
+from lastmile.models.errors import FormatError
+from lastmile.models.signatures import Signature, SignatureReader
 from lastmile.models.store import ModelStore
+from lastmile.runtime.errors import LoadError
 from lastmile.runtime.events import EventLog
 from lastmile.runtime.manager import ModelManager
 
 logger = logging.getLogger("lastmile.daemon")
 STATE_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # back-off between retries of a failed state write
+
+
+def signature_in_forkserver(fmt: str, artifact: Path) -> Signature:
+    """An artifact's signature read in a forkserver child: the daemon never imports torch
+    (a ``.pt2``) nor holds a parsed ONNX graph for a listing."""
+    from lastmile.runtime.runner import call_in_forkserver
+
+    try:
+        return call_in_forkserver("lastmile.models.formats", "infer_signature", fmt, artifact, timeout_s=120.0)
+    except LoadError as exc:
+        raise FormatError(str(exc).split(" failed: ", 1)[-1]) from None
 
 
 class Daemon:
@@ -29,7 +44,8 @@ class Daemon:
         self.version = __version__
         self.started_at = time.time()
         self.events = EventLog()
-        self.store = ModelStore(config.store["models_dir"])
+        self.signatures = SignatureReader(signature_in_forkserver)
+        self.store = ModelStore(config.store["models_dir"], read_signature=self.signatures)
         self.manager = ModelManager(self.store, config.defaults, self.events, on_change=self.save_state, memory=dict(config.memory))
         self.ready = False
         self.status = "starting"

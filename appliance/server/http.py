@@ -13,6 +13,7 @@ from aiohttp import web
 from lastmile.appliance.v2codec import BadRequest
 from lastmile.models.errors import FormatError, InvalidModelName, ManifestError, ModelNotFoundError, StoreEscapeError
 from lastmile.models.settings import SettingError
+from lastmile.models.signatures import SignaturePending
 from lastmile.runtime.backends.base import BackendError
 from lastmile.runtime.errors import BatchTooLarge, InferenceError, InvalidBatch, LoadError, LoadTimeout, ModelUnavailable, QueueFull, RequestTimeout, RunnerDied
 from lastmile.runtime.manager import ModelNotLoaded, SharedMemoryExhausted
@@ -56,6 +57,8 @@ def to_api_error(exc: BaseException) -> ApiError | None:
             return ApiError(404, str(exc))
         case ModelNotLoaded():
             return ApiError(404, str(exc))
+        case SignaturePending():
+            return ApiError(503, str(exc), headers=_retry_after(exc.retry_after_s))
         case ManifestError() | FormatError():
             return ApiError(422, str(exc))
         case InvalidBatch():

@@ -31,7 +31,7 @@ def read_state_report(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return {}
+        return {}, {}
     except (OSError, ValueError) as exc:
         raise StateError(f"{path}: cannot read state ({exc}); move it aside to start empty") from None
     if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION or not isinstance(raw.get("models"), dict):

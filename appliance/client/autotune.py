@@ -28,11 +28,13 @@ from typing import Any, Callable
 import numpy as np
 
 from lastmile.appliance.client.api import LastmileClient
+from lastmile.models import vocabulary
 from lastmile.models.spec import V2_TO_NUMPY
 
 Progress = Callable[[dict[str, Any]], None]
-LIVE_KEYS = ("max_batch_size", "max_delay_ms")
-RELOAD_KEYS = ("graph_fusion", "threads")
+SWEPT_KEYS = ("max_batch_size", "max_delay_ms", "graph_fusion", "threads")
+LIVE_KEYS = tuple(k for k in SWEPT_KEYS if k in vocabulary.LIVE_KEYS)  # stage 1: changed live
+RELOAD_KEYS = tuple(vocabulary.needs_reload(SWEPT_KEYS))  # stage 2: one reload per trial
 
 
 @dataclass

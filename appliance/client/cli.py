@@ -18,12 +18,19 @@ import numpy as np
 from lastmile.appliance import __version__
 from lastmile.appliance.client.api import ClientError, LastmileClient
 from lastmile.appliance.server.config import ConfigError, load_config
+from lastmile.models.vocabulary import BY_NAME, SETTINGS, Setting
 
-LOAD_FLAGS = {
-    "backend": str, "device": str, "dtype": str, "graph_fusion": str, "memory_limit_mb": int,
-    "max_batch_size": int, "max_delay_ms": float, "max_queue": int, "instances": int, "offload": str, "threads": int,
-    "load_timeout_s": float,
-}
+# One flag per setting of the vocabulary, parsed into its type; the daemon judges the value.
+LOAD_FLAGS: dict[str, type] = {s.name: s.python_type for s in SETTINGS}
+
+
+def setting_note(setting: Setting, *, default: bool = True) -> str:
+    """What ``load --help`` and ``config show`` say about a setting: allowed values, the
+    built-in default, and whether a loaded model takes a change live."""
+    when = "tunable on a loaded model without a reload" if setting.live else "a change needs a reload"
+    if not default:
+        return f"{setting.allowed()}; {when}"
+    return f"{setting.allowed()}; default {'none' if setting.default is None else setting.default}; {when}"
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -75,7 +82,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
         print(f"\n[{section}]")
         for key, value in values.items():
             shown = "(unset)" if value is None else json.dumps(value)
-            print(f"{key} = {shown}  # {config.sources.get(f'{section}.{key}', '?')}")
+            note = f"; {setting_note(BY_NAME[key], default=False)}" if section == "defaults" and key in BY_NAME else ""
+            print(f"{key} = {shown}  # {config.sources.get(f'{section}.{key}', '?')}{note}")
     return 0
 
 
@@ -434,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("name")
     for key, kind in LOAD_FLAGS.items():
         flag = "--memory-limit" if key == "memory_limit_mb" else "--" + key.replace("_", "-")
-        load.add_argument(flag, dest=key, type=kind, metavar=key.upper() if key != "memory_limit_mb" else "MB")
+        setting = BY_NAME[key]
+        load.add_argument(flag, dest=key, type=kind, metavar=key.upper() if key != "memory_limit_mb" else "MB",
+                          help=f"{setting.help} ({setting_note(setting)})")
     unload = add("unload", "unload a model", cmd_unload)
     unload.add_argument("name")
     infer = add("infer", "send one inference request", cmd_infer, True)

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from lastmile.appliance.client.api import LastmileClient
+from lastmile.appliance.client.loadgen import Target
 from lastmile.models import vocabulary
 from lastmile.models.spec import V2_TO_NUMPY
 
@@ -84,11 +85,9 @@ def sample_request(metadata: dict[str, Any], rows: int = 1, seq: int = 16) -> tu
     return encode_request(inputs, types, binary=True)
 
 
-def target_for(client: LastmileClient) -> Any:
+def target_for(client: LastmileClient) -> Target:
     """Where the load goes: the client's Unix socket, or its ``http://host:port`` with its token."""
     from urllib.parse import urlsplit
-
-    from lastmile.appliance.client.loadgen import Target
 
     if client.socket_path is not None:
         return Target(unix=str(client.socket_path))
@@ -112,7 +111,7 @@ def default_grid(current: dict[str, Any], cores: int) -> dict[str, list[Any]]:
 
 
 class Tuner:
-    def __init__(self, client: LastmileClient, name: str, *, target: Any = None, latency_slo_ms: float | None = None,
+    def __init__(self, client: LastmileClient, name: str, *, target: Target | None = None, latency_slo_ms: float | None = None,
                  clients: int = 32, duration_s: float = 2.0, warmup_s: float = 0.3, grid: dict[str, list[Any]] | None = None,
                  progress: Progress | None = None) -> None:
         if latency_slo_ms is not None and latency_slo_ms <= 0:

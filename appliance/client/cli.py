@@ -20,6 +20,8 @@ from lastmile.appliance.client.api import ClientError, LastmileClient
 from lastmile.appliance.server.config import ConfigError, load_config
 from lastmile.models.vocabulary import BY_NAME, SETTINGS, Setting
 
+SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"  # what add_subparsers returns
+
 # One flag per setting of the vocabulary, parsed into its type; the daemon judges the value.
 LOAD_FLAGS: dict[str, type] = {s.name: s.python_type for s in SETTINGS}
 
@@ -245,7 +247,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------
 
 
-# --- memory (issue 4): `lastmile memory`, `lastmile memory set`, `lastmile load --dry-run` ------
+# --- memory: `lastmile memory`, `lastmile memory set`, `lastmile load --dry-run` ------
 
 MEMORY_SET_FLAGS = {
     "host_limit_mb": int, "host_limit_fraction": float, "device_limit_mb": int, "device_limit_fraction": float,
@@ -321,7 +323,7 @@ async def cmd_load_or_dry_run(client: LastmileClient, args: argparse.Namespace) 
     return 1
 
 
-def add_memory_commands(sub: Any, common: argparse.ArgumentParser, load: argparse.ArgumentParser) -> None:
+def add_memory_commands(sub: SubParsers, common: argparse.ArgumentParser, load: argparse.ArgumentParser) -> None:
     load.add_argument("--dry-run", action="store_true", help="only show the memory estimate and whether it fits now")
     load.set_defaults(func=cmd_load_or_dry_run)
     memory = sub.add_parser("memory", help="memory budgets and per-model usage", description="memory budgets and per-model usage", parents=[common])
@@ -385,7 +387,7 @@ async def cmd_tune(client: LastmileClient, args: argparse.Namespace) -> int:
     return 0 if result.best else 1
 
 
-def add_perf_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_perf_commands(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     bench = sub.add_parser("bench", add_help=False,
                            help="benchmark Lastmile against the in-process limit, a naive server and a peer (source checkout; --help for its flags)",
                            description="benchmark Lastmile against the in-process limit, a naive server and a peer")

@@ -137,3 +137,23 @@ def test_config_show_names_bounds_and_reload(tmp_path: Path) -> None:
     lines = {line.split(" = ")[0]: line for line in result.stdout.splitlines() if " = " in line}
     assert lines["max_batch_size"].endswith(f"# file {config}; an integer from 1 to 4096; tunable on a loaded model without a reload")
     assert lines["graph_fusion"].endswith(f"# file {config}; off, basic, extended, all; a change needs a reload")
+
+
+def test_openapi_settings_schema_is_the_vocabulary() -> None:
+    """The API document's Settings schema (what clients generate code from) says the same."""
+    import yaml
+
+    schema = yaml.safe_load((ROOT / "appliance" / "server" / "openapi.yaml").read_text())["components"]["schemas"]["Settings"]
+    assert list(schema["properties"]) == [s.name for s in vocabulary.SETTINGS]
+    assert set(schema["required"]) == {s.name for s in vocabulary.SETTINGS if not s.optional}
+    for setting in vocabulary.SETTINGS:
+        prop = schema["properties"][setting.name]
+        if setting.kind == "choice":
+            assert tuple(prop["enum"]) == setting.choices, setting.name
+        elif setting.kind in ("int", "float"):
+            assert prop["type"] == ("integer" if setting.kind == "int" else "number"), setting.name
+            assert (prop["minimum"], prop["maximum"]) == (setting.low, setting.high), setting.name
+            assert prop.get("nullable", False) == setting.optional, setting.name
+    live = ", ".join(vocabulary.LIVE_KEYS[:-1]) + " and " + vocabulary.LIVE_KEYS[-1]
+    assert f"{live} change live" in yaml.safe_load((ROOT / "appliance" / "server" / "openapi.yaml").read_text())[
+        "components"]["schemas"]["SettingsChange"]["description"]

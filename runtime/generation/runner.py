@@ -115,6 +115,29 @@ class GenerationStream:
         self._runner._streams.pop(self.key, None)
 
 
+class RefusedStream:
+    """A stream refused before it reached a runner: its first ``__anext__`` raises why, so
+    callers handle every refusal in one place."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self._exc: BaseException | None = exc
+
+    def __aiter__(self) -> "RefusedStream":
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        exc, self._exc = self._exc, None
+        if exc is None:
+            raise StopAsyncIteration
+        raise exc
+
+    def __await__(self):
+        return self.__anext__().__await__()
+
+    async def aclose(self) -> None:
+        self._exc = None
+
+
 class GenerationRunner(Runner):
     """A runner whose child serves generation streams (see :mod:`.serve`)."""
 

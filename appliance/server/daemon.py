@@ -9,13 +9,13 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
 from lastmile.appliance import __version__
 from lastmile.appliance.server.config import Config, ConfigError, load_config
-from lastmile.appliance.server.state import StateError, read_state_report, write_state
+from lastmile.appliance.server.statefile import StateError, read_state_report, write_state
 from lastmile.models.errors import FormatError
 from lastmile.models.signatures import Signature, SignatureReader
 from lastmile.models.store import ModelStore
@@ -119,7 +119,7 @@ class Daemon:
         self._state_retry = None
         self.save_state()
 
-    async def restore(self, notify_status: Any = None) -> None:
+    async def restore(self, notify_status: Callable[[str], None] | None = None) -> None:
         """Load what the state file lists. A model that fails is reported, not fatal."""
         path = self.config.store["state_file"]
         try:

@@ -53,6 +53,9 @@ class Manifest:
     description: str = ""
     from_manifest_file: bool = True
     missing: tuple[str, ...] = ()
+    # A Hugging Face folder's description (lastmile.models.hf.HfFolder): task, tokenizer,
+    # pooling, labels, and which file each came from. None for other formats.
+    hf: Any = None
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)

@@ -8,6 +8,7 @@ from aiohttp import web
 from lastmile.appliance.server.auth import requires_role
 from lastmile.appliance.server.http import ApiError, read_json
 from lastmile.appliance.server.routes_v2 import daemon_of
+from lastmile.appliance.server.textio import public_specs
 from lastmile.runtime.manager import BATCHER_KEYS
 
 routes = web.RouteTableDef()
@@ -30,6 +31,7 @@ async def models(request: web.Request) -> web.Response:
     store = []
     for entry in daemon.store.entries():
         manifest = entry.manifest
+        inputs, outputs = public_specs(manifest) if manifest else ((), ())
         store.append(
             {
                 "name": entry.name,
@@ -37,8 +39,10 @@ async def models(request: web.Request) -> web.Response:
                 "format": manifest.format if manifest else None,
                 "backend": manifest.backend if manifest else None,
                 "description": manifest.description if manifest else "",
-                "inputs": [t.as_v2() for t in manifest.inputs] if manifest else [],
-                "outputs": [t.as_v2() for t in manifest.outputs] if manifest else [],
+                "inputs": [t.as_v2() for t in inputs],
+                "outputs": [t.as_v2() for t in outputs],
+                # a Hugging Face folder: what was derived, from which file (lastmile.models.hf)
+                "text": manifest.hf.as_dict() if manifest and manifest.hf is not None else None,
                 "settings": manifest.settings if manifest else {},
                 "missing": list(manifest.missing) if manifest else [],
                 "error": entry.error,

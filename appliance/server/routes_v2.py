@@ -10,6 +10,7 @@ from aiohttp import web
 
 from lastmile.appliance.server.daemon import Daemon
 from lastmile.appliance.server.http import ApiError, read_json, to_api_error
+from lastmile.appliance.server.textio import is_text_model, public_specs, v2_text_infer
 from lastmile.appliance.v2codec import HEADER_LENGTH, decode_request, encode_response, split_body
 from lastmile.runtime.manager import LoadedModel
 
@@ -51,12 +52,13 @@ def _loaded(request: web.Request) -> LoadedModel:
 
 
 def model_metadata(model: LoadedModel) -> dict[str, Any]:
+    inputs, outputs = public_specs(model.manifest)  # a text model shows its derived text tensors
     return {
         "name": model.name,
         "versions": ["1"],
         "platform": f"{model.backend}_{model.manifest.format}",
-        "inputs": [t.as_v2() for t in model.manifest.inputs],
-        "outputs": [t.as_v2() for t in model.manifest.outputs],
+        "inputs": [t.as_v2() for t in inputs],
+        "outputs": [t.as_v2() for t in outputs],
     }
 
 
@@ -97,6 +99,8 @@ async def infer(request: web.Request) -> web.Response:
 
 async def _infer(request: web.Request, started: float) -> tuple[web.Response, str, Any]:
     model = _loaded(request)
+    if is_text_model(model.manifest):  # text in: lastmile.appliance.server.textio
+        return await v2_text_infer(request, daemon_of(request), model, started)
     if not model.manifest.inputs or not model.manifest.outputs:
         raise ApiError(422, f"model {model.name!r} has no input/output spec: {' '.join(model.manifest.missing)}")
     body = await request.read()

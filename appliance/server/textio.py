@@ -12,7 +12,6 @@ than that is a 400 with its token count unless the request asked to truncate.
 from __future__ import annotations
 
 import asyncio
-import json
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ from lastmile.models.hf import HfFolder, api_inputs, api_outputs
 from lastmile.models.spec import Manifest, TensorSpec
 
 __all__ = ["is_text_model", "public_specs", "TextBatch", "texts_to_wire", "ids_to_wire", "run_text",
-           "decode_v2_text", "encode_v2_text", "MAX_INPUTS"]
+           "decode_v2_text", "text_infer", "MAX_INPUTS"]
 
 HIDDEN_FLAG = "output_hidden"  # see lastmile.runtime.backends.text
 MAX_INPUTS = 2048  # texts per request (OpenAI's own limit for /v1/embeddings)
@@ -338,60 +337,24 @@ def api_results(hf: HfFolder, batch: TextBatch, outputs: dict[str, np.ndarray]) 
     return result
 
 
-def encode_v2_text(model_name: str, request_id: Any, hf: HfFolder, results: dict[str, Any], requested: list[str] | None,
-                   binary_out: set[str], extra: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
-    """The V2 response: numeric outputs as usual, ``label`` as BYTES (JSON strings, or the
-    length-prefixed binary layout when asked for binary)."""
-    specs = {s.name: s for s in api_outputs(hf)}
-    names = requested or [n for n in specs if n in results]
-    tensors, chunks = [], []
-    for name in names:
-        value = results[name]
-        datatype = specs[name].datatype
-        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(value.shape)}
-        if name in binary_out:
-            if datatype == "BYTES":
-                raw = b"".join(struct.pack("<I", len(b)) + b for b in (str(s).encode() for s in value.reshape(-1)))
-            else:
-                raw = np.ascontiguousarray(value).tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            entry["data"] = [str(s) for s in value.reshape(-1)] if datatype == "BYTES" else value.reshape(-1).tolist()
-        tensors.append(entry)
-    body: dict[str, Any] = {"model_name": model_name, "model_version": "1", "outputs": tensors}
-    if request_id is not None:
-        body["id"] = request_id
-    if extra:
-        body["parameters"] = extra
-    text = json.dumps(body, separators=(",", ":")).encode()
-    if not chunks:
-        return text, {"Content-Type": "application/json"}
-    return b"".join([text, *chunks]), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(text))}
+async def text_infer(manager: Any, model: Any, header: dict[str, Any], binary: memoryview) -> tuple[Any, dict[str, Any], tuple[TensorSpec, ...], Any]:
+    """A V2 infer request for a text model, decoded, run and turned into the caller's outputs:
+    ``(InferRequest, outputs, output specs, batch info)`` for the V2 route's encoder. ``label``
+    (BYTES) always travels as JSON strings, even when binary outputs were asked for: the
+    protocol lets the server choose per output, and the encoder's binary path is numeric."""
+    from lastmile.appliance.v2codec import InferRequest
 
-
-async def v2_text_infer(request: Any, daemon: Any, model: Any, started: float) -> tuple[Any, str, Any]:
-    """``POST /v2/models/{name}/infer`` for a text model (the V2 route hands over here)."""
-    import time
-
-    from aiohttp import web
-
-    from lastmile.appliance.v2codec import split_body
-
-    body = await request.read()
-    header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("id must be a string", "id")
     batch, requested, binary_out = decode_v2_text(header, binary, model.manifest)
     hf = model.manifest.hf
-    outputs, info = await run_text(daemon.manager, model.name, hf, batch, model.settings.max_batch_size,
+    outputs, info = await run_text(manager, model.name, hf, batch, model.settings.max_batch_size,
                                    "parameters.truncate = true")
     results = api_results(hf, batch, outputs)
-    extra = {
-        "batch_id": info.batch_id, "batch_size": info.batch_size,
-        "queue_ms": round(info.queue_s * 1000, 3), "compute_ms": round(info.compute_s * 1000, 3),
-        "total_ms": round((time.perf_counter() - started) * 1000, 3),
-    }
-    payload, headers = encode_v2_text(model.name, request_id, hf, results, requested, binary_out, extra)
-    return web.Response(body=payload, headers=headers), model.name, info
+    specs = api_outputs(hf)
+    bytes_outputs = {s.name for s in specs if s.datatype == "BYTES"}
+    names = requested or [s.name for s in specs if s.name in results]
+    params = header.get("parameters") or {}
+    request = InferRequest(request_id, {}, params, names, set(binary_out) - bytes_outputs)
+    return request, {n: results[n] for n in names}, specs, info

@@ -49,8 +49,13 @@ def openai_errors(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
-        except web.HTTPException:
-            raise
+        except web.HTTPException as exc:  # e.g. 413 from reading a body past server.max_body_mb
+            if exc.status < 400:
+                raise
+            if exc.status == 413:
+                limit = request.app["config"].server["max_body_mb"]
+                return openai_error(413, f"request body too large (limit {limit} MB)")
+            return openai_error(exc.status, exc.reason)
         except Exception as exc:  # noqa: BLE001 - mapped like the error middleware does
             api = to_api_error(exc)
             if api is None:

@@ -37,6 +37,10 @@ def text_store(encoder_folder: Path, classifier_folder: Path, tmp_path_factory: 
     store = tmp_path_factory.mktemp("textstore")
     shutil.copytree(encoder_folder, store / "enc")
     shutil.copytree(classifier_folder, store / "clf")
+    from lastmile.appliance.client.cli import main
+
+    # the operator's way to an ONNX Runtime copy: lastmile models import enc --to onnx
+    assert main(["models", "import", "enc", "--to", "onnx", "--store", str(store)]) == 0
     return store
 
 
@@ -49,7 +53,7 @@ def served(text_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     port = free_port()
     daemon = start_daemon(home, text_store, server_extra=f'tcp_port = {port}\ntoken_file = "{token}"')
     with _client(daemon) as http:
-        for name in ("enc", "clf"):
+        for name in ("enc", "clf", "enc-onnx"):
             r = http.post(f"/v2/repository/models/{name}/load", json={"parameters": {"max_batch_size": 8}}, timeout=120)
             assert r.status_code == 200, r.text
     yield daemon, port
@@ -264,3 +268,29 @@ def test_derived_spec_survives_a_restart(served: tuple[DaemonProc, int], text_st
             assert r.status_code == 200
     finally:
         again.stop()
+
+
+def test_onnx_export_serves_the_same_embeddings(served: tuple[DaemonProc, int], encoder_folder: Path) -> None:
+    daemon, _ = served
+    expected = reference(encoder_folder, TEXTS)
+    with _client(daemon) as http:
+        meta = http.get("/v2/models/enc-onnx").json()
+        assert meta["platform"] == "onnxruntime_onnx" and meta["inputs"][0]["datatype"] == "BYTES"
+        r = http.post("/v1/embeddings", json={"model": "enc-onnx", "input": TEXTS, "encoding_format": "float"})
+        assert r.status_code == 200, r.text
+    np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]], expected, atol=1e-4)
+
+
+def test_cli_infer_text_and_models_derivation(served: tuple[DaemonProc, int], capsys: pytest.CaptureFixture) -> None:
+    from lastmile.appliance.client.cli import main
+
+    daemon, _ = served
+    assert main(["infer", "enc", "--text", "hello", "--text", "the fox", "--socket", str(daemon.socket)]) == 0
+    out = capsys.readouterr().out
+    assert "embeddings: shape [2, 32] FP32" in out and "|v| = 1.0000" in out
+    assert main(["infer", "clf", "--text", "I love this product", "--socket", str(daemon.socket)]) == 0
+    out = capsys.readouterr().out
+    assert ("positive" in out or "negative" in out) and "scores" in out
+    assert main(["models", "--socket", str(daemon.socket)]) == 0
+    out = capsys.readouterr().out
+    assert "enc: BertModel -> feature-extraction" in out and "(from 1_Pooling/config.json)" in out

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from lastmile.models.spec import Manifest
 from lastmile.models.store import ModelStore
 from lastmile.runtime.backends import resolve_backend
 from lastmile.runtime.batcher import Batcher
-from lastmile.runtime.errors import BatchTooLarge, InferenceError, LoadError, ModelUnavailable
+from lastmile.runtime.errors import BatchTooLarge, InferenceError, LoadError, ModelUnavailable, describe_exit
 from lastmile.runtime.events import EventLog
 from lastmile.runtime.memory import POOL_IDLE_SHARE, MemoryGovernor, MemoryPressure, ModelMemory
 from lastmile.runtime.runner import PIPELINE_DEPTH, Runner
@@ -34,16 +33,6 @@ logger = logging.getLogger("lastmile.manager")
 PhaseCallback = Callable[[str, dict[str, Any]], None]
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 BATCHER_KEYS = ("max_batch_size", "max_delay_ms", "max_queue", "timeout_s")
-
-
-def describe_exit(code: int | None) -> str:
-    """``SIGKILL`` for -9 (the OOM killer's signature), ``exit code N`` otherwise."""
-    if code is not None and code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            pass
-    return f"exit code {code}"
 
 
 class ModelNotLoaded(KeyError):

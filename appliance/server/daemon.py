@@ -109,7 +109,7 @@ class Daemon:
         self.store.ensure()
         if self.store.names():
             return []
-        from lastmile.runtime.runner import call_in_forkserver
+        from lastmile.runtime.forkserver import call_in_forkserver
 
         self.status = "building demo models"
         built = call_in_forkserver("lastmile.models.demo", "build_demo", self.config.store["models_dir"])
@@ -119,7 +119,7 @@ class Daemon:
     async def system_facts(self) -> dict[str, Any]:
         """Host facts, computed once in a forkserver child: the daemon stays free of torch."""
         if self._system is None:
-            from lastmile.runtime.runner import call_in_forkserver
+            from lastmile.runtime.forkserver import call_in_forkserver
 
             self._system = await asyncio.get_running_loop().run_in_executor(None, call_in_forkserver, "lastmile.runtime.accelerators", "detect")
         memory = psutil.virtual_memory()  # the one fact that changes: read it fresh

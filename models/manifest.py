@@ -191,13 +191,20 @@ def _from_table(model_dir: Path, file: Path, name: str, data: Mapping[str, Any],
 def _hf_parts(file: Path, fmt: str, artifact: Path, trust_pickle: bool, data: Mapping[str, Any]) -> tuple[Any, Any]:
     """A Hugging Face folder's description (``[text]`` overriding what its files say) and its
     derived signature; ``(None, None)`` for other formats. See :mod:`lastmile.models.hf`."""
-    if fmt != "hf":
-        if "text" in data:
-            raise ManifestError(file, "text", f"[text] describes Hugging Face folders; this model's format is {fmt}")
-        return None, None
     table = data.get("text", {})
     if not isinstance(table, dict):
         raise ManifestError(file, "text", f"must be a table ([text]), got {type(table).__name__}")
+    if fmt == "onnx":  # an ONNX export next to its source's config.json + tokenizer.json takes text too
+        from lastmile.models.hf import onnx_text_parts
+
+        parts = onnx_text_parts(file.parent, artifact, table)
+        if parts is not None:
+            return parts[0], parts[1:]
+    if fmt != "hf":
+        if "text" in data:
+            raise ManifestError(file, "text", f"[text] describes Hugging Face folders (and their ONNX exports, with "
+                                f"config.json and tokenizer.json); this model's format is {fmt}")
+        return None, None
     from lastmile.models.hf import manifest_parts
 
     hf, inputs, outputs, notes = manifest_parts(artifact, trust_pickle=trust_pickle, overrides=table)
@@ -323,10 +330,13 @@ def _inferred(model_dir: Path, name: str, read_signature: Callable[[str, Path], 
             f"{artifact.name} looks like a pickled torch file; " + PICKLE_REFUSAL.format(file=model_dir / MANIFEST_FILE),
         )
     hf = None
-    if fmt == "hf":  # task, tokenizer and tensors from the folder's JSON (lastmile.models.hf)
-        from lastmile.models.hf import manifest_parts
+    from lastmile.models.hf import manifest_parts, onnx_text_parts
 
+    text_onnx = onnx_text_parts(model_dir, artifact) if fmt == "onnx" else None
+    if fmt == "hf":  # task, tokenizer and tensors from the folder's JSON (lastmile.models.hf)
         hf, inputs, outputs, missing = manifest_parts(artifact)
+    elif text_onnx is not None:
+        hf, inputs, outputs, missing = text_onnx
     else:
         try:
             inputs, outputs, missing = read_signature(fmt, artifact)

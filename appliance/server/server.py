@@ -31,8 +31,9 @@ from lastmile.appliance.server.metrics import setup_metrics
 from lastmile.appliance.server.routes_memory import routes as memory_routes
 from lastmile.appliance.server.routes_monitor import routes as monitor_routes
 from lastmile.appliance.server.routes_control import routes as v1_routes
+from lastmile.appliance.server.routes_openai import routes as openai_routes
 from lastmile.appliance.server.routes_v2 import routes as v2_routes
-from lastmile.runtime.runner import warm_up
+from lastmile.runtime.forkserver import warm_up
 from lastmile.runtime.shm import cleanup_stale
 
 logger = logging.getLogger("lastmile.server")
@@ -67,6 +68,7 @@ def build_app(daemon: Daemon) -> web.Application:
     app.add_routes(v1_routes)
     app.add_routes(monitor_routes)
     app.add_routes(memory_routes)
+    app.add_routes(openai_routes)
     setup_metrics(app, daemon)
     return app
 

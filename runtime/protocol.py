@@ -233,8 +233,60 @@ class Cancelled(_Wire):
     sent: int = 0
 
 
-ToRunner = Union[Run, OutBuffer, MemoryQuery, Shrink, Stream, Credit, Cancel, Stop]
-ToDaemon = Union[Phase, Ready, LoadFailed, Need, Chunk, Done, Failed, Cancelled]
+# --- generation: one runner's engine loop serves many sequences at once ------------------------
+# A sequence is a request (``seq``) like any other: :class:`Generate` opens it, :class:`Cancel`
+# ends it early; the runner answers :class:`Accepted` (or the terminal :class:`Refused`) and
+# then sends every engine iteration's chunks of all running sequences in ONE :class:`Tokens`
+# message (the last chunk of a sequence carries its finish reason, which ends it). Why not a
+# :class:`Stream` per sequence: continuous batching advances every sequence in the same step, so
+# one message per step costs one pipe write instead of one per running sequence.
+
+
+@_message(40)
+class Generate(_Wire):
+    """daemon -> runner: start generating for ``request`` (a ``GenerationRequest``)."""
+
+    seq: int
+    request: Any
+
+
+@_message(41)
+class Accepted(_Wire):
+    """runner -> daemon: sequence ``seq`` is admitted (queued or running); its prompt's tokens."""
+
+    seq: int
+    prompt_tokens: int
+
+
+@_message(42)
+class Refused(_Wire):
+    """runner -> daemon, terminal: ``seq`` was refused before its first token. ``kind`` and
+    ``args`` rebuild the exception on the daemon's side (not every exception pickles)."""
+
+    seq: int
+    kind: str
+    args: tuple
+
+
+@_message(43, frozen=False)
+class Tokens(_Wire):
+    """runner -> daemon: one engine iteration's ``(seq, GenerationChunk)`` pairs (``seq`` of
+    the message itself is ``NO_SEQ``)."""
+
+    seq: int
+    chunks: list
+
+
+@_message(44)
+class EngineStats(_Wire):
+    """runner -> daemon: the engine's gauges and counters (slots, KV, tokens, latencies)."""
+
+    seq: int
+    data: dict
+
+
+ToRunner = Union[Run, OutBuffer, MemoryQuery, Shrink, Stream, Credit, Cancel, Stop, Generate]
+ToDaemon = Union[Phase, Ready, LoadFailed, Need, Chunk, Done, Failed, Cancelled, Accepted, Refused, Tokens, EngineStats]
 Message = Union[ToRunner, ToDaemon]
 TERMINAL = (Done, Failed, Cancelled)
 

@@ -69,6 +69,7 @@ from lastmile.runtime.protocol import (
     Shrink,
     Stop,
     Stream,
+    ToDaemon,
     ToRunner,
     decode,
     encode,
@@ -242,6 +243,10 @@ class RunnerStream:
 class Runner:
     """One model instance in its own process. All methods run on one asyncio loop."""
 
+    #: The child's entry point (``runner_main.main``'s arguments); a subclass whose child
+    #: serves other messages (generation: :mod:`lastmile.runtime.generation.serve`) names its own.
+    child_target: Callable[..., None] = staticmethod(runner_main.main)
+
     def __init__(self, manifest: Manifest, settings: ModelSettings, *, pool: BufferPool, instance: int = 0,
                  max_streams: int = MAX_STREAMS, backend_factory: BackendFactory | None = None) -> None:
         self.manifest = manifest
@@ -321,7 +326,7 @@ class Runner:
         child_rx, parent_tx = ctx.Pipe(duplex=False)
         parent_rx, child_tx = ctx.Pipe(duplex=False)
         proc = RunnerProcess(
-            target=runner_main.main,
+            target=self.child_target,
             args=(child_rx, child_tx, self.manifest, self.settings, self.name, self._factory),
             name=f"lastmile-runner:{self.name}#{self.instance}",
             daemon=True,
@@ -633,6 +638,10 @@ class Runner:
             # The child closed its end (exiting): the sentinel tells how it ended.
             self._stop_reading()
             return
+        self._dispatch(msg)
+
+    def _dispatch(self, msg: ToDaemon) -> None:
+        """One message from the child (a subclass handles its own kinds, then calls this)."""
         kind = type(msg)
         if kind is Done or kind is Failed:
             call = self._calls.pop(msg.seq, None)

@@ -1,0 +1,172 @@
+"""The generation runner child: loads one causal LM and serves streams over the runner pipes.
+
+Started by :class:`lastmile.runtime.generation.runner.GenerationRunner` from the same
+forkserver as tensor runners. One loop does everything (no threads): while sequences run, it
+takes every waiting message without blocking, runs one engine iteration and sends the chunks
+of that iteration in one message; when idle it blocks on the pipe.
+
+Messages (:mod:`lastmile.runtime.protocol`):
+
+daemon -> child
+    :class:`Generate`, :class:`Cancel`, :class:`MemoryQuery`, :class:`Shrink`, :class:`Stop`
+child -> daemon
+    :class:`Phase`, :class:`Ready`, :class:`LoadFailed` (start-up); :class:`Accepted` or
+    :class:`Refused` per sequence, :class:`Tokens` per engine iteration, :class:`EngineStats`;
+    :class:`Done` answers a memory query or a shrink
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+from lastmile.runtime.protocol import (NO_SEQ, Accepted, Cancel, Done, EngineStats, Generate, LoadFailed, MemoryQuery, Phase,
+                                       Ready, Refused, Shrink, Stop, ToDaemon, ToRunner, Tokens, decode, encode)
+
+STATS_EVERY_S = 0.25
+
+
+def load(folder: str, gs: Any) -> tuple[Any, Any]:
+    """(engine, tokenizer) for an HF causal-LM folder with the given GenerationSettings."""
+    from transformers import AutoTokenizer
+
+    from lastmile.runtime.backends.threads import resolve_threads
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    threads = resolve_threads(gs.threads)
+    if gs.engine == "deepspeed":
+        from lastmile.runtime.generation.torch_engine import TorchEngine
+
+        engine = TorchEngine(folder, max_num_seqs=gs.max_num_seqs, max_context=gs.max_context,
+                             dtype=gs.dtype if gs.dtype in ("fp32", "bf16") else "fp32", device=gs.device,
+                             prefill_chunk=gs.prefill_chunk, threads=threads)
+    elif gs.engine == "ort-genai":
+        from lastmile.runtime.generation.ort_engine import OrtGenAIEngine
+
+        engine = OrtGenAIEngine.from_hf_folder(folder, precision=gs.precision, max_num_seqs=gs.max_num_seqs,
+                                               max_context=gs.max_context, threads=threads)
+    else:
+        raise ValueError(f"engine {gs.engine!r} unknown; known: deepspeed, ort-genai")
+    return engine, tokenizer
+
+
+def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str, factory: Any = None) -> None:
+    """Process entry point (``multiprocessing`` target), same signature as the tensor runner's
+    (``factory``, the tensor runner's backend factory, has no meaning here)."""
+    from lastmile.runtime import runner_main
+    from lastmile.runtime.generation.config import GenerationSettings, causal_lm_config
+    from lastmile.runtime.generation.scheduler import GenerationScheduler
+    from lastmile.runtime.generation.types import GenerationRequest, SamplingParams
+
+    runner_main._setup_process(label)
+    gc.freeze()
+    def send(msg: ToDaemon) -> None:
+        tx.send_bytes(encode(msg))
+
+    send(Phase(NO_SEQ, "loading", {"pid": os.getpid()}))
+    started = time.perf_counter()
+    try:
+        folder = str(manifest.artifact)
+        cfg = causal_lm_config(manifest.artifact) or {}
+        gs = GenerationSettings.from_settings(settings, cfg.get("max_position_embeddings"))
+        engine, tokenizer = load(folder, gs)
+        sched = GenerationScheduler(engine, tokenizer, max_queue=gs.max_queue)
+        load_s = time.perf_counter() - started
+        send(Phase(NO_SEQ, "warming", {"load_s": round(load_s, 4)}))
+        t0 = time.perf_counter()
+        sched.submit("warmup", GenerationRequest(SamplingParams(max_tokens=2, temperature=0.0),
+                                                 prompt_token_ids=(0,) * 4))
+        while sched.has_work():
+            sched.step()
+        sched.requests_total = sched.prompt_tokens_total = sched.generated_tokens_total = 0
+        sched.ttft_s.clear()
+        sched.itl_s.clear()
+        warmup_s = time.perf_counter() - t0
+    except BaseException as exc:  # noqa: BLE001 - everything becomes the load error text
+        traceback.print_exc(file=sys.stderr)
+        send(LoadFailed(NO_SEQ, runner_main.describe_error(exc)))
+        tx.close()
+        return
+    info = {"generation": True, **engine.info(), "load_s": round(load_s, 4), "warmup_s": round(warmup_s, 4),
+            "device": gs.device}
+    send(Ready(NO_SEQ, info))
+    try:
+        serve(rx, tx, sched)
+    finally:
+        engine.close()
+
+
+def _rejection(exc: BaseException) -> tuple[str, tuple]:
+    """What crosses the pipe for a refused request (exceptions with custom __init__ do not
+    all pickle; these tuples rebuild them on the daemon side)."""
+    from lastmile.runtime.errors import QueueFull
+    from lastmile.runtime.generation.types import ContextOverflow, InvalidSamplingParams
+
+    if isinstance(exc, ContextOverflow):
+        return "context_overflow", (exc.prompt_tokens, exc.max_tokens, exc.max_context, exc.field)
+    if isinstance(exc, QueueFull):
+        return "queue_full", (exc.depth, exc.max_queue, exc.retry_after_s)
+    if isinstance(exc, InvalidSamplingParams):
+        return "invalid", (getattr(exc, "field", ""), str(exc))
+    return "error", (f"{type(exc).__name__}: {exc}",)
+
+
+def serve(rx: Any, tx: Any, sched: Any) -> None:
+    """Until ``stop`` or EOF: take messages, step, send chunks."""
+    from lastmile.runtime.runner_main import _malloc_trim
+
+    send_bytes = tx.send_bytes
+
+    def send(msg: ToDaemon) -> None:
+        send_bytes(encode(msg))
+
+    last_stats = 0.0
+    was_busy = False
+
+    def handle(msg: ToRunner) -> bool:
+        kind = type(msg)
+        if kind is Generate:
+            try:
+                n = sched.submit(msg.seq, msg.request)
+            except Exception as exc:  # noqa: BLE001 - refused before queueing: the client's answer
+                send(Refused(msg.seq, *_rejection(exc)))
+            else:
+                send(Accepted(msg.seq, n))
+        elif kind is Cancel:
+            sched.cancel(msg.seq)
+        elif kind is MemoryQuery:
+            send(Done(msg.seq, {"generation": sched.stats()}))
+        elif kind is Shrink:
+            gc.collect()
+            _malloc_trim()
+            send(Done(msg.seq, None))
+        elif kind is Stop:
+            return False
+        else:
+            send(Done(msg.seq, None))
+        return True
+
+    while True:
+        try:
+            if sched.has_work():
+                while rx.poll(0):
+                    if not handle(decode(rx.recv_bytes())):
+                        return
+            elif not handle(decode(rx.recv_bytes())):
+                return
+        except (EOFError, OSError):
+            return
+        chunks = sched.step() if sched.has_work() else []
+        if chunks:
+            send(Tokens(NO_SEQ, chunks))
+        busy = sched.has_work()
+        now = time.monotonic()
+        if busy != was_busy or now - last_stats >= STATS_EVERY_S:
+            send(EngineStats(NO_SEQ, sched.stats()))
+            last_stats, was_busy = now, busy
+            if not busy:
+                _malloc_trim()  # the freed KV goes back to the OS, not just to malloc

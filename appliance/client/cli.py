@@ -147,6 +147,11 @@ async def cmd_models(client: LastmileClient, args: argparse.Namespace) -> int:
         m = loaded.get(entry["name"])
         rows.append([entry["name"], entry["format"], m["backend"] if m else entry["backend"], m["state"] if m else "-", m["device"] if m else "-", entry["error"] or "; ".join(entry["missing"]) or ""])
     print(_table(rows, ["MODEL", "FORMAT", "BACKEND", "STATE", "DEVICE", "NOTE"]))
+    from lastmile.appliance.client.text_cli import format_derived
+
+    derived = format_derived(data["store"])  # Hugging Face folders: what was derived, from which file
+    if derived:
+        print("\n" + derived)
     return 0
 
 
@@ -179,7 +184,19 @@ def _random_input(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
     return rng.standard_normal(size=shape).astype(dtype)
 
 
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from lastmile.appliance.client.text_cli import cmd_models_import as run_import
+
+    return run_import(args, Path(args.store) if args.store else load_config(args.config).store["models_dir"])
+
+
 async def cmd_infer(client: LastmileClient, args: argparse.Namespace) -> int:
+    if args.text:  # texts in: lastmile.appliance.client.text_cli
+        from lastmile.appliance.client.text_cli import format_text_result, infer_text
+
+        response = await infer_text(client, args.name, args.text, truncate=args.truncate)
+        _print_json(response) if args.json else print(format_text_result(args.text, response))
+        return 0
     meta = await client.metadata(args.name)
     specs = {t["name"]: t for t in meta["inputs"]}
     inputs: dict[str, np.ndarray] = {}
@@ -435,11 +452,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", "daemon status and loaded models", cmd_status, True)
     add("system", "host facts: CPU, RAM, accelerators, versions", cmd_system, True)
     models = add("models", "the store and what is loaded", cmd_models, True)
-    models_sub = models.add_subparsers(dest="models_command", metavar="build-demo")
+    models_sub = models.add_subparsers(dest="models_command", metavar="build-demo | import")
     demo = models_sub.add_parser("build-demo", help="build the bundled demo models into the store", parents=[common])
     demo.add_argument("--store", help="store directory (default: store.models_dir)")
     demo.add_argument("--force", action="store_true", help="rebuild models that exist")
     demo.set_defaults(func=cmd_build_demo)
+    imp = models_sub.add_parser("import", help="export a Hugging Face text model of the store to ONNX (NAME-onnx)", parents=[common])
+    imp.add_argument("name")
+    imp.add_argument("--to", choices=["onnx"], required=True)
+    imp.add_argument("--target", help="name of the new model folder (default NAME-onnx)")
+    imp.add_argument("--store", help="store directory (default: store.models_dir)")
+    imp.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer fusions")
+    imp.add_argument("--force", action="store_true", help="replace the target folder")
+    imp.add_argument("--json", action="store_true")
+    imp.set_defaults(func=cmd_models_import)
     load = add("load", "load a model from the store", cmd_load, True)
     load.add_argument("name")
     for key, kind in LOAD_FLAGS.items():
@@ -454,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--input", action="append", metavar="NAME=FILE.npy")
     infer.add_argument("--random", action="store_true", help="random data for inputs not given")
     infer.add_argument("--seed", type=int, default=0)
+    infer.add_argument("--text", action="append", metavar="TEXT", help="a text for a text model (repeat for a batch)")
+    infer.add_argument("--truncate", action="store_true", help="cut texts longer than the model's max length")
     events = add("events", "the daemon's event log", cmd_events)
     events.add_argument("--follow", "-f", action="store_true")
     demo_cmd = add("demo", "start the daemon if needed, load the demo models on both backends, send requests, open the TUI", cmd_demo)
@@ -465,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LOCAL_COMMANDS = (cmd_serve, cmd_config_show, cmd_build_demo, cmd_tui, cmd_bench, cmd_demo)
+LOCAL_COMMANDS = (cmd_serve, cmd_config_show, cmd_build_demo, cmd_models_import, cmd_tui, cmd_bench, cmd_demo)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,7 @@ class BatchInfo:
     queue_s: float
     compute_s: float
     requests: int = 1
+    input_s: float = 0.0  # of compute_s: copying the batch's inputs into its buffer (Triton's compute_input)
 
 
 class _Request:
@@ -479,6 +480,7 @@ class Batcher:
             started = loop.time()
             try:
                 inputs, buf = self._concat(live, rows)
+                input_s = loop.time() - started
                 outputs = await self._run_batch(inputs)
                 del inputs
                 _check_outputs(outputs, rows)
@@ -508,7 +510,7 @@ class Batcher:
                 if not r.fut.done():
                     end = offset + r.rows
                     part = {name: arr[offset:end] for name, arr in outputs.items()}
-                    r.fut.set_result((part, BatchInfo(batch_id, rows, started - r.enqueued, compute_s, n)))
+                    r.fut.set_result((part, BatchInfo(batch_id, rows, started - r.enqueued, compute_s, n, input_s)))
                 offset += r.rows
         finally:
             if buf is not None and self.pool is not None:

@@ -25,6 +25,7 @@ from lastmile.runtime.backends import resolve_backend
 from lastmile.runtime.batcher import Batcher
 from lastmile.runtime.errors import BatchTooLarge, InferenceError, LoadError, ModelUnavailable
 from lastmile.runtime.events import EventLog
+from lastmile.runtime.inference_stats import InferenceCounters
 from lastmile.runtime.memory import POOL_IDLE_SHARE, MemoryGovernor, MemoryPressure, ModelMemory
 from lastmile.runtime.runner import PIPELINE_DEPTH, Runner
 from lastmile.runtime.shm import BufferPool, PoolFull
@@ -75,6 +76,7 @@ class LoadedModel:
     restart_task: asyncio.Task | None = None
     memory: ModelMemory = field(default_factory=ModelMemory)
     requested: ModelSettings | None = None  # the settings asked for (plan = "auto" may change them)
+    counters: InferenceCounters = field(default_factory=InferenceCounters)  # Triton statistics, last error
 
     def describe(self) -> dict[str, Any]:
         """The row ``GET /lm/v1/models`` shows for this model."""
@@ -102,6 +104,7 @@ class LoadedModel:
             "restarts": self.restarts,
             "requests": self.requests,
             "failures": self.failures,
+            "last_error": self.counters.last_error,
             "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
             "queue_depth": stats.get("queue_depth", 0),
             "batcher": stats,
@@ -323,6 +326,19 @@ class ModelManager:
         model.requests += 1
         started = time.perf_counter()
         try:
+            outputs, info = await self._submit(model, name, inputs)
+        except BaseException as exc:
+            model.counters.failed(exc, time.perf_counter() - started)
+            raise
+        total_s = time.perf_counter() - started
+        first = next(iter(inputs.values()), None)
+        model.counters.succeeded(int(first.shape[0]) if getattr(first, "ndim", 0) else 1, total_s, info)
+        model.latencies_s.append(total_s)
+        return outputs, info
+
+    async def _submit(self, model: LoadedModel, name: str, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Any]:
+        """The batcher call with the failure bookkeeping of each kind of error."""
+        try:
             outputs, info = await model.batcher.submit(inputs)
         except BatchTooLarge as exc:
             model.failures += 1
@@ -350,7 +366,6 @@ class ModelManager:
         except BaseException:
             model.failures += 1
             raise
-        model.latencies_s.append(time.perf_counter() - started)
         return outputs, info
 
     async def _run_batch(self, model: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

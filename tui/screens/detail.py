@@ -114,8 +114,11 @@ class ModelDetailScreen(LastmileScreen):
     # --- drawing --------------------------------------------------------------------------
 
     def refresh_from(self, state: MonitorState) -> None:
+        found = self.query("#detail-head")
+        if not found:  # a late answer for a view being composed or already closed
+            return
         row = state.model(self.model_name)
-        head = self.query_one("#detail-head", Static)
+        head = found.first(Static)
         if row is None:
             head.update(Text(f"{self.model_name} is not loaded (any more). Escape goes back.", style="bold yellow"))
             return

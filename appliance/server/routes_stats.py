@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from lastmile.appliance.server.routes_v2 import _loaded, daemon_of
+from lastmile.appliance.server.dataplane import dataplane_of
+from lastmile.appliance.server.routes_v2 import daemon_of
 
 routes = web.RouteTableDef()
 
@@ -25,5 +26,5 @@ async def all_stats(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{name}/stats")
 @routes.get("/v2/models/{name}/versions/{version}/stats")
 async def model_stats(request: web.Request) -> web.Response:
-    model = _loaded(request)
+    model = dataplane_of(request).model(request.match_info["name"], request.match_info.get("version"))
     return web.json_response({"model_stats": [model.counters.triton(model.name)]})

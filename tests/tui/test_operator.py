@@ -189,5 +189,5 @@ def test_busiest_model_leads_the_charts_and_sources_are_named() -> None:
     assert state.busiest() == "b"
     rows = dict((k, src) for k, _, src in setting_sources({"max_batch_size": 4, "dtype": "fp32", "threads": 1},
                                                           {"threads": 1}, {"max_batch_size": 4}))
-    assert rows == {"max_batch_size": "manifest", "dtype": "defaults", "threads": "load request / tune"}
+    assert rows == {"max_batch_size": "manifest", "dtype": "defaults", "threads": "load/tune"}
 

@@ -30,13 +30,13 @@ from lastmile.tui.widgets.models_table import STATE_STYLE
 
 
 def setting_sources(settings: dict[str, Any], overrides: dict[str, Any], manifest: dict[str, Any] | None) -> list[tuple[str, Any, str]]:
-    """``(key, value, source)`` for each effective setting: ``load request`` when the load (or
-    a later tune) set it, ``manifest`` when the model's ``[settings]`` did, else ``defaults``
+    """``(key, value, source)`` for each effective setting: ``load/tune`` when the load request
+    (or a later tune) set it, ``manifest`` when the model's ``[settings]`` did, else ``defaults``
     (the config's ``[defaults]`` or the built-in value). The same layering as the daemon's."""
     rows = []
     for key, value in settings.items():
         if key in overrides:
-            source = "load request / tune"
+            source = "load/tune"
         elif manifest is not None and key in manifest:
             source = "manifest"
         elif manifest is None:
@@ -184,9 +184,9 @@ class ModelDetailScreen(LastmileScreen):
 
     def _settings(self, row: dict[str, Any]) -> None:
         table = Table(box=None, pad_edge=False, show_edge=False)
-        table.add_column("setting", no_wrap=True, min_width=14)
-        table.add_column("value", overflow="fold")
-        table.add_column("from", style="dim")
+        table.add_column("setting", no_wrap=True)
+        table.add_column("value", no_wrap=True)
+        table.add_column("from", style="dim", no_wrap=True)
         for key, value, source in setting_sources(row.get("settings") or {}, row.get("overrides") or {}, self.manifest_settings):
             table.add_row(key, "-" if value is None else str(value), source)
         self.query_one("#detail-settings", Static).update(table)

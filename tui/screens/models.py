@@ -55,7 +55,7 @@ class ModelsScreen(LastmileScreen):
     """
 
     def compose_body(self) -> ComposeResult:
-        with VerticalScroll(id="models-body"):
+        with VerticalScroll(id="models-body", can_focus=False):  # Tab goes to the store table, not the scroller
             with Horizontal(id="models-tables"):
                 with Vertical(classes="half"):
                     yield Label("Store: what can be loaded", classes="section")

@@ -191,3 +191,26 @@ def test_busiest_model_leads_the_charts_and_sources_are_named() -> None:
                                                           {"threads": 1}, {"max_batch_size": 4}))
     assert rows == {"max_batch_size": "manifest", "dtype": "defaults", "threads": "load/tune"}
 
+
+
+async def test_tune_result_shows_under_the_picker_at_140x45(tui_daemon: DaemonProc) -> None:
+    """17.5: the outcome of a change (and of an auto-tune run, same place) is in view at the
+    top of the form, not below the fold."""
+    async with LastmileClient(tui_daemon.socket) as client:
+        await _load_all(client)
+        app = LastmileApp(LastmileClient(tui_daemon.socket), rate_hz=5)
+        async with app.run_test(size=(140, 45)) as pilot:
+            step = lambda: pilot.pause(0.1)  # noqa: E731
+            await wait_until(lambda: app.state.model("demo-mlp-ts") is not None, step=step, what="the snapshot")
+            app.open_on("tune", "demo-mlp-ts")
+            await wait_until(lambda: composed(app, TuneScreen, "#tune-verdict") and app.screen.model_name == "demo-mlp-ts",
+                             step=step, what="the tune screen on demo-mlp-ts")
+            screen = app.screen
+            current = app.state.model("demo-mlp-ts")["settings"]["max_batch_size"]
+            await pilot.pause(0.5)
+            screen.query_one("#t-max_batch_size").value = str(current + 1)
+            await pilot.press("a")
+            verdict = screen.query_one("#tune-verdict")
+            await wait_until(lambda: "applied to demo-mlp-ts" in plain(verdict), step=step, what="the verdict")
+            assert verdict.region.bottom <= 45 and verdict.region.height > 0
+            assert (await client.model("demo-mlp-ts"))["settings"]["max_batch_size"] == current + 1

@@ -160,9 +160,6 @@ class ModelDetailScreen(LastmileScreen):
             text.append(f"estimate error {error * 100:+.0f}%  ", style="yellow" if abs(error) > 0.25 else "")
         if memory.get("peak_bytes") is not None:
             text.append(f"peak {fmt_bytes(memory.get('peak_bytes'))}  ")
-        for key, label in (("measured_bytes", "measured footprint"), ("measured_footprint_bytes", "measured footprint")):
-            if memory.get(key) is not None:
-                text.append(f"{label} {fmt_bytes(memory[key])}  ")
         if memory.get("ladder_step") not in (None, "none"):
             text.append(f"ladder: {memory['ladder_step']}", style="bold yellow")
         self.query_one("#detail-memory", Static).update(text)

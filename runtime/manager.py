@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from lastmile.models.store import ModelStore
 from lastmile.models.vocabulary import LIVE_KEYS
 from lastmile.runtime.backends import resolve_backend
 from lastmile.runtime.batcher import Batcher
-from lastmile.runtime.errors import BatchTooLarge, InferenceError, LastmileRuntimeError, LoadError, ModelUnavailable, RequestTimeout, ShmError
+from lastmile.runtime.errors import BatchTooLarge, InferenceError, LastmileRuntimeError, LoadError, ModelUnavailable, RequestTimeout, ShmError, describe_exit
 from lastmile.runtime.events import EventLog
 from lastmile.runtime.inference_stats import InferenceCounters
 from lastmile.runtime.generation.config import is_generation_manifest
@@ -32,7 +31,8 @@ from lastmile.runtime.generation.runner import GenerationRunner, RefusedStream
 from lastmile.runtime.generation.types import GenerationChunk, GenerationRequest, InvalidGenerationTarget
 from lastmile.runtime.memory import POOL_IDLE_SHARE, MemoryGovernor, MemoryPressure, ModelMemory
 from lastmile.runtime.precheck import check_load
-from lastmile.runtime.runner import PIPELINE_DEPTH, Runner, call_in_forkserver
+from lastmile.runtime.forkserver import call_in_forkserver
+from lastmile.runtime.runner import PIPELINE_DEPTH, Runner
 from lastmile.runtime.shm import BufferPool, PoolFull
 
 logger = logging.getLogger("lastmile.manager")
@@ -58,16 +58,6 @@ def process_state(pid: int) -> str:
         return "gone"
     return {"R": "running", "S": "sleeping", "D": "in uninterruptible wait", "T": "stopped (SIGSTOP?)", "t": "stopped by a tracer",
             "Z": "zombie"}.get(state, state)
-
-
-def describe_exit(code: int | None) -> str:
-    """``SIGKILL`` for -9 (the OOM killer's signature), ``exit code N`` otherwise."""
-    if code is not None and code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            pass
-    return f"exit code {code}"
 
 
 class ModelNotLoaded(KeyError):

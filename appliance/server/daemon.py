@@ -30,7 +30,7 @@ STATE_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # back-off between retries of a fai
 def signature_in_forkserver(fmt: str, artifact: Path) -> Signature:
     """An artifact's signature read in a forkserver child: the daemon never imports torch
     (a ``.pt2``) nor holds a parsed ONNX graph for a listing."""
-    from lastmile.runtime.runner import call_in_forkserver
+    from lastmile.runtime.forkserver import call_in_forkserver
 
     try:
         return call_in_forkserver("lastmile.models.formats", "infer_signature", fmt, artifact, timeout_s=120.0)
@@ -157,7 +157,7 @@ class Daemon:
         self.store.ensure()
         if self.store.names():
             return []
-        from lastmile.runtime.runner import call_in_forkserver
+        from lastmile.runtime.forkserver import call_in_forkserver
 
         self.status = "building demo models"
         built = call_in_forkserver("lastmile.models.demo", "build_demo", self.config.store["models_dir"])
@@ -167,7 +167,7 @@ class Daemon:
     async def system_facts(self) -> dict[str, Any]:
         """Host facts, computed once in a forkserver child: the daemon stays free of torch."""
         if self._system is None:
-            from lastmile.runtime.runner import call_in_forkserver
+            from lastmile.runtime.forkserver import call_in_forkserver
 
             self._system = await asyncio.get_running_loop().run_in_executor(None, call_in_forkserver, "lastmile.runtime.accelerators", "detect")
         memory = psutil.virtual_memory()  # the one fact that changes: read it fresh

@@ -34,7 +34,7 @@ from lastmile.appliance.server.routes_control import routes as v1_routes
 from lastmile.appliance.server.routes_stats import routes as stats_routes
 from lastmile.appliance.server.routes_openai import routes as openai_routes
 from lastmile.appliance.server.routes_v2 import routes as v2_routes
-from lastmile.runtime.runner import warm_up
+from lastmile.runtime.forkserver import warm_up
 from lastmile.runtime.shm import cleanup_stale
 
 logger = logging.getLogger("lastmile.server")

@@ -185,6 +185,8 @@ class Daemon:
             "name": "lastmile",
             "version": self.version,
             "pid": os.getpid(),
+            # `lastmile stop` asks systemd's operator to use systemctl (a unit would restart us)
+            "supervisor": "systemd" if os.environ.get("INVOCATION_ID") or os.environ.get("NOTIFY_SOCKET") else None,
             "ready": self.ready,
             "status": self.status,
             "uptime_s": round(time.time() - self.started_at, 3),

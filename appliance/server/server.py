@@ -31,6 +31,7 @@ from lastmile.appliance.server.metrics import setup_metrics
 from lastmile.appliance.server.routes_memory import routes as memory_routes
 from lastmile.appliance.server.routes_monitor import routes as monitor_routes
 from lastmile.appliance.server.routes_control import routes as v1_routes
+from lastmile.appliance.server.routes_stats import routes as stats_routes
 from lastmile.appliance.server.routes_openai import routes as openai_routes
 from lastmile.appliance.server.routes_v2 import routes as v2_routes
 from lastmile.runtime.forkserver import warm_up
@@ -64,6 +65,7 @@ def build_app(daemon: Daemon) -> web.Application:
     app["daemon"] = daemon
     app["dataplane"] = DataPlane(daemon)
     app["config"] = config
+    app.add_routes(stats_routes)  # before v2: /v2/models/stats is not a model named 'stats'
     app.add_routes(v2_routes)
     app.add_routes(v1_routes)
     app.add_routes(monitor_routes)

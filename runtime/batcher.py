@@ -62,6 +62,7 @@ class BatchInfo:
     queue_s: float
     compute_s: float
     requests: int = 1
+    input_s: float = 0.0  # of compute_s: copying the batch's inputs into its buffer (Triton's compute_input)
 
 
 class _Request:
@@ -480,6 +481,7 @@ class Batcher:
             started = loop.time()
             try:
                 inputs, buf = self._concat(live, rows)
+                input_s = loop.time() - started
                 outputs = await self._run_batch(inputs)
                 del inputs
                 _check_outputs(outputs, rows)
@@ -509,7 +511,7 @@ class Batcher:
                 if not r.fut.done():
                     end = offset + r.rows
                     part = {name: arr[offset:end] for name, arr in outputs.items()}
-                    r.fut.set_result((part, BatchInfo(batch_id, rows, started - r.enqueued, compute_s, n)))
+                    r.fut.set_result((part, BatchInfo(batch_id, rows, started - r.enqueued, compute_s, n, input_s)))
                 offset += r.rows
         finally:
             if buf is not None and self.pool is not None:

@@ -25,6 +25,7 @@ from lastmile.runtime.backends import resolve_backend
 from lastmile.runtime.batcher import Batcher, BatchInfo
 from lastmile.runtime.errors import BatchTooLarge, InferenceError, LastmileRuntimeError, LoadError, ModelUnavailable, RequestTimeout, ShmError, describe_exit
 from lastmile.runtime.events import EventLog
+from lastmile.runtime.inference_stats import InferenceCounters
 from lastmile.runtime.generation.config import is_generation_manifest
 from lastmile.runtime.generation.runner import GenerationRunner, RefusedStream
 from lastmile.runtime.generation.types import GenerationChunk, GenerationRequest, InvalidGenerationTarget
@@ -91,6 +92,7 @@ class LoadedModel:
     restart_task: asyncio.Task | None = None
     memory: ModelMemory = field(default_factory=ModelMemory)
     requested: ModelSettings | None = None  # the settings asked for (plan = "auto" may change them)
+    counters: InferenceCounters = field(default_factory=InferenceCounters)  # Triton statistics, last error
     load_s: float = 0.0  # how long its runners took to start
     stall: dict[str, Any] = field(default_factory=dict)  # timeouts in a row with no batch finished
     generation: bool = False  # a causal LM served as token streams (runtime/generation), no batcher
@@ -132,6 +134,7 @@ class LoadedModel:
             "restarts": self.restarts,
             "requests": self.requests,
             "failures": self.failures,
+            "last_error": self.counters.last_error,
             "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
             "queue_depth": stats.get("queue_depth", 0),
             "batcher": stats,
@@ -399,6 +402,19 @@ class ModelManager:
         model.requests += 1
         started = time.perf_counter()
         try:
+            outputs, info = await self._submit(model, name, inputs)
+        except BaseException as exc:
+            model.counters.failed(exc, time.perf_counter() - started)
+            raise
+        total_s = time.perf_counter() - started
+        first = next(iter(inputs.values()), None)
+        model.counters.succeeded(int(first.shape[0]) if getattr(first, "ndim", 0) else 1, total_s, info)
+        model.latencies_s.append(total_s)
+        return outputs, info
+
+    async def _submit(self, model: LoadedModel, name: str, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Any]:
+        """The batcher call with the failure bookkeeping of each kind of error."""
+        try:
             outputs, info = await model.batcher.submit(inputs)
         except BatchTooLarge as exc:
             model.failures += 1
@@ -435,7 +451,6 @@ class ModelManager:
         except BaseException:
             model.failures += 1
             raise
-        model.latencies_s.append(time.perf_counter() - started)
         model.stall.clear()
         return outputs, info
 

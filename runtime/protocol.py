@@ -1,7 +1,7 @@
 """The runner protocol: every message between the daemon and a runner process, in one place.
 
 Both sides import these classes, so a message the daemon sends is the message the runner
-reads (the old string tuples had drifted: one side sent ``"error"``, the other ``"err"``).
+reads: the two sides cannot disagree on a message's name or fields.
 Tensors never travel here: they sit in the daemon's shared-memory segments, and a message
 names the segment and the layout of the arrays in it.
 
@@ -25,8 +25,9 @@ Flow control of a stream: the runner sends at most ``window`` chunks beyond the 
 :class:`Credit` (``consumed`` = chunks the consumer has taken); a slow consumer therefore
 pauses that one stream in the runner, not the pipe or the other requests.
 
-The messages are slotted dataclasses, frozen except the four built for every batch or chunk
-(:class:`Run`, :class:`Done`, :class:`Chunk`, :class:`Credit`): treat those as values too.
+The messages are slotted dataclasses, frozen except those built for every batch or chunk
+(:class:`Run`, :class:`Done`, :class:`Chunk`, :class:`Credit`, :class:`Tokens`): treat those
+as values too.
 
 Wire format: a pickled pair ``(tag, fields)``, built and read by :func:`encode` and
 :func:`decode`. Why not pickle the objects themselves: pickling a frozen slotted dataclass

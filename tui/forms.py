@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from lastmile.appliance.client.tensors import InputTypeError, conform
+from lastmile.appliance.client.units import fmt_mib
 from lastmile.models import vocabulary
 from lastmile.models.vocabulary import BY_NAME
 
@@ -193,9 +195,10 @@ def file_inputs(spec: list[dict[str, Any]], text: str) -> tuple[dict[str, np.nda
         except (OSError, ValueError) as exc:
             raise FormError("files", f"{path}: {exc}") from None
         datatype = by_name[name]["datatype"]
-        dtype = V2_NUMPY.get(datatype)
-        if dtype is not None and array.dtype != np.dtype(dtype):
-            array = array.astype(dtype)
+        try:
+            array, _ = conform(name, array, datatype)  # only conversions that change no value
+        except InputTypeError as exc:
+            raise FormError("files", str(exc).replace(f" and pass that file as --input {name}=FILE", "")) from None
         arrays[name], types[name] = array, datatype
     missing = set(by_name) - set(arrays)
     if missing:
@@ -214,8 +217,7 @@ def summarize_output(name: str, array: np.ndarray) -> str:
     return line
 
 
-def _mib(value: Any) -> str:
-    return "-" if value is None else f"{value / 2**20:.1f} MiB"
+_mib = fmt_mib
 
 
 def describe_estimate(data: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@ document (appliance/server/openapi.yaml)."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from pathlib import Path
@@ -232,7 +233,13 @@ async def test_folder_with_only_an_artifact_loads(store_copy: Path, tmp_path: Pa
     (bare / "classifier.onnx").write_bytes((store_copy / "demo-mlp" / "model.onnx").read_bytes())
     d = start_daemon(tmp_path / "d", store_copy)
     try:
-        entry = next(e for e in json.loads((await call(d, "GET", "/lm/v1/models"))[2])["store"] if e["name"] == "bare-onnx")
+        deadline = asyncio.get_running_loop().time() + 60.0
+        while True:  # the signature is read in the background; until then the entry says so
+            entry = next(e for e in json.loads((await call(d, "GET", "/lm/v1/models"))[2])["store"] if e["name"] == "bare-onnx")
+            if entry["format"] is not None or asyncio.get_running_loop().time() > deadline:
+                break
+            assert "in the background" in (entry["error"] or ""), entry
+            await asyncio.sleep(0.2)
         assert entry["format"] == "onnx" and entry["error"] is None
         assert entry["inputs"][0]["name"] == "input"
         status, _, body = await call(d, "POST", "/v2/repository/models/bare-onnx/load", body={})

@@ -88,6 +88,7 @@ def build_tokenizer(max_words: int = 300) -> Any:
 
 def build_encoder_folder(folder: Path | str, *, task: str = "feature-extraction", sentence_transformers: bool = True,
                          hidden: int = 32, layers: int = 2, heads: int = 2, max_length: int = 64,
+                         intermediate: int | None = None,
                          labels: tuple[str, ...] = ("negative", "positive"), seed: int = ENCODER_SEED) -> Path:
     """Write a tiny BERT folder (``task``: feature-extraction or text-classification) to
     ``folder``, the same bytes for the same arguments. Returns ``folder``."""
@@ -99,7 +100,7 @@ def build_encoder_folder(folder: Path | str, *, task: str = "feature-extraction"
     tok = build_tokenizer()
     config = transformers.BertConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=hidden * 2, max_position_embeddings=max_length + 64, pad_token_id=tok.token_to_id("[PAD]"),
+        intermediate_size=intermediate or hidden * 2, max_position_embeddings=max_length + 64, pad_token_id=tok.token_to_id("[PAD]"),
     )
     if task == "text-classification":
         config.id2label = dict(enumerate(labels))

@@ -114,3 +114,17 @@ def test_unknown_architecture_is_named_at_load(encoder_folder, tmp_path) -> None
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(BackendError, match="FrobnicatorModel"):
         create_backend(load_manifest(folder, "odd"), ModelSettings())
+
+
+def test_models_import_refusals_are_one_line(tmp_path, capsys) -> None:
+    import json
+
+    from lastmile.appliance.client.cli import main
+
+    assert main(["models", "import", "nope", "--to", "onnx", "--store", str(tmp_path)]) == 1
+    assert "no model 'nope'" in capsys.readouterr().err
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / "lm" / "model.safetensors").write_bytes(b"\0" * 8)
+    assert main(["models", "import", "lm", "--to", "onnx", "--store", str(tmp_path)]) == 1
+    assert "causal LM" in capsys.readouterr().err

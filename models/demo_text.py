@@ -102,14 +102,15 @@ def build_encoder_folder(folder: Path | str, *, task: str = "feature-extraction"
         vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=intermediate or hidden * 2, max_position_embeddings=max_length + 64, pad_token_id=tok.token_to_id("[PAD]"),
     )
-    if task == "text-classification":
+    if task in ("text-classification", "token-classification"):
         config.id2label = dict(enumerate(labels))
         config.label2id = {v: k for k, v in config.id2label.items()}
-        cls = transformers.BertForSequenceClassification
+        cls = (transformers.BertForSequenceClassification if task == "text-classification"
+               else transformers.BertForTokenClassification)
     elif task == "feature-extraction":
         cls = transformers.BertModel
     else:
-        raise ValueError(f"task {task!r}; allowed: feature-extraction, text-classification")
+        raise ValueError(f"task {task!r}; allowed: feature-extraction, text-classification, token-classification")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(config).eval()

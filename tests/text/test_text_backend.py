@@ -128,3 +128,32 @@ def test_models_import_refusals_are_one_line(tmp_path, capsys) -> None:
     (tmp_path / "lm" / "model.safetensors").write_bytes(b"\0" * 8)
     assert main(["models", "import", "lm", "--to", "onnx", "--store", str(tmp_path)]) == 1
     assert "causal LM" in capsys.readouterr().err
+
+
+def test_token_classifier_labels_per_token(tmp_path) -> None:
+    """A *ForTokenClassification folder: per-token scores equal transformers', and the daemon's
+    answer shaping (textio.api_results) gives one label per token, cut to the request's length."""
+    import transformers
+
+    from lastmile.appliance.server.textio import TextBatch, api_results
+    from lastmile.models.demo_text import build_encoder_folder
+
+    folder = build_encoder_folder(tmp_path / "ner", task="token-classification", labels=("O", "PLACE", "THING"))
+    manifest = load_manifest(folder, "ner")
+    assert manifest.hf.task == "token-classification" and manifest.hf.labels == ("O", "PLACE", "THING")
+    backend = create_backend(manifest, ModelSettings())
+    try:
+        texts = ["the pump on line four", "hello"]
+        out = backend.run(wire(texts, manifest.inputs[0].shape[1]))
+    finally:
+        backend.close()
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    model = transformers.AutoModelForTokenClassification.from_pretrained(str(folder)).eval()
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.softmax(model(**batch).logits, -1).numpy()
+    mask = batch["attention_mask"].numpy().astype(bool)
+    np.testing.assert_allclose(out["scores"][mask], expected[mask], atol=1e-5)
+    shaped = api_results(manifest.hf, TextBatch({}, ["a", "b"], False), out)
+    assert shaped["label"].shape == (2, int(mask.sum(1).max()))
+    assert set(shaped["label"].reshape(-1)) <= {"O", "PLACE", "THING"}

@@ -69,6 +69,7 @@ _VIEWER_POSTS = (
     re.compile(r"^/v2/models/[^/]+/infer$"),
     re.compile(r"^/v2/models/[^/]+/versions/[^/]+/infer$"),
     re.compile(r"^/v2/repository/index$"),
+    re.compile(r"^/v1/embeddings$"),  # OpenAI-compatible inference: changes nothing, like V2 infer
 )
 _ROLE_ATTR = "__lastmile_role__"
 

@@ -36,16 +36,18 @@ LOAD_FORM_NUMBERS = ("memory_limit_mb", "max_batch_size", "max_delay_ms", "max_q
 TUNE_FIELDS = ("max_batch_size", "max_delay_ms", "graph_fusion", "memory_limit_mb")  # the tune form's fields
 
 
+def _spoken(keys: list[str]) -> str:
+    """``["max_batch_size", "max_delay_ms"]`` -> ``"max batch size and max delay"``."""
+    words = [key.removesuffix("_mb").removesuffix("_ms").replace("_", " ") for key in keys]
+    return " and ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def reload_note(keys: tuple[str, ...] = TUNE_FIELDS) -> str:
     """One sentence saying which of ``keys`` apply at once and which reload the model."""
-    def words(names: list[str]) -> str:
-        spoken = [n.replace("_mb", "").replace("_ms", "").replace("_", " ") for n in names]
-        return ", ".join(spoken[:-1]) + " and " + spoken[-1] if len(spoken) > 1 else "".join(spoken)
-
     live = [k for k in keys if k in vocabulary.LIVE_KEYS]
-    reloading = vocabulary.needs_reload(keys)
-    parts = [f"{words(live)} apply at once" if live else "", f"{words([k for k in keys if k in reloading])} reload the model" if reloading else ""]
-    return "; ".join(p for p in parts if p) + "."
+    reloading = [k for k in keys if k not in vocabulary.LIVE_KEYS]
+    parts = ([f"{_spoken(live)} apply at once"] if live else []) + ([f"{_spoken(reloading)} reload the model"] if reloading else [])
+    return "; ".join(parts) + "."
 
 
 class FormError(ValueError):

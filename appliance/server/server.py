@@ -243,6 +243,8 @@ async def _start_serving(daemon: Daemon) -> None:
     built = await loop.run_in_executor(None, daemon.build_demo_if_empty)
     if built:
         log(logger, logging.INFO, "built demo models", models=",".join(built))
+    sdnotify.notify(STATUS="reading model signatures", EXTEND_TIMEOUT_USEC=str(300_000_000))
+    await loop.run_in_executor(None, daemon.read_store)  # listings never wait for a signature after READY
     await daemon.restore(lambda text: sdnotify.notify(STATUS=text, EXTEND_TIMEOUT_USEC=str(300_000_000)))
     daemon.ready, daemon.status = True, "serving"
     sdnotify.notify(READY=1, STATUS=f"serving {len(daemon.manager.models)} model(s)")

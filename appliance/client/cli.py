@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from lastmile.appliance import __version__
-from lastmile.appliance.client.api import ClientError, DaemonNotRunning, LastmileClient
+from lastmile.appliance.client.api import ClientError, LastmileClient
 from lastmile.appliance.client.tensors import InputTypeError, conform
 from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.appliance.client.units import MIB, fmt_bytes, fmt_mib, fmt_percent
@@ -350,7 +350,7 @@ async def cmd_stop(client: LastmileClient, args: argparse.Namespace) -> int:
     if peer != pid:
         raise ClientError(f"refusing to signal pid {pid}: the process on {client.socket_path} is {peer or 'unknown'} "
                           "(a daemon behind a proxy or in another PID namespace); stop it where it runs")
-    loaded = [n for n, state in (status.get("models") or {}).items()]
+    loaded = list(status.get("models") or {})
     started = time.monotonic()
     try:
         os.kill(pid, signal.SIGTERM)

@@ -21,6 +21,7 @@ import numpy as np
 from lastmile.models.settings import ModelSettings
 from lastmile.models.spec import Manifest
 from lastmile.models.store import ModelStore
+from lastmile.models.vocabulary import LIVE_KEYS
 from lastmile.runtime.backends import resolve_backend
 from lastmile.runtime.batcher import Batcher
 from lastmile.runtime.errors import BatchTooLarge, InferenceError, LoadError, ModelUnavailable
@@ -36,7 +37,7 @@ logger = logging.getLogger("lastmile.manager")
 
 PhaseCallback = Callable[[str, dict[str, Any]], None]
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-BATCHER_KEYS = ("max_batch_size", "max_delay_ms", "max_queue", "timeout_s")
+BATCHER_KEYS = LIVE_KEYS  # the settings a loaded model takes live are the batcher's knobs
 
 
 def describe_exit(code: int | None) -> str:

@@ -148,6 +148,7 @@ class GenerationRunner(Runner):
         self._keys = itertools.count(1)
         self._streams: dict[int, GenerationStream] = {}
         self.generation: dict[str, Any] = {}  # the child's latest scheduler stats
+        self.last_activity = time.time()  # last chunk received (keep_alive counts idle from here)
 
     def generate(self, request: GenerationRequest) -> GenerationStream:
         """Start one generation; refusals surface on the stream's first ``__anext__``."""
@@ -175,6 +176,7 @@ class GenerationRunner(Runner):
     def _dispatch(self, msg: tuple) -> None:
         op = msg[0]
         if op == "chunks":
+            self.last_activity = time.time()
             for key, chunk in msg[1]:
                 stream = self._streams.get(key)
                 if stream is not None:

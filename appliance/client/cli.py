@@ -99,6 +99,21 @@ def cmd_build_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    """``models import FILE.gguf --name NAME``: a GGUF (Ollama / llama.cpp) as an HF folder in the store."""
+    from lastmile.models.store import check_name
+    from lastmile.runtime.generation.gguf_import import import_gguf
+
+    store = Path(args.store) if args.store else load_config(args.config).store["models_dir"]
+    name = check_name(args.name)
+    started = time.monotonic()
+    out = import_gguf(args.file, Path(store) / name, precision=args.precision, force=args.force,
+                      on_phase=lambda phase, data: print(f"{phase}...", file=sys.stderr, flush=True))
+    print(f"imported {args.file} as {name} in {out} ({time.monotonic() - started:.1f} s); "
+          f"`lastmile load {name}` serves it (the first load builds the ORT-GenAI {args.precision or 'int4'} model)")
+    return 0
+
+
 async def cmd_status(client: LastmileClient, args: argparse.Namespace) -> int:
     status = await client.status()
     if args.json:
@@ -435,11 +450,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", "daemon status and loaded models", cmd_status, True)
     add("system", "host facts: CPU, RAM, accelerators, versions", cmd_system, True)
     models = add("models", "the store and what is loaded", cmd_models, True)
-    models_sub = models.add_subparsers(dest="models_command", metavar="build-demo")
+    models_sub = models.add_subparsers(dest="models_command", metavar="build-demo | import")
     demo = models_sub.add_parser("build-demo", help="build the bundled demo models into the store", parents=[common])
     demo.add_argument("--store", help="store directory (default: store.models_dir)")
     demo.add_argument("--force", action="store_true", help="rebuild models that exist")
     demo.set_defaults(func=cmd_build_demo)
+    gguf = models_sub.add_parser("import", help="import a GGUF file (Ollama, llama.cpp) as a chat model in the store",
+                                 parents=[common])
+    gguf.add_argument("file", help="the .gguf file")
+    gguf.add_argument("--name", required=True, help="the model's name in the store")
+    gguf.add_argument("--precision", choices=("int4", "int8", "fp32"), help="weights the ORT-GenAI engine serves (default int4)")
+    gguf.add_argument("--store", help="store directory (default: store.models_dir)")
+    gguf.add_argument("--force", action="store_true", help="replace a model of that name")
+    gguf.set_defaults(func=cmd_import_gguf)
     load = add("load", "load a model from the store", cmd_load, True)
     load.add_argument("name")
     for key, kind in LOAD_FLAGS.items():
@@ -465,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LOCAL_COMMANDS = (cmd_serve, cmd_config_show, cmd_build_demo, cmd_tui, cmd_bench, cmd_demo)
+LOCAL_COMMANDS = (cmd_serve, cmd_config_show, cmd_build_demo, cmd_import_gguf, cmd_tui, cmd_bench, cmd_demo)
 
 
 def main(argv: list[str] | None = None) -> int:

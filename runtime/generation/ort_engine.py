@@ -36,10 +36,11 @@ ENDED = -1
 
 
 def source_hash(folder: Path) -> str:
-    """sha256 over the files the build reads (names, sizes, contents), first 16 hex digits."""
+    """sha256 over the files the build reads (names, sizes, contents), first 16 hex digits;
+    model.toml is Lastmile's, not the model's: editing its settings rebuilds nothing."""
     h = hashlib.sha256()
     for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith("."):
+        if p.is_file() and not p.name.startswith(".") and p.name != "model.toml":
             h.update(p.name.encode() + b"\0" + str(p.stat().st_size).encode() + b"\0")
             with p.open("rb") as f:
                 while block := f.read(1 << 22):

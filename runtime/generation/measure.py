@@ -102,7 +102,7 @@ def itl_while_long_prompt_arrives(sched, running: int = 3, long_tokens: int = 20
     from lastmile.runtime.generation.types import GenerationRequest, SamplingParams
 
     for i in range(running):
-        sched.submit(("r", i), GenerationRequest(SamplingParams(max_tokens=400, temperature=0.0), prompt=QUESTION))
+        sched.submit(("r", i), _request(400))
     last: dict[Any, float] = {}
     steady: list[float] = []
     during: list[float] = []
@@ -128,9 +128,10 @@ def itl_while_long_prompt_arrives(sched, running: int = 3, long_tokens: int = 20
             for i in range(running):
                 sched.cancel(("r", i))
             sched.cancel("long")
-    return {"steady_p50_ms": 1000 * _pct(steady, 0.5), "steady_p99_ms": 1000 * _pct(steady, 0.99),
-            "during_p50_ms": 1000 * _pct(during, 0.5), "during_p99_ms": 1000 * _pct(during, 0.99),
-            "during_max_ms": 1000 * max(during)}
+    ms = lambda v: None if v is None else round(1000 * v, 1)  # noqa: E731
+    return {"steady_p50_ms": ms(_pct(steady, 0.5)), "steady_p99_ms": ms(_pct(steady, 0.99)),
+            "during_p50_ms": ms(_pct(during, 0.5)), "during_p99_ms": ms(_pct(during, 0.99)),
+            "during_max_ms": ms(max(during) if during else None), "samples": [len(steady), len(during)]}
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -144,6 +145,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "max_num_seqs": 16, "max_context": args.context}
     folder = Path(args.store) / args.model
     sched = load_in_process(folder, settings)
+    if args.only_long_prompt:
+        out = {"settings": settings, "long_prompt": itl_while_long_prompt_arrives(sched)}
+        sched.engine.close()
+        return out
     await asyncio.get_running_loop().run_in_executor(None, warm_up)
     manager = ModelManager(ModelStore(args.store), ModelSettings(), EventLog())
     await manager.load(args.model, settings)
@@ -181,6 +186,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--long-prompt", action="store_true", help="also measure ITL while a 2,000-token prompt arrives")
+    p.add_argument("--only-long-prompt", action="store_true", help="only the long-prompt measurement, in-process")
     args = p.parse_args()
     print(json.dumps(asyncio.run(main_async(args)), indent=1))
 

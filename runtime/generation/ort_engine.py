@@ -95,7 +95,7 @@ class OrtGenAIEngine(GenerationEngine):
 
     def __init__(self, og_folder: str | Path, *, shape: ModelShape, eos_token_ids: frozenset[int],
                  max_num_seqs: int = 8, max_context: int = 2048, threads: int = 0, precision: str = "int4",
-                 prefill_chunk: int = 256, vocab_size: int = 0) -> None:
+                 prefill_chunk: int = 256, busy_prefill_chunk: int = 32, vocab_size: int = 0) -> None:
         super().__init__(max_num_seqs, max_context)
         import onnxruntime_genai as og
 
@@ -105,6 +105,7 @@ class OrtGenAIEngine(GenerationEngine):
         self.eos_token_ids = eos_token_ids
         self.folder = Path(og_folder)
         self.prefill_chunk = max(1, prefill_chunk)
+        self.busy_prefill_chunk = max(1, min(busy_prefill_chunk, self.prefill_chunk))  # while others decode
         self.vocab_size = vocab_size
         cfg = og.Config(str(og_folder))
         overlay: dict[str, Any] = {"search": {"max_length": max_context}}
@@ -171,7 +172,7 @@ class OrtGenAIEngine(GenerationEngine):
             out.append((seq_id, int(gen.get_next_tokens()[0])))
             self._tokens[seq_id] += 1
         self._admit()
-        budget = self.prefill_chunk
+        budget = self.busy_prefill_chunk if self._running else self.prefill_chunk
         for item in list(self._prefilling):
             if budget <= 0:
                 break
@@ -211,7 +212,7 @@ class OrtGenAIEngine(GenerationEngine):
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "precision": self.precision, "ort_genai_folder": str(self.folder),
-                "prefill_chunk": self.prefill_chunk,
+                "prefill_chunk": self.prefill_chunk, "busy_prefill_chunk": self.busy_prefill_chunk,
                 "kv_bytes_per_token": self.shape.kv_bytes_per_token(self._kv_dtype_bytes)}
 
     def close(self) -> None:

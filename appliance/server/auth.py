@@ -68,6 +68,9 @@ _VIEWER_POSTS = (
     re.compile(r"^/v2/models/[^/]+/infer$"),
     re.compile(r"^/v2/models/[^/]+/versions/[^/]+/infer$"),
     re.compile(r"^/v2/repository/index$"),
+    # text generation: inference like V2 infer, so viewers may call it (issue 15)
+    re.compile(r"^/v1/(chat/)?completions$"),
+    re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/generate(_stream)?$"),
 )
 _ROLE_ATTR = "__lastmile_role__"
 

@@ -173,7 +173,10 @@ def stream_options(body: dict[str, Any], stream: bool) -> bool:
         raise ParamError("stream_options", "must be an object like {\"include_usage\": true}")
     refuse_unknown(options, frozenset({"include_usage", "include_obfuscation"}), "stream_options.")
     only_default(options, "include_obfuscation", (None, False), "no obfuscation padding is sent")
-    return boolean(options, "include_usage") if "include_usage" in options else False
+    value = options.get("include_usage", False)
+    if not isinstance(value, bool):
+        raise ParamError("stream_options.include_usage", f"must be true or false, got {value!r}")
+    return value
 
 
 def _text_content(content: Any, field: str) -> str:

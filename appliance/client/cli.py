@@ -17,6 +17,7 @@ import numpy as np
 
 from lastmile.appliance import __version__
 from lastmile.appliance.client.api import ClientError, LastmileClient
+from lastmile.appliance.client.chat import add_chat_commands
 from lastmile.appliance.server.config import ConfigError, load_config
 
 LOAD_FLAGS = {
@@ -450,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     tui.add_argument("--read-only", action="store_true", help="hide every action that changes the daemon")
     add_memory_commands(sub, common, load)
     add_perf_commands(sub, common)
+    add_chat_commands(sub, common)  # `lastmile chat`, `lastmile generate` (appliance/client/chat.py)
     return parser
 
 

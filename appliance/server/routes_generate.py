@@ -343,6 +343,9 @@ async def _openai(request: web.Request, parse: Any, fmt_class: type[_Format]) ->
     except (ApiError, ParamError) as exc:
         api = _mapped(exc)
         return _json(openai_error_body(api), api.status, api.headers)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app["config"].server["max_body_mb"]
+        return _json(openai_error_body(ApiError(413, f"request body too large (limit {limit} MB)")), 413)
 
 
 @routes.post("/v1/chat/completions")

@@ -28,6 +28,7 @@ from aiohttp import WSMsgType, web
 
 from lastmile.appliance.server.daemon import Daemon
 from lastmile.appliance.server.http import ApiError
+from lastmile.appliance.server.routes_generate import GENERATION_METRICS
 
 logger = logging.getLogger("lastmile.monitor")
 
@@ -155,8 +156,10 @@ def _nvml_sample(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class SnapshotBuilder:
     """Builds one stream's snapshots; keeps the counters of the previous one for rates."""
 
-    def __init__(self, daemon: Daemon, since: int) -> None:
+    def __init__(self, daemon: Daemon, since: int, generation: Any = None) -> None:
         self.daemon = daemon
+        self.generation = generation  # GenerationMetrics of the generation routes (issue 15), if any
+        self._last_tokens: dict[str, tuple[int, int]] = {}
         self.seq = 0
         self.event_seq = since
         self.cpu = _CpuMeter()
@@ -178,6 +181,18 @@ class SnapshotBuilder:
             self.event_seq = events[-1]["seq"]
         return events
 
+    def _generation_rates(self, name: str, dt: float | None) -> dict[str, Any]:
+        """Tokens/s from the generation routes' counters (deltas, like requests/s), TTFT and
+        inter-token percentiles over their recent window."""
+        window = self.generation.window(name)
+        totals = (window["prompt_tokens_total"], window["generated_tokens_total"])
+        previous = self._last_tokens.get(name)
+        self._last_tokens[name] = totals
+        rates = (0.0, 0.0)
+        if dt and dt > 0 and previous is not None:
+            rates = tuple(round(max(0, t - p) / dt, 2) for t, p in zip(totals, previous))
+        return {**window, "prompt_tokens_per_s": rates[0], "generated_tokens_per_s": rates[1]}
+
     async def build(self, rate_hz: float) -> dict[str, Any]:
         now = time.monotonic()
         dt = (now - self._last_time) if self._last_time is not None else None
@@ -194,6 +209,8 @@ class SnapshotBuilder:
             row["rss_bytes"] = _rss([r["pid"] for r in row["runners"] if r.get("pid")])
             row["memory_limit_mb"] = row["settings"].get("memory_limit_mb")
             row["avg_batch_size"] = row.get("batcher", {}).get("avg_batch_size", 0.0)
+            if self.generation is not None and "generation" in row:
+                row["generation"] = {**row["generation"], "api": self._generation_rates(name, dt)}
             rows.append(row)
         self._last_time, self._last_counts = now, counts
         vm = psutil.virtual_memory()
@@ -241,7 +258,7 @@ async def monitor(request: web.Request) -> web.StreamResponse:
     state = {"rate_hz": rate}
     wake = asyncio.Event()
     reader = asyncio.get_running_loop().create_task(_read_commands(ws, state, wake))
-    builder = SnapshotBuilder(daemon, since)
+    builder = SnapshotBuilder(daemon, since, request.app.get(GENERATION_METRICS))
     try:
         while not ws.closed and not reader.done():
             started = time.monotonic()

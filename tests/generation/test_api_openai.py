@@ -272,18 +272,27 @@ def test_metrics_and_monitor_show_generation(served) -> None:
     requests = [ln for ln in text.splitlines() if ln.startswith("lastmile_generation_requests_total") and 'outcome="success"' in ln]
     assert requests
 
-    async def one_snapshot() -> dict[str, Any]:
+    async def rows_while_generating() -> list[dict[str, Any]]:
+        """Monitor rows of the model over the ticks during and right after one generation."""
+        rows = []
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(daemon.socket))) as s:
-            async with s.ws_connect("http://localhost/lm/v1/monitor?rate_hz=5") as ws:
+            async with s.ws_connect("http://localhost/lm/v1/monitor?rate_hz=10") as ws:
                 await ws.receive_json()
-                _tcp_client(served).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0)
-                return await ws.receive_json()
+                call = asyncio.create_task(asyncio.to_thread(
+                    _tcp_client(served).chat.completions.create, model=MODEL, messages=QUESTION, max_tokens=64, temperature=0))
+                while not call.done() or len(rows) < 3:
+                    snap = await ws.receive_json()
+                    rows.append(next(r for r in snap["models"] if r["name"] == MODEL))
+                    if len(rows) > 200:
+                        break
+                await call
+        return rows
 
-    snap = asyncio.run(one_snapshot())
-    row = next(r for r in snap["models"] if r["name"] == MODEL)
-    api = row["generation"]["api"]
+    rows = asyncio.run(rows_while_generating())
+    api = rows[-1]["generation"]["api"]
     assert api["generated_tokens_total"] > 0 and api["ttft_ms"]["p50"] is not None
-    assert api["generated_tokens_per_s"] > 0
+    assert max(r["generation"]["api"]["generated_tokens_per_s"] for r in rows) > 0
+    assert {"running", "waiting", "kv_used_bytes", "kv_reserved_bytes"} <= set(rows[-1]["generation"])
 
 
 def _cli(daemon: DaemonProc, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -47,10 +47,27 @@ QUESTIONS = [
 Progress = Callable[[str], None]
 
 
-def messages_for(i: int, long_tokens: int = 0) -> list[dict[str, str]]:
-    if long_tokens:
-        # ~1 token per word for a byte-level BPE on plain words; the exact count is reported
-        return [{"role": "user", "content": " ".join(["lastmile"] * long_tokens) + " What is it?"}]
+_LONG: dict[tuple[str, int], str] = {}
+
+
+def long_text(model_dir: str | Path, tokens: int) -> str:
+    """A user message of about ``tokens`` tokens with this model's tokenizer (chat template
+    included), the same text for every server."""
+    key = (str(model_dir), tokens)
+    if key not in _LONG:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        base = " ".join(QUESTIONS) + " "
+        ids = tok(base * (tokens // 8 + 2), add_special_tokens=False)["input_ids"]
+        overhead = len(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False, add_generation_prompt=True))
+        _LONG[key] = tok.decode(ids[:max(1, tokens - min(overhead, 64))])
+    return _LONG[key]
+
+
+def messages_for(i: int, long: str | None = None) -> list[dict[str, str]]:
+    if long:
+        return [{"role": "user", "content": long}]
     return [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
 
 
@@ -118,9 +135,9 @@ async def one_stream(session: Any, url: str, body: dict[str, Any]) -> dict[str, 
 
 
 async def load(target: Target, *, concurrency: int, requests_per_stream: int, max_tokens: int,
-               long_tokens: int = 0, token: str | None = None) -> dict[str, Any]:
+               long: str | None = None, token: str | None = None) -> dict[str, Any]:
     """``concurrency`` closed-loop streams of ``requests_per_stream`` requests each; with
-    ``long_tokens``, one more client sends long prompts back to back until the streams end."""
+    ``long`` (a long prompt), one more client sends it back to back until the streams end."""
     import aiohttp
 
     connector = aiohttp.UnixConnector(path=target.unix, limit=0) if target.unix else aiohttp.TCPConnector(limit=0)
@@ -140,18 +157,18 @@ async def load(target: Target, *, concurrency: int, requests_per_stream: int, ma
 
         async def long_client() -> None:
             while not done.is_set():
-                body = {"model": "bench", "messages": messages_for(0, long_tokens), "max_tokens": 1, "temperature": 0, "stream": True}
+                body = {"model": "bench", "messages": messages_for(0, long), "max_tokens": 1, "temperature": 0, "stream": True}
                 long_records.append(await one_stream(session, url, body))
 
         started = time.perf_counter()
-        extra = asyncio.create_task(long_client()) if long_tokens else None
+        extra = asyncio.create_task(long_client()) if long else None
         await asyncio.gather(*(stream(i) for i in range(concurrency)))
         wall = time.perf_counter() - started
         done.set()
         if extra is not None:
             await extra
     out = summarize(records, wall, concurrency)
-    if long_tokens:
+    if long:
         out["long_prompts"] = len(long_records)
         out["long_errors"] = sum(1 for r in long_records if r.get("error"))
     return out
@@ -162,6 +179,7 @@ async def load(target: Target, *, concurrency: int, requests_per_stream: int, ma
 
 def in_process(model_dir: str, *, concurrency: int, requests_per_stream: int, max_tokens: int, threads: int,
                max_num_seqs: int, max_context: int, long_tokens: int = 0) -> dict[str, Any]:
+    long = long_text(model_dir, long_tokens) if long_tokens else None
     """The engine and its scheduler in a plain loop (the same classes the runner drives)."""
     from lastmile.runtime.generation.scheduler import GenerationScheduler
     from lastmile.runtime.generation.torch_engine import TorchEngine
@@ -190,7 +208,7 @@ def in_process(model_dir: str, *, concurrency: int, requests_per_stream: int, ma
         nonlocal long_n
         long_n += 1
         sched.submit(("long", long_n), GenerationRequest(params=SamplingParams(max_tokens=1, temperature=0.0),
-                                                         messages=tuple(messages_for(0, long_tokens))))
+                                                         messages=tuple(messages_for(0, long))))
 
     started = time.perf_counter()
     for i in range(concurrency):
@@ -269,8 +287,8 @@ class GenerateBench:
                 results[str(c)] = r
                 self.report(name, r)
             if self.args.long_prompt_tokens:
-                r = loop.run_until_complete(load(target, **self.run_kwargs(self.args.long_streams),
-                                                 long_tokens=self.args.long_prompt_tokens, token=token))
+                long = long_text(self.model_dir, self.args.long_prompt_tokens)
+                r = loop.run_until_complete(load(target, **self.run_kwargs(self.args.long_streams), long=long, token=token))
                 results["long"] = r
                 self.report(name, r, "+long")
         finally:
@@ -413,8 +431,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=16, help="requests per run, split over the streams (at least 1 each; default 16)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of every server's model (default 1)")
-    p.add_argument("--max-num-seqs", type=int, default=16, help="in-process engine slots (give Lastmile the same via --load-settings)")
-    p.add_argument("--max-context", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=8, help="in-process engine slots (Lastmile's default; give Lastmile another via --load-settings)")
+    p.add_argument("--max-context", type=int, default=2048, help="in-process engine context (Lastmile's default)")
     p.add_argument("--load-settings", default="{}", help="JSON settings for Lastmile's load of the model")
     p.add_argument("--long-prompt-tokens", type=int, default=2000, help="the long-prompt run's prompt size (0: skip that run)")
     p.add_argument("--long-streams", type=int, default=4, help="short streams decoding while long prompts arrive")

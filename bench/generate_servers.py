@@ -122,19 +122,9 @@ def naive_app(model_dir: str, threads: int) -> Any:
 
 
 def run_peer(model_dir: str, threads: int, port: int) -> None:
-    import litserve as ls
+    from bench.generate_peer import serve
 
-    class GenerateApi(ls.LitAPI):
-        def setup(self, device: str) -> None:
-            self.tok, self.model = _load(model_dir, threads)
-
-        def predict(self, request: Any, context: Any = None) -> Iterator[str]:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            _, pieces = _generate_tokens(self.tok, self.model, messages, int(request.max_tokens or 64))
-            yield from pieces
-
-    server = ls.LitServer(GenerateApi(spec=ls.OpenAISpec()), accelerator="cpu", devices=1, workers_per_device=1, timeout=120)
-    server.run(host="127.0.0.1", port=port, num_api_servers=1, log_level="warning", generate_client_file=False)
+    serve(model_dir, threads, port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -357,3 +357,41 @@ def test_runner_killed_mid_stream_ends_with_an_error_event(served) -> None:
         time.sleep(0.2)
     reply = _tcp_client(served).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3, temperature=0)
     assert reply.usage.completion_tokens <= 3
+
+
+def test_tui_chat_screen_streams_an_answer(served, reference) -> None:
+    """The chat screen (key c): pick the model, send a message, the answer equals the greedy
+    reference and the figures line shows TTFT and tokens/s."""
+    from textual.widgets import Input, RichLog, Static
+
+    from lastmile.appliance.client.api import LastmileClient
+    from lastmile.tui.app import LastmileApp
+    from lastmile.tui.screens.chat import ChatScreen
+    from tests.tui.conftest import wait_until
+
+    daemon = served[0]
+    expected, _, _, _ = reference(messages=QUESTION, max_tokens=12)
+
+    async def drive() -> None:
+        app = LastmileApp(LastmileClient(daemon.socket), rate_hz=5)
+        async with app.run_test(size=(140, 40)) as pilot:
+            step = lambda: pilot.pause(0.05)  # noqa: E731
+            await pilot.press("c")
+            await wait_until(lambda: isinstance(app.screen, ChatScreen), step=step, what="the chat screen")
+            screen = app.screen
+            await wait_until(lambda: screen.model_name == MODEL, step=step, what="the tiny model in the picker")
+            screen.query_one("#c-temp", Input).value = "0"
+            screen.query_one("#c-max", Input).value = "12"
+            field = screen.query_one("#c-input", Input)
+            field.focus()
+            field.value = QUESTION[0]["content"]
+            await pilot.press("enter")
+            await wait_until(lambda: screen.last is not None, timeout=60, step=step, what="the answer")
+            assert screen.last.text == expected
+            assert screen.history[-1] == {"role": "assistant", "content": expected}
+            stats = str(screen.query_one("#c-stats", Static).render())
+            assert "TTFT" in stats and "tokens" in stats
+            log = screen.query_one("#c-log", RichLog)
+            assert any(expected[:10] in "".join(seg.text for seg in line) for line in log.lines)
+
+    asyncio.run(drive())

@@ -71,6 +71,7 @@ _VIEWER_POSTS = (
     # text generation: inference like V2 infer, so viewers may call it (issue 15)
     re.compile(r"^/v1/(chat/)?completions$"),
     re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/generate(_stream)?$"),
+    re.compile(r"^/api/(chat|generate)$"),  # Ollama's
 )
 _ROLE_ATTR = "__lastmile_role__"
 

@@ -360,3 +360,90 @@ def parse_triton(body: dict[str, Any], model: str, *, stream: bool) -> ParsedReq
             raise ParamError(prefix + exc.field, exc.message.split(": ", 1)[1]) from None
         raise
     return ParsedRequest(model, GenerationRequest(params=params, prompt=text, deadline_s=limit), stream, id=request_id)
+
+
+# --- Ollama --------------------------------------------------------------------------------
+
+#: Ollama's ``options`` Lastmile implements (the rest are refused, naming them).
+_OLLAMA_OPTIONS = frozenset({"num_predict", "temperature", "top_p", "top_k", "seed", "stop"})
+_OLLAMA_COMMON = frozenset({"model", "stream", "options", "format", "keep_alive", "think"})
+
+
+def ollama_model(body: dict[str, Any]) -> str:
+    """Ollama names carry a tag (``name:latest``); a store name has none."""
+    name = model_name(body)
+    return name[: -len(":latest")] if name.endswith(":latest") else name
+
+
+def _ollama_options(body: dict[str, Any]) -> SamplingParams:
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise ParamError("options", "must be an object")
+    unknown = sorted(k for k in options if k not in _OLLAMA_OPTIONS)
+    if unknown:
+        raise ParamError(f"options.{unknown[0]}", "not supported by this server (supported: " + ", ".join(sorted(_OLLAMA_OPTIONS))
+                         + "; the context size is the model's max_context load setting)")
+    mapped = {k: v for k, v in options.items() if k != "num_predict"}
+    num_predict = options.get("num_predict")
+    if num_predict is not None and num_predict not in (-1, -2):  # -1/-2: "until the end": the server's default
+        mapped["max_tokens"] = num_predict
+    try:
+        return sampling(mapped)
+    except ParamError as exc:
+        name = "num_predict" if exc.field == "max_tokens" else exc.field
+        raise ParamError(f"options.{name}", exc.message.split(": ", 1)[1]) from None
+
+
+def _ollama_common(body: dict[str, Any]) -> bool:
+    only_default(body, "format", (None, ""), "structured output (format) is not implemented")
+    only_default(body, "think", (None, False), "not a reasoning model API")
+    keep_alive = body.get("keep_alive")
+    if keep_alive is not None and not isinstance(keep_alive, (str, int, float)):
+        raise ParamError("keep_alive", "must be a duration like \"5m\" or a number of seconds")
+    return boolean(body, "stream", True)  # Ollama streams unless told not to
+
+
+def parse_ollama_chat(body: dict[str, Any]) -> ParsedRequest:
+    """``POST /api/chat``: ``messages`` through the chat template; NDJSON stream by default."""
+    refuse_unknown(body, _OLLAMA_COMMON | {"messages", "tools"})
+    model = ollama_model(body)
+    only_default(body, "tools", (None, []), "tool calling is not implemented")
+    value = body.get("messages")
+    if isinstance(value, list):
+        for i, m in enumerate(value):
+            if isinstance(m, dict) and m.get("images"):
+                raise ParamError(f"messages[{i}].images", "images are not supported (text models only)")
+        value = [{k: v for k, v in m.items() if k != "images"} if isinstance(m, dict) else m for m in value]
+    msgs = messages({"messages": value})
+    stream = _ollama_common(body)
+    return ParsedRequest(model, GenerationRequest(params=_ollama_options(body), messages=msgs), stream)
+
+
+def parse_ollama_generate(body: dict[str, Any]) -> ParsedRequest:
+    """``POST /api/generate``: ``prompt`` (with ``system``) through the chat template, or as is
+    with ``raw: true``."""
+    refuse_unknown(body, _OLLAMA_COMMON | {"prompt", "system", "raw", "suffix", "template", "context", "images"})
+    model = ollama_model(body)
+    only_default(body, "suffix", (None, ""), "insertion (suffix) is not implemented")
+    only_default(body, "template", (None, ""), "the model folder's chat template is used")
+    only_default(body, "context", (None, []), "send the conversation as /api/chat messages instead")
+    only_default(body, "images", (None, []), "images are not supported (text models only)")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ParamError("prompt", "required: a non-empty string")
+    if len(prompt) > MAX_CONTENT_CHARS:
+        raise ParamError("prompt", f"at most {MAX_CONTENT_CHARS} characters")
+    system = body.get("system")
+    if system is not None and (not isinstance(system, str) or len(system) > MAX_CONTENT_CHARS):
+        raise ParamError("system", f"must be a string of at most {MAX_CONTENT_CHARS} characters")
+    raw = boolean(body, "raw")
+    stream = _ollama_common(body)
+    params = _ollama_options(body)
+    if raw:
+        if system:
+            raise ParamError("system", "a raw prompt takes no system message (put it in the prompt)")
+        request = GenerationRequest(params=params, prompt=prompt)
+    else:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        request = GenerationRequest(params=params, messages=tuple(msgs))
+    return ParsedRequest(model, request, stream)

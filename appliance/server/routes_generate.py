@@ -1,5 +1,7 @@
-"""Text generation over HTTP: OpenAI's ``/v1/chat/completions`` and ``/v1/completions``, and
-Triton's generate extension (``/v2/models/{name}/generate`` and ``/generate_stream``).
+"""Text generation over HTTP: OpenAI's ``/v1/chat/completions`` and ``/v1/completions``,
+Triton's generate extension (``/v2/models/{name}/generate`` and ``/generate_stream``), and
+Ollama's ``/api/chat``, ``/api/generate``, ``/api/tags``, ``/api/ps`` (NDJSON), so tools built
+for Ollama work too.
 
 Every API runs through one driver (:func:`_serve`), which owns the three things that make a
 stream trustworthy:
@@ -24,15 +26,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import hashlib
 import logging
 import secrets
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import orjson
 from aiohttp import web
 
-from lastmile.appliance.server.generate_params import ParamError, ParsedRequest, parse_chat, parse_completion, parse_triton
+from lastmile.appliance.server.generate_params import (
+    ParamError, ParsedRequest, parse_chat, parse_completion, parse_ollama_chat, parse_ollama_generate, parse_triton,
+)
 from lastmile.appliance.server.generation_metrics import GenerationMetrics
 from lastmile.appliance.server.http import ApiError, read_json, to_api_error
 from lastmile.runtime.errors import RunnerDied
@@ -126,6 +133,9 @@ class _Format:
 
     def start(self) -> list[bytes]:
         return []
+
+    def note(self, chunk: GenerationChunk) -> None:
+        """A chunk of a non-streamed answer went by (for formats that time the answer)."""
 
     def chunk(self, chunk: GenerationChunk) -> bytes | None:
         raise NotImplementedError
@@ -239,6 +249,67 @@ class _Triton(_Format):
                 "prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens}
 
 
+class _Ollama(_Format):
+    """Ollama's NDJSON: one object per line, ``done: true`` on the last with the counts and
+    durations in nanoseconds (measured here: request received -> first token -> last token)."""
+
+    content_type = "application/x-ndjson"
+
+    def __init__(self, parsed: ParsedRequest, model: str) -> None:
+        super().__init__(parsed, model)
+        self.started = time.perf_counter()
+        self.first: float | None = None
+
+    @staticmethod
+    def line(obj: Any) -> bytes:
+        return orjson.dumps(obj) + b"\n"
+
+    def head(self) -> dict[str, Any]:
+        return {"model": self.model, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+
+    def piece(self, text: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def note(self, chunk: GenerationChunk) -> None:
+        if chunk.token_ids and self.first is None:
+            self.first = time.perf_counter()
+
+    def chunk(self, chunk: GenerationChunk) -> bytes | None:
+        self.note(chunk)
+        if chunk.finish_reason is not None:
+            out = self.line({**self.head(), **self.piece(chunk.text), "done": False}) if chunk.text else b""
+            return out + self.line(self.final(chunk, ""))
+        return self.line({**self.head(), **self.piece(chunk.text), "done": False}) if chunk.text else None
+
+    def final(self, last: GenerationChunk, text: str) -> dict[str, Any]:
+        now = time.perf_counter()
+        first = self.first or now
+        return {**self.head(), **self.piece(text), "done": True, "done_reason": last.finish_reason,
+                "total_duration": int((now - self.started) * 1e9), "load_duration": 0,
+                "prompt_eval_count": last.prompt_tokens, "prompt_eval_duration": int((first - self.started) * 1e9),
+                "eval_count": last.completion_tokens, "eval_duration": int((now - first) * 1e9)}
+
+    def error(self, api: ApiError) -> list[bytes]:
+        return [self.line({"error": api.message})]
+
+    def whole(self, text: str, last: GenerationChunk) -> dict[str, Any]:
+        return self.final(last, text)
+
+
+class _OllamaChat(_Ollama):
+    api = "ollama"
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return {"message": {"role": "assistant", "content": text}}
+
+
+class _OllamaGenerate(_Ollama):
+    api = "ollama"
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return {"response": text}
+
+
 # --- the driver --------------------------------------------------------------------------
 
 
@@ -287,6 +358,7 @@ async def _serve(request: web.Request, parsed: ParsedRequest, fmt_class: type[_F
                 parts: list[str] = []
                 while True:
                     observer.chunk(time.perf_counter(), chunk.prompt_tokens, len(chunk.token_ids))
+                    fmt.note(chunk)
                     parts.append(chunk.text)
                     if chunk.finish_reason is not None:
                         break
@@ -380,3 +452,94 @@ async def triton_generate(request: web.Request) -> web.StreamResponse:
 @routes.post("/v2/models/{name}/versions/{version}/generate_stream")
 async def triton_generate_stream(request: web.Request) -> web.StreamResponse:
     return await _triton(request, stream=True)
+
+
+
+# --- Ollama ----------------------------------------------------------------------------------
+
+
+async def _ollama(request: web.Request, parse: Any, fmt_class: type[_Format]) -> web.StreamResponse:
+    try:
+        parsed = parse(await read_json(request))
+    except ParamError as exc:
+        raise _mapped(exc) from None
+    return await _serve(request, parsed, fmt_class)
+
+
+@routes.post("/api/chat")
+async def ollama_chat(request: web.Request) -> web.StreamResponse:
+    return await _ollama(request, parse_ollama_chat, _OllamaChat)
+
+
+@routes.post("/api/generate")
+async def ollama_generate(request: web.Request) -> web.StreamResponse:
+    return await _ollama(request, parse_ollama_generate, _OllamaGenerate)
+
+
+def _folder_facts(artifact: Any) -> tuple[int, str, float]:
+    """Size in bytes, a digest identifying this version of the folder (sha256 over config.json
+    and the weight files' names and sizes: cheap, and it changes when the weights do), mtime."""
+    folder = Path(artifact)
+    digest = hashlib.sha256()
+    size, mtime = 0, 0.0
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else [folder]
+        for p in files:
+            st = p.stat()
+            size += st.st_size
+            mtime = max(mtime, st.st_mtime)
+            if p.name == "config.json":
+                digest.update(p.read_bytes())
+            elif p.suffix in (".safetensors", ".gguf", ".onnx", ".bin"):
+                digest.update(f"{p.name}:{st.st_size}".encode())
+    except OSError:
+        pass
+    return size, digest.hexdigest(), mtime
+
+
+def _ollama_row(name: str, manifest: Any) -> dict[str, Any]:
+    size, digest, mtime = _folder_facts(getattr(manifest, "artifact", ""))
+    return {"name": f"{name}:latest", "model": f"{name}:latest", "size": size, "digest": digest,
+            "modified_at": datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).isoformat(),
+            "details": {"format": getattr(manifest, "format", ""), "family": "", "families": None,
+                        "parameter_size": "", "quantization_level": ""}}
+
+
+@routes.get("/api/tags")
+async def ollama_tags(request: web.Request) -> web.Response:
+    """The store's generation models, in Ollama's listing."""
+    from lastmile.runtime.generation.config import is_generation_manifest
+
+    daemon = request.app["daemon"]
+
+    def rows() -> list[dict[str, Any]]:
+        out = []
+        for entry in daemon.store.entries():
+            with contextlib.suppress(Exception):
+                if entry.manifest is not None and is_generation_manifest(entry.manifest):
+                    out.append(_ollama_row(entry.name, entry.manifest))
+        return out
+
+    return _json({"models": await asyncio.get_running_loop().run_in_executor(None, rows)})
+
+
+@routes.get("/api/ps")
+async def ollama_ps(request: web.Request) -> web.Response:
+    """The loaded generation models, with the memory their runners use."""
+    daemon = request.app["daemon"]
+    models = []
+    for name, model in list(daemon.manager.models.items()):
+        if not getattr(model, "generation", False):
+            continue
+        row = _ollama_row(name, model.manifest)
+        memory = model.memory.as_dict() if hasattr(model.memory, "as_dict") else {}
+        row["size"] = memory.get("used_bytes") or row["size"]
+        row["size_vram"] = sum(v for d, v in (memory.get("device_bytes") or {}).items() if d != "host" and v) or 0
+        row["expires_at"] = None  # unloaded only on request (or by memory policy)
+        models.append(row)
+    return _json({"models": models})
+
+
+@routes.get("/api/version")
+async def ollama_version(request: web.Request) -> web.Response:
+    return _json({"version": request.app["daemon"].version})

@@ -60,7 +60,7 @@ def _call(daemon: DaemonProc, method: str, path: str, body: Any = None) -> tuple
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(daemon.socket))) as s:
             async with s.request(method, "http://localhost" + path, json=body) as resp:
                 payload = await resp.read()
-                if path.startswith(("/v1/", "/v2/models")):
+                if path.startswith(("/v1/", "/v2/models", "/api/")):
                     check_against_spec(method, path, resp.status, resp.headers.get("Content-Type", ""), payload)
                 ctype = resp.headers.get("Content-Type", "")
                 return resp.status, json.loads(payload) if ctype.startswith("application/json") else payload
@@ -395,3 +395,34 @@ def test_tui_chat_screen_streams_an_answer(served, reference) -> None:
             assert any(expected[:10] in "".join(seg.text for seg in line) for line in log.lines)
 
     asyncio.run(drive())
+
+
+def test_ollama_chat_generate_tags_ps(served, reference) -> None:
+    """Ollama's API (NDJSON): what tools built for Ollama call."""
+    daemon = served[0]
+    expected, prompt_tokens, n, finish = reference(messages=QUESTION, max_tokens=12)
+    status, body = _call(daemon, "POST", "/api/chat", {"model": f"{MODEL}:latest", "messages": QUESTION, "stream": False,
+                                                       "options": {"temperature": 0, "num_predict": 12}})
+    assert status == 200 and body["message"] == {"role": "assistant", "content": expected} and body["done"] is True
+    assert body["prompt_eval_count"] == prompt_tokens and body["eval_count"] == n and body["done_reason"] == finish
+    assert body["total_duration"] >= body["eval_duration"] > 0
+    status, raw = _call(daemon, "POST", "/api/chat", {"model": MODEL, "messages": QUESTION, "options": {"temperature": 0, "num_predict": 12}})
+    lines = [json.loads(x) for x in raw.decode().splitlines()]
+    assert status == 200 and "".join(x["message"]["content"] for x in lines) == expected
+    assert [x["done"] for x in lines].count(True) == 1 and lines[-1]["done"] and lines[-1]["eval_count"] == n
+    raw_text, _, _, _ = reference(prompt="The capital of Spain is", max_tokens=8)
+    status, body = _call(daemon, "POST", "/api/generate", {"model": MODEL, "prompt": "The capital of Spain is", "raw": True,
+                                                           "stream": False, "options": {"temperature": 0, "num_predict": 8}})
+    assert status == 200 and body["response"] == raw_text
+    status, body = _call(daemon, "POST", "/api/generate", {"model": MODEL, "prompt": QUESTION[0]["content"], "stream": False,
+                                                           "options": {"temperature": 0, "num_predict": 12}})
+    assert status == 200 and body["response"] == expected  # not raw: the chat template, as /api/chat
+    for bad, field in (({"options": {"num_ctx": 4096}}, "options.num_ctx"), ({"options": {"temperature": -1}}, "options.temperature"),
+                       ({"format": "json"}, "format"), ({"options": {"num_predict": 0}}, "options.num_predict")):
+        status, body = _call(daemon, "POST", "/api/chat", {"model": MODEL, "messages": QUESTION, **bad})
+        assert status == 400 and body["field"] == field, body
+    status, body = _call(daemon, "GET", "/api/tags")
+    tags = {m["name"]: m for m in body["models"]}
+    assert f"{MODEL}:latest" in tags and tags[f"{MODEL}:latest"]["size"] > 0 and "demo-mlp:latest" not in tags
+    status, body = _call(daemon, "GET", "/api/ps")
+    assert [m["name"] for m in body["models"]] == [f"{MODEL}:latest"]

@@ -169,3 +169,18 @@ def test_bad_triton_field_is_named(body: dict[str, Any], field: str) -> None:
     with pytest.raises(ParamError) as info:
         parse_triton(body, "m", stream=False)
     assert info.value.field == field, info.value.message
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v2/models/m/generate", "/v2/models/m/generate_stream",
+                                  "/v2/models/m/versions/1/generate", "/v2/models/m/versions/1/generate_stream",
+                                  "/api/chat", "/api/generate"])
+def test_generation_is_viewer_allowed_like_infer(path: str) -> None:
+    """Generating changes nothing in the daemon: viewers may do it (like V2 infer), and it is
+    not audited as a state change; a made-up path next to them still needs an operator."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from lastmile.appliance.server.auth import default_operator_required, default_state_changing
+
+    request = make_mocked_request("POST", path)
+    assert not default_operator_required(request) and not default_state_changing(request)
+    assert default_operator_required(make_mocked_request("POST", path + "/x"))

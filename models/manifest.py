@@ -42,7 +42,8 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = ["ManifestError", "StoreEscapeError", "load_manifest", "write_manifest", "BACKEND_FORMATS"]
 
-TOP_LEVEL_KEYS = ("name", "format", "artifact", "backend", "description", "trust_pickle", "inputs", "outputs", "settings")
+TOP_LEVEL_KEYS = ("name", "format", "artifact", "backend", "description", "trust_pickle", "inputs", "outputs", "settings",
+                  "text")
 TENSOR_KEYS = ("name", "datatype", "shape")
 
 # Which backend can load which format; ``auto`` picks from this table at load time.
@@ -126,7 +127,10 @@ def _from_table(model_dir: Path, file: Path, name: str, data: Mapping[str, Any])
     inputs = _tensors(file, "inputs", data["inputs"]) if "inputs" in data else None
     outputs = _tensors(file, "outputs", data["outputs"]) if "outputs" in data else None
     missing: list[str] = []
-    if inputs is None or outputs is None:
+    hf, hf_signature = _hf_parts(file, fmt, artifact, trust_pickle, data)
+    if hf_signature is not None and inputs is None and outputs is None:
+        inputs, outputs, missing = list(hf_signature[0]), list(hf_signature[1]), list(hf_signature[2])
+    elif inputs is None or outputs is None:
         # Whatever the file leaves out is read from the artifact, as for a folder with no file.
         try:
             found_in, found_out, notes = infer_signature(fmt, artifact)
@@ -156,7 +160,24 @@ def _from_table(model_dir: Path, file: Path, name: str, data: Mapping[str, Any])
         description=description,
         from_manifest_file=True,
         missing=tuple(missing),
+        hf=hf,
     )
+
+
+def _hf_parts(file: Path, fmt: str, artifact: Path, trust_pickle: bool, data: Mapping[str, Any]) -> tuple[Any, Any]:
+    """A Hugging Face folder's description (``[text]`` overriding what its files say) and its
+    derived signature; ``(None, None)`` for other formats. See :mod:`lastmile.models.hf`."""
+    if fmt != "hf":
+        if "text" in data:
+            raise ManifestError(file, "text", f"[text] describes Hugging Face folders; this model's format is {fmt}")
+        return None, None
+    table = data.get("text", {})
+    if not isinstance(table, dict):
+        raise ManifestError(file, "text", f"must be a table ([text]), got {type(table).__name__}")
+    from lastmile.models.hf import manifest_parts
+
+    hf, inputs, outputs, notes = manifest_parts(artifact, trust_pickle=trust_pickle, overrides=table)
+    return hf, (inputs, outputs, notes)
 
 
 def _string(file: Path, key: str, value: Any) -> str:
@@ -264,10 +285,16 @@ def _inferred(model_dir: Path, name: str) -> Manifest:
             model_dir, "trust_pickle",
             f"{artifact.name} looks like a pickled torch file; " + PICKLE_REFUSAL.format(file=model_dir / MANIFEST_FILE),
         )
-    try:
-        inputs, outputs, missing = infer_signature(fmt, artifact)
-    except FormatError as exc:
-        raise ManifestError(model_dir, "artifact", str(exc)) from exc
+    hf = None
+    if fmt == "hf":  # task, tokenizer and tensors from the folder's JSON (lastmile.models.hf)
+        from lastmile.models.hf import manifest_parts
+
+        hf, inputs, outputs, missing = manifest_parts(artifact)
+    else:
+        try:
+            inputs, outputs, missing = infer_signature(fmt, artifact)
+        except FormatError as exc:
+            raise ManifestError(model_dir, "artifact", str(exc)) from exc
     return Manifest(
         name=name,
         path=model_dir,
@@ -280,6 +307,7 @@ def _inferred(model_dir: Path, name: str) -> Manifest:
         description="",
         from_manifest_file=False,
         missing=missing,
+        hf=hf,
     )
 
 

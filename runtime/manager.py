@@ -14,17 +14,21 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 
 from lastmile.models.settings import ModelSettings
 from lastmile.models.spec import Manifest
 from lastmile.models.store import ModelStore
+from lastmile.models.vocabulary import LIVE_KEYS
 from lastmile.runtime.backends import resolve_backend
 from lastmile.runtime.batcher import Batcher
 from lastmile.runtime.errors import BatchTooLarge, InferenceError, LoadError, ModelUnavailable
 from lastmile.runtime.events import EventLog
+from lastmile.runtime.generation.config import is_generation_manifest
+from lastmile.runtime.generation.runner import GenerationRunner, RefusedStream
+from lastmile.runtime.generation.types import GenerationChunk, GenerationRequest, InvalidGenerationTarget
 from lastmile.runtime.memory import POOL_IDLE_SHARE, MemoryGovernor, MemoryPressure, ModelMemory
 from lastmile.runtime.runner import PIPELINE_DEPTH, Runner
 from lastmile.runtime.shm import BufferPool, PoolFull
@@ -33,7 +37,8 @@ logger = logging.getLogger("lastmile.manager")
 
 PhaseCallback = Callable[[str, dict[str, Any]], None]
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-BATCHER_KEYS = ("max_batch_size", "max_delay_ms", "max_queue", "timeout_s")
+# the settings a loaded model takes live are the batcher's knobs (keep_alive_s is the manager's)
+BATCHER_KEYS = tuple(k for k in LIVE_KEYS if k != "keep_alive_s")
 
 
 def describe_exit(code: int | None) -> str:
@@ -75,6 +80,7 @@ class LoadedModel:
     restart_task: asyncio.Task | None = None
     memory: ModelMemory = field(default_factory=ModelMemory)
     requested: ModelSettings | None = None  # the settings asked for (plan = "auto" may change them)
+    generation: bool = False  # a causal LM served as token streams (runtime/generation), no batcher
 
     def describe(self) -> dict[str, Any]:
         """The row ``GET /lm/v1/models`` shows for this model."""
@@ -108,7 +114,18 @@ class LoadedModel:
             "pool": self.pool.stats(),
             "memory": {k: v for k, v in self.memory.as_dict().items() if k != "estimate"},
             "fusion": self.fusion(),
+            **({"generation": self.generation_stats()} if self.generation else {}),
         }
+
+    def generation_stats(self) -> dict[str, Any]:
+        """The runner's latest scheduler figures (engine, slots, KV, tokens, TTFT, inter-token)."""
+        runner = self.runners[0] if self.runners else None
+        stats = dict(getattr(runner, "generation", None) or {})
+        for key in ("engine", "max_num_seqs", "max_context"):
+            stats.setdefault(key, self.info.get(key))
+        for key in ("running", "waiting", "kv_used_bytes", "kv_reserved_bytes"):
+            stats.setdefault(key, 0)
+        return stats
 
     def fusion(self) -> dict[str, Any]:
         """The ``graph_fusion`` asked for and what the backend really applied."""
@@ -143,6 +160,7 @@ class ModelManager:
         self._closing = False
         self.governor = memory if isinstance(memory, MemoryGovernor) else MemoryGovernor(memory, events)
         self.governor.manager = self
+        self._keep_alive_task: asyncio.Task | None = None
 
     # --- planning -------------------------------------------------------------------------
 
@@ -173,6 +191,8 @@ class ModelManager:
             requested = settings
             settings, est, plan_taken = await self.governor.admit(manifest, settings, backend)
             self.governor.start()
+            if self._keep_alive_task is None or self._keep_alive_task.done():
+                self._keep_alive_task = asyncio.get_running_loop().create_task(self._keep_alive(), name="lastmile-keep-alive")
             # A serving model is replaced without dropping requests when the new runners fit
             # beside the old ones: start them, switch, then drain the old. Else stop it first.
             swap = current is not None and current.state == "ready" and self._fits_beside(est)
@@ -183,6 +203,7 @@ class ModelManager:
             pool = BufferPool(f"lastmile-{os.getpid()}-{name}-")
             model = LoadedModel(name, manifest, settings, overrides, backend, pool)
             model.requested = requested
+            model.generation = is_generation_manifest(manifest)
             model.memory.estimate = est
             model.memory.device = next((d for d in est.per_device if d != "host"), "host")
             model.memory.limit_bytes = settings.memory_limit_mb * 1024 * 1024 if settings.memory_limit_mb else None
@@ -215,12 +236,13 @@ class ModelManager:
                 kept = "; the running instance keeps serving" if swap else ""
                 self.events.record("load_failed", f"{name} failed to load: {exc}{kept}", model=name, level="error")
                 raise
-            model.batcher = Batcher(
-                lambda inputs, m=model: self._run_batch(m, inputs),
-                concurrency=settings.instances,
-                pool=model.pool,  # concatenate requests straight into shared memory
-                **{k: getattr(settings, k) for k in BATCHER_KEYS},
-            )
+            if not model.generation:  # a generation runner schedules its own sequences
+                model.batcher = Batcher(
+                    lambda inputs, m=model: self._run_batch(m, inputs),
+                    concurrency=settings.instances,
+                    pool=model.pool,  # concatenate requests straight into shared memory
+                    **{k: getattr(settings, k) for k in BATCHER_KEYS},
+                )
             model.state, model.phase = "ready", "ready"
             model.loaded_at = model.last_used = time.time()
             if swap:
@@ -237,7 +259,8 @@ class ModelManager:
 
     async def _start_runners(self, model: LoadedModel, phase: PhaseCallback) -> None:
         for instance in range(model.settings.instances):
-            runner = Runner(model.manifest, model.settings, pool=model.pool, instance=instance)
+            runner_class = GenerationRunner if model.generation else Runner
+            runner = runner_class(model.manifest, model.settings, pool=model.pool, instance=instance)
             runner.on_exit = lambda r, code, m=model: self._runner_died(m, r, code)
             model.runners.append(runner)
             model.info = await runner.start(on_phase=phase, timeout_s=model.settings.load_timeout_s)
@@ -296,9 +319,31 @@ class ModelManager:
             await asyncio.sleep(0.01)
         await self._teardown(old, reason="replaced by its reload")
 
+    async def _keep_alive(self, every_s: float = 1.0) -> None:
+        """Unload a model idle for longer than its ``keep_alive_s`` (0: never): no request
+        since then and nothing in flight (no batch, no generation stream)."""
+        while not self._closing:
+            await asyncio.sleep(every_s)
+            now = time.time()
+            for model in list(self.models.values()):
+                keep = model.settings.keep_alive_s
+                last = max([model.last_used, *(getattr(r, "last_activity", 0.0) for r in model.runners)])
+                if not keep or model.state != "ready" or now - last < keep:
+                    continue
+                if any(r.busy for r in model.runners) or (model.batcher and model.batcher.stats().get("queue_depth")):
+                    continue
+                try:
+                    await self.unload(model.name, reason=f"unloaded after {keep:g} s idle (keep_alive_s)")
+                except ModelNotLoaded:
+                    pass
+                except Exception:  # noqa: BLE001 - the next tick tries again
+                    logger.exception("keep_alive unload of %s failed", model.name)
+
     async def close(self) -> None:
         """Stop every runner (daemon shutdown); state is kept so the next start restores it."""
         self._closing = True
+        if self._keep_alive_task is not None:
+            self._keep_alive_task.cancel()
         self.governor.close()
         for model in list(self.models.values()):
             await self._teardown(model, "stopped with the daemon")
@@ -352,6 +397,23 @@ class ModelManager:
             raise
         model.latencies_s.append(time.perf_counter() - started)
         return outputs, info
+
+    def generate(self, name: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream one generation from a loaded generation model. Refusals (``ContextOverflow``,
+        ``QueueFull``, ``ModelUnavailable``...) are raised by the first ``__anext__``, before
+        any chunk; ``aclose()`` cancels the sequence in the runner (slot and KV freed)."""
+        model = self.models.get(name)
+        if model is None:
+            return RefusedStream(ModelNotLoaded(name))
+        if not model.generation:
+            return RefusedStream(InvalidGenerationTarget(
+                f"model {name!r} is not a generation model (format {model.manifest.format}, backend {model.backend}); "
+                "generation needs a causal-LM folder"))
+        if model.state != "ready" or not model.runners:
+            return RefusedStream(ModelUnavailable(f"model {name!r} is {model.state}" + (f": {model.error}" if model.error else "")))
+        model.last_used = time.time()
+        model.requests += 1
+        return model.runners[0].generate(request)
 
     async def _run_batch(self, model: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if model.state != "ready":

@@ -19,12 +19,21 @@ from lastmile.appliance import __version__
 from lastmile.appliance.client.api import ClientError, LastmileClient
 from lastmile.appliance.client.chat import add_chat_commands
 from lastmile.appliance.server.config import ConfigError, load_config
+from lastmile.models.vocabulary import BY_NAME, SETTINGS, Setting
 
-LOAD_FLAGS = {
-    "backend": str, "device": str, "dtype": str, "graph_fusion": str, "memory_limit_mb": int,
-    "max_batch_size": int, "max_delay_ms": float, "max_queue": int, "instances": int, "offload": str, "threads": int,
-    "load_timeout_s": float,
-}
+SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"  # what add_subparsers returns
+
+# One flag per setting of the vocabulary, parsed into its type; the daemon judges the value.
+LOAD_FLAGS: dict[str, type] = {s.name: s.python_type for s in SETTINGS}
+
+
+def setting_note(setting: Setting, *, default: bool = True) -> str:
+    """What ``load --help`` and ``config show`` say about a setting: allowed values, the
+    built-in default, and whether a loaded model takes a change live."""
+    when = "tunable on a loaded model without a reload" if setting.live else "a change needs a reload"
+    if not default:
+        return f"{setting.allowed()}; {when}"
+    return f"{setting.allowed()}; default {'none' if setting.default is None else setting.default}; {when}"
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -76,7 +85,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
         print(f"\n[{section}]")
         for key, value in values.items():
             shown = "(unset)" if value is None else json.dumps(value)
-            print(f"{key} = {shown}  # {config.sources.get(f'{section}.{key}', '?')}")
+            note = f"; {setting_note(BY_NAME[key], default=False)}" if section == "defaults" and key in BY_NAME else ""
+            print(f"{key} = {shown}  # {config.sources.get(f'{section}.{key}', '?')}{note}")
     return 0
 
 
@@ -238,7 +248,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------
 
 
-# --- memory (issue 4): `lastmile memory`, `lastmile memory set`, `lastmile load --dry-run` ------
+# --- memory: `lastmile memory`, `lastmile memory set`, `lastmile load --dry-run` ------
 
 MEMORY_SET_FLAGS = {
     "host_limit_mb": int, "host_limit_fraction": float, "device_limit_mb": int, "device_limit_fraction": float,
@@ -314,7 +324,7 @@ async def cmd_load_or_dry_run(client: LastmileClient, args: argparse.Namespace) 
     return 1
 
 
-def add_memory_commands(sub: Any, common: argparse.ArgumentParser, load: argparse.ArgumentParser) -> None:
+def add_memory_commands(sub: SubParsers, common: argparse.ArgumentParser, load: argparse.ArgumentParser) -> None:
     load.add_argument("--dry-run", action="store_true", help="only show the memory estimate and whether it fits now")
     load.set_defaults(func=cmd_load_or_dry_run)
     memory = sub.add_parser("memory", help="memory budgets and per-model usage", description="memory budgets and per-model usage", parents=[common])
@@ -378,7 +388,7 @@ async def cmd_tune(client: LastmileClient, args: argparse.Namespace) -> int:
     return 0 if result.best else 1
 
 
-def add_perf_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_perf_commands(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     bench = sub.add_parser("bench", add_help=False,
                            help="benchmark Lastmile against the in-process limit, a naive server and a peer (source checkout; --help for its flags)",
                            description="benchmark Lastmile against the in-process limit, a naive server and a peer")
@@ -435,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("name")
     for key, kind in LOAD_FLAGS.items():
         flag = "--memory-limit" if key == "memory_limit_mb" else "--" + key.replace("_", "-")
-        load.add_argument(flag, dest=key, type=kind, metavar=key.upper() if key != "memory_limit_mb" else "MB")
+        setting = BY_NAME[key]
+        load.add_argument(flag, dest=key, type=kind, metavar=key.upper() if key != "memory_limit_mb" else "MB",
+                          help=f"{setting.help} ({setting_note(setting)})")
     unload = add("unload", "unload a model", cmd_unload)
     unload.add_argument("name")
     infer = add("infer", "send one inference request", cmd_infer, True)

@@ -47,7 +47,6 @@ __all__ = [
     "AuthPolicy",
     "TokenFileError",
     "load_token",
-    "credential_path",
     "peer_credentials",
     "requires_role",
     "default_operator_required",
@@ -200,8 +199,8 @@ def load_token(path: str | os.PathLike[str]) -> str:
     The file must be a regular file with no group/other permission bits
     (``chmod 600``), owned by the daemon's user or root, holding one token
     of at least 16 visible ASCII characters (``openssl rand -hex 32``).
-    A systemd credential (``LoadCredential=``) qualifies: see
-    :func:`credential_path`.
+    A systemd credential (``LoadCredential=``, a private 0400 copy owned by the
+    service user) qualifies: point ``server.token_file`` at it.
     """
     p = Path(path)
     try:
@@ -245,20 +244,6 @@ def load_token(path: str | os.PathLike[str]) -> str:
     return token
 
 
-def credential_path(name: str) -> Path | None:
-    """``$CREDENTIALS_DIRECTORY/<name>`` when systemd passed that credential, else None.
-
-    With ``LoadCredential=tcp-token:/etc/lastmile/tcp-token`` systemd (as
-    root) copies the file to a private 0400 file owned by the service user,
-    so the token file in /etc can stay root-only.
-    """
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not directory:
-        return None
-    candidate = Path(directory) / name
-    return candidate if candidate.exists() else None
-
-
 # --- the policy -------------------------------------------------------------------------
 
 
@@ -279,10 +264,9 @@ class AuthPolicy:
       gids, default ``["lastmile-admin"]``) make a Unix-socket peer an
       operator; root is always an operator, and so is the daemon's own uid
       (in a user-mode run that is the person who started it).
-    * ``viewer_groups`` documents who the socket's group admits (default
-      ``["lastmile"]``); it is enforced only with ``strict_viewers=True``,
-      because the socket's 0660 mode already is that boundary and a
-      user-mode socket belongs to its user, not to group ``lastmile``.
+    * Everyone else who could connect is a viewer: the socket's 0660 mode
+      (group ``lastmile``) is that boundary, and a user-mode socket belongs
+      to its user.
     * ``token``: the TCP bearer token (from :func:`load_token`); None means
       TCP admits only the health routes.
 
@@ -293,9 +277,7 @@ class AuthPolicy:
 
     operator_groups: list[str | int] = field(default_factory=lambda: ["lastmile-admin"])
     operator_uids: list[int] = field(default_factory=lambda: [0])
-    viewer_groups: list[str | int] = field(default_factory=lambda: ["lastmile"])
     token: str | None = None
-    strict_viewers: bool = False
     daemon_uid_is_operator: bool = True
     group_cache_s: float = 60.0
     _gid_cache: dict[str, tuple[float, frozenset[int]]] = field(default_factory=dict, init=False, repr=False)
@@ -303,7 +285,6 @@ class AuthPolicy:
 
     def __post_init__(self) -> None:
         self.operator_groups = _as_str_list("operator_groups", self.operator_groups)
-        self.viewer_groups = _as_str_list("viewer_groups", self.viewer_groups)
         if isinstance(self.operator_uids, (str, bytes)) or not isinstance(self.operator_uids, (list, tuple)):
             raise ValueError(f"auth.operator_uids: expected a list of numeric uids, got {self.operator_uids!r}")
         for uid in self.operator_uids:
@@ -312,15 +293,6 @@ class AuthPolicy:
         self.operator_uids = list(self.operator_uids)
         if self.token is not None and (not isinstance(self.token, str) or len(self.token) < _TOKEN_MIN):
             raise ValueError(f"auth token must be a string of at least {_TOKEN_MIN} characters (use load_token)")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, token: str | None = None) -> AuthPolicy:
-        """From a config ``[auth]`` table; unknown keys are an error naming the key."""
-        known = {"operator_groups", "operator_uids", "viewer_groups", "strict_viewers"}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"auth.{unknown[0]}: unknown key; allowed: {', '.join(sorted(known))}")
-        return cls(**dict(values), token=token)
 
     # group resolution ------------------------------------------------------------------
 
@@ -347,21 +319,16 @@ class AuthPolicy:
     def operator_gids(self) -> frozenset[int]:
         return self._gids("operator_groups", self.operator_groups)
 
-    def viewer_gids(self) -> frozenset[int]:
-        return self._gids("viewer_groups", self.viewer_groups)
-
     # decisions -------------------------------------------------------------------------
 
-    def role_for_unix(self, creds: PeerCredentials) -> Literal["operator", "viewer"] | None:
-        """operator / viewer for a Unix-socket peer (None only with ``strict_viewers``)."""
+    def role_for_unix(self, creds: PeerCredentials) -> Literal["operator", "viewer"]:
+        """operator / viewer for a Unix-socket peer (one that could connect at all)."""
         if creds.uid == 0 or creds.uid in self.operator_uids:
             return "operator"
         if self.daemon_uid_is_operator and creds.uid == os.geteuid():
             return "operator"
         if creds.in_any(self.operator_gids()):
             return "operator"
-        if self.strict_viewers and not creds.in_any(self.viewer_gids()):
-            return None
         return "viewer"
 
     def token_matches(self, presented: str) -> bool:
@@ -463,13 +430,7 @@ def _identify(policy: AuthPolicy, request: web.Request) -> Caller:
     family = getattr(sock, "family", None)
     if family == socket.AF_UNIX:
         creds = _connection_creds(transport, sock)
-        role = policy.role_for_unix(creds)
-        if role is None:
-            raise _Denied(
-                403,
-                f"uid {creds.uid} is in none of the viewer groups ({', '.join(map(str, policy.viewer_groups))})",
-            )
-        return Caller(role=role, transport="unix", uid=creds.uid, gid=creds.gid, pid=creds.pid)
+        return Caller(role=policy.role_for_unix(creds), transport="unix", uid=creds.uid, gid=creds.gid, pid=creds.pid)
     if family in (socket.AF_INET, socket.AF_INET6):
         peer = transport.get_extra_info("peername")
         remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)

@@ -8,13 +8,13 @@ import logging
 import os
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
 from lastmile.appliance import __version__
 from lastmile.appliance.server.config import Config, ConfigError, load_config
-from lastmile.appliance.server.state import StateError, read_state, write_state
+from lastmile.appliance.server.statefile import StateError, read_state, write_state
 from lastmile.models.store import ModelStore
 from lastmile.runtime.events import EventLog
 from lastmile.runtime.manager import ModelManager
@@ -74,7 +74,7 @@ class Daemon:
         except OSError as exc:
             self.events.record("state_write_failed", f"could not save state: {exc}; previous state kept", level="error")
 
-    async def restore(self, notify_status: Any = None) -> None:
+    async def restore(self, notify_status: Callable[[str], None] | None = None) -> None:
         """Load what the state file lists. A model that fails is reported, not fatal."""
         path = self.config.store["state_file"]
         try:

@@ -178,3 +178,31 @@ class _EngineCollector:
             active.add_metric([name], self.metrics.stats(name).active)
         yield from families.values()
         yield active
+
+
+class MonitorAnnotator:
+    """Adds the generation routes' figures to one monitor stream's snapshots: each generation
+    model's row gets ``generation.api`` = :meth:`GenerationMetrics.window` plus prompt and
+    generated tokens/s from the counter deltas between two snapshots (like requests/s)."""
+
+    def __init__(self, metrics: GenerationMetrics) -> None:
+        self.metrics = metrics
+        self._last: dict[str, tuple[float, int, int]] = {}
+
+    def annotate(self, snapshot: dict[str, Any]) -> dict[str, Any]:
+        now = float(snapshot.get("time") or 0.0)
+        for row in snapshot.get("models") or []:
+            gen = row.get("generation")
+            if not isinstance(gen, dict):
+                continue
+            name = row.get("name", "")
+            window = self.metrics.window(name)
+            totals = (window["prompt_tokens_total"], window["generated_tokens_total"])
+            previous = self._last.get(name)
+            self._last[name] = (now, *totals)
+            rates = [0.0, 0.0]
+            if previous is not None and now > previous[0]:
+                dt = now - previous[0]
+                rates = [round(max(0, t - p) / dt, 2) for t, p in zip(totals, previous[1:])]
+            row["generation"] = {**gen, "api": {**window, "prompt_tokens_per_s": rates[0], "generated_tokens_per_s": rates[1]}}
+        return snapshot

@@ -23,6 +23,7 @@ from lastmile.appliance.server import activation, sdnotify
 from lastmile.appliance.server.auth import AuthPolicy, TokenFileError, auth_middleware, load_token
 from lastmile.appliance.server.config import Config
 from lastmile.appliance.server.daemon import Daemon
+from lastmile.appliance.server.dataplane import DataPlane
 from lastmile.appliance.server.http import concurrency_limit, error_middleware
 from lastmile.appliance.logs import log
 from lastmile.appliance.server.metrics import setup_metrics
@@ -53,6 +54,7 @@ def build_app(daemon: Daemon) -> web.Application:
         client_max_size=config.server["max_body_mb"] * 1024 * 1024,
     )
     app["daemon"] = daemon
+    app["dataplane"] = DataPlane(daemon)
     app["config"] = config
     app.add_routes(v2_routes)
     app.add_routes(v1_routes)

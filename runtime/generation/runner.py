@@ -115,6 +115,29 @@ class GenerationStream:
         self._runner._streams.pop(self.key, None)
 
 
+class RefusedStream:
+    """A stream refused before it reached a runner: its first ``__anext__`` raises why, so
+    callers handle every refusal in one place."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self._exc: BaseException | None = exc
+
+    def __aiter__(self) -> "RefusedStream":
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        exc, self._exc = self._exc, None
+        if exc is None:
+            raise StopAsyncIteration
+        raise exc
+
+    def __await__(self):
+        return self.__anext__().__await__()
+
+    async def aclose(self) -> None:
+        self._exc = None
+
+
 class GenerationRunner(Runner):
     """A runner whose child serves generation streams (see :mod:`.serve`)."""
 
@@ -125,6 +148,7 @@ class GenerationRunner(Runner):
         self._keys = itertools.count(1)
         self._streams: dict[int, GenerationStream] = {}
         self.generation: dict[str, Any] = {}  # the child's latest scheduler stats
+        self.last_activity = time.time()  # last chunk received (keep_alive counts idle from here)
 
     def generate(self, request: GenerationRequest) -> GenerationStream:
         """Start one generation; refusals surface on the stream's first ``__anext__``."""
@@ -152,6 +176,7 @@ class GenerationRunner(Runner):
     def _dispatch(self, msg: tuple) -> None:
         op = msg[0]
         if op == "chunks":
+            self.last_activity = time.time()
             for key, chunk in msg[1]:
                 stream = self._streams.get(key)
                 if stream is not None:

@@ -27,7 +27,7 @@ from typing import Any
 STATS_EVERY_S = 0.25
 
 
-def load(folder: str, gs: Any) -> tuple[Any, Any]:
+def load(folder: str, gs: Any, on_phase: Any = None) -> tuple[Any, Any]:
     """(engine, tokenizer) for an HF causal-LM folder with the given GenerationSettings."""
     from transformers import AutoTokenizer
 
@@ -45,7 +45,8 @@ def load(folder: str, gs: Any) -> tuple[Any, Any]:
         from lastmile.runtime.generation.ort_engine import OrtGenAIEngine
 
         engine = OrtGenAIEngine.from_hf_folder(folder, precision=gs.precision, max_num_seqs=gs.max_num_seqs,
-                                               max_context=gs.max_context, threads=threads)
+                                               max_context=gs.max_context, threads=threads,
+                                               on_phase=on_phase)
     else:
         raise ValueError(f"engine {gs.engine!r} unknown; known: deepspeed, ort-genai")
     return engine, tokenizer
@@ -67,7 +68,7 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
         folder = str(manifest.artifact)
         cfg = causal_lm_config(manifest.artifact) or {}
         gs = GenerationSettings.from_settings(settings, cfg.get("max_position_embeddings"))
-        engine, tokenizer = load(folder, gs)
+        engine, tokenizer = load(folder, gs, on_phase=lambda name, data: send(("phase", name, data)))
         sched = GenerationScheduler(engine, tokenizer, max_queue=gs.max_queue)
         load_s = time.perf_counter() - started
         send(("phase", "warming", {"load_s": round(load_s, 4)}))

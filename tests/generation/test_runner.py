@@ -37,7 +37,7 @@ def pool(request):
 
 async def start(folder: Path, pool: BufferPool, **settings) -> GenerationRunner:
     manifest = load_manifest(folder, "tiny")
-    runner = GenerationRunner(manifest, ModelSettings().overlay(settings), pool=pool)
+    runner = GenerationRunner(manifest, ModelSettings().overlay({"engine": "deepspeed", **settings}), pool=pool)
     await runner.start(timeout_s=120)
     return runner
 

@@ -1,4 +1,4 @@
-"""What is loaded, with which settings, kept across restarts.
+"""The state file (``store.state_file``): what is loaded, with which settings, kept across restarts.
 
 Written atomically (temp file in the same directory, fsync, rename, fsync of the directory) so
 a crash or a full disk leaves either the old state or the new one, never half of either.

@@ -91,11 +91,20 @@ def find_candidates(model_dir: Path) -> list[tuple[str, Path]]:
     found: list[tuple[str, Path]] = []
     if is_hf_folder(model_dir):
         found.append(("hf", model_dir))
+    real_dir = model_dir.resolve()
     for path in _visible(model_dir):
-        fmt = format_of(path)
+        # A link out of the folder is named by its suffix only, never opened: the caller
+        # refuses it (check_inside) with a message that says where it leads.
+        inside = not path.is_symlink() or path.resolve().is_relative_to(real_dir)
+        fmt = format_of(path) if inside else _suffix_format(path)
         if fmt is not None:
             found.append((fmt, path))
     return found
+
+
+def _suffix_format(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    return _SUFFIX_FORMATS.get(suffix) or ("torch_pickle" if suffix in _TORCH_SUFFIXES else None)
 
 
 def detect_format(model_dir: Path, *, want: str | None = None) -> tuple[str, Path]:

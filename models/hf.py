@@ -237,7 +237,7 @@ def task_of_architecture(architecture: str) -> str | None:
 
 
 def describe_hf_folder(path: Path | str, *, trust_pickle: bool = False,
-                       overrides: Mapping[str, Any] | None = None) -> HfFolder:
+                       overrides: Mapping[str, Any] | None = None, weights_file: str | None = None) -> HfFolder:
     """Describe the Hugging Face folder at ``path`` from its JSON files only.
 
     ``overrides`` is a manifest's ``[text]`` table (keys :data:`OVERRIDE_KEYS`); what it sets
@@ -253,7 +253,10 @@ def describe_hf_folder(path: Path | str, *, trust_pickle: bool = False,
     if not isinstance(config, dict):
         raise ManifestError(folder / "config.json", "", "must hold a JSON object")
 
-    weights, weights_format = _weights(folder, trust_pickle)
+    if weights_file is not None:  # an export (model.onnx) next to the source folder's JSON files
+        weights, weights_format = [weights_file], "onnx"
+    else:
+        weights, weights_format = _weights(folder, trust_pickle)
     files.extend(weights)
 
     forced = (overrides or {}).get("task")
@@ -604,4 +607,23 @@ def manifest_parts(folder: Path, *, trust_pickle: bool = False, overrides: Mappi
     if desc.tokenizer is None:
         ids = (TensorSpec("input_ids", "INT64", (-1, -1)), TensorSpec("attention_mask", "INT64", (-1, -1)))
         return desc, ids, wire_outputs(desc), desc.notes
+    return desc, wire_inputs(desc), wire_outputs(desc), desc.notes
+
+
+def onnx_text_parts(folder: Path, artifact: Path, overrides: Mapping[str, Any] | None = None
+                    ) -> tuple[HfFolder, tuple[TensorSpec, ...], tuple[TensorSpec, ...], tuple[str, ...]] | None:
+    """An ONNX model folder that also carries a Hugging Face ``config.json`` and
+    ``tokenizer.json`` (an export, e.g. ``lastmile models import NAME --to onnx``) takes text
+    like its source: its description and wire tensors, or ``None`` when it is not a text model
+    (then it is served as the plain ONNX graph it is)."""
+    if not ((folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()):
+        return None
+    try:
+        desc = describe_hf_folder(folder, overrides=overrides, weights_file=artifact.name)
+    except ManifestError:
+        if overrides:
+            raise  # the operator's [text] table is wrong: say so
+        return None
+    if desc.task not in TEXT_TASKS:
+        return None
     return desc, wire_inputs(desc), wire_outputs(desc), desc.notes

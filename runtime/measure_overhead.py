@@ -82,7 +82,8 @@ async def _measure(store: Path, names: list[str]) -> list[dict[str, Any]]:
     from lastmile.models.store import ModelStore
     from lastmile.runtime.backends import resolve_backend
     from lastmile.runtime.estimate import artifact_weights
-    from lastmile.runtime.runner import Runner, warm_up
+    from lastmile.runtime.forkserver import warm_up
+    from lastmile.runtime.runner import Runner
     from lastmile.runtime.shm import BufferPool
 
     await asyncio.get_running_loop().run_in_executor(None, warm_up)

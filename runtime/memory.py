@@ -47,6 +47,8 @@ from lastmile.models.settings import ModelSettings
 from lastmile.models.spec import Manifest
 from lastmile.runtime.errors import LastmileRuntimeError, ModelUnavailable
 from lastmile.runtime.estimate import MB, Estimate, budget_device, estimate
+from lastmile.runtime.generation.config import is_generation_manifest
+from lastmile.runtime.generation.memory import generation_estimate
 
 if TYPE_CHECKING:
     from lastmile.runtime.events import EventLog
@@ -385,6 +387,8 @@ class MemoryGovernor:
 
     def estimate(self, manifest: Manifest, settings: ModelSettings, backend: str) -> Estimate:
         device = self._device_of(settings)
+        if is_generation_manifest(manifest):  # weights + slots x context x KV bytes per token
+            return generation_estimate(manifest, settings, device)
         return estimate(manifest, settings, backend, device)
 
     def _device_of(self, settings: ModelSettings) -> str:
@@ -435,6 +439,8 @@ class MemoryGovernor:
                             "estimate_bytes": est.total_bytes,
                             "description": f"unload idle model(s) {', '.join(victims)} (least recently used first)"})
                 break
+        if is_generation_manifest(manifest):
+            return out + self._generation_options(manifest, settings, backend, est)
         batch = settings.max_batch_size
         best = None
         low, high = 1, batch - 1
@@ -470,6 +476,26 @@ class MemoryGovernor:
                                     "settings": {"dtype": lower, "max_batch_size": size}, "estimate_bytes": e.total_bytes,
                                     "description": f"dtype {lower} and max_batch_size {size}"})
                         break
+        return out
+
+    def _generation_options(self, manifest: Manifest, settings: ModelSettings, backend: str, est: Estimate) -> list[dict[str, Any]]:
+        """The first variant of each kind (context, slots, precision) that fits, with what it frees."""
+        from lastmile.runtime.generation.config import causal_lm_config
+        from lastmile.runtime.generation.memory import generation_variants
+
+        cfg = causal_lm_config(manifest.artifact) or {}
+        out: list[dict[str, Any]] = []
+        kinds: set[str] = set()
+        for changes, description in generation_variants(settings, cfg.get("max_position_embeddings")):
+            kind = "precision" if "precision" in changes else next(iter(changes))
+            if kind in kinds:
+                continue
+            e = self.estimate(manifest, settings.overlay(changes), backend)
+            if self._shortfall(e, settings.memory_limit_mb, manifest.name) is None:
+                kinds.add(kind)
+                freed = est.total_bytes - e.total_bytes
+                out.append({"option": f"generation_{kind}", "settings": changes, "estimate_bytes": e.total_bytes,
+                            "description": f"{description} frees {freed / MB:.0f} MiB"})
         return out
 
     def dry_run(self, manifest: Manifest, settings: ModelSettings, backend: str) -> dict[str, Any]:

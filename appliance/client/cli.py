@@ -100,6 +100,21 @@ def cmd_build_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    """``models import FILE.gguf --name NAME``: a GGUF (Ollama / llama.cpp) as an HF folder in the store."""
+    from lastmile.models.store import check_name
+    from lastmile.runtime.generation.gguf_import import import_gguf
+
+    store = Path(args.store) if args.store else load_config(args.config).store["models_dir"]
+    name = check_name(args.name)
+    started = time.monotonic()
+    out = import_gguf(args.source, Path(store) / name, precision=args.precision, force=args.force,
+                      on_phase=lambda phase, data: print(f"{phase}...", file=sys.stderr, flush=True))
+    print(f"imported {args.source} as {name} in {out} ({time.monotonic() - started:.1f} s); "
+          f"`lastmile load {name}` serves it (the first load builds the ORT-GenAI {args.precision or 'int4'} model)")
+    return 0
+
+
 async def cmd_status(client: LastmileClient, args: argparse.Namespace) -> int:
     status = await client.status()
     if args.json:
@@ -148,6 +163,11 @@ async def cmd_models(client: LastmileClient, args: argparse.Namespace) -> int:
         m = loaded.get(entry["name"])
         rows.append([entry["name"], entry["format"], m["backend"] if m else entry["backend"], m["state"] if m else "-", m["device"] if m else "-", entry["error"] or "; ".join(entry["missing"]) or ""])
     print(_table(rows, ["MODEL", "FORMAT", "BACKEND", "STATE", "DEVICE", "NOTE"]))
+    from lastmile.appliance.client.text_cli import format_derived
+
+    derived = format_derived(data["store"])  # Hugging Face folders: what was derived, from which file
+    if derived:
+        print("\n" + derived)
     return 0
 
 
@@ -180,7 +200,26 @@ def _random_input(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
     return rng.standard_normal(size=shape).astype(dtype)
 
 
+def cmd_models_import(args: argparse.Namespace) -> int:
+    if args.source.lower().endswith(".gguf"):
+        if not args.name:
+            raise ClientError("models import FILE.gguf needs --name NAME (the model's name in the store)")
+        return cmd_import_gguf(args)
+    if args.to != "onnx":
+        raise ClientError(f"models import {args.source}: give a FILE.gguf, or a store model NAME with --to onnx")
+    from lastmile.appliance.client.text_cli import cmd_models_import as run_import
+
+    args.name = args.source
+    return run_import(args, Path(args.store) if args.store else load_config(args.config).store["models_dir"])
+
+
 async def cmd_infer(client: LastmileClient, args: argparse.Namespace) -> int:
+    if args.text:  # texts in: lastmile.appliance.client.text_cli
+        from lastmile.appliance.client.text_cli import format_text_result, infer_text
+
+        response = await infer_text(client, args.name, args.text, truncate=args.truncate)
+        _print_json(response) if args.json else print(format_text_result(args.text, response))
+        return 0
     meta = await client.metadata(args.name)
     specs = {t["name"]: t for t in meta["inputs"]}
     inputs: dict[str, np.ndarray] = {}
@@ -436,11 +475,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", "daemon status and loaded models", cmd_status, True)
     add("system", "host facts: CPU, RAM, accelerators, versions", cmd_system, True)
     models = add("models", "the store and what is loaded", cmd_models, True)
-    models_sub = models.add_subparsers(dest="models_command", metavar="build-demo")
+    models_sub = models.add_subparsers(dest="models_command", metavar="build-demo | import")
     demo = models_sub.add_parser("build-demo", help="build the bundled demo models into the store", parents=[common])
     demo.add_argument("--store", help="store directory (default: store.models_dir)")
     demo.add_argument("--force", action="store_true", help="rebuild models that exist")
     demo.set_defaults(func=cmd_build_demo)
+    imp = models_sub.add_parser(
+        "import", parents=[common],
+        help="a GGUF file (Ollama, llama.cpp) as a chat model in the store, or --to onnx: export a Hugging Face text model of the store to ONNX (NAME-onnx)")
+    imp.add_argument("source", help="FILE.gguf, or the NAME of a Hugging Face text model in the store (with --to onnx)")
+    imp.add_argument("--name", help="GGUF: the new model's name in the store")
+    imp.add_argument("--precision", choices=("int4", "int8", "fp32"), help="GGUF: weights the ORT-GenAI engine serves (default int4)")
+    imp.add_argument("--to", choices=["onnx"], help="export a store model to ONNX")
+    imp.add_argument("--target", help="--to onnx: name of the new model folder (default NAME-onnx)")
+    imp.add_argument("--store", help="store directory (default: store.models_dir)")
+    imp.add_argument("--no-optimize", action="store_true", help="--to onnx: skip ONNX Runtime's transformer fusions")
+    imp.add_argument("--force", action="store_true", help="replace the target folder")
+    imp.add_argument("--json", action="store_true")
+    imp.set_defaults(func=cmd_models_import)
     load = add("load", "load a model from the store", cmd_load, True)
     load.add_argument("name")
     for key, kind in LOAD_FLAGS.items():
@@ -455,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--input", action="append", metavar="NAME=FILE.npy")
     infer.add_argument("--random", action="store_true", help="random data for inputs not given")
     infer.add_argument("--seed", type=int, default=0)
+    infer.add_argument("--text", action="append", metavar="TEXT", help="a text for a text model (repeat for a batch)")
+    infer.add_argument("--truncate", action="store_true", help="cut texts longer than the model's max length")
     events = add("events", "the daemon's event log", cmd_events)
     events.add_argument("--follow", "-f", action="store_true")
     demo_cmd = add("demo", "start the daemon if needed, load the demo models on both backends, send requests, open the TUI", cmd_demo)
@@ -467,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LOCAL_COMMANDS = (cmd_serve, cmd_config_show, cmd_build_demo, cmd_tui, cmd_bench, cmd_demo)
+LOCAL_COMMANDS = (cmd_serve, cmd_config_show, cmd_build_demo, cmd_models_import, cmd_tui, cmd_bench, cmd_demo)
 
 
 def main(argv: list[str] | None = None) -> int:

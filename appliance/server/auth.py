@@ -24,6 +24,7 @@ import errno
 import grp
 import hmac
 import logging
+import math
 import os
 import re
 import socket
@@ -45,6 +46,7 @@ __all__ = [
     "PeerCredentials",
     "Caller",
     "AuthPolicy",
+    "TokenFailures",
     "TokenFileError",
     "load_token",
     "peer_credentials",
@@ -388,13 +390,89 @@ def _is_health(path: str) -> bool:
     return path == "/v2/health" or path.startswith("/v2/health/")
 
 
+# --- repeated token failures ---------------------------------------------------------------
+
+
+class TokenFailures:
+    """Failed bearer-token attempts per TCP peer address: slows guessing and keeps the log short.
+
+    The first ``free`` failures of a peer are answered as usual (401); each further one locks
+    the peer out for ``base_s`` doubling up to ``max_s``, and while locked out every request of
+    that peer carrying a token is refused with 429 + ``Retry-After`` *without* comparing its
+    token, so a guesser gets a handful of tries a minute instead of thousands a second. A
+    correct token clears the peer's record. The first failure of a peer is logged; later ones
+    are counted and logged as one line per peer per ``log_every_s``. At most ``max_peers``
+    addresses are remembered (the oldest are forgotten first), so a spray of addresses cannot
+    grow the table without bound.
+    """
+
+    def __init__(self, *, free: int = 5, base_s: float = 1.0, max_s: float = 60.0, forget_s: float = 600.0,
+                 log_every_s: float = 60.0, max_peers: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+        self.free, self.base_s, self.max_s, self.forget_s = free, base_s, max_s, forget_s
+        self.log_every_s, self.max_peers, self.clock = log_every_s, max_peers, clock
+        # peer -> [failures, locked_until, last_failure, unlogged, last_logged]
+        self._peers: dict[str, list[float]] = {}
+
+    def _entry(self, peer: str) -> list[float] | None:
+        entry = self._peers.get(peer)
+        if entry is not None and self.clock() - entry[2] > self.forget_s:
+            self._flush(peer, entry)
+            del self._peers[peer]
+            return None
+        return entry
+
+    def retry_after(self, peer: str) -> float:
+        """Seconds this peer is still locked out for (0: it may try)."""
+        entry = self._entry(peer)
+        return max(0.0, entry[1] - self.clock()) if entry is not None else 0.0
+
+    def failed(self, peer: str, reason: str) -> None:
+        now = self.clock()
+        entry = self._entry(peer)
+        if entry is None:
+            if len(self._peers) >= self.max_peers:
+                oldest = next(iter(self._peers))
+                self._flush(oldest, self._peers.pop(oldest))
+            entry = self._peers[peer] = [0, 0.0, now, 0, now]
+            audit_log.warning("denied tcp=%s: %s (further failures from this address are summarised every %gs)",
+                              peer, reason, self.log_every_s)
+        else:
+            entry[3] += 1
+            if now - entry[4] >= self.log_every_s:
+                self._flush(peer, entry)
+        entry[0] += 1
+        entry[2] = now
+        if entry[0] > self.free:
+            entry[1] = now + min(self.max_s, self.base_s * 2 ** (entry[0] - self.free - 1))
+
+    def locked_out(self, peer: str) -> None:
+        """A request refused because its peer is locked out: counted, not logged one by one."""
+        entry = self._entry(peer)
+        if entry is not None:
+            entry[3] += 1
+            if self.clock() - entry[4] >= self.log_every_s:
+                self._flush(peer, entry)
+
+    def succeeded(self, peer: str) -> None:
+        entry = self._peers.pop(peer, None)
+        if entry is not None:
+            self._flush(peer, entry)
+
+    def _flush(self, peer: str, entry: list[float]) -> None:
+        if entry[3]:
+            audit_log.warning("denied tcp=%s: %d more failed or locked-out bearer-token attempts in the last %.0fs "
+                              "(%d failures in a row)", peer, entry[3], self.clock() - entry[4], entry[0])
+        entry[3], entry[4] = 0, self.clock()
+
+
 # --- the middleware -------------------------------------------------------------------------
 
 
 class _Denied(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, *, logged: bool = False) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+        self.logged = logged  # already accounted for by TokenFailures: no line of its own
 
 
 _BEARER_CHALLENGE = 'Bearer realm="lastmile"'
@@ -422,7 +500,7 @@ def _connection_creds(transport: Any, sock: Any) -> PeerCredentials:
     return creds
 
 
-def _identify(policy: AuthPolicy, request: web.Request) -> Caller:
+def _identify(policy: AuthPolicy, request: web.Request, failures: TokenFailures | None = None) -> Caller:
     transport = request.transport
     if transport is None:
         raise _Denied(400, "connection already closed")
@@ -434,6 +512,7 @@ def _identify(policy: AuthPolicy, request: web.Request) -> Caller:
     if family in (socket.AF_INET, socket.AF_INET6):
         peer = transport.get_extra_info("peername")
         remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
         header = request.headers.get("Authorization")
         if header is None:
             if _is_health(request.path):
@@ -444,6 +523,16 @@ def _identify(policy: AuthPolicy, request: web.Request) -> Caller:
                 "(the token is in the daemon's server.token_file)",
                 {"WWW-Authenticate": _BEARER_CHALLENGE},
             )
+        wait = failures.retry_after(address) if failures is not None else 0.0
+        if wait > 0:
+            assert failures is not None
+            failures.locked_out(address)
+            raise _Denied(
+                429,
+                f"too many failed bearer-token attempts from {address}; try again in {math.ceil(wait)} s",
+                {"Retry-After": str(math.ceil(wait))},
+                logged=True,
+            )
         scheme, _, presented = header.strip().partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             raise _Denied(
@@ -452,11 +541,13 @@ def _identify(policy: AuthPolicy, request: web.Request) -> Caller:
                 {"WWW-Authenticate": f'{_BEARER_CHALLENGE}, error="invalid_request"'},
             )
         if not policy.token_matches(presented.strip()):
-            raise _Denied(
-                401,
-                "invalid bearer token" if policy.token is not None else "TCP access has no token configured",
-                {"WWW-Authenticate": f'{_BEARER_CHALLENGE}, error="invalid_token"'},
-            )
+            message = "invalid bearer token" if policy.token is not None else "TCP access has no token configured"
+            if failures is not None:
+                failures.failed(address, f"{request.method} {request.path}: {message}")
+            raise _Denied(401, message, {"WWW-Authenticate": f'{_BEARER_CHALLENGE}, error="invalid_token"'},
+                          logged=failures is not None)
+        if failures is not None:
+            failures.succeeded(address)
         return Caller(role="operator", transport="tcp", remote=remote)
     raise _Denied(403, f"unsupported transport (socket family {family!r})")
 
@@ -485,6 +576,7 @@ def auth_middleware(
     operator_required: Callable[[web.Request], bool] = default_operator_required,
     *,
     state_changing: Callable[[web.Request], bool] = default_state_changing,
+    failures: TokenFailures | None = None,
 ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     """aiohttp middleware: identify the caller, enforce the role, audit.
 
@@ -494,17 +586,20 @@ def auth_middleware(
     or wrong TCP token, 403 naming the required role for a viewer on an
     operator route. Every request for which ``state_changing`` is true is
     logged at INFO on ``lastmile.audit`` with uid/pid (or TCP peer), method,
-    path and outcome; every refusal is logged at WARNING.
+    path and outcome; every refusal is logged at WARNING, except wrong TCP
+    tokens, which ``failures`` (a :class:`TokenFailures`, one per app) slows
+    down and summarises per peer.
     """
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            caller = _identify(policy, request)
+            caller = _identify(policy, request, failures)
         except _Denied as denied:
-            audit_log.warning(
-                "denied %s %s %s: %s", _who(request, None), request.method, request.path, denied.message
-            )
+            if not denied.logged:
+                audit_log.warning(
+                    "denied %s %s %s: %s", _who(request, None), request.method, request.path, denied.message
+                )
             return _json_error(denied.status, denied.message, denied.headers)
         _store_caller(request, caller)
         if caller.role != "operator" and operator_required(request):

@@ -23,6 +23,7 @@ from aiohttp import web
 from lastmile.appliance.server.daemon import Daemon
 from lastmile.appliance.server.http import ApiError
 from lastmile.appliance.server.monitor_snapshot import SnapshotBuilder
+from lastmile.appliance.server.textio import is_text_model, public_specs, text_infer
 from lastmile.appliance.v2codec import InferRequest, decode_request
 from lastmile.models.spec import TensorSpec
 from lastmile.models.vocabulary import LIVE_KEYS
@@ -95,12 +96,13 @@ class DataPlane:
 
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         model = self.model(name, version)
+        inputs, outputs = public_specs(model.manifest)  # a text model shows its derived text tensors
         return {
             "name": model.name,
             "versions": [SERVED_VERSION],
             "platform": f"{model.backend}_{model.manifest.format}",
-            "inputs": [t.as_v2() for t in model.manifest.inputs],
-            "outputs": [t.as_v2() for t in model.manifest.outputs],
+            "inputs": [t.as_v2() for t in inputs],
+            "outputs": [t.as_v2() for t in outputs],
         }
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
@@ -113,6 +115,9 @@ class DataPlane:
         """Check a V2 request (its JSON header and binary part) against the model's spec and
         run it through the model's batcher; ``model`` comes from :meth:`model`."""
         manifest = model.manifest
+        if is_text_model(manifest):  # text in (BYTES or token ids): lastmile.appliance.server.textio
+            request, outputs, specs, batch = await text_infer(self.daemon.manager, model, header, binary)
+            return InferResult(model.name, request, outputs, specs, batch)
         if not manifest.inputs or not manifest.outputs:
             raise ApiError(422, f"model {model.name!r} has no input/output spec: {' '.join(manifest.missing)}")
         decoded = decode_request(header, binary, manifest.inputs, [t.name for t in manifest.outputs])
@@ -144,6 +149,7 @@ class DataPlane:
         store = []
         for entry in self.daemon.store.entries():
             manifest = entry.manifest
+            inputs, outputs = public_specs(manifest) if manifest else ((), ())
             store.append(
                 {
                     "name": entry.name,
@@ -151,8 +157,10 @@ class DataPlane:
                     "format": manifest.format if manifest else None,
                     "backend": manifest.backend if manifest else None,
                     "description": manifest.description if manifest else "",
-                    "inputs": [t.as_v2() for t in manifest.inputs] if manifest else [],
-                    "outputs": [t.as_v2() for t in manifest.outputs] if manifest else [],
+                    "inputs": [t.as_v2() for t in inputs],
+                    "outputs": [t.as_v2() for t in outputs],
+                    # a Hugging Face folder: what was derived, from which file (lastmile.models.hf)
+                    "text": manifest.hf.as_dict() if manifest and manifest.hf is not None else None,
                     "settings": manifest.settings if manifest else {},
                     "missing": list(manifest.missing) if manifest else [],
                     "error": entry.error,

@@ -71,7 +71,7 @@ async def infer(request: web.Request) -> web.Response:
         model = plane.model(name, _version(request))  # before the body: an unknown model is 404 whatever it sent
         header, binary = split_body(await request.read(), request.headers.get(HEADER_LENGTH))
         result = await plane.infer(model, header, binary)
-        response = _encode(result, started)
+        response = _encode(result, started, request.app["config"].server["max_response_mb"] * 1024 * 1024)
     except Exception as exc:
         if metrics is not None:
             mapped = to_api_error(exc)
@@ -82,8 +82,9 @@ async def infer(request: web.Request) -> web.Response:
     return response
 
 
-def _encode(result: InferResult, started: float) -> web.Response:
-    """The V2 response, with the batch it rode in and the daemon's timings as parameters."""
+def _encode(result: InferResult, started: float, max_bytes: int) -> web.Response:
+    """The V2 response, with the batch it rode in and the daemon's timings as parameters;
+    one that could exceed ``max_bytes`` (server.max_response_mb) is refused before it is built."""
     batch = result.batch
     extra = {
         "batch_id": batch.batch_id,
@@ -92,7 +93,7 @@ def _encode(result: InferResult, started: float) -> web.Response:
         "compute_ms": round(batch.compute_s * 1000, 3),
         "total_ms": round((time.perf_counter() - started) * 1000, 3),
     }
-    payload, headers = encode_response(result.model, result.request, result.outputs, result.output_specs, extra)
+    payload, headers = encode_response(result.model, result.request, result.outputs, result.output_specs, extra, max_bytes=max_bytes)
     return web.Response(body=payload, headers=headers)
 
 
@@ -111,6 +112,9 @@ async def repository_index(request: web.Request) -> web.Response:
 @routes.post("/v2/repository/models/{name}/load")
 async def repository_load(request: web.Request) -> web.Response:
     body = await read_json(request, required=False)
+    unknown = sorted(set(body) - {"parameters"})
+    if unknown:  # a misspelt "parameters" must not load the model with no settings at all
+        raise ApiError(400, f"unknown key {unknown[0]!r} in the load body; known: parameters", field=unknown[0])
     parameters = body.get("parameters", {})
     if not isinstance(parameters, dict):
         raise ApiError(400, "'parameters' must be an object of settings", field="parameters")

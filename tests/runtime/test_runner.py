@@ -22,7 +22,9 @@ from lastmile.models.settings import ModelSettings
 from lastmile.models.store import ModelStore
 from lastmile.runtime.batcher import Batcher
 from lastmile.runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavailable, RunnerDied
-from lastmile.runtime.runner import PIPELINE_DEPTH, Runner, describe_exit, warm_up
+from lastmile.runtime.errors import describe_exit
+from lastmile.runtime.forkserver import warm_up
+from lastmile.runtime.runner import PIPELINE_DEPTH, Runner
 from lastmile.runtime.shm import BufferPool, cleanup_stale, count_segments
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -315,6 +317,7 @@ def test_describe_exit():
     assert describe_exit(-9) == "SIGKILL"
     assert describe_exit(-15) == "SIGTERM"
     assert describe_exit(3) == "exit code 3"
+    assert describe_exit(-200) == "signal 200"
 
 
 def test_daemon_death_takes_its_runners_and_leaves_only_stale_segments(tmp_path, demo_store):
@@ -326,8 +329,9 @@ def test_daemon_death_takes_its_runners_and_leaves_only_stale_segments(tmp_path,
     script.write_text(textwrap.dedent(f"""
         import asyncio, os, sys, time
         sys.path.insert(0, {str(ROOT)!r})
+        import lastmile.runtime.forkserver as fs
         import lastmile.runtime.runner as rr
-        rr.PRELOAD[:] = ["numpy", "lastmile.runtime.runner_main"]   # a light forkserver for this test
+        fs.PRELOAD[:] = ["numpy", "lastmile.runtime.forkserver", "lastmile.runtime.runner_main"]   # a light forkserver for this test
         from lastmile.models.settings import ModelSettings
         from lastmile.models.store import ModelStore
         from lastmile.models.demo import example_inputs

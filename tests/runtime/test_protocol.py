@@ -29,6 +29,11 @@ SAMPLES = [
     p.Done(5, None),
     p.Failed(3, "shape mismatch"),
     p.Cancelled(7, 12),
+    p.Generate(8, {"prompt": "hi"}),
+    p.Accepted(8, 3),
+    p.Refused(9, "context_overflow", (10, 20, 16, "max_tokens")),
+    p.Tokens(p.NO_SEQ, [(8, "chunk")]),
+    p.EngineStats(p.NO_SEQ, {"running": 1}),
 ]
 
 
@@ -46,7 +51,7 @@ def test_every_message_type_is_sampled_and_has_a_seq():
             assert dataclasses.fields(cls)[0].name == "seq"
 
 
-HOT = {p.Run, p.Done, p.Chunk, p.Credit}  # built per batch / chunk: slotted but not frozen (speed)
+HOT = {p.Run, p.Done, p.Chunk, p.Credit, p.Tokens}  # built per batch / chunk: slotted but not frozen (speed)
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)

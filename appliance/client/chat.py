@@ -170,6 +170,8 @@ async def cmd_generate(client: LastmileClient, args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     if args.raw:
+        if args.system:
+            raise ClientError("--system goes through the chat template, which --raw skips: put it in the prompt instead")
         kwargs: dict[str, Any] = {"prompt": args.prompt}
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]

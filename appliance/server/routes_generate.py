@@ -371,12 +371,12 @@ async def _serve(request: web.Request, parsed: ParsedRequest, fmt_class: type[_F
             return fmt.refusal(api)
         response = web.StreamResponse(headers={**SSE_HEADERS, "Content-Type": fmt.content_type})
         await response.prepare(request)
-        for event in fmt.start():
-            await response.write(event)
+        pending = b"".join(fmt.start())  # the opening events leave with the first token, in one write
         while True:
             event = fmt.chunk(chunk)
-            if event is not None:
-                await response.write(event)  # backpressure: the next chunk is pulled only once this one left
+            if event is not None or pending:
+                await response.write(pending + (event or b""))  # backpressure: the next chunk is pulled only once this one left
+                pending = b""
             observer.chunk(time.perf_counter(), chunk.prompt_tokens, len(chunk.token_ids))
             if chunk.finish_reason is not None:
                 break

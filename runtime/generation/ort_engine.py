@@ -2,8 +2,13 @@
 
 Why: on CPU its int4/int8 kernels are several times faster per core than torch fp32
 (SmolLM2-135M, one thread: HF fp32 13 tok/s, ORT-GenAI int4 75-90) with a quarter of the
-memory. Its ``Engine`` batches sequences (the static-batching scheduler: up to
-``max_num_seqs`` requests share each step; greedy fp32 output equals transformers').
+memory. Why not its ``og.Engine``: on CPU it has only the static-batching scheduler (the
+paged, continuous one is CUDA fp16/bf16 only), and there a request that arrives while a batch
+runs waits until every sequence of that batch has finished (measured here: B's first token
+came after all 30 of A's). So each sequence is an ``og.Generator`` of its own and Lastmile's
+scheduler drives them: sequences join and leave between steps, and a long prompt is
+appended in chunks of ``prefill_chunk`` tokens after the running sequences' token, so it
+does not stall them. Greedy fp32 output equals transformers' (test).
 
 The ORT-GenAI folder is built from the HF folder by ``onnxruntime_genai.models.builder`` at
 first load, in a subprocess (the builder imports torch models and holds the whole fp32
@@ -31,15 +36,14 @@ from lastmile.runtime.generation.types import SamplingParams
 
 PRECISIONS = ("int4", "int8", "fp32")
 CACHE_DIR = ".lastmile/ort-genai"
-#: Token value ``step`` reports when the engine itself ended a sequence (EOS it consumed).
-ENDED = -1
 
 
 def source_hash(folder: Path) -> str:
-    """sha256 over the files the build reads (names, sizes, contents), first 16 hex digits."""
+    """sha256 over the files the build reads (names, sizes, contents), first 16 hex digits;
+    model.toml is Lastmile's, not the model's: editing its settings rebuilds nothing."""
     h = hashlib.sha256()
     for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith("."):
+        if p.is_file() and not p.name.startswith(".") and p.name != "model.toml":
             h.update(p.name.encode() + b"\0" + str(p.stat().st_size).encode() + b"\0")
             with p.open("rb") as f:
                 while block := f.read(1 << 22):
@@ -84,12 +88,14 @@ def build_ort_genai(folder: str | Path, precision: str = "int4", *, threads: int
 
 
 class OrtGenAIEngine(GenerationEngine):
-    """``og.Engine`` over an ORT-GenAI folder; FIFO admission into ``max_num_seqs`` slots."""
+    """One ``og.Generator`` per sequence over a shared ``og.Model``; FIFO admission into
+    ``max_num_seqs`` slots; chunked prefill interleaved with decoding."""
 
     name = "ort-genai"
 
     def __init__(self, og_folder: str | Path, *, shape: ModelShape, eos_token_ids: frozenset[int],
-                 max_num_seqs: int = 8, max_context: int = 2048, threads: int = 0, precision: str = "int4") -> None:
+                 max_num_seqs: int = 8, max_context: int = 2048, threads: int = 0, precision: str = "int4",
+                 prefill_chunk: int = 256, vocab_size: int = 0) -> None:
         super().__init__(max_num_seqs, max_context)
         import onnxruntime_genai as og
 
@@ -98,30 +104,24 @@ class OrtGenAIEngine(GenerationEngine):
         self.precision = precision
         self.eos_token_ids = eos_token_ids
         self.folder = Path(og_folder)
-        overlay: dict[str, Any] = {"engine": {"static_batching": {"max_batch_size": max_num_seqs}},
-                                   "search": {"max_length": max_context}}
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.vocab_size = vocab_size
+        cfg = og.Config(str(og_folder))
+        overlay: dict[str, Any] = {"search": {"max_length": max_context}}
         if threads:
             overlay["model"] = {"decoder": {"session_options": {"intra_op_num_threads": threads,
                                                                 "inter_op_num_threads": 1}}}
-        cfg = og.Config(str(og_folder))
         cfg.overlay(json.dumps(overlay))
         self._model = og.Model(cfg)
-        self._engine = og.Engine(self._model)
-        self._buffer = self._engine.create_event_buffer(max(64, 4 * max_num_seqs))
-        self._token_flag = int(og.EngineEventFlags.TOKEN)
-        self._finished_flag = int(og.EngineEventFlags.TURN_FINISHED)
-        self._failed_flag = int(og.EngineEventFlags.FAILED)
         self._waiting: collections.deque[tuple[int, list[int], SamplingParams]] = collections.deque()
-        self._running: dict[int, Any] = {}  # seq_id -> og.Request
-        self._by_request: dict[Any, int] = {}
+        self._prefilling: list[list[Any]] = []  # [seq_id, generator, prompt, done]
+        self._running: dict[int, Any] = {}  # seq_id -> og.Generator, decoding
         self._tokens: dict[int, int] = {}  # seq_id -> tokens in its KV
-        cfg_json = json.loads((self.folder / "genai_config.json").read_text())
-        self._kv_dtype_bytes = 4 if precision in ("int4", "int8", "fp32") else 2
-        self.genai_config = cfg_json
+        self._kv_dtype_bytes = 4  # CPU ORT-GenAI keeps the KV cache in fp32 (io dtype of int4/int8/fp32 CPU builds)
 
     @classmethod
     def from_hf_folder(cls, folder: str | Path, *, precision: str = "int4", max_num_seqs: int = 8,
-                       max_context: int = 2048, threads: int = 0,
+                       max_context: int = 2048, threads: int = 0, prefill_chunk: int = 256,
                        on_phase: Callable[[str, dict], None] | None = None) -> "OrtGenAIEngine":
         cfg = json.loads((Path(folder) / "config.json").read_text())
         shape = ModelShape.from_config(cfg)
@@ -135,7 +135,8 @@ class OrtGenAIEngine(GenerationEngine):
         eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         og_folder = build_ort_genai(folder, precision, threads=threads, on_phase=on_phase)
         return cls(og_folder, shape=shape, eos_token_ids=eos_ids, max_num_seqs=max_num_seqs,
-                   max_context=max_context, threads=threads, precision=precision)
+                   max_context=max_context, threads=threads, precision=precision, prefill_chunk=prefill_chunk,
+                   vocab_size=int(cfg.get("vocab_size") or 0))
 
     # --- the interface ---------------------------------------------------------------------
     def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -143,45 +144,49 @@ class OrtGenAIEngine(GenerationEngine):
             raise ValueError("empty prompt")
         self._waiting.append((seq_id, list(prompt_ids), params))
 
-    def _admit(self) -> None:
-        import numpy as np
-
+    def _generator(self, params: SamplingParams) -> Any:
         og = self._og
-        while self._waiting and len(self._running) < self.max_num_seqs:
+        gp = og.GeneratorParams(self._model)
+        options: dict[str, Any] = {"max_length": self.max_context, "do_sample": not params.greedy}
+        if not params.greedy:
+            options.update(temperature=float(params.temperature), top_p=float(params.top_p),
+                           top_k=int(params.top_k) if params.top_k else max(1, self.vocab_size))
+            if params.seed is not None:
+                options["random_seed"] = int(params.seed)
+        gp.set_search_options(**options)
+        return og.Generator(self._model, gp)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) + len(self._prefilling) < self.max_num_seqs:
             seq_id, ids, params = self._waiting.popleft()
-            req = self._engine.create_request()
-            opts = og.TurnOptions(req)
-            opts.set_do_sample(not params.greedy)
-            if not params.greedy:
-                opts.set_temperature(float(params.temperature))
-                opts.set_top_p(float(params.top_p))
-                opts.set_top_k(int(params.top_k) if params.top_k else 0)
-                if params.seed is not None:
-                    opts.set_seed(int(params.seed))
-            opts.set_max_generated_tokens(int(params.max_tokens))
-            req.begin_turn(np.asarray(ids, dtype=np.int32), opts)
-            self._running[seq_id] = req
-            self._by_request[req] = seq_id
-            self._tokens[seq_id] = len(ids)
+            self._prefilling.append([seq_id, self._generator(params), ids, 0])
+            self._tokens[seq_id] = 0
 
     def step(self) -> list[tuple[int, int]]:
-        self._admit()
-        if not self._running:
-            return []
-        self._engine.run(self._buffer)
+        import numpy as np
+
         out: list[tuple[int, int]] = []
-        for event in self._buffer:
-            seq_id = self._by_request.get(event.request)
-            if seq_id is None:
-                continue
-            flags = int(event.flags)
-            if flags & self._failed_flag:
-                raise RuntimeError(f"ORT-GenAI engine failed a sequence: {event.error_code}")
-            if flags & self._token_flag:
-                out.append((seq_id, int(event.token)))
-                self._tokens[seq_id] = self._tokens.get(seq_id, 0) + 1
-            if flags & self._finished_flag and not (flags & self._token_flag and int(event.token) in self.eos_token_ids):
-                out.append((seq_id, ENDED))
+        for seq_id, gen in list(self._running.items()):  # the running streams first
+            gen.generate_next_token()
+            out.append((seq_id, int(gen.get_next_tokens()[0])))
+            self._tokens[seq_id] += 1
+        self._admit()
+        budget = self.prefill_chunk
+        for item in list(self._prefilling):
+            if budget <= 0:
+                break
+            seq_id, gen, ids, done = item
+            n = min(budget, len(ids) - done)
+            budget -= n
+            gen.append_tokens(np.asarray(ids[done:done + n], dtype=np.int32))
+            item[3] = done + n
+            self._tokens[seq_id] = done + n
+            if item[3] == len(ids):  # prompt in: its first token now, then it decodes with the rest
+                self._prefilling.remove(item)
+                gen.generate_next_token()
+                out.append((seq_id, int(gen.get_next_tokens()[0])))
+                self._tokens[seq_id] += 1
+                self._running[seq_id] = gen
         return out
 
     def cancel(self, seq_id: int) -> None:
@@ -189,35 +194,29 @@ class OrtGenAIEngine(GenerationEngine):
             if item[0] == seq_id:
                 self._waiting.remove(item)
                 return
-        req = self._running.pop(seq_id, None)
+        for item in list(self._prefilling):
+            if item[0] == seq_id:
+                self._prefilling.remove(item)
+        self._running.pop(seq_id, None)  # the generator and its KV buffers go with the last reference
         self._tokens.pop(seq_id, None)
-        if req is None:
-            return
-        self._by_request.pop(req, None)
-        try:
-            req.cancel_turn(1)
-        except Exception:  # noqa: BLE001 - a finished turn cannot be cancelled; closing frees it
-            pass
-        try:
-            req.close()
-        except Exception:  # noqa: BLE001
-            pass
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._prefilling or self._running)
 
     def stats(self) -> dict[str, int]:
         per_tok = self.shape.kv_bytes_per_token(self._kv_dtype_bytes)
-        return {"running": len(self._running), "waiting": len(self._waiting),
+        return {"running": len(self._running) + len(self._prefilling), "waiting": len(self._waiting),
                 "kv_used_bytes": int(sum(self._tokens.values()) * per_tok),
                 "kv_reserved_bytes": int(self.max_num_seqs * self.max_context * per_tok)}
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "precision": self.precision, "ort_genai_folder": str(self.folder),
+                "prefill_chunk": self.prefill_chunk,
                 "kv_bytes_per_token": self.shape.kv_bytes_per_token(self._kv_dtype_bytes)}
 
     def close(self) -> None:
-        for seq_id in list(self._running):
-            self.cancel(seq_id)
         self._waiting.clear()
-        self._engine = self._model = self._buffer = None
+        self._prefilling.clear()
+        self._running.clear()
+        self._tokens.clear()
+        self._model = None

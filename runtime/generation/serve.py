@@ -49,7 +49,7 @@ def load(folder: str, gs: Any, on_phase: Any = None) -> tuple[Any, Any]:
 
         engine = OrtGenAIEngine.from_hf_folder(folder, precision=gs.precision, max_num_seqs=gs.max_num_seqs,
                                                max_context=gs.max_context, threads=threads,
-                                               on_phase=on_phase)
+                                               prefill_chunk=gs.prefill_chunk, on_phase=on_phase)
     else:
         raise ValueError(f"engine {gs.engine!r} unknown; known: deepspeed, ort-genai")
     return engine, tokenizer

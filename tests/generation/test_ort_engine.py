@@ -29,7 +29,7 @@ def test_fp32_greedy_equals_generate_with_eight_concurrent_prompts(folder: Path)
 
     phases = []
     eng = OrtGenAIEngine.from_hf_folder(folder, precision="fp32", max_num_seqs=8, max_context=512,
-                                        on_phase=lambda n, d: phases.append(n))
+                                        prefill_chunk=8, on_phase=lambda n, d: phases.append(n))
     assert phases == ["building", "built"]
     built = list((folder / CACHE_DIR).iterdir())
     assert len(built) == 1 and built[0].name.startswith("fp32-")
@@ -53,6 +53,15 @@ def test_fp32_greedy_equals_generate_with_eight_concurrent_prompts(folder: Path)
         assert got[i] == ref.tolist(), i
         assert finish[i] == "length"
     assert eng.stats()["running"] == 0 and eng.stats()["kv_used_bytes"] == 0
+    # a sequence arriving while another runs joins at the next step (no head-of-line blocking)
+    sched.submit("a", GenerationRequest(SamplingParams(max_tokens=60, temperature=0.0), prompt="Hello"))
+    for _ in range(5):
+        sched.step()
+    sched.submit("b", GenerationRequest(SamplingParams(max_tokens=5, temperature=0.0), prompt="Hi"))
+    finished = []
+    while sched.has_work():
+        finished += [k for k, c in sched.step() if c.finish_reason]
+    assert finished == ["b", "a"]
     # cancel mid-stream frees the slot at once
     sched.submit("c", GenerationRequest(SamplingParams(max_tokens=400, temperature=0.0), prompt="Hi"))
     for _ in range(3):

@@ -150,6 +150,13 @@ class Daemon:
                 )
         self.save_state()
 
+    def read_store(self) -> None:
+        """Every model folder's manifest, once, at start-up (in a thread): the signatures of
+        bare artifacts are read (in forkserver children) before the daemon is ready, so its
+        listings show them at once. A folder added later is read on its first listing, in
+        the background. Errors are kept for the listings, not raised here."""
+        self.store.entries()
+
     def build_demo_if_empty(self) -> list[str]:
         """The first start on an empty store builds the demo models, so there is something to serve."""
         if not self.config.store["build_demo"]:
@@ -178,6 +185,8 @@ class Daemon:
             "name": "lastmile",
             "version": self.version,
             "pid": os.getpid(),
+            # `lastmile stop` asks systemd's operator to use systemctl (a unit would restart us)
+            "supervisor": "systemd" if os.environ.get("INVOCATION_ID") or os.environ.get("NOTIFY_SOCKET") else None,
             "ready": self.ready,
             "status": self.status,
             "uptime_s": round(time.time() - self.started_at, 3),

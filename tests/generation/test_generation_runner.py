@@ -118,6 +118,7 @@ async def test_kill_9_mid_stream_raises_runner_died_never_hangs(forkserver, tiny
     await runner.stop()
 
 
+@pytest.mark.slow  # ~2 min on the shared 2-core box (11,200 prompt tokens to prefill)
 async def test_aclose_gives_the_kv_memory_back_measured(forkserver, tmp_path, pool):
     """RSS of the runner process, not just the engine's own count: 8 sequences of 1,400 prompt
     tokens hold ~88 MiB of KV (8 KiB/token in this wider tiny model); after aclose() it is gone."""

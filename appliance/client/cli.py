@@ -17,7 +17,8 @@ from typing import Any, Callable
 import numpy as np
 
 from lastmile.appliance import __version__
-from lastmile.appliance.client.api import ClientError, LastmileClient
+from lastmile.appliance.client.api import ClientError, DaemonNotRunning, LastmileClient
+from lastmile.appliance.client.chat import add_chat_commands
 from lastmile.appliance.client.tensors import InputTypeError, conform
 from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.appliance.client.units import MIB, fmt_bytes, fmt_mib, fmt_percent
@@ -664,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     tui.add_argument("--read-only", action="store_true", help="hide every action that changes the daemon")
     add_memory_commands(sub, common, load)
     add_perf_commands(sub, common)
+    add_chat_commands(sub, common)  # `lastmile chat`, `lastmile generate` (appliance/client/chat.py)
     return parser
 
 

@@ -42,13 +42,18 @@ COMPONENTS = _jsonschema(copy.deepcopy(SPEC["components"]))
 
 
 def _template(path: str) -> tuple[str, dict[str, Any]]:
-    """The OpenAPI path template matching a concrete path."""
+    """The OpenAPI path template matching a concrete path; a literal segment wins over a
+    parameter, as OpenAPI says (``/v2/models/stats`` is not ``/v2/models/{name}``)."""
     parts = path.split("?")[0].strip("/").split("/")
+    matches = []
     for template, item in SPEC["paths"].items():
         tparts = template.strip("/").split("/")
         if len(tparts) == len(parts) and all(t.startswith("{") or t == p for t, p in zip(tparts, parts)):
-            return template, item
-    raise AssertionError(f"{path} is not in the OpenAPI document")
+            matches.append((sum(not t.startswith("{") for t in tparts), template, item))
+    if not matches:
+        raise AssertionError(f"{path} is not in the OpenAPI document")
+    _, template, item = max(matches, key=lambda m: m[0])
+    return template, item
 
 
 def check_against_spec(method: str, path: str, status: int, content_type: str, body: bytes) -> None:

@@ -25,7 +25,11 @@ from lastmile.runtime.backends import resolve_backend
 from lastmile.runtime.batcher import Batcher
 from lastmile.runtime.errors import BatchTooLarge, InferenceError, LoadError, ModelUnavailable
 from lastmile.runtime.events import EventLog
-from lastmile.runtime.memory import POOL_IDLE_SHARE, MemoryGovernor, MemoryPressure, ModelMemory
+from lastmile.runtime.memory.errors import MemoryPressure
+from lastmile.runtime.memory.estimate import Estimate
+from lastmile.runtime.memory.governor import POOL_IDLE_SHARE, MemoryGovernor
+from lastmile.runtime.memory.records import ModelMemory
+from lastmile.runtime.memory.units import mib
 from lastmile.runtime.runner import PIPELINE_DEPTH, Runner
 from lastmile.runtime.shm import BufferPool, PoolFull
 
@@ -142,7 +146,7 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False
         self.governor = memory if isinstance(memory, MemoryGovernor) else MemoryGovernor(memory, events)
-        self.governor.manager = self
+        self.governor.attach(self)  # the governor sees this manager only as a ModelHost (models, unload, restart)
 
     # --- planning -------------------------------------------------------------------------
 
@@ -185,7 +189,7 @@ class ModelManager:
             model.requested = requested
             model.memory.estimate = est
             model.memory.device = next((d for d in est.per_device if d != "host"), "host")
-            model.memory.limit_bytes = settings.memory_limit_mb * 1024 * 1024 if settings.memory_limit_mb else None
+            model.memory.limit_bytes = mib(settings.memory_limit_mb)
             model.memory.plan_taken = plan_taken
             if model.memory.limit_bytes:
                 # idle pool buffers count against the limit: keep at most a quarter of it idle
@@ -205,6 +209,7 @@ class ModelManager:
             started = time.monotonic()
             try:
                 await self._start_runners(model, phase)
+                self.governor.check_ready(model)  # 507 when the idle runner already sits where the ladder would act
             except BaseException as exc:
                 model.state, model.error = "failed", str(exc)
                 await self._stop_runners(model)
@@ -242,9 +247,8 @@ class ModelManager:
             model.runners.append(runner)
             model.info = await runner.start(on_phase=phase, timeout_s=model.settings.load_timeout_s)
             model.memory.cap = dict(model.info.get("hard_cap") or {})
-            if model.memory.cap.get("error"):
-                await runner.stop()
-                raise LoadError(f"{model.name}: {model.memory.cap['error']}")
+            if model.memory.cap.get("error"):  # over its limit after warm-up: OverLimitAtReady (a LoadError; 507)
+                self.governor.check_ready(model)
             for _ in range(PIPELINE_DEPTH):  # one entry per batch the runner may hold
                 model.idle.put_nowait(runner)
         headroom = model.memory.cap.get("headroom_bytes")
@@ -281,7 +285,7 @@ class ModelManager:
         if self.models.get(model.name) is model:
             del self.models[model.name]
 
-    def _fits_beside(self, est: Any) -> bool:
+    def _fits_beside(self, est: Estimate) -> bool:
         """Whether the new instance fits while the old one still holds its memory."""
         return all(self.governor.free(device) >= need for device, need in est.per_device.items())
 
@@ -320,6 +324,7 @@ class ModelManager:
             rows = int(first.shape[0]) if first is not None and getattr(first, "ndim", 0) else 1
             self.governor.check_request(model, rows)
         model.last_used = time.time()
+        self.governor.poke()  # the memory sampler back to its fast pace after a quiet spell
         model.requests += 1
         started = time.perf_counter()
         try:

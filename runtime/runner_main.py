@@ -170,7 +170,7 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
     # collector: a full collection writes every object's header, copying each shared page
     # into this process (measured: USS 10 -> 113 MB with no new allocation).
     gc.freeze()
-    from lastmile.runtime.memory_cap import tune_allocator
+    from lastmile.runtime.memory.cap import tune_allocator
 
     tune_allocator(bool(getattr(settings, "memory_limit_mb", None)))  # before the backend starts threads
     send = tx.send
@@ -206,17 +206,19 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
             tx.close()
         return
     warmup_s = time.perf_counter() - warm_started
-    from lastmile.runtime.memory_cap import cap_after_warmup
+    from lastmile.runtime.memory.cap import HardCap
 
-    cap_after_warmup(backend, getattr(backend, "_kind", "cpu"))  # the hard cap, before "ready"
+    # the hard cap, before "ready": this process owns its state, the backend knows nothing of it
+    cap = HardCap.after_warmup(getattr(settings, "memory_limit_mb", None), getattr(backend, "_kind", "cpu"))
     try:
         info = dict(backend.info())
     except Exception as exc:  # noqa: BLE001
         info = {"info_error": describe_error(exc)}
+    info["hard_cap"] = cap.as_dict()
     info.update(load_s=round(load_s, 4), warmup_s=round(warmup_s, 4), warmup_rows=rows_tried)
     send(("ready", info))
     try:
-        _serve(rx, tx, backend)
+        _serve(rx, tx, backend, cap)
     finally:
         try:
             backend.close()
@@ -224,7 +226,7 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
             traceback.print_exc(file=sys.stderr)
 
 
-def _serve(rx: Any, tx: Any, backend: Any) -> None:
+def _serve(rx: Any, tx: Any, backend: Any, cap: Any) -> None:
     """Answer requests until ``stop`` or the daemon's end of the pipe closes."""
     recv = rx.recv
     send_bytes = tx.send_bytes
@@ -233,9 +235,7 @@ def _serve(rx: Any, tx: Any, backend: Any) -> None:
         send_bytes(dumps(msg, HIGHEST_PROTOCOL))
 
     perf_counter = time.perf_counter
-    from lastmile.runtime.memory_cap import recap
-
-    recap(backend)  # the memory cap, from what is mapped now that serving starts
+    cap.recap()  # the memory cap, from what is mapped now that serving starts
     segments = SegmentCache()
     backlog: deque = deque()  # messages that arrived while waiting for an "out" answer
     while True:
@@ -287,7 +287,7 @@ def _serve(rx: Any, tx: Any, backend: Any) -> None:
                 segments.drop(msg[2])
                 backend.shrink()
                 gc.collect()
-                recap(backend)  # before the trim: its holes refill without new address space
+                cap.recap()  # before the trim: its holes refill without new address space
                 _malloc_trim()
                 send(("ok", msg[1], None))
             except Exception as exc:  # noqa: BLE001

@@ -42,7 +42,6 @@ from lastmile.runtime.accelerators import ensure_ds_accelerator, resolve_device,
 from lastmile.runtime.backends.base import Backend, BackendError
 from lastmile.runtime.backends.threads import resolve_threads
 from lastmile.runtime.fusion import TorchFusionPlan, torch_fusion_plan
-from lastmile.runtime.memory_cap import cap_after_warmup
 
 __all__ = ["DeepSpeedBackend", "zero_env"]
 
@@ -445,7 +444,6 @@ class DeepSpeedBackend(Backend):
             "input_copy": self._input_copy,
             "threads": self._torch.get_num_threads(),
             "notes": list(self._notes),
-            "hard_cap": cap_after_warmup(self, self._kind),
         }
 
     def close(self) -> None:

@@ -28,7 +28,6 @@ from lastmile.runtime.accelerators import resolve_device, split_device
 from lastmile.runtime.backends.base import Backend, BackendError
 from lastmile.runtime.backends.threads import resolve_threads
 from lastmile.runtime.fusion import ORT_LEVEL_NAMES, ort_optimization_level
-from lastmile.runtime.memory_cap import cap_after_warmup
 
 __all__ = ["OnnxBackend", "ORT_TYPES"]
 
@@ -279,7 +278,6 @@ class OnnxBackend(Backend):
             "graph_dtype": self.graph_dtype,
             "fp16_converted": self.fp16_converted,
             "cpu_mem_arena": True,
-            "hard_cap": cap_after_warmup(self, self._kind),
         }
 
     def close(self) -> None:

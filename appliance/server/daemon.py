@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -30,6 +31,8 @@ class Daemon:
         self.events = EventLog()
         self.store = ModelStore(config.store["models_dir"])
         self.manager = ModelManager(self.store, config.defaults, self.events, on_change=self.save_state, memory=dict(config.memory))
+        # measured footprints per artifact, kept beside the state file for the next admission
+        self.manager.governor.footprints.open(Path(config.store["state_file"]).with_name("footprints.json"))
         self.ready = False
         self.status = "starting"
         self._system: dict[str, Any] | None = None

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # Options that are advice for the operator, never taken by plan = "auto" (they change what
 # the operator decided: a model's limit, the appliance's budget).
 ADVICE = ("raise_limit", "raise_budget")
+ADVICE_MARGIN_MIB = 4  # a suggested budget keeps this margin: own memory moves by a MiB or two
 
 
 class Admission:
@@ -151,7 +152,7 @@ class Admission:
         free = self.gov.free("host", exclude=name)
         if host_need > free:
             budget = self.gov.budget("host")["limit_bytes"]
-            raise_to = int(math.ceil((budget + host_need - free) / MiB))
+            raise_to = int(math.ceil((budget + host_need - free) / MiB)) + ADVICE_MARGIN_MIB
             if raise_to * MiB < self.gov.budget("host")["total_bytes"]:
                 out.append({"option": "raise_budget", "memory": {"host_limit_mb": raise_to}, "settings": {},
                             "estimate_bytes": est.total_bytes,

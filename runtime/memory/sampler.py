@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("lastmile.memory")
 
 ACTIVE_FULL_EVERY = 4
-QUIET_AFTER_S = 5.0
+QUIET_AFTER_S = 3.0
 QUIET_INTERVAL_S = 5.0
 QUIET_FULL_READ_S = 60.0
 OWN_REFRESH_S = 60.0
@@ -91,7 +91,7 @@ class Sampler:
             self.interval_s, self.quiet = base, False
         elif now_mono - self._active_at >= QUIET_AFTER_S:
             self.quiet = True
-            self.interval_s = min(max(base, QUIET_INTERVAL_S), self.interval_s * 2)
+            self.interval_s = max(base, QUIET_INTERVAL_S)
 
     # --- loop -------------------------------------------------------------------------------
 

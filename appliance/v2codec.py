@@ -18,6 +18,17 @@ from lastmile.models.spec import V2_TO_NUMPY, TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_JSON_DEPTH = 64
+# Bounds checked before NumPy sees a shape: a dimension (and the element count) past these
+# cannot be backed by any request body the daemon accepts, and NumPy would fail on them with
+# an error of its own (a 500). Zero-size dimensions are refused outright: ``[2**62, 0]`` has no
+# data to check against, so the batch dimension would reach the batcher unchecked.
+MAX_DIM = 2**31 - 1
+MAX_ELEMENTS = 2**31 - 1
+# The most characters one element can take in a JSON response (its text plus the comma), per
+# datatype: a response's size is bounded from these before it is built.
+_JSON_CHARS = {"BOOL": 6, "INT8": 5, "UINT8": 4, "INT16": 7, "UINT16": 6, "INT32": 12, "UINT32": 11, "INT64": 21, "UINT64": 21}
+_JSON_FLOAT_CHARS = 25  # repr of a double: "-2.2250738585072014e-308,"
+_ENVELOPE_BYTES = 1024  # names, shapes and parameters around the data
 
 
 class BadRequest(ValueError):
@@ -26,6 +37,11 @@ class BadRequest(ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class ResponseTooLarge(BadRequest):
+    """The response would exceed ``server.max_response_mb``; refused before it is built (a
+    client can ask for fewer rows, fewer outputs or binary outputs). Maps to HTTP 400."""
 
 
 @dataclass
@@ -92,6 +108,8 @@ def _check_shape(spec: TensorSpec, shape: Any, where: str) -> tuple[int, ...]:
         raise BadRequest("shape must be a list of integers", f"{where}.shape")
     if any(d < 0 for d in shape):
         raise BadRequest(f"shape {shape} has a negative dimension", f"{where}.shape")
+    if any(d > MAX_DIM for d in shape):
+        raise BadRequest(f"shape {shape} has a dimension larger than {MAX_DIM}", f"{where}.shape")
     if len(shape) != len(spec.shape):
         raise BadRequest(f"shape {shape} has {len(shape)} dimensions; {spec.name} expects {list(spec.shape)}", f"{where}.shape")
     for i, (got, want) in enumerate(zip(shape, spec.shape)):
@@ -99,6 +117,10 @@ def _check_shape(spec: TensorSpec, shape: Any, where: str) -> tuple[int, ...]:
             raise BadRequest(f"shape {shape}: dimension {i} must be {want} (model expects {list(spec.shape)})", f"{where}.shape")
     if shape and shape[0] == 0:
         raise BadRequest("batch dimension is 0: nothing to infer", f"{where}.shape")
+    if 0 in shape:
+        raise BadRequest(f"shape {shape} has a dimension of 0: an empty tensor has nothing to infer", f"{where}.shape")
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise BadRequest(f"shape {shape} has {math.prod(shape)} elements; at most {MAX_ELEMENTS} are accepted", f"{where}.shape")
     return tuple(shape)
 
 
@@ -234,11 +256,16 @@ def _requested_outputs(header: dict[str, Any], names: list[str]) -> tuple[list[s
         return None, set()
     if not isinstance(outputs, list):
         raise BadRequest("'outputs' must be a list", "outputs")
-    requested, binary = [], set()
+    requested: list[str] = []
+    binary: set[str] = set()
     for i, out in enumerate(outputs):
         name = out.get("name") if isinstance(out, dict) else None
         if name not in names:
             raise BadRequest(f"unknown output {name!r}; the model's outputs are {names}", f"outputs[{i}].name")
+        if name in requested:
+            # Each copy would be a full copy of the tensor in the response: N repeats, N times
+            # the bytes (and the daemon's memory to build them). One is all a client needs.
+            raise BadRequest(f"output {name!r} requested twice", f"outputs[{i}].name")
         requested.append(name)
         params = out.get("parameters") or {}
         if isinstance(params, dict) and params.get("binary_data") is True:
@@ -246,11 +273,46 @@ def _requested_outputs(header: dict[str, Any], names: list[str]) -> tuple[list[s
     return requested, binary
 
 
+def response_bound(request: InferRequest, outputs: dict[str, np.ndarray], datatypes: dict[str, str]) -> int:
+    """At most how many bytes :func:`encode_response` will produce: exact for binary outputs,
+    the widest text per element for JSON ones. Cheap (shapes only), so it runs before a byte
+    of the response exists."""
+    total = _ENVELOPE_BYTES
+    for name in request.requested_outputs or list(outputs):
+        array = outputs[name]
+        total += _ENVELOPE_BYTES
+        if name in request.binary_outputs:
+            total += array.nbytes
+        else:
+            datatype = datatypes.get(name) or _v2_datatype(array)
+            total += array.size * _JSON_CHARS.get(datatype, _JSON_FLOAT_CHARS)
+    return total
+
+
 def encode_response(
-    model_name: str, request: InferRequest, outputs: dict[str, np.ndarray], specs: tuple[TensorSpec, ...], extra: dict[str, Any]
+    model_name: str,
+    request: InferRequest,
+    outputs: dict[str, np.ndarray],
+    specs: tuple[TensorSpec, ...],
+    extra: dict[str, Any],
+    *,
+    max_bytes: int | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """Response body and headers; binary outputs follow the JSON header as the extension says."""
+    """Response body and headers; binary outputs follow the JSON header as the extension says.
+
+    With ``max_bytes``, a response that could be larger is refused (:class:`ResponseTooLarge`)
+    before it is built: building it is what costs the daemon memory and event-loop time."""
     datatypes = {s.name: s.datatype for s in specs}
+    if max_bytes is not None:
+        bound = response_bound(request, outputs, datatypes)
+        if bound > max_bytes:
+            mib = 1024 * 1024
+            hint = "; binary outputs (parameters.binary_data_output = true) are smaller" if set(request.requested_outputs or outputs) - request.binary_outputs else ""
+            raise ResponseTooLarge(
+                f"the response would be up to {bound / mib:.1f} MiB, over the server's limit of {max_bytes / mib:.0f} MiB "
+                f"(server.max_response_mb); send fewer rows or ask for fewer outputs{hint}",
+                "outputs",
+            )
     tensors, chunks = [], []
     for name in request.requested_outputs or list(outputs):
         array = outputs[name]

@@ -49,7 +49,9 @@ NO_SIGNATURE = "inputs/outputs unknown: add [[inputs]] and [[outputs]] to model.
 
 
 def is_hf_folder(path: Path) -> bool:
-    """A Hugging Face model folder: ``config.json`` plus at least one ``*.safetensors``."""
+    """A Hugging Face model folder: ``config.json`` plus at least one ``*.safetensors``. (A
+    folder with only a pickled ``pytorch_model.bin`` is served only when model.toml names it
+    with ``format = "hf"``, ``artifact = "."`` and ``trust_pickle = true``.)"""
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
@@ -89,11 +91,20 @@ def find_candidates(model_dir: Path) -> list[tuple[str, Path]]:
     found: list[tuple[str, Path]] = []
     if is_hf_folder(model_dir):
         found.append(("hf", model_dir))
+    real_dir = model_dir.resolve()
     for path in _visible(model_dir):
-        fmt = format_of(path)
+        # A link out of the folder is named by its suffix only, never opened: the caller
+        # refuses it (check_inside) with a message that says where it leads.
+        inside = not path.is_symlink() or path.resolve().is_relative_to(real_dir)
+        fmt = format_of(path) if inside else _suffix_format(path)
         if fmt is not None:
             found.append((fmt, path))
     return found
+
+
+def _suffix_format(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    return _SUFFIX_FORMATS.get(suffix) or ("torch_pickle" if suffix in _TORCH_SUFFIXES else None)
 
 
 def detect_format(model_dir: Path, *, want: str | None = None) -> tuple[str, Path]:
@@ -147,7 +158,9 @@ def artifact_problem(fmt: str, artifact: Path) -> str | None:
             return "format hf needs a folder (with config.json and *.safetensors), not a file"
         if not (artifact / "config.json").is_file():
             return "Hugging Face folder has no config.json"
-        if not any(artifact.glob("*.safetensors")):
+        from lastmile.models.hf import has_hf_weights
+
+        if not has_hf_weights(artifact):
             return "Hugging Face folder has no *.safetensors weights"
         return None
     if not artifact.is_file():
@@ -186,11 +199,11 @@ def infer_signature(fmt: str, artifact: Path) -> tuple[tuple[TensorSpec, ...], t
         inputs, outputs, notes = _export_signature(artifact)
     elif fmt == "torchscript":
         return (), (), (f"{NO_SIGNATURE} (a TorchScript file stores no tensor signature)",)
-    elif fmt == "hf":
-        return (), (), (
-            f"{NO_SIGNATURE} (a Hugging Face folder's tensors depend on its task; a causal LM "
-            "usually takes input_ids INT64 [-1, -1] and returns logits FP32 [-1, -1, vocab])",
-        )
+    elif fmt == "hf":  # the task, tokenizer and tensors come from the folder's JSON files
+        from lastmile.models.hf import manifest_parts
+
+        _, hf_in, hf_out, hf_notes = manifest_parts(artifact)
+        return hf_in, hf_out, hf_notes
     elif fmt == "torch_pickle":
         return (), (), (f"{NO_SIGNATURE} (a pickled module is not opened to look inside)",)
     else:

@@ -26,9 +26,10 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from lastmile.models.errors import FormatError, ManifestError, StoreEscapeError
 from lastmile.models.formats import MANIFEST_FILE, artifact_problem, batch_notes, detect_format, format_of, infer_signature
@@ -42,7 +43,9 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = ["ManifestError", "StoreEscapeError", "load_manifest", "write_manifest", "BACKEND_FORMATS"]
 
-TOP_LEVEL_KEYS = ("name", "format", "artifact", "backend", "description", "trust_pickle", "inputs", "outputs", "settings")
+MAX_MANIFEST_BYTES = 1024 * 1024
+TOP_LEVEL_KEYS = ("name", "format", "artifact", "backend", "description", "trust_pickle", "inputs", "outputs", "settings",
+                  "text")
 TENSOR_KEYS = ("name", "datatype", "shape")
 
 # Which backend can load which format; ``auto`` picks from this table at load time.
@@ -59,27 +62,49 @@ PICKLE_REFUSAL = (
 )
 
 
-def load_manifest(model_dir: Path, name: str) -> Manifest:
+def load_manifest(model_dir: Path, name: str, *, read_signature: Callable[[str, Path], Any] = infer_signature) -> Manifest:
     """The manifest of the model folder ``model_dir`` served as ``name``.
 
     Reads ``model_dir/model.toml`` when present, else infers everything from the artifact.
     Raises :class:`ManifestError` (or its subclass :class:`StoreEscapeError` when the artifact
-    resolves outside the folder).
+    resolves outside the folder). ``read_signature`` reads what the artifact carries (the
+    daemon's store passes a cached reader that works in a forkserver child).
     """
     model_dir = Path(model_dir).absolute()
     file = model_dir / MANIFEST_FILE
-    if not file.exists():
-        return _inferred(model_dir, name)
+    if not file.is_symlink() and not file.exists():
+        return _inferred(model_dir, name, read_signature)
+    return _from_table(model_dir, file, name, _read_toml(model_dir, file), read_signature)
+
+
+def _read_toml(model_dir: Path, file: Path) -> dict[str, Any]:
+    """``model.toml`` as a table. A link leading out of the model folder is refused before
+    the file is opened (the daemon may run as root: a link to ``/etc/shadow`` must not be
+    parsed), and no error quotes the file's text: viewers see these messages."""
+    check_inside(model_dir, file, file, "")
+    real = file.resolve()
     try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
+        # O_NOFOLLOW on the resolved path: a link swapped in after the check is not followed.
+        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ManifestError(file, "", f"cannot be read: {exc.strerror or type(exc).__name__}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(file, "", f"is larger than {MAX_MANIFEST_BYTES // 1024} KiB; a model.toml is a few lines")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(file, "", f"is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ManifestError(file, "", f"not valid TOML: {exc}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(file, "", f"cannot be read: {exc}") from exc
-    return _from_table(model_dir, file, name, data)
+        # tomllib's messages give a position and the rule broken, never the text itself.
+        raise ManifestError(file, "", f"not valid TOML: {exc}") from None
 
 
-def _from_table(model_dir: Path, file: Path, name: str, data: Mapping[str, Any]) -> Manifest:
+def _from_table(model_dir: Path, file: Path, name: str, data: Mapping[str, Any],
+                read_signature: Callable[[str, Path], Any] = infer_signature) -> Manifest:
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise ManifestError(file, key, f"unknown key; known: {', '.join(TOP_LEVEL_KEYS)}")
@@ -126,10 +151,13 @@ def _from_table(model_dir: Path, file: Path, name: str, data: Mapping[str, Any])
     inputs = _tensors(file, "inputs", data["inputs"]) if "inputs" in data else None
     outputs = _tensors(file, "outputs", data["outputs"]) if "outputs" in data else None
     missing: list[str] = []
-    if inputs is None or outputs is None:
+    hf, hf_signature = _hf_parts(file, fmt, artifact, trust_pickle, data)
+    if hf_signature is not None and inputs is None and outputs is None:
+        inputs, outputs, missing = list(hf_signature[0]), list(hf_signature[1]), list(hf_signature[2])
+    elif inputs is None or outputs is None:
         # Whatever the file leaves out is read from the artifact, as for a folder with no file.
         try:
-            found_in, found_out, notes = infer_signature(fmt, artifact)
+            found_in, found_out, notes = read_signature(fmt, artifact)
         except FormatError as exc:
             raise ManifestError(file, "artifact", str(exc)) from exc
         if inputs is None and outputs is None:
@@ -156,7 +184,31 @@ def _from_table(model_dir: Path, file: Path, name: str, data: Mapping[str, Any])
         description=description,
         from_manifest_file=True,
         missing=tuple(missing),
+        hf=hf,
     )
+
+
+def _hf_parts(file: Path, fmt: str, artifact: Path, trust_pickle: bool, data: Mapping[str, Any]) -> tuple[Any, Any]:
+    """A Hugging Face folder's description (``[text]`` overriding what its files say) and its
+    derived signature; ``(None, None)`` for other formats. See :mod:`lastmile.models.hf`."""
+    table = data.get("text", {})
+    if not isinstance(table, dict):
+        raise ManifestError(file, "text", f"must be a table ([text]), got {type(table).__name__}")
+    if fmt == "onnx":  # an ONNX export next to its source's config.json + tokenizer.json takes text too
+        from lastmile.models.hf import onnx_text_parts
+
+        parts = onnx_text_parts(file.parent, artifact, table)
+        if parts is not None:
+            return parts[0], parts[1:]
+    if fmt != "hf":
+        if "text" in data:
+            raise ManifestError(file, "text", f"[text] describes Hugging Face folders (and their ONNX exports, with "
+                                f"config.json and tokenizer.json); this model's format is {fmt}")
+        return None, None
+    from lastmile.models.hf import manifest_parts
+
+    hf, inputs, outputs, notes = manifest_parts(artifact, trust_pickle=trust_pickle, overrides=table)
+    return hf, (inputs, outputs, notes)
 
 
 def _string(file: Path, key: str, value: Any) -> str:
@@ -175,6 +227,8 @@ def _format_and_artifact(model_dir: Path, file: Path, data: Mapping[str, Any]) -
         except FormatError as exc:
             raise ManifestError(file, "artifact", f"not set, and {exc}") from exc
         check_inside(model_dir, artifact, file, "artifact")
+        if detected == "hf":
+            check_folder_inside(model_dir, artifact, file)
         return detected, artifact
 
     rel = _string(file, "artifact", data["artifact"])
@@ -193,7 +247,16 @@ def _format_and_artifact(model_dir: Path, file: Path, data: Mapping[str, Any]) -
     problem = artifact_problem(fmt, artifact)
     if problem:
         raise ManifestError(file, "artifact", f"{rel!r}: {problem}")
+    if fmt == "hf":
+        check_folder_inside(model_dir, artifact, file)
     return fmt, artifact
+
+
+def check_folder_inside(base: Path, folder: Path, file: Path) -> None:
+    """Every entry of a Hugging Face folder is opened by the backend: none may link out."""
+    for child in sorted(folder.iterdir()):
+        if child.is_symlink():
+            check_inside(base, child, file, "artifact")
 
 
 def check_inside(base: Path, path: Path, file: Path, key: str) -> None:
@@ -252,22 +315,33 @@ def _shape(file: Path, key: str, shape: Any) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _inferred(model_dir: Path, name: str) -> Manifest:
+def _inferred(model_dir: Path, name: str, read_signature: Callable[[str, Path], Any] = infer_signature) -> Manifest:
     """A manifest for a folder with no ``model.toml``, from its one artifact."""
     try:
         fmt, artifact = detect_format(model_dir)
     except FormatError as exc:
         raise ManifestError(model_dir, "format", f"no {MANIFEST_FILE}, and {exc}") from exc
     check_inside(model_dir, artifact, model_dir, "artifact")
+    if fmt == "hf":
+        check_folder_inside(model_dir, artifact, model_dir)
     if fmt == "torch_pickle":
         raise ManifestError(
             model_dir, "trust_pickle",
             f"{artifact.name} looks like a pickled torch file; " + PICKLE_REFUSAL.format(file=model_dir / MANIFEST_FILE),
         )
-    try:
-        inputs, outputs, missing = infer_signature(fmt, artifact)
-    except FormatError as exc:
-        raise ManifestError(model_dir, "artifact", str(exc)) from exc
+    hf = None
+    from lastmile.models.hf import manifest_parts, onnx_text_parts
+
+    text_onnx = onnx_text_parts(model_dir, artifact) if fmt == "onnx" else None
+    if fmt == "hf":  # task, tokenizer and tensors from the folder's JSON (lastmile.models.hf)
+        hf, inputs, outputs, missing = manifest_parts(artifact)
+    elif text_onnx is not None:
+        hf, inputs, outputs, missing = text_onnx
+    else:
+        try:
+            inputs, outputs, missing = read_signature(fmt, artifact)
+        except FormatError as exc:
+            raise ManifestError(model_dir, "artifact", str(exc)) from exc
     return Manifest(
         name=name,
         path=model_dir,
@@ -280,6 +354,7 @@ def _inferred(model_dir: Path, name: str) -> Manifest:
         description="",
         from_manifest_file=False,
         missing=missing,
+        hf=hf,
     )
 
 

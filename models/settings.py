@@ -1,6 +1,8 @@
-"""Per-model settings: one vocabulary and one validator shared by the config file's
-``[defaults]``, a manifest's ``[settings]`` and the ``parameters`` of a load request, so a
-value is accepted or refused with the same words wherever it is written."""
+"""Per-model settings: one validator shared by the config file's ``[defaults]``, a manifest's
+``[settings]``, the ``parameters`` of a load request and a settings patch, so a value is
+accepted or refused with the same words wherever it is written. The names, defaults and
+bounds come from :mod:`lastmile.models.vocabulary`; this module turns them into checks and
+into the :class:`ModelSettings` record."""
 
 from __future__ import annotations
 
@@ -8,10 +10,20 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
-BACKENDS = ("auto", "deepspeed", "onnxruntime")
-DTYPES = ("fp32", "fp16", "bf16")
-GRAPH_FUSION_LEVELS = ("off", "basic", "extended", "all")
-OFFLOAD_MODES = ("none", "cpu")
+from lastmile.models.vocabulary import (
+    BACKENDS,
+    BY_NAME,
+    DEVICE_KINDS,
+    DEVICE_WORDS,
+    DTYPES,
+    GRAPH_FUSION_LEVELS,
+    OFFLOAD_MODES,
+    SETTINGS,
+    Setting,
+)
+
+__all__ = ["BACKENDS", "DTYPES", "GRAPH_FUSION_LEVELS", "OFFLOAD_MODES", "ModelSettings", "SettingError", "VALIDATORS",
+           "validate_settings"]
 
 
 class SettingError(ValueError):
@@ -32,19 +44,23 @@ def _choice(allowed: tuple[str, ...]) -> Callable[[str, Any], str]:
     return check
 
 
-def _int_range(low: int, high: int) -> Callable[[str, Any], int]:
+def _int_range(setting: Setting) -> Callable[[str, Any], int]:
+    low, high = int(setting.low or 0), int(setting.high or 0)
+
     def check(key: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise SettingError(key, f"got {value!r}; allowed: an integer from {low} to {high}")
+            raise SettingError(key, f"got {value!r}; allowed: {setting.allowed()}")
         return value
 
     return check
 
 
-def _number_range(low: float, high: float) -> Callable[[str, Any], float]:
+def _number_range(setting: Setting) -> Callable[[str, Any], float]:
+    low, high = float(setting.low or 0.0), float(setting.high or 0.0)
+
     def check(key: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise SettingError(key, f"got {value!r}; allowed: a number from {low} to {high}")
+            raise SettingError(key, f"got {value!r}; allowed: {setting.allowed()}")
         return float(value)
 
     return check
@@ -54,18 +70,16 @@ def _device(key: str, value: Any) -> str:
     """``auto``, ``cpu``, or an accelerator name with an optional index (``cuda``, ``cuda:1``, ``npu:0``)."""
     if isinstance(value, str):
         kind, _, index = value.partition(":")
-        if value in ("auto", "cpu") or (
-            kind in ("cuda", "npu", "xpu", "mps", "hpu") and (not index or (index.isascii() and index.isdigit()))
-        ):
+        if value in DEVICE_WORDS or (kind in DEVICE_KINDS and (not index or (index.isascii() and index.isdigit()))):
             return value
-    raise SettingError(key, f"got {value!r}; allowed: auto, cpu, cuda, cuda:N, npu, npu:N, xpu, mps, hpu")
+    raise SettingError(key, f"got {value!r}; allowed: {BY_NAME['device'].allowed()}")
 
 
 def _graph_fusion(key: str, value: Any) -> str:
     """A level, or the boolean other servers' ``--enable_graph_fusion`` flags use: true = all."""
     if isinstance(value, bool):
         return "all" if value else "off"
-    return _choice(GRAPH_FUSION_LEVELS)(key, value)
+    return _choice(BY_NAME["graph_fusion"].choices)(key, value)
 
 
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
@@ -80,20 +94,20 @@ class ModelSettings:
     """How one model is served. ``None`` in a layer means "not set here": layers are merged
     config defaults < manifest < load parameters with :meth:`overlay`."""
 
-    backend: str = "auto"
-    device: str = "auto"
-    dtype: str = "fp32"
-    graph_fusion: str = "basic"
-    memory_limit_mb: int | None = None
-    max_batch_size: int = 8
-    max_delay_ms: float = 2.0
-    max_queue: int = 256
-    instances: int = 1
-    tp_size: int = 1
-    offload: str = "none"
-    threads: int = 0  # 0: let the backend pick (intra-op threads = physical cores)
-    timeout_s: float = 30.0  # per request, queueing included
-    load_timeout_s: float = 600.0  # a load (or restart) taking longer is killed and reported
+    backend: str = BY_NAME["backend"].default
+    device: str = BY_NAME["device"].default
+    dtype: str = BY_NAME["dtype"].default
+    graph_fusion: str = BY_NAME["graph_fusion"].default
+    memory_limit_mb: int | None = BY_NAME["memory_limit_mb"].default
+    max_batch_size: int = BY_NAME["max_batch_size"].default
+    max_delay_ms: float = BY_NAME["max_delay_ms"].default
+    max_queue: int = BY_NAME["max_queue"].default
+    instances: int = BY_NAME["instances"].default
+    tp_size: int = BY_NAME["tp_size"].default
+    offload: str = BY_NAME["offload"].default
+    threads: int = BY_NAME["threads"].default
+    timeout_s: float = BY_NAME["timeout_s"].default
+    load_timeout_s: float = BY_NAME["load_timeout_s"].default
 
     def overlay(self, changes: Mapping[str, Any]) -> "ModelSettings":
         """A copy with ``changes`` validated and applied (``None`` values are skipped)."""
@@ -104,22 +118,23 @@ class ModelSettings:
         return dataclasses.asdict(self)
 
 
-VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
-    "backend": _choice(BACKENDS),
-    "device": _device,
-    "dtype": _choice(DTYPES),
-    "graph_fusion": _graph_fusion,
-    "memory_limit_mb": _optional(_int_range(16, 16 * 1024 * 1024)),
-    "max_batch_size": _int_range(1, 4096),
-    "max_delay_ms": _number_range(0.0, 10_000.0),
-    "max_queue": _int_range(1, 1_000_000),
-    "instances": _int_range(1, 64),
-    "tp_size": _int_range(1, 64),
-    "offload": _choice(OFFLOAD_MODES),
-    "threads": _int_range(0, 1024),
-    "timeout_s": _number_range(0.001, 3600.0),
-    "load_timeout_s": _number_range(1.0, 86_400.0),
-}
+def _validator(setting: Setting) -> Callable[[str, Any], Any]:
+    """The check for one vocabulary entry."""
+    check: Callable[[str, Any], Any]
+    if setting.name == "graph_fusion":
+        check = _graph_fusion
+    elif setting.kind == "choice":
+        check = _choice(setting.choices)
+    elif setting.kind == "device":
+        check = _device
+    elif setting.kind == "int":
+        check = _int_range(setting)
+    else:
+        check = _number_range(setting)
+    return _optional(check) if setting.optional else check
+
+
+VALIDATORS: dict[str, Callable[[str, Any], Any]] = {s.name: _validator(s) for s in SETTINGS}
 assert set(VALIDATORS) == {f.name for f in fields(ModelSettings)}
 
 

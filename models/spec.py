@@ -8,24 +8,11 @@ from typing import Any
 
 import numpy as np
 
-# KServe Open Inference Protocol V2 datatypes and their NumPy equivalents. BF16 has no NumPy
-# dtype: it travels as raw 2-byte words (uint16) and is widened by the backend.
-V2_TO_NUMPY: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BF16": np.dtype(np.uint16),
-}
-NUMPY_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NUMPY.items() if k != "BF16"}
+from lastmile.models.vocabulary import RAW_V2_DATATYPES, V2_DATATYPES
+
+# KServe V2 datatypes as NumPy dtypes (the table is the vocabulary's; BF16 travels as uint16).
+V2_TO_NUMPY: dict[str, np.dtype] = {name: np.dtype(numpy_name) for name, numpy_name in V2_DATATYPES.items()}
+NUMPY_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NUMPY.items() if k not in RAW_V2_DATATYPES}
 
 FORMATS = ("onnx", "torch_export", "torchscript", "hf", "torch_pickle")
 
@@ -66,6 +53,9 @@ class Manifest:
     description: str = ""
     from_manifest_file: bool = True
     missing: tuple[str, ...] = ()
+    # A Hugging Face folder's description (lastmile.models.hf.HfFolder): task, tokenizer,
+    # pooling, labels, and which file each came from. None for other formats.
+    hf: Any = None
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)

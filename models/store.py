@@ -13,8 +13,10 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from lastmile.models.errors import InvalidModelName, ManifestError, ModelNotFoundError, StoreEscapeError
+from lastmile.models.formats import infer_signature
 from lastmile.models.manifest import load_manifest
 from lastmile.models.spec import Manifest
 
@@ -61,11 +63,14 @@ class ModelStore:
 
     Manifests are cached per folder and re-read when anything at the folder's top level (or
     ``model.toml``) changes, since inferring a ``.pt2`` signature imports torch and loads the
-    program: seconds, not something to redo on every ``/v2/repository/index``.
+    program: seconds, not something to redo on every ``/v2/repository/index``. The daemon
+    passes a ``read_signature`` that does that work in a forkserver child, off the event loop
+    (:class:`lastmile.models.signatures.SignatureReader`).
     """
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, read_signature: Callable[[str, Path], Any] | None = None) -> None:
         self.root = Path(root).absolute()
+        self.read_signature = read_signature or infer_signature  # the daemon's reads in a forkserver child
         self._cache: dict[str, tuple[tuple, Manifest]] = {}
         self._lock = threading.Lock()
 
@@ -129,7 +134,7 @@ class ModelStore:
             cached = self._cache.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        manifest = load_manifest(path, name)
+        manifest = load_manifest(path, name, read_signature=self.read_signature)
         with self._lock:
             self._cache[name] = (key, manifest)
         return manifest

@@ -14,30 +14,53 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 
 from lastmile.models.settings import ModelSettings
 from lastmile.models.spec import Manifest
 from lastmile.models.store import ModelStore
+from lastmile.models.vocabulary import LIVE_KEYS
 from lastmile.runtime.backends import resolve_backend
 from lastmile.runtime.batcher import Batcher
-from lastmile.runtime.errors import BatchTooLarge, InferenceError, LoadError, ModelUnavailable
+from lastmile.runtime.errors import BatchTooLarge, InferenceError, LastmileRuntimeError, LoadError, ModelUnavailable, RequestTimeout, ShmError
 from lastmile.runtime.events import EventLog
+from lastmile.runtime.generation.config import is_generation_manifest
+from lastmile.runtime.generation.runner import GenerationRunner, RefusedStream
+from lastmile.runtime.generation.types import GenerationChunk, GenerationRequest, InvalidGenerationTarget
 from lastmile.runtime.memory.errors import MemoryPressure
 from lastmile.runtime.memory.estimate import Estimate
 from lastmile.runtime.memory.governor import POOL_IDLE_SHARE, MemoryGovernor
 from lastmile.runtime.memory.records import ModelMemory
 from lastmile.runtime.memory.units import mib
-from lastmile.runtime.runner import PIPELINE_DEPTH, Runner
+from lastmile.runtime.precheck import check_load
+from lastmile.runtime.runner import PIPELINE_DEPTH, Runner, call_in_forkserver
 from lastmile.runtime.shm import BufferPool, PoolFull
 
 logger = logging.getLogger("lastmile.manager")
 
 PhaseCallback = Callable[[str, dict[str, Any]], None]
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-BATCHER_KEYS = ("max_batch_size", "max_delay_ms", "max_queue", "timeout_s")
+BATCHER_KEYS = LIVE_KEYS  # the settings a loaded model takes live are the batcher's knobs
+STALL_RESTART_AFTER = 3  # timeouts in a row with no batch finished before a runner is killed
+SHM_EVENT_EVERY_S = 10.0
+
+
+class SharedMemoryExhausted(LastmileRuntimeError):
+    """``/dev/shm`` has no room for a batch's buffers (HTTP 507): the host's fault, not the
+    request's; the model stays loaded and serves again once there is room."""
+
+
+def process_state(pid: int) -> str:
+    """A process's scheduler state from ``/proc`` (``stopped`` is what SIGSTOP leaves)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return "gone"
+    return {"R": "running", "S": "sleeping", "D": "in uninterruptible wait", "T": "stopped (SIGSTOP?)", "t": "stopped by a tracer",
+            "Z": "zombie"}.get(state, state)
 
 
 def describe_exit(code: int | None) -> str:
@@ -79,6 +102,9 @@ class LoadedModel:
     restart_task: asyncio.Task | None = None
     memory: ModelMemory = field(default_factory=ModelMemory)
     requested: ModelSettings | None = None  # the settings asked for (plan = "auto" may change them)
+    load_s: float = 0.0  # how long its runners took to start
+    stall: dict[str, Any] = field(default_factory=dict)  # timeouts in a row with no batch finished
+    generation: bool = False  # a causal LM served as token streams (runtime/generation), no batcher
 
     def describe(self) -> dict[str, Any]:
         """The row ``GET /lm/v1/models`` shows for this model."""
@@ -112,7 +138,18 @@ class LoadedModel:
             "pool": self.pool.stats(),
             "memory": {k: v for k, v in self.memory.as_dict().items() if k != "estimate"},
             "fusion": self.fusion(),
+            **({"generation": self.generation_stats()} if self.generation else {}),
         }
+
+    def generation_stats(self) -> dict[str, Any]:
+        """The runner's latest scheduler figures (engine, slots, KV, tokens, TTFT, inter-token)."""
+        runner = self.runners[0] if self.runners else None
+        stats = dict(getattr(runner, "generation", None) or {})
+        for key in ("engine", "max_num_seqs", "max_context"):
+            stats.setdefault(key, self.info.get(key))
+        for key in ("running", "waiting", "kv_used_bytes", "kv_reserved_bytes"):
+            stats.setdefault(key, 0)
+        return stats
 
     def fusion(self) -> dict[str, Any]:
         """The ``graph_fusion`` asked for and what the backend really applied."""
@@ -168,8 +205,14 @@ class ModelManager:
     # --- load / unload ----------------------------------------------------------------------
 
     async def load(self, name: str, overrides: dict[str, Any] | None = None, on_phase: PhaseCallback | None = None) -> LoadedModel:
+        """Load ``name`` (or reload it with new settings). Everything checkable is checked before
+        a serving instance is touched (settings, device, dtype, artifact, memory: 4xx errors);
+        a reload that still fails later leaves the previous instance serving."""
         overrides = dict(overrides or {})
-        manifest, settings, backend = self.plan(name, overrides)
+        loop = asyncio.get_running_loop()
+        # In a thread: the manifest may need its artifact's signature read (a forkserver child).
+        manifest, settings, backend = await loop.run_in_executor(None, self.plan, name, overrides)
+        await loop.run_in_executor(None, check_load, manifest, settings, backend, call_in_forkserver)
         async with self._locks.setdefault(name, asyncio.Lock()):
             current = self.models.get(name)
             if current and current.state == "ready" and (current.requested or current.settings) == settings:
@@ -178,71 +221,108 @@ class ModelManager:
             settings, est, plan_taken = await self.governor.admit(manifest, settings, backend)
             self.governor.start()
             # A serving model is replaced without dropping requests when the new runners fit
-            # beside the old ones: start them, switch, then drain the old. Else stop it first.
+            # beside the old ones: start them, switch, then drain the old. Else stop it first,
+            # and bring it back with its old settings if the new ones fail.
             swap = current is not None and current.state == "ready" and self._fits_beside(est)
+            rollback = current is not None and not swap and current.state == "ready"
             if current and not swap:
                 why = "not enough free memory to run both while switching" if current.state == "ready" else f"it is {current.state}"
                 self.events.record("reload_in_place", f"{name} stops before its reload ({why}): requests in between get 503", model=name)
                 await self._teardown(current, reason="reload with new settings")
-            pool = BufferPool(f"lastmile-{os.getpid()}-{name}-")
-            model = LoadedModel(name, manifest, settings, overrides, backend, pool)
-            model.requested = requested
-            model.memory.estimate = est
-            model.memory.device = next((d for d in est.per_device if d != "host"), "host")
-            model.memory.limit_bytes = mib(settings.memory_limit_mb)
-            model.memory.plan_taken = plan_taken
-            if model.memory.limit_bytes:
-                # idle pool buffers count against the limit: keep at most a quarter of it idle
-                pool.max_idle_bytes = min(pool.max_idle_bytes, int(model.memory.limit_bytes * POOL_IDLE_SHARE))
-            reservation = f"{name}\0next" if swap else name
-            if not swap:
-                self.models[name] = model
-            self.governor.reserve(reservation, est)
-            self.events.record("load_started", f"loading {name} ({backend}, {settings.device}, {settings.dtype})", model=name, settings=settings.as_dict(),
-                               estimate_bytes=est.total_bytes, plan_taken=plan_taken)
-
-            def phase(step: str, data: dict[str, Any]) -> None:
-                model.phase = step
-                if on_phase:
-                    on_phase(step, data)
-
-            started = time.monotonic()
             try:
-                await self._start_runners(model, phase)
-                self.governor.check_ready(model)  # 507 when the idle runner already sits where the ladder would act
-            except BaseException as exc:
-                model.state, model.error = "failed", str(exc)
-                await self._stop_runners(model)
-                pool.close()
-                self.governor.release(reservation)
-                if self.models.get(name) is model:
-                    del self.models[name]
-                kept = "; the running instance keeps serving" if swap else ""
-                self.events.record("load_failed", f"{name} failed to load: {exc}{kept}", model=name, level="error")
+                model = await self._start_instance(name, manifest, settings, overrides, backend, est, plan_taken, swap, on_phase)
+            except Exception as exc:
+                if rollback:
+                    assert current is not None
+                    await self._roll_back(current, exc)
                 raise
+            model.requested = requested
+            if swap:
+                assert current is not None
+                self.models[name] = model  # new requests go to the new runners from here on
+                await self._drain(current)
+                self.events.record("switched", f"{name} switched to its new runners; the old ones drained and stopped", model=name)
+            self.governor.release(f"{name}\0next" if swap else name)
+            self.events.record("loaded", f"{name} loaded in {model.load_s} s", model=name, load_s=model.load_s,
+                               info=model.info, estimate_bytes=est.total_bytes, plan_taken=plan_taken)
+            self.on_change()
+            return model
+
+    async def _start_instance(self, name: str, manifest: Manifest, settings: ModelSettings, overrides: dict[str, Any], backend: str,
+                              est: Estimate, plan_taken: Any, swap: bool, on_phase: PhaseCallback | None) -> LoadedModel:
+        """Runners and batcher of one instance of ``name``, registered under ``name`` unless it
+        is a ``swap`` (the caller switches). On failure nothing of it is left (runners stopped,
+        pool closed, reservation released) and the error is an event."""
+        pool = BufferPool(f"lastmile-{os.getpid()}-{name}-")
+        model = LoadedModel(name, manifest, settings, overrides, backend, pool)
+        model.generation = is_generation_manifest(manifest)
+        model.memory.estimate = est
+        model.memory.device = next((d for d in est.per_device if d != "host"), "host")
+        model.memory.limit_bytes = mib(settings.memory_limit_mb)
+        model.memory.plan_taken = plan_taken
+        if model.memory.limit_bytes:
+            # idle pool buffers count against the limit: keep at most a quarter of it idle
+            pool.max_idle_bytes = min(pool.max_idle_bytes, int(model.memory.limit_bytes * POOL_IDLE_SHARE))
+        reservation = f"{name}\0next" if swap else name
+        if not swap:
+            self.models[name] = model
+        self.governor.reserve(reservation, est)
+        self.events.record("load_started", f"loading {name} ({backend}, {settings.device}, {settings.dtype})", model=name, settings=settings.as_dict(),
+                           estimate_bytes=est.total_bytes, plan_taken=plan_taken)
+
+        def phase(step: str, data: dict[str, Any]) -> None:
+            model.phase = step
+            if on_phase:
+                on_phase(step, data)
+
+        started = time.monotonic()
+        try:
+            await self._start_runners(model, phase)
+            self.governor.check_ready(model)  # 507 when the idle runner already sits where the ladder would act
+        except BaseException as exc:
+            model.state, model.error = "failed", str(exc)
+            await self._stop_runners(model)
+            pool.close()
+            self.governor.release(reservation)
+            if self.models.get(name) is model:
+                del self.models[name]
+            kept = "; the running instance keeps serving" if swap else ""
+            self.events.record("load_failed", f"{name} failed to load: {exc}{kept}", model=name, level="error")
+            raise
+        if not model.generation:  # a generation runner schedules its own sequences
             model.batcher = Batcher(
                 lambda inputs, m=model: self._run_batch(m, inputs),
                 concurrency=settings.instances,
                 pool=model.pool,  # concatenate requests straight into shared memory
                 **{k: getattr(settings, k) for k in BATCHER_KEYS},
             )
-            model.state, model.phase = "ready", "ready"
-            model.loaded_at = model.last_used = time.time()
-            if swap:
-                assert current is not None
-                self.models[name] = model  # new requests go to the new runners from here on
-                await self._drain(current)
-                self.events.record("switched", f"{name} switched to its new runners; the old ones drained and stopped", model=name)
-            self.governor.release(reservation)
-            seconds = round(time.monotonic() - started, 3)
-            self.events.record("loaded", f"{name} loaded in {seconds} s", model=name, load_s=seconds, info=model.info,
-                               estimate_bytes=est.total_bytes, plan_taken=plan_taken)
-            self.on_change()
-            return model
+        model.state, model.phase = "ready", "ready"
+        model.loaded_at = model.last_used = time.time()
+        model.load_s = round(time.monotonic() - started, 3)
+        return model
+
+    async def _roll_back(self, old: LoadedModel, exc: BaseException) -> None:
+        """An in-place reload failed after the old runners stopped: start the old settings
+        again, so a failed change never leaves the model down when it was serving."""
+        name = old.name
+        est = old.memory.estimate
+        try:
+            model = await self._start_instance(name, old.manifest, old.settings, old.overrides, old.backend, est,
+                                               old.memory.plan_taken, False, None)
+        except Exception as again:  # noqa: BLE001 - reported; the original error is what the caller sees
+            self.events.record("rollback_failed", f"{name}: its reload failed ({exc}) and its previous settings did not "
+                               f"start again either: {again}", model=name, level="error")
+            return
+        model.requested = old.requested
+        model.restarts = old.restarts
+        self.governor.release(name)
+        self.events.record("reload_rolled_back", f"{name}: reload failed ({exc}); the running instance keeps serving "
+                           "with its previous settings (its runners were restarted)", model=name, level="error")
 
     async def _start_runners(self, model: LoadedModel, phase: PhaseCallback) -> None:
         for instance in range(model.settings.instances):
-            runner = Runner(model.manifest, model.settings, pool=model.pool, instance=instance)
+            runner_class = GenerationRunner if model.generation else Runner
+            runner = runner_class(model.manifest, model.settings, pool=model.pool, instance=instance)
             runner.on_exit = lambda r, code, m=model: self._runner_died(m, r, code)
             model.runners.append(runner)
             model.info = await runner.start(on_phase=phase, timeout_s=model.settings.load_timeout_s)
@@ -336,6 +416,10 @@ class ModelManager:
                 raise MemoryPressure(f"model {name!r} lowered its max_batch_size to {model.memory.effective_max_batch} "
                                      f"under memory pressure; this request has {exc.rows} rows: retry later or split it") from exc
             raise
+        except RequestTimeout as exc:
+            model.failures += 1
+            self._note_timeout(model, exc)
+            raise
         except PoolFull as exc:
             model.failures += 1
             self.governor.note_cap_hit(model)
@@ -343,8 +427,13 @@ class ModelManager:
                                model=name, level="warning", step="pool_cap", pool_max_bytes=model.pool.max_bytes)
             raise MemoryPressure(f"model {name!r}: this batch needs more buffer memory than the model's memory_limit_mb "
                                  f"allows ({exc}); retry with fewer rows or shorter inputs") from exc
+        except ShmError as exc:
+            model.failures += 1
+            raise self._shm_exhausted(model, str(exc)) from exc
         except InferenceError as exc:
             model.failures += 1
+            if _is_shm_exhaustion(str(exc)):
+                raise self._shm_exhausted(model, str(exc)) from exc
             if model.memory.cap and _is_allocation_failure(str(exc)):
                 self.governor.note_cap_hit(model)
                 self.events.record("memory_cap_hit", f"{name}: a batch needed more than the runner's memory cap and failed alone: {exc}",
@@ -356,7 +445,63 @@ class ModelManager:
             model.failures += 1
             raise
         model.latencies_s.append(time.perf_counter() - started)
+        model.stall.clear()
         return outputs, info
+
+    def _note_timeout(self, model: LoadedModel, exc: RequestTimeout) -> None:
+        """A request timed out: if no runner of the model finished a batch since the streak of
+        timeouts began, the runner is stalled (stopped, hung in native code): an event, and
+        after ``STALL_RESTART_AFTER`` timeouts in a row its runners are killed, which the
+        runner-died path restarts. A model that is merely slow keeps finishing batches and is
+        left alone."""
+        done = sum(r.batches for r in model.runners)
+        stall = model.stall
+        if stall.get("batches") != done:
+            stall.clear()
+            stall.update(batches=done, timeouts=0, reported=False)
+        stall["timeouts"] += 1
+        states = {r.pid: process_state(r.pid) for r in model.runners if r.pid}
+        described = ", ".join(f"{pid} {state}" for pid, state in states.items())
+        if not stall["reported"]:
+            stall["reported"] = True
+            self.events.record("runner_stalled", f"{model.name}: a request timed out after {exc.timeout_s:g} s and its runner "
+                               f"finished no batch meanwhile (runner {described}); restarting it after "
+                               f"{STALL_RESTART_AFTER} timeouts in a row", model=model.name, level="warning", runners=states)
+        if stall["timeouts"] >= STALL_RESTART_AFTER and model.state == "ready":
+            self.events.record("runner_stalled", f"{model.name}: {stall['timeouts']} requests in a row timed out with no batch "
+                               f"finished (runner {described}); killing its runner to restart it", model=model.name,
+                               level="error", runners=states)
+            stall.clear()
+            for runner in list(model.runners):
+                runner.kill()  # the runner-died path records it and restarts
+
+    def _shm_exhausted(self, model: LoadedModel, detail: str) -> Exception:
+        """Shared memory (``/dev/shm``) is full: an event (at most one per model every
+        ``SHM_EVENT_EVERY_S``) and a 507 for the request; the model stays loaded."""
+        now = time.monotonic()
+        if now - model.stall.get("shm_event_at", -1e9) >= SHM_EVENT_EVERY_S:
+            model.stall["shm_event_at"] = now
+            self.events.record("shm_exhausted", f"{model.name}: shared memory is full, a batch could not get its buffers: {detail}",
+                               model=model.name, level="error")
+        return SharedMemoryExhausted(f"model {model.name!r}: shared memory (/dev/shm) is full, this batch could not get its "
+                                     f"buffers ({detail}); free space in /dev/shm or send smaller batches")
+
+    def generate(self, name: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream one generation from a loaded generation model. Refusals (``ContextOverflow``,
+        ``QueueFull``, ``ModelUnavailable``...) are raised by the first ``__anext__``, before
+        any chunk; ``aclose()`` cancels the sequence in the runner (slot and KV freed)."""
+        model = self.models.get(name)
+        if model is None:
+            return RefusedStream(ModelNotLoaded(name))
+        if not model.generation:
+            return RefusedStream(InvalidGenerationTarget(
+                f"model {name!r} is not a generation model (format {model.manifest.format}, backend {model.backend}); "
+                "generation needs a causal-LM folder"))
+        if model.state != "ready" or not model.runners:
+            return RefusedStream(ModelUnavailable(f"model {name!r} is {model.state}" + (f": {model.error}" if model.error else "")))
+        model.last_used = time.time()
+        model.requests += 1
+        return model.runners[0].generate(request)
 
     async def _run_batch(self, model: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if model.state != "ready":
@@ -427,6 +572,11 @@ class ModelManager:
                 continue
             model.state, model.error, model.phase = "ready", None, "ready"
             self.events.record("restarted", f"{model.name} runner restarted (attempt {attempt})", model=model.name, attempt=attempt)
+
+
+def _is_shm_exhaustion(text: str) -> bool:
+    """Whether a runner's error text is the pool's refusal to reserve shared memory."""
+    return "cannot reserve" in text and "shared memory" in text
 
 
 _ALLOCATION_WORDS = ("can't allocate memory", "cannot allocate memory", "failed to allocate", "memoryerror", "bad_alloc",

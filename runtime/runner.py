@@ -231,6 +231,10 @@ class _Call:
 class Runner:
     """One model instance in its own process. All methods run on one asyncio loop."""
 
+    #: The child's entry point (same arguments as ``runner_main.main``); a subclass serving
+    #: another protocol (generation streams) names its own.
+    child_target: Callable[..., None] = staticmethod(runner_main.main)
+
     def __init__(self, manifest: Manifest, settings: ModelSettings, *, pool: BufferPool, instance: int = 0) -> None:
         self.manifest = manifest
         self.settings = settings
@@ -299,7 +303,7 @@ class Runner:
         child_rx, parent_tx = ctx.Pipe(duplex=False)
         parent_rx, child_tx = ctx.Pipe(duplex=False)
         proc = runner_main.RunnerProcess(
-            target=runner_main.main,
+            target=self.child_target,
             args=(child_rx, child_tx, self.manifest, self.settings, self.name),
             name=f"lastmile-runner:{self.name}#{self.instance}",
             daemon=True,
@@ -559,6 +563,10 @@ class Runner:
             # The child closed its end (exiting): the sentinel tells how it ended.
             self._stop_reading()
             return
+        self._dispatch(msg)
+
+    def _dispatch(self, msg: tuple) -> None:
+        """One message from the child (a subclass handles its own kinds, then calls this)."""
         op = msg[0]
         if op == "ok" or op == "err":
             call = self._calls.pop(msg[1], None)

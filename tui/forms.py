@@ -3,8 +3,9 @@ directly.
 
 Only cheap checks happen here (a number where a number belongs, an integer range the operator
 can fix at once); everything else is the daemon's to judge, and its error message is what the
-operator sees. The TUI imports nothing from ``models``/``runtime``, so the choice lists are
-the public API's vocabulary, written out.
+operator sees. Names, bounds, choices and which keys reload come from
+:mod:`lastmile.models.vocabulary`, the one module of ``models`` the TUI may import (it is
+standard library only), so the forms and the daemon cannot drift apart.
 """
 
 from __future__ import annotations
@@ -14,18 +15,35 @@ from typing import Any, Mapping
 
 import numpy as np
 
-BACKENDS = ("auto", "onnxruntime", "deepspeed")
-DTYPES = ("fp32", "fp16", "bf16")
-GRAPH_FUSION = ("off", "basic", "extended", "all")
+from lastmile.models import vocabulary
+from lastmile.models.vocabulary import BY_NAME
+
+BACKENDS = vocabulary.BACKENDS
+DTYPES = vocabulary.DTYPES
+GRAPH_FUSION = vocabulary.GRAPH_FUSION_LEVELS
 PHASES = ("queued", "spawning", "loading", "warming", "ready")  # what a load reports, in order
-RELOADING_KEYS = ("graph_fusion", "memory_limit_mb")  # tuning these reloads the model
+RELOADING_KEYS = vocabulary.RELOAD_KEYS  # tuning these reloads the model (the confirm dialog asks first)
 
 # V2 datatype -> numpy (BF16 has no numpy type: file input only, as raw uint16 is ambiguous)
 V2_NUMPY: dict[str, Any] = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+    name: np.dtype(numpy_name).type for name, numpy_name in vocabulary.V2_DATATYPES.items() if name not in vocabulary.RAW_V2_DATATYPES
 }
+
+
+LOAD_FORM_NUMBERS = ("memory_limit_mb", "max_batch_size", "max_delay_ms", "max_queue")  # the load form's number fields
+TUNE_FIELDS = ("max_batch_size", "max_delay_ms", "graph_fusion", "memory_limit_mb")  # the tune form's fields
+
+
+def reload_note(keys: tuple[str, ...] = TUNE_FIELDS) -> str:
+    """One sentence saying which of ``keys`` apply at once and which reload the model."""
+    def words(names: list[str]) -> str:
+        spoken = [n.replace("_mb", "").replace("_ms", "").replace("_", " ") for n in names]
+        return ", ".join(spoken[:-1]) + " and " + spoken[-1] if len(spoken) > 1 else "".join(spoken)
+
+    live = [k for k in keys if k in vocabulary.LIVE_KEYS]
+    reloading = vocabulary.needs_reload(keys)
+    parts = [f"{words(live)} apply at once" if live else "", f"{words([k for k in keys if k in reloading])} reload the model" if reloading else ""]
+    return "; ".join(p for p in parts if p) + "."
 
 
 class FormError(ValueError):
@@ -37,6 +55,7 @@ class FormError(ValueError):
 
 
 def parse_int(field: str, text: str, low: int, high: int) -> int | None:
+    """A whole number within ``low..high``, or None for an empty field."""
     text = text.strip()
     if not text:
         return None
@@ -62,6 +81,15 @@ def _float(field: str, text: str, low: float, high: float) -> float | None:
     return value
 
 
+def parse_setting(key: str, text: str) -> int | float | None:
+    """A numeric setting's field, checked against the vocabulary's bounds (None when empty)."""
+    setting = BY_NAME[key]
+    low, high = setting.low or 0, setting.high or 0
+    if setting.kind == "int":
+        return parse_int(key, text, int(low), int(high))
+    return _float(key, text, float(low), float(high))
+
+
 def load_parameters(fields: Mapping[str, str]) -> dict[str, Any]:
     """The load form's text values -> the ``parameters`` of a load request.
 
@@ -73,12 +101,7 @@ def load_parameters(fields: Mapping[str, str]) -> dict[str, Any]:
         value = (fields.get(key) or "").strip()
         if value and value != "default" and not (key == "backend" and value == "auto"):
             params[key] = value
-    numbers = {
-        "memory_limit_mb": parse_int("memory_limit_mb", fields.get("memory_limit_mb", ""), 16, 16 * 1024 * 1024),
-        "max_batch_size": parse_int("max_batch_size", fields.get("max_batch_size", ""), 1, 4096),
-        "max_delay_ms": _float("max_delay_ms", fields.get("max_delay_ms", ""), 0.0, 10_000.0),
-        "max_queue": parse_int("max_queue", fields.get("max_queue", ""), 1, 1_000_000),
-    }
+    numbers = {key: parse_setting(key, fields.get(key, "")) for key in LOAD_FORM_NUMBERS}
     params.update({k: v for k, v in numbers.items() if v is not None})
     return params
 
@@ -90,18 +113,16 @@ def tune_changes(current: Mapping[str, Any], fields: Mapping[str, str]) -> dict[
     set now. Empty batching fields mean "leave as is".
     """
     changes: dict[str, Any] = {}
-    batch = parse_int("max_batch_size", fields.get("max_batch_size", ""), 1, 4096)
-    if batch is not None and batch != current.get("max_batch_size"):
-        changes["max_batch_size"] = batch
-    delay = _float("max_delay_ms", fields.get("max_delay_ms", ""), 0.0, 10_000.0)
-    if delay is not None and delay != current.get("max_delay_ms"):
-        changes["max_delay_ms"] = delay
+    for key in ("max_batch_size", "max_delay_ms"):
+        value = parse_setting(key, fields.get(key, ""))
+        if value is not None and value != current.get(key):
+            changes[key] = value
     fusion = (fields.get("graph_fusion") or "").strip()
     if fusion and fusion != current.get("graph_fusion"):
         if fusion not in GRAPH_FUSION:
             raise FormError("graph_fusion", f"{fusion!r}; allowed: {', '.join(GRAPH_FUSION)}")
         changes["graph_fusion"] = fusion
-    limit = parse_int("memory_limit_mb", fields.get("memory_limit_mb", ""), 16, 16 * 1024 * 1024)
+    limit = parse_setting("memory_limit_mb", fields.get("memory_limit_mb", ""))
     if limit != current.get("memory_limit_mb"):
         changes["memory_limit_mb"] = limit
     return changes

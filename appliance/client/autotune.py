@@ -28,11 +28,14 @@ from typing import Any, Callable
 import numpy as np
 
 from lastmile.appliance.client.api import LastmileClient
+from lastmile.appliance.client.loadgen import Target
+from lastmile.models import vocabulary
 from lastmile.models.spec import V2_TO_NUMPY
 
-Progress = Callable[[dict[str, Any]], None]
-LIVE_KEYS = ("max_batch_size", "max_delay_ms")
-RELOAD_KEYS = ("graph_fusion", "threads")
+TuneProgress = Callable[[dict[str, Any]], None]  # one dict per step of the sweep (bench.run.Progress takes a line)
+SWEPT_KEYS = ("max_batch_size", "max_delay_ms", "graph_fusion", "threads")
+LIVE_KEYS = tuple(k for k in SWEPT_KEYS if k in vocabulary.LIVE_KEYS)  # stage 1: changed live
+RELOAD_KEYS = tuple(vocabulary.needs_reload(SWEPT_KEYS))  # stage 2: one reload per trial
 
 
 @dataclass
@@ -82,11 +85,9 @@ def sample_request(metadata: dict[str, Any], rows: int = 1, seq: int = 16) -> tu
     return encode_request(inputs, types, binary=True)
 
 
-def target_for(client: LastmileClient) -> Any:
+def target_for(client: LastmileClient) -> Target:
     """Where the load goes: the client's Unix socket, or its ``http://host:port`` with its token."""
     from urllib.parse import urlsplit
-
-    from lastmile.appliance.client.loadgen import Target
 
     if client.socket_path is not None:
         return Target(unix=str(client.socket_path))
@@ -110,9 +111,9 @@ def default_grid(current: dict[str, Any], cores: int) -> dict[str, list[Any]]:
 
 
 class Tuner:
-    def __init__(self, client: LastmileClient, name: str, *, target: Any = None, latency_slo_ms: float | None = None,
+    def __init__(self, client: LastmileClient, name: str, *, target: Target | None = None, latency_slo_ms: float | None = None,
                  clients: int = 32, duration_s: float = 2.0, warmup_s: float = 0.3, grid: dict[str, list[Any]] | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: TuneProgress | None = None) -> None:
         if latency_slo_ms is not None and latency_slo_ms <= 0:
             raise ValueError(f"latency_slo_ms: got {latency_slo_ms}; must be > 0")
         if clients < 1:

@@ -18,12 +18,21 @@ import numpy as np
 from lastmile.appliance import __version__
 from lastmile.appliance.client.api import ClientError, LastmileClient
 from lastmile.appliance.server.config import ConfigError, load_config
+from lastmile.models.vocabulary import BY_NAME, SETTINGS, Setting
 
-LOAD_FLAGS = {
-    "backend": str, "device": str, "dtype": str, "graph_fusion": str, "memory_limit_mb": int,
-    "max_batch_size": int, "max_delay_ms": float, "max_queue": int, "instances": int, "offload": str, "threads": int,
-    "load_timeout_s": float,
-}
+SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"  # what add_subparsers returns
+
+# One flag per setting of the vocabulary, parsed into its type; the daemon judges the value.
+LOAD_FLAGS: dict[str, type] = {s.name: s.python_type for s in SETTINGS}
+
+
+def setting_note(setting: Setting, *, default: bool = True) -> str:
+    """What ``load --help`` and ``config show`` say about a setting: allowed values, the
+    built-in default, and whether a loaded model takes a change live."""
+    when = "tunable on a loaded model without a reload" if setting.live else "a change needs a reload"
+    if not default:
+        return f"{setting.allowed()}; {when}"
+    return f"{setting.allowed()}; default {'none' if setting.default is None else setting.default}; {when}"
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -75,7 +84,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
         print(f"\n[{section}]")
         for key, value in values.items():
             shown = "(unset)" if value is None else json.dumps(value)
-            print(f"{key} = {shown}  # {config.sources.get(f'{section}.{key}', '?')}")
+            note = f"; {setting_note(BY_NAME[key], default=False)}" if section == "defaults" and key in BY_NAME else ""
+            print(f"{key} = {shown}  # {config.sources.get(f'{section}.{key}', '?')}{note}")
     return 0
 
 
@@ -137,6 +147,11 @@ async def cmd_models(client: LastmileClient, args: argparse.Namespace) -> int:
         m = loaded.get(entry["name"])
         rows.append([entry["name"], entry["format"], m["backend"] if m else entry["backend"], m["state"] if m else "-", m["device"] if m else "-", entry["error"] or "; ".join(entry["missing"]) or ""])
     print(_table(rows, ["MODEL", "FORMAT", "BACKEND", "STATE", "DEVICE", "NOTE"]))
+    from lastmile.appliance.client.text_cli import format_derived
+
+    derived = format_derived(data["store"])  # Hugging Face folders: what was derived, from which file
+    if derived:
+        print("\n" + derived)
     return 0
 
 
@@ -169,7 +184,19 @@ def _random_input(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
     return rng.standard_normal(size=shape).astype(dtype)
 
 
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from lastmile.appliance.client.text_cli import cmd_models_import as run_import
+
+    return run_import(args, Path(args.store) if args.store else load_config(args.config).store["models_dir"])
+
+
 async def cmd_infer(client: LastmileClient, args: argparse.Namespace) -> int:
+    if args.text:  # texts in: lastmile.appliance.client.text_cli
+        from lastmile.appliance.client.text_cli import format_text_result, infer_text
+
+        response = await infer_text(client, args.name, args.text, truncate=args.truncate)
+        _print_json(response) if args.json else print(format_text_result(args.text, response))
+        return 0
     meta = await client.metadata(args.name)
     specs = {t["name"]: t for t in meta["inputs"]}
     inputs: dict[str, np.ndarray] = {}
@@ -237,7 +264,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------
 
 
-# --- memory (issue 4): `lastmile memory`, `lastmile memory set`, `lastmile load --dry-run` ------
+# --- memory: `lastmile memory`, `lastmile memory set`, `lastmile load --dry-run` ------
 
 MEMORY_SET_FLAGS = {
     "host_limit_mb": int, "host_limit_fraction": float, "device_limit_mb": int, "device_limit_fraction": float,
@@ -313,7 +340,7 @@ async def cmd_load_or_dry_run(client: LastmileClient, args: argparse.Namespace) 
     return 1
 
 
-def add_memory_commands(sub: Any, common: argparse.ArgumentParser, load: argparse.ArgumentParser) -> None:
+def add_memory_commands(sub: SubParsers, common: argparse.ArgumentParser, load: argparse.ArgumentParser) -> None:
     load.add_argument("--dry-run", action="store_true", help="only show the memory estimate and whether it fits now")
     load.set_defaults(func=cmd_load_or_dry_run)
     memory = sub.add_parser("memory", help="memory budgets and per-model usage", description="memory budgets and per-model usage", parents=[common])
@@ -377,7 +404,7 @@ async def cmd_tune(client: LastmileClient, args: argparse.Namespace) -> int:
     return 0 if result.best else 1
 
 
-def add_perf_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_perf_commands(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     bench = sub.add_parser("bench", add_help=False,
                            help="benchmark Lastmile against the in-process limit, a naive server and a peer (source checkout; --help for its flags)",
                            description="benchmark Lastmile against the in-process limit, a naive server and a peer")
@@ -425,16 +452,27 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", "daemon status and loaded models", cmd_status, True)
     add("system", "host facts: CPU, RAM, accelerators, versions", cmd_system, True)
     models = add("models", "the store and what is loaded", cmd_models, True)
-    models_sub = models.add_subparsers(dest="models_command", metavar="build-demo")
+    models_sub = models.add_subparsers(dest="models_command", metavar="build-demo | import")
     demo = models_sub.add_parser("build-demo", help="build the bundled demo models into the store", parents=[common])
     demo.add_argument("--store", help="store directory (default: store.models_dir)")
     demo.add_argument("--force", action="store_true", help="rebuild models that exist")
     demo.set_defaults(func=cmd_build_demo)
+    imp = models_sub.add_parser("import", help="export a Hugging Face text model of the store to ONNX (NAME-onnx)", parents=[common])
+    imp.add_argument("name")
+    imp.add_argument("--to", choices=["onnx"], required=True)
+    imp.add_argument("--target", help="name of the new model folder (default NAME-onnx)")
+    imp.add_argument("--store", help="store directory (default: store.models_dir)")
+    imp.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer fusions")
+    imp.add_argument("--force", action="store_true", help="replace the target folder")
+    imp.add_argument("--json", action="store_true")
+    imp.set_defaults(func=cmd_models_import)
     load = add("load", "load a model from the store", cmd_load, True)
     load.add_argument("name")
     for key, kind in LOAD_FLAGS.items():
         flag = "--memory-limit" if key == "memory_limit_mb" else "--" + key.replace("_", "-")
-        load.add_argument(flag, dest=key, type=kind, metavar=key.upper() if key != "memory_limit_mb" else "MB")
+        setting = BY_NAME[key]
+        load.add_argument(flag, dest=key, type=kind, metavar=key.upper() if key != "memory_limit_mb" else "MB",
+                          help=f"{setting.help} ({setting_note(setting)})")
     unload = add("unload", "unload a model", cmd_unload)
     unload.add_argument("name")
     infer = add("infer", "send one inference request", cmd_infer, True)
@@ -442,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--input", action="append", metavar="NAME=FILE.npy")
     infer.add_argument("--random", action="store_true", help="random data for inputs not given")
     infer.add_argument("--seed", type=int, default=0)
+    infer.add_argument("--text", action="append", metavar="TEXT", help="a text for a text model (repeat for a batch)")
+    infer.add_argument("--truncate", action="store_true", help="cut texts longer than the model's max length")
     events = add("events", "the daemon's event log", cmd_events)
     events.add_argument("--follow", "-f", action="store_true")
     demo_cmd = add("demo", "start the daemon if needed, load the demo models on both backends, send requests, open the TUI", cmd_demo)
@@ -453,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LOCAL_COMMANDS = (cmd_serve, cmd_config_show, cmd_build_demo, cmd_tui, cmd_bench, cmd_demo)
+LOCAL_COMMANDS = (cmd_serve, cmd_config_show, cmd_build_demo, cmd_models_import, cmd_tui, cmd_bench, cmd_demo)
 
 
 def main(argv: list[str] | None = None) -> int:

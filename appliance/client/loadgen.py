@@ -25,9 +25,11 @@ import math
 import socket
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 
@@ -109,7 +111,7 @@ def summarize(mode: str, target: Target, concurrency: int, rate: float | None, e
               errors: int, rows: int, samples: list[str], lags: list[float] | None = None) -> Result:
     arr = np.asarray(lat) * 1000.0 if lat else None
 
-    def pct(p: float, a: Any = arr) -> float | None:
+    def pct(p: float, a: np.ndarray | None = arr) -> float | None:
         return round(float(np.percentile(a, p)), 4) if a is not None and len(a) else None
 
     n = len(lat)
@@ -296,7 +298,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
-def run(coro: Any) -> Any:
+def run(coro: Coroutine[Any, Any, T]) -> T:
     loop = new_event_loop()
     try:
         return loop.run_until_complete(coro)

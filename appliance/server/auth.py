@@ -24,6 +24,7 @@ import errno
 import grp
 import hmac
 import logging
+import math
 import os
 import re
 import socket
@@ -45,9 +46,9 @@ __all__ = [
     "PeerCredentials",
     "Caller",
     "AuthPolicy",
+    "TokenFailures",
     "TokenFileError",
     "load_token",
-    "credential_path",
     "peer_credentials",
     "requires_role",
     "default_operator_required",
@@ -196,8 +197,8 @@ def load_token(path: str | os.PathLike[str]) -> str:
     The file must be a regular file with no group/other permission bits
     (``chmod 600``), owned by the daemon's user or root, holding one token
     of at least 16 visible ASCII characters (``openssl rand -hex 32``).
-    A systemd credential (``LoadCredential=``) qualifies: see
-    :func:`credential_path`.
+    A systemd credential (``LoadCredential=``, a private 0400 copy owned by the
+    service user) qualifies: point ``server.token_file`` at it.
     """
     p = Path(path)
     try:
@@ -241,20 +242,6 @@ def load_token(path: str | os.PathLike[str]) -> str:
     return token
 
 
-def credential_path(name: str) -> Path | None:
-    """``$CREDENTIALS_DIRECTORY/<name>`` when systemd passed that credential, else None.
-
-    With ``LoadCredential=tcp-token:/etc/lastmile/tcp-token`` systemd (as
-    root) copies the file to a private 0400 file owned by the service user,
-    so the token file in /etc can stay root-only.
-    """
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not directory:
-        return None
-    candidate = Path(directory) / name
-    return candidate if candidate.exists() else None
-
-
 # --- the policy -------------------------------------------------------------------------
 
 
@@ -275,10 +262,9 @@ class AuthPolicy:
       gids, default ``["lastmile-admin"]``) make a Unix-socket peer an
       operator; root is always an operator, and so is the daemon's own uid
       (in a user-mode run that is the person who started it).
-    * ``viewer_groups`` documents who the socket's group admits (default
-      ``["lastmile"]``); it is enforced only with ``strict_viewers=True``,
-      because the socket's 0660 mode already is that boundary and a
-      user-mode socket belongs to its user, not to group ``lastmile``.
+    * Everyone else who could connect is a viewer: the socket's 0660 mode
+      (group ``lastmile``) is that boundary, and a user-mode socket belongs
+      to its user.
     * ``token``: the TCP bearer token (from :func:`load_token`); None means
       TCP admits only the health routes.
 
@@ -289,9 +275,7 @@ class AuthPolicy:
 
     operator_groups: list[str | int] = field(default_factory=lambda: ["lastmile-admin"])
     operator_uids: list[int] = field(default_factory=lambda: [0])
-    viewer_groups: list[str | int] = field(default_factory=lambda: ["lastmile"])
     token: str | None = None
-    strict_viewers: bool = False
     daemon_uid_is_operator: bool = True
     group_cache_s: float = 60.0
     _gid_cache: dict[str, tuple[float, frozenset[int]]] = field(default_factory=dict, init=False, repr=False)
@@ -299,7 +283,6 @@ class AuthPolicy:
 
     def __post_init__(self) -> None:
         self.operator_groups = _as_str_list("operator_groups", self.operator_groups)
-        self.viewer_groups = _as_str_list("viewer_groups", self.viewer_groups)
         if isinstance(self.operator_uids, (str, bytes)) or not isinstance(self.operator_uids, (list, tuple)):
             raise ValueError(f"auth.operator_uids: expected a list of numeric uids, got {self.operator_uids!r}")
         for uid in self.operator_uids:
@@ -308,15 +291,6 @@ class AuthPolicy:
         self.operator_uids = list(self.operator_uids)
         if self.token is not None and (not isinstance(self.token, str) or len(self.token) < _TOKEN_MIN):
             raise ValueError(f"auth token must be a string of at least {_TOKEN_MIN} characters (use load_token)")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, token: str | None = None) -> AuthPolicy:
-        """From a config ``[auth]`` table; unknown keys are an error naming the key."""
-        known = {"operator_groups", "operator_uids", "viewer_groups", "strict_viewers"}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"auth.{unknown[0]}: unknown key; allowed: {', '.join(sorted(known))}")
-        return cls(**dict(values), token=token)
 
     # group resolution ------------------------------------------------------------------
 
@@ -343,21 +317,16 @@ class AuthPolicy:
     def operator_gids(self) -> frozenset[int]:
         return self._gids("operator_groups", self.operator_groups)
 
-    def viewer_gids(self) -> frozenset[int]:
-        return self._gids("viewer_groups", self.viewer_groups)
-
     # decisions -------------------------------------------------------------------------
 
-    def role_for_unix(self, creds: PeerCredentials) -> Literal["operator", "viewer"] | None:
-        """operator / viewer for a Unix-socket peer (None only with ``strict_viewers``)."""
+    def role_for_unix(self, creds: PeerCredentials) -> Literal["operator", "viewer"]:
+        """operator / viewer for a Unix-socket peer (one that could connect at all)."""
         if creds.uid == 0 or creds.uid in self.operator_uids:
             return "operator"
         if self.daemon_uid_is_operator and creds.uid == os.geteuid():
             return "operator"
         if creds.in_any(self.operator_gids()):
             return "operator"
-        if self.strict_viewers and not creds.in_any(self.viewer_gids()):
-            return None
         return "viewer"
 
     def token_matches(self, presented: str) -> bool:
@@ -417,13 +386,89 @@ def _is_health(path: str) -> bool:
     return path == "/v2/health" or path.startswith("/v2/health/")
 
 
+# --- repeated token failures ---------------------------------------------------------------
+
+
+class TokenFailures:
+    """Failed bearer-token attempts per TCP peer address: slows guessing and keeps the log short.
+
+    The first ``free`` failures of a peer are answered as usual (401); each further one locks
+    the peer out for ``base_s`` doubling up to ``max_s``, and while locked out every request of
+    that peer carrying a token is refused with 429 + ``Retry-After`` *without* comparing its
+    token, so a guesser gets a handful of tries a minute instead of thousands a second. A
+    correct token clears the peer's record. The first failure of a peer is logged; later ones
+    are counted and logged as one line per peer per ``log_every_s``. At most ``max_peers``
+    addresses are remembered (the oldest are forgotten first), so a spray of addresses cannot
+    grow the table without bound.
+    """
+
+    def __init__(self, *, free: int = 5, base_s: float = 1.0, max_s: float = 60.0, forget_s: float = 600.0,
+                 log_every_s: float = 60.0, max_peers: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+        self.free, self.base_s, self.max_s, self.forget_s = free, base_s, max_s, forget_s
+        self.log_every_s, self.max_peers, self.clock = log_every_s, max_peers, clock
+        # peer -> [failures, locked_until, last_failure, unlogged, last_logged]
+        self._peers: dict[str, list[float]] = {}
+
+    def _entry(self, peer: str) -> list[float] | None:
+        entry = self._peers.get(peer)
+        if entry is not None and self.clock() - entry[2] > self.forget_s:
+            self._flush(peer, entry)
+            del self._peers[peer]
+            return None
+        return entry
+
+    def retry_after(self, peer: str) -> float:
+        """Seconds this peer is still locked out for (0: it may try)."""
+        entry = self._entry(peer)
+        return max(0.0, entry[1] - self.clock()) if entry is not None else 0.0
+
+    def failed(self, peer: str, reason: str) -> None:
+        now = self.clock()
+        entry = self._entry(peer)
+        if entry is None:
+            if len(self._peers) >= self.max_peers:
+                oldest = next(iter(self._peers))
+                self._flush(oldest, self._peers.pop(oldest))
+            entry = self._peers[peer] = [0, 0.0, now, 0, now]
+            audit_log.warning("denied tcp=%s: %s (further failures from this address are summarised every %gs)",
+                              peer, reason, self.log_every_s)
+        else:
+            entry[3] += 1
+            if now - entry[4] >= self.log_every_s:
+                self._flush(peer, entry)
+        entry[0] += 1
+        entry[2] = now
+        if entry[0] > self.free:
+            entry[1] = now + min(self.max_s, self.base_s * 2 ** (entry[0] - self.free - 1))
+
+    def locked_out(self, peer: str) -> None:
+        """A request refused because its peer is locked out: counted, not logged one by one."""
+        entry = self._entry(peer)
+        if entry is not None:
+            entry[3] += 1
+            if self.clock() - entry[4] >= self.log_every_s:
+                self._flush(peer, entry)
+
+    def succeeded(self, peer: str) -> None:
+        entry = self._peers.pop(peer, None)
+        if entry is not None:
+            self._flush(peer, entry)
+
+    def _flush(self, peer: str, entry: list[float]) -> None:
+        if entry[3]:
+            audit_log.warning("denied tcp=%s: %d more failed or locked-out bearer-token attempts in the last %.0fs "
+                              "(%d failures in a row)", peer, entry[3], self.clock() - entry[4], entry[0])
+        entry[3], entry[4] = 0, self.clock()
+
+
 # --- the middleware -------------------------------------------------------------------------
 
 
 class _Denied(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, *, logged: bool = False) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+        self.logged = logged  # already accounted for by TokenFailures: no line of its own
 
 
 _BEARER_CHALLENGE = 'Bearer realm="lastmile"'
@@ -451,7 +496,7 @@ def _connection_creds(transport: Any, sock: Any) -> PeerCredentials:
     return creds
 
 
-def _identify(policy: AuthPolicy, request: web.Request) -> Caller:
+def _identify(policy: AuthPolicy, request: web.Request, failures: TokenFailures | None = None) -> Caller:
     transport = request.transport
     if transport is None:
         raise _Denied(400, "connection already closed")
@@ -459,16 +504,11 @@ def _identify(policy: AuthPolicy, request: web.Request) -> Caller:
     family = getattr(sock, "family", None)
     if family == socket.AF_UNIX:
         creds = _connection_creds(transport, sock)
-        role = policy.role_for_unix(creds)
-        if role is None:
-            raise _Denied(
-                403,
-                f"uid {creds.uid} is in none of the viewer groups ({', '.join(map(str, policy.viewer_groups))})",
-            )
-        return Caller(role=role, transport="unix", uid=creds.uid, gid=creds.gid, pid=creds.pid)
+        return Caller(role=policy.role_for_unix(creds), transport="unix", uid=creds.uid, gid=creds.gid, pid=creds.pid)
     if family in (socket.AF_INET, socket.AF_INET6):
         peer = transport.get_extra_info("peername")
         remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
         header = request.headers.get("Authorization")
         if header is None:
             if _is_health(request.path):
@@ -479,6 +519,16 @@ def _identify(policy: AuthPolicy, request: web.Request) -> Caller:
                 "(the token is in the daemon's server.token_file)",
                 {"WWW-Authenticate": _BEARER_CHALLENGE},
             )
+        wait = failures.retry_after(address) if failures is not None else 0.0
+        if wait > 0:
+            assert failures is not None
+            failures.locked_out(address)
+            raise _Denied(
+                429,
+                f"too many failed bearer-token attempts from {address}; try again in {math.ceil(wait)} s",
+                {"Retry-After": str(math.ceil(wait))},
+                logged=True,
+            )
         scheme, _, presented = header.strip().partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             raise _Denied(
@@ -487,11 +537,13 @@ def _identify(policy: AuthPolicy, request: web.Request) -> Caller:
                 {"WWW-Authenticate": f'{_BEARER_CHALLENGE}, error="invalid_request"'},
             )
         if not policy.token_matches(presented.strip()):
-            raise _Denied(
-                401,
-                "invalid bearer token" if policy.token is not None else "TCP access has no token configured",
-                {"WWW-Authenticate": f'{_BEARER_CHALLENGE}, error="invalid_token"'},
-            )
+            message = "invalid bearer token" if policy.token is not None else "TCP access has no token configured"
+            if failures is not None:
+                failures.failed(address, f"{request.method} {request.path}: {message}")
+            raise _Denied(401, message, {"WWW-Authenticate": f'{_BEARER_CHALLENGE}, error="invalid_token"'},
+                          logged=failures is not None)
+        if failures is not None:
+            failures.succeeded(address)
         return Caller(role="operator", transport="tcp", remote=remote)
     raise _Denied(403, f"unsupported transport (socket family {family!r})")
 
@@ -520,6 +572,7 @@ def auth_middleware(
     operator_required: Callable[[web.Request], bool] = default_operator_required,
     *,
     state_changing: Callable[[web.Request], bool] = default_state_changing,
+    failures: TokenFailures | None = None,
 ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     """aiohttp middleware: identify the caller, enforce the role, audit.
 
@@ -529,17 +582,20 @@ def auth_middleware(
     or wrong TCP token, 403 naming the required role for a viewer on an
     operator route. Every request for which ``state_changing`` is true is
     logged at INFO on ``lastmile.audit`` with uid/pid (or TCP peer), method,
-    path and outcome; every refusal is logged at WARNING.
+    path and outcome; every refusal is logged at WARNING, except wrong TCP
+    tokens, which ``failures`` (a :class:`TokenFailures`, one per app) slows
+    down and summarises per peer.
     """
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            caller = _identify(policy, request)
+            caller = _identify(policy, request, failures)
         except _Denied as denied:
-            audit_log.warning(
-                "denied %s %s %s: %s", _who(request, None), request.method, request.path, denied.message
-            )
+            if not denied.logged:
+                audit_log.warning(
+                    "denied %s %s %s: %s", _who(request, None), request.method, request.path, denied.message
+                )
             return _json_error(denied.status, denied.message, denied.headers)
         _store_caller(request, caller)
         if caller.role != "operator" and operator_required(request):

@@ -9,18 +9,33 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
 from lastmile.appliance import __version__
 from lastmile.appliance.server.config import Config, ConfigError, load_config
-from lastmile.appliance.server.state import StateError, read_state, write_state
+from lastmile.appliance.server.statefile import StateError, read_state_report, write_state
+from lastmile.models.errors import FormatError
+from lastmile.models.signatures import Signature, SignatureReader
 from lastmile.models.store import ModelStore
+from lastmile.runtime.errors import LoadError
 from lastmile.runtime.events import EventLog
 from lastmile.runtime.manager import ModelManager
 
 logger = logging.getLogger("lastmile.daemon")
+STATE_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # back-off between retries of a failed state write
+
+
+def signature_in_forkserver(fmt: str, artifact: Path) -> Signature:
+    """An artifact's signature read in a forkserver child: the daemon never imports torch
+    (a ``.pt2``) nor holds a parsed ONNX graph for a listing."""
+    from lastmile.runtime.runner import call_in_forkserver
+
+    try:
+        return call_in_forkserver("lastmile.models.formats", "infer_signature", fmt, artifact, timeout_s=120.0)
+    except LoadError as exc:
+        raise FormatError(str(exc).split(" failed: ", 1)[-1]) from None
 
 
 class Daemon:
@@ -29,7 +44,8 @@ class Daemon:
         self.version = __version__
         self.started_at = time.time()
         self.events = EventLog()
-        self.store = ModelStore(config.store["models_dir"])
+        self.signatures = SignatureReader(signature_in_forkserver)
+        self.store = ModelStore(config.store["models_dir"], read_signature=self.signatures)
         self.manager = ModelManager(self.store, config.defaults, self.events, on_change=self.save_state, memory=dict(config.memory))
         # measured footprints per artifact, kept beside the state file for the next admission
         self.manager.governor.footprints.open(Path(config.store["state_file"]).with_name("footprints.json"))
@@ -37,6 +53,8 @@ class Daemon:
         self.status = "starting"
         self._system: dict[str, Any] | None = None
         self.unrestored: dict[str, dict[str, Any]] = {}  # in the state file, failed to restore
+        self._state_failures = 0  # failed writes in a row
+        self._state_retry: asyncio.TimerHandle | None = None
 
     def reload_config(self) -> None:
         """SIGHUP: read the config file again. An invalid file is reported and the running
@@ -67,7 +85,8 @@ class Daemon:
 
     def save_state(self) -> None:
         """Persist what is loaded. A failure (disk full) keeps the old file and is an event,
-        never a crash: serving goes on."""
+        never a crash: serving goes on, and the write is retried (``STATE_RETRY_S``) until it
+        succeeds, so a restart after the disk had room again still restores every model."""
         for name in self.manager.models:
             self.unrestored.pop(name, None)
         loaded = {name: m.overrides for name, m in self.manager.models.items() if m.state != "unloading"}
@@ -75,19 +94,47 @@ class Daemon:
         try:
             write_state(self.config.store["state_file"], models)
         except OSError as exc:
-            self.events.record("state_write_failed", f"could not save state: {exc}; previous state kept", level="error")
+            if self._state_failures == 0:
+                self.events.record("state_write_failed", f"could not save state: {exc}; previous state kept, "
+                                   f"retrying every {STATE_RETRY_S[0]:g}-{STATE_RETRY_S[-1]:g} s until it succeeds", level="error")
+            self._state_failures += 1
+            self._schedule_state_retry()
+            return
+        if self._state_failures:
+            self.events.record("state_written", f"state saved after {self._state_failures} failed attempt(s)")
+            self._state_failures = 0
+        if self._state_retry is not None:
+            self._state_retry.cancel()
+            self._state_retry = None
 
-    async def restore(self, notify_status: Any = None) -> None:
+    def _schedule_state_retry(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a tool calling save_state directly): the next change retries
+            return
+        if self._state_retry is not None:
+            self._state_retry.cancel()
+        delay = STATE_RETRY_S[min(self._state_failures - 1, len(STATE_RETRY_S) - 1)]
+        self._state_retry = loop.call_later(delay, self._retry_state)
+
+    def _retry_state(self) -> None:
+        self._state_retry = None
+        self.save_state()
+
+    async def restore(self, notify_status: Callable[[str], None] | None = None) -> None:
         """Load what the state file lists. A model that fails is reported, not fatal."""
         path = self.config.store["state_file"]
         try:
-            wanted = read_state(path)
+            wanted, dropped = read_state_report(path)
         except StateError as exc:
             # Set aside, not overwritten by the next save: the operator can still read it.
             aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
             path.rename(aside)
             self.events.record("state_unreadable", f"{exc}; moved to {aside}, starting with nothing loaded", level="error")
             return
+        for name, why in dropped.items():
+            self.events.record("state_entry_invalid", f"state file {path}: model {name!r} not restored: {why}; "
+                               f"the entry is dropped at the next save (load it again to keep it)", model=name, level="error")
         for i, (name, overrides) in enumerate(wanted.items(), 1):
             self.status = f"restoring {name} ({i}/{len(wanted)})"
             if notify_status:

@@ -3,6 +3,7 @@ when one part of the request is to blame, so scripts and the TUI can show the da
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, Awaitable, Callable
@@ -12,9 +13,10 @@ from aiohttp import web
 from lastmile.appliance.v2codec import BadRequest
 from lastmile.models.errors import FormatError, InvalidModelName, ManifestError, ModelNotFoundError, StoreEscapeError
 from lastmile.models.settings import SettingError
+from lastmile.models.signatures import SignaturePending
 from lastmile.runtime.backends.base import BackendError
 from lastmile.runtime.errors import BatchTooLarge, InferenceError, InvalidBatch, LoadError, LoadTimeout, ModelUnavailable, QueueFull, RequestTimeout, RunnerDied
-from lastmile.runtime.manager import ModelNotLoaded
+from lastmile.runtime.manager import ModelNotLoaded, SharedMemoryExhausted
 from lastmile.runtime.memory import InsufficientMemory, MemoryPressure
 
 logger = logging.getLogger("lastmile.http")
@@ -55,12 +57,16 @@ def to_api_error(exc: BaseException) -> ApiError | None:
             return ApiError(404, str(exc))
         case ModelNotLoaded():
             return ApiError(404, str(exc))
+        case SignaturePending():
+            return ApiError(503, str(exc), headers=_retry_after(exc.retry_after_s))
         case ManifestError() | FormatError():
             return ApiError(422, str(exc))
         case InvalidBatch():
             return ApiError(400, str(exc), field=f"inputs.{exc.key}" if exc.key else "inputs")
         case BatchTooLarge():
             return ApiError(400, str(exc), field="inputs")
+        case SharedMemoryExhausted():
+            return ApiError(507, str(exc), headers=_retry_after(5.0))
         case InsufficientMemory():
             return ApiError(507, str(exc), extra={"memory": exc.detail})
         case MemoryPressure():
@@ -123,9 +129,35 @@ async def read_json(request: web.Request, *, required: bool = True) -> dict[str,
     return value
 
 
+def body_deadline(timeout_s: float) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The whole request body within ``timeout_s`` (``server.body_timeout_s``), read before the
+    request takes a concurrency slot: a peer that sends its body slowly holds a connection for
+    at most that long and never a slot that a complete request could use. A late body gets
+    408 and the connection is closed (nothing more is read from it). Handlers read the body
+    from aiohttp's cache afterwards; ``client_max_size`` still bounds its size (413)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if request.body_exists:
+            try:
+                await asyncio.wait_for(request.read(), timeout_s)
+            except asyncio.TimeoutError:
+                logger.warning("cut off %s %s: body not complete within %g s (server.body_timeout_s)", request.method, request.path, timeout_s)
+                response = error_response(408, f"request body not received within {timeout_s:g} s (server.body_timeout_s)",
+                                          headers={"Connection": "close"})
+                await response.prepare(request)
+                await response.write_eof()
+                request.protocol.force_close()  # do not linger reading the rest of a slow body
+                return response
+        return await handler(request)
+
+    return middleware
+
+
 def concurrency_limit(limit: int) -> Callable[..., Awaitable[web.StreamResponse]]:
     """At most ``limit`` requests in the daemon at once; beyond it 503 + Retry-After, so a flood
-    costs a few bytes per refused request instead of memory per queued one. Health stays open."""
+    costs a few bytes per refused request instead of memory per queued one. Health stays open.
+    Placed after :func:`body_deadline`: only complete requests count."""
     active = 0
 
     @web.middleware

@@ -19,13 +19,17 @@ Names follow the Prometheus conventions: ``lastmile_`` prefix, base units in the
 from __future__ import annotations
 
 from collections import Counter as _Tally
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from lastmile.appliance.server.daemon import Daemon
+
+if TYPE_CHECKING:
+    from lastmile.runtime.batcher import BatchInfo
+    from lastmile.runtime.manager import LoadedModel
 
 routes = web.RouteTableDef()
 
@@ -75,7 +79,7 @@ class InferMetrics:
                                          self.queue.labels(model), self.compute.labels(model), self.batch.labels(model))
         return c
 
-    def success(self, model: str, seconds: float, batch: Any) -> None:
+    def success(self, model: str, seconds: float, batch: BatchInfo) -> None:
         ok, latency, queue, compute, size = self._for(model)
         ok.inc()
         latency.observe(seconds)
@@ -177,7 +181,7 @@ class ManagerCollector:
         yield from (budget, used, committed)
 
 
-def _memory_of(model: Any) -> dict[str, Any]:
+def _memory_of(model: LoadedModel) -> dict[str, Any]:
     memory = getattr(model, "memory", None)
     if memory is None or not hasattr(memory, "as_dict"):
         return {}

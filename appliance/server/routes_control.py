@@ -1,74 +1,47 @@
 """Lastmile's own ``/lm/v1`` API: host facts, status, models with their live figures, settings
-changes, events and the effective config."""
+changes, events and the effective config. Each route decodes, asks the data plane, encodes."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from lastmile.appliance.server.auth import requires_role
+from lastmile.appliance.server.dataplane import dataplane_of
 from lastmile.appliance.server.http import ApiError, read_json
-from lastmile.appliance.server.routes_v2 import daemon_of
-from lastmile.runtime.manager import BATCHER_KEYS
 
 routes = web.RouteTableDef()
+
+EVENTS_LIMIT_MAX = 2000
 
 
 @routes.get("/lm/v1/status")
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(daemon_of(request).summary())
+    return web.json_response(dataplane_of(request).status())
 
 
 @routes.get("/lm/v1/system")
 async def system(request: web.Request) -> web.Response:
-    daemon = daemon_of(request)
-    return web.json_response({**(await daemon.system_facts()), "daemon": daemon.summary()})
+    return web.json_response(await dataplane_of(request).system())
 
 
 @routes.get("/lm/v1/models")
 async def models(request: web.Request) -> web.Response:
-    daemon = daemon_of(request)
-    store = []
-    for entry in daemon.store.entries():
-        manifest = entry.manifest
-        store.append(
-            {
-                "name": entry.name,
-                "loaded": entry.name in daemon.manager.models,
-                "format": manifest.format if manifest else None,
-                "backend": manifest.backend if manifest else None,
-                "description": manifest.description if manifest else "",
-                "inputs": [t.as_v2() for t in manifest.inputs] if manifest else [],
-                "outputs": [t.as_v2() for t in manifest.outputs] if manifest else [],
-                "settings": manifest.settings if manifest else {},
-                "missing": list(manifest.missing) if manifest else [],
-                "error": entry.error,
-            }
-        )
-    loaded = [m.describe() for m in daemon.manager.models.values()]
-    return web.json_response({"loaded": loaded, "store": store})
+    return web.json_response(dataplane_of(request).models())
 
 
 @routes.get("/lm/v1/models/{name}")
 async def model(request: web.Request) -> web.Response:
-    return web.json_response(daemon_of(request).manager.get(request.match_info["name"]).describe())
+    return web.json_response(dataplane_of(request).describe(request.match_info["name"]))
 
 
 @routes.patch("/lm/v1/models/{name}")
 async def tune(request: web.Request) -> web.Response:
     """Batching knobs change live; any other setting reloads the model with it."""
-    daemon = daemon_of(request)
-    name = request.match_info["name"]
     body = await read_json(request)
     changes = body.get("settings")
     if not isinstance(changes, dict) or not changes:
         raise ApiError(400, "'settings' must be a non-empty object, e.g. {\"settings\": {\"max_batch_size\": 16}}", field="settings")
-    model = daemon.manager.get(name)
-    model.settings.overlay(changes)  # validate everything before changing anything
-    if set(changes) <= set(BATCHER_KEYS):
-        model = daemon.manager.configure(name, changes)
-    else:
-        model = await daemon.manager.load(name, {**model.overrides, **changes})
-    return web.json_response(model.describe())
+    return web.json_response(await dataplane_of(request).change_settings(request.match_info["name"], changes))
 
 
 @routes.get("/lm/v1/events")
@@ -78,13 +51,12 @@ async def events(request: web.Request) -> web.Response:
         limit = int(request.query.get("limit", "500"))
     except ValueError:
         raise ApiError(400, "'since' and 'limit' must be integers", field="since") from None
-    if limit < 1 or limit > 2000:
-        raise ApiError(400, "'limit' must be from 1 to 2000", field="limit")
-    return web.json_response({"events": daemon_of(request).events.since(since, limit)})
+    if limit < 1 or limit > EVENTS_LIMIT_MAX:
+        raise ApiError(400, f"'limit' must be from 1 to {EVENTS_LIMIT_MAX}", field="limit")
+    return web.json_response({"events": dataplane_of(request).events(since, limit)})
 
 
 @routes.get("/lm/v1/config")
 @requires_role("operator")
 async def config(request: web.Request) -> web.Response:
-    cfg = daemon_of(request).config
-    return web.json_response({"file": str(cfg.file) if cfg.file else None, "values": cfg.as_dict(), "sources": cfg.sources})
+    return web.json_response(dataplane_of(request).config())

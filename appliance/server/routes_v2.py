@@ -1,29 +1,38 @@
 """KServe Open Inference Protocol V2: health, server and model metadata, readiness, infer;
-and Triton's model repository extension (index, load, unload)."""
+and Triton's model repository extension (index, load, unload).
+
+Each route decodes the request, asks the data plane (:mod:`.dataplane`) and encodes its
+answer; the decisions are the data plane's.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from aiohttp import web
 
 from lastmile.appliance.server.daemon import Daemon
+from lastmile.appliance.server.dataplane import EXTENSIONS, InferResult, dataplane_of
 from lastmile.appliance.server.http import ApiError, read_json, to_api_error
-from lastmile.appliance.v2codec import HEADER_LENGTH, decode_request, encode_response, split_body
-from lastmile.runtime.manager import LoadedModel
+from lastmile.appliance.v2codec import HEADER_LENGTH, encode_response, split_body
+
+__all__ = ["EXTENSIONS", "daemon_of", "routes"]
 
 routes = web.RouteTableDef()
-EXTENSIONS = ["model_repository", "binary_tensor_data", "lastmile_v1"]
 
 
 def daemon_of(request: web.Request) -> Daemon:
+    """The daemon behind the app (for the route modules that need more than the data plane)."""
     return request.app["daemon"]
+
+
+def _version(request: web.Request) -> str | None:
+    return request.match_info.get("version")
 
 
 @routes.get("/v2")
 async def server_metadata(request: web.Request) -> web.Response:
-    return web.json_response({"name": "lastmile", "version": daemon_of(request).version, "extensions": EXTENSIONS})
+    return web.json_response(dataplane_of(request).server_metadata())
 
 
 @routes.get("/v2/health/live")
@@ -34,75 +43,49 @@ async def live(request: web.Request) -> web.Response:
 
 @routes.get("/v2/health/ready")
 async def ready(request: web.Request) -> web.Response:
-    return web.Response(status=200 if daemon_of(request).ready else 400)
-
-
-def _loaded(request: web.Request) -> LoadedModel:
-    daemon = daemon_of(request)
-    name = request.match_info["name"]
-    version = request.match_info.get("version")
-    if version is not None and version != "1":
-        raise ApiError(404, f"model {name!r} has no version {version!r} (only version 1 is served)")
-    model = daemon.manager.models.get(name)
-    if model is None:
-        hint = " (it is in the store: load it with POST /v2/repository/models/%s/load)" % name if name in daemon.store.names() else ""
-        raise ApiError(404, f"model {name!r} is not loaded{hint}")
-    return model
-
-
-def model_metadata(model: LoadedModel) -> dict[str, Any]:
-    return {
-        "name": model.name,
-        "versions": ["1"],
-        "platform": f"{model.backend}_{model.manifest.format}",
-        "inputs": [t.as_v2() for t in model.manifest.inputs],
-        "outputs": [t.as_v2() for t in model.manifest.outputs],
-    }
+    return web.Response(status=200 if dataplane_of(request).server_ready() else 400)
 
 
 @routes.get("/v2/models/{name}")
 @routes.get("/v2/models/{name}/versions/{version}")
 async def metadata(request: web.Request) -> web.Response:
-    return web.json_response(model_metadata(_loaded(request)))
+    return web.json_response(dataplane_of(request).model_metadata(request.match_info["name"], _version(request)))
 
 
 @routes.get("/v2/models/{name}/ready")
 @routes.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(request: web.Request) -> web.Response:
-    return web.Response(status=200 if _loaded(request).state == "ready" else 400)
+    return web.Response(status=200 if dataplane_of(request).model_ready(request.match_info["name"], _version(request)) else 400)
 
 
 @routes.post("/v2/models/{name}/infer")
 @routes.post("/v2/models/{name}/versions/{version}/infer")
 async def infer(request: web.Request) -> web.Response:
-    """Decode, batch, encode; every request is counted and timed in ``/metrics`` (success and
-    each kind of failure, labelled with the model only when it is loaded or in the store, so
-    a client cannot grow the label set with made-up names)."""
+    """Decode, infer, encode; every request is counted and timed in ``/metrics`` (success and
+    each kind of failure, under the label the data plane picks for the name)."""
+    plane = dataplane_of(request)
     metrics = request.app.get("infer_metrics")
+    name = request.match_info["name"]
     started = time.perf_counter()
     try:
-        response = await _infer(request, started)
+        model = plane.model(name, _version(request))  # before the body: an unknown model is 404 whatever it sent
+        header, binary = split_body(await request.read(), request.headers.get(HEADER_LENGTH))
+        result = await plane.infer(model, header, binary)
+        response = _encode(result, started, request.app["config"].server["max_response_mb"] * 1024 * 1024)
     except Exception as exc:
         if metrics is not None:
             mapped = to_api_error(exc)
-            name = request.match_info["name"]
-            daemon = daemon_of(request)
-            label = name if name in daemon.manager.models or name in daemon.store.names() else "_unknown"
-            metrics.failure(label, mapped.status if mapped is not None else 500, time.perf_counter() - started)
+            metrics.failure(plane.metric_label(name), mapped.status if mapped is not None else 500, time.perf_counter() - started)
         raise
     if metrics is not None:
-        metrics.success(response[1], time.perf_counter() - started, response[2])
-    return response[0]
+        metrics.success(result.model, time.perf_counter() - started, result.batch)
+    return response
 
 
-async def _infer(request: web.Request, started: float) -> tuple[web.Response, str, Any]:
-    model = _loaded(request)
-    if not model.manifest.inputs or not model.manifest.outputs:
-        raise ApiError(422, f"model {model.name!r} has no input/output spec: {' '.join(model.manifest.missing)}")
-    body = await request.read()
-    header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-    decoded = decode_request(header, binary, model.manifest.inputs, [t.name for t in model.manifest.outputs])
-    outputs, batch = await daemon_of(request).manager.infer(model.name, decoded.inputs)
+def _encode(result: InferResult, started: float, max_bytes: int) -> web.Response:
+    """The V2 response, with the batch it rode in and the daemon's timings as parameters;
+    one that could exceed ``max_bytes`` (server.max_response_mb) is refused before it is built."""
+    batch = result.batch
     extra = {
         "batch_id": batch.batch_id,
         "batch_size": batch.batch_size,
@@ -110,8 +93,8 @@ async def _infer(request: web.Request, started: float) -> tuple[web.Response, st
         "compute_ms": round(batch.compute_s * 1000, 3),
         "total_ms": round((time.perf_counter() - started) * 1000, 3),
     }
-    payload, headers = encode_response(model.name, decoded, outputs, model.manifest.outputs, extra)
-    return web.Response(body=payload, headers=headers), model.name, batch
+    payload, headers = encode_response(result.model, result.request, result.outputs, result.output_specs, extra, max_bytes=max_bytes)
+    return web.Response(body=payload, headers=headers)
 
 
 # --- Triton's model repository extension -------------------------------------------------------
@@ -123,35 +106,23 @@ async def repository_index(request: web.Request) -> web.Response:
     only_ready = body.get("ready", False)
     if not isinstance(only_ready, bool):
         raise ApiError(400, "'ready' must be true or false", field="ready")
-    daemon = daemon_of(request)
-    rows = []
-    for entry in daemon.store.entries():
-        model = daemon.manager.models.get(entry.name)
-        state = {"ready": "READY", "loading": "LOADING", "unloading": "UNLOADING"}.get(model.state, "UNAVAILABLE") if model else "UNAVAILABLE"
-        if only_ready and state != "READY":
-            continue
-        reason = entry.error or (model.error if model and model.error else "")
-        rows.append({"name": entry.name, "version": "1", "state": state, "reason": reason or ""})
-    return web.json_response(rows)
+    return web.json_response(dataplane_of(request).repository_index(only_ready))
 
 
 @routes.post("/v2/repository/models/{name}/load")
 async def repository_load(request: web.Request) -> web.Response:
     body = await read_json(request, required=False)
+    unknown = sorted(set(body) - {"parameters"})
+    if unknown:  # a misspelt "parameters" must not load the model with no settings at all
+        raise ApiError(400, f"unknown key {unknown[0]!r} in the load body; known: parameters", field=unknown[0])
     parameters = body.get("parameters", {})
     if not isinstance(parameters, dict):
         raise ApiError(400, "'parameters' must be an object of settings", field="parameters")
-    model = await daemon_of(request).manager.load(request.match_info["name"], parameters)
-    return web.json_response(model.describe())
+    return web.json_response(await dataplane_of(request).load(request.match_info["name"], parameters))
 
 
 @routes.post("/v2/repository/models/{name}/unload")
 async def repository_unload(request: web.Request) -> web.Response:
     await read_json(request, required=False)
-    daemon, name = daemon_of(request), request.match_info["name"]
-    if name not in daemon.manager.models and name in daemon.unrestored:
-        del daemon.unrestored[name]  # a model that failed to restore: forget it
-        daemon.save_state()
-        return web.json_response({})
-    await daemon.manager.unload(name)
+    await dataplane_of(request).unload(request.match_info["name"])
     return web.json_response({})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -20,15 +21,17 @@ from pathlib import Path
 from aiohttp import web
 
 from lastmile.appliance.server import activation, sdnotify
-from lastmile.appliance.server.auth import AuthPolicy, TokenFileError, auth_middleware, load_token
+from lastmile.appliance.server.auth import AuthPolicy, TokenFailures, TokenFileError, auth_middleware, load_token
 from lastmile.appliance.server.config import Config
 from lastmile.appliance.server.daemon import Daemon
-from lastmile.appliance.server.http import concurrency_limit, error_middleware
+from lastmile.appliance.server.dataplane import DataPlane
+from lastmile.appliance.server.http import body_deadline, concurrency_limit, error_middleware
 from lastmile.appliance.logs import log
 from lastmile.appliance.server.metrics import setup_metrics
 from lastmile.appliance.server.routes_memory import routes as memory_routes
 from lastmile.appliance.server.routes_monitor import routes as monitor_routes
 from lastmile.appliance.server.routes_control import routes as v1_routes
+from lastmile.appliance.server.routes_openai import routes as openai_routes
 from lastmile.appliance.server.routes_v2 import routes as v2_routes
 from lastmile.runtime.runner import warm_up
 from lastmile.runtime.shm import cleanup_stale
@@ -47,16 +50,25 @@ def build_app(daemon: Daemon) -> web.Application:
     except TokenFileError as exc:
         raise StartupError(f"server.token_file: {exc}") from None
     policy = AuthPolicy(operator_groups=config.auth["operator_groups"], operator_uids=config.auth["operator_uids"], token=token)
+    # Order: who is asking (headers only), then the whole body within its deadline, and only
+    # then a concurrency slot: slow or unauthenticated peers never hold a slot.
     app = web.Application(
-        middlewares=[error_middleware, concurrency_limit(config.server["max_concurrent_requests"]), auth_middleware(policy)],
+        middlewares=[
+            error_middleware,
+            auth_middleware(policy, failures=TokenFailures()),
+            body_deadline(config.server["body_timeout_s"]),
+            concurrency_limit(config.server["max_concurrent_requests"]),
+        ],
         client_max_size=config.server["max_body_mb"] * 1024 * 1024,
     )
     app["daemon"] = daemon
+    app["dataplane"] = DataPlane(daemon)
     app["config"] = config
     app.add_routes(v2_routes)
     app.add_routes(v1_routes)
     app.add_routes(monitor_routes)
     app.add_routes(memory_routes)
+    app.add_routes(openai_routes)
     setup_metrics(app, daemon)
     return app
 
@@ -122,6 +134,33 @@ def bind_tcp_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _is_loopback(sock: socket.socket) -> bool:
+    try:
+        host = sock.getsockname()[0]
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def check_plain_tcp(sock: socket.socket, config: Config) -> None:
+    """Plain HTTP on an address other hosts can reach sends the bearer token in clear: refused
+    unless ``server.allow_insecure_tcp = true`` (then a warning at every start)."""
+    if config.server["tls_cert"] or _is_loopback(sock):
+        return
+    try:
+        where = "%s:%s" % sock.getsockname()[:2]
+    except OSError:
+        where = "the TCP socket"
+    if not config.server["allow_insecure_tcp"]:
+        raise StartupError(
+            f"server.tcp_host: plain HTTP on {where} (not loopback) would send the bearer token in clear; "
+            "set server.tls_cert and server.tls_key, or listen on 127.0.0.1, or set server.allow_insecure_tcp = true "
+            "if the network is trusted"
+        )
+    log(logger, logging.WARNING, "plain HTTP on a non-loopback address: the bearer token crosses the network in clear "
+        "(server.allow_insecure_tcp = true)", socket=where)
+
+
 def _tls_context(config: Config) -> ssl.SSLContext | None:
     if not config.server["tls_cert"]:
         return None
@@ -136,8 +175,11 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
 async def serve(config: Config) -> None:
     daemon = Daemon(config)
     app = build_app(daemon)
+    # keepalive_timeout is also the header deadline: aiohttp closes a connection whose next
+    # request's headers are not complete this long after it opened (or after its last response).
     runner = web.AppRunner(
-        app, handle_signals=False, shutdown_timeout=config.server["shutdown_grace_s"], handler_cancellation=True, access_log=None
+        app, handle_signals=False, shutdown_timeout=config.server["shutdown_grace_s"], handler_cancellation=True, access_log=None,
+        keepalive_timeout=config.server["header_timeout_s"],
     )
     await runner.setup()
 
@@ -147,6 +189,16 @@ async def serve(config: Config) -> None:
     sites: list[web.BaseSite] = [web.SockSite(runner, s) for s in unix_socks]
     if config.server["tcp_port"]:
         tcp = [s for s in inherited if s.family != socket.AF_UNIX] or [bind_tcp_socket(config.server["tcp_host"], config.server["tcp_port"])]
+        for s in tcp:
+            try:
+                check_plain_tcp(s, config)
+            except StartupError:
+                await runner.cleanup()
+                for other in [*tcp, *unix_socks]:
+                    other.close()
+                if owned_path is not None:
+                    owned_path.unlink(missing_ok=True)
+                raise
         sites += [web.SockSite(runner, s, ssl_context=_tls_context(config)) for s in tcp]
     for site in sites:
         await site.start()

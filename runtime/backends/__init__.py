@@ -48,6 +48,12 @@ def create_backend(manifest: Manifest, settings: ModelSettings) -> Backend:
     """Load ``manifest`` with the backend :func:`resolve_backend` picks. Every failure is a
     :class:`BackendError` whose message can be shown to the operator as is."""
     name = resolve_backend(manifest, settings)
+    from lastmile.runtime.backends.text import is_text_manifest
+
+    if is_text_manifest(manifest):  # a Hugging Face text model: tokenizer + pooling around the backend
+        from lastmile.runtime.backends.text import TextBackend
+
+        return TextBackend(manifest, settings, name)
     module_name, class_name = _MODULES[name]
     try:
         module = importlib.import_module(module_name)

@@ -4,9 +4,13 @@ daemon keeps serving what it can, and no state file is ever half-written."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -14,7 +18,7 @@ import numpy as np
 import pytest
 
 from lastmile.appliance.client.api import ApiError, LastmileClient
-from tests.conftest import start_daemon
+from tests.conftest import DaemonProc, socket_answers, start_daemon, write_config
 
 pytestmark = pytest.mark.faults
 X = {"input": np.ones((1, 64), np.float32)}
@@ -99,5 +103,82 @@ async def test_corrupt_artifact_is_a_clear_load_error(store_copy: Path, tmp_path
             assert len(failed) == 2
             out, _ = await client.infer("demo-lm", {"input_ids": np.zeros((1, 4), np.int64)}, {"input_ids": "INT64"})
             assert out["logits"].shape == (1, 4, 256), "the other model is untouched"
+    finally:
+        d.stop()
+
+
+async def test_state_write_is_retried_until_it_succeeds(demo_store: Path, tmp_path: Path, small_disk: Path) -> None:
+    """Issue 12, item 10. (Was: after a disk-full period the state file was never rewritten, so
+    a restart lost the model loaded meanwhile; and an entry that is not an object was dropped
+    without a word.)"""
+    state = small_disk / "state.json"
+    state.write_text(json.dumps({"version": 1, "models": {"demo-mlp": {}, "not-an-object": 5}}))
+    d = start_daemon(tmp_path / "d", demo_store, state_file=state)
+    try:
+        async with LastmileClient(d.socket) as client:
+            events = await client.events()
+            invalid = [e for e in events if e["kind"] == "state_entry_invalid"]
+            assert invalid and "not-an-object" in invalid[0]["message"] and "int" in invalid[0]["message"], events
+            assert (await client.model("demo-mlp"))["state"] == "ready"
+            filler = small_disk / "filler"
+            with open(filler, "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 4096)
+                except OSError:
+                    pass
+            await client.load("demo-mlp-ts")
+            assert any(e["kind"] == "state_write_failed" for e in await client.events())
+            assert "demo-mlp-ts" not in json.loads(state.read_text())["models"]
+            filler.unlink()  # space is back; nothing else changes, the daemon retries by itself
+            deadline = time.monotonic() + 15
+            while "demo-mlp-ts" not in json.loads(state.read_text())["models"]:
+                assert time.monotonic() < deadline, "state never rewritten after the disk had room again"
+                await asyncio.sleep(0.2)
+            assert json.loads(state.read_text())["models"] == {"demo-mlp": {}, "demo-mlp-ts": {}}
+            assert any(e["kind"] == "state_written" for e in await client.events())
+    finally:
+        d.stop()
+
+
+def _start_with_small_shm(home: Path, store: Path, size: str) -> DaemonProc:
+    """A daemon in its own mount namespace whose /dev/shm is a ``size`` tmpfs (root only)."""
+    home.mkdir(parents=True, exist_ok=True)
+    config = write_config(home, store)
+    log = home / "daemon.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LASTMILE_", "NOTIFY_SOCKET", "LISTEN_"))}
+    env["HOME"] = str(home)
+    script = f"mount -t tmpfs -o size={size} tmpfs /dev/shm && exec {sys.executable} -m lastmile.appliance.client.cli serve --config {config}"
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    d = DaemonProc(proc, home / "run" / "lastmile.sock", config, home, log)
+    deadline = time.monotonic() + 120
+    while not socket_answers(d.socket):
+        if proc.poll() is not None:
+            pytest.skip(f"cannot run a daemon with a private /dev/shm here: {d.log_text()[-300:]}")
+        assert time.monotonic() < deadline, d.log_text()
+        time.sleep(0.1)
+    return d
+
+
+async def test_shm_exhaustion_is_507_with_an_event(demo_store: Path, tmp_path: Path) -> None:
+    """Issue 12, item 10: /dev/shm too small for a batch's buffers. (Was: HTTP 500, no event.)"""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a private /dev/shm")
+    d = _start_with_small_shm(tmp_path / "d", demo_store, "256k")
+    try:
+        async with LastmileClient(d.socket) as client:
+            await client.load("demo-lm")
+            small = {"input_ids": np.ones((1, 8), np.int64)}
+            out, _ = await client.infer("demo-lm", small, {"input_ids": "INT64"})
+            assert out["logits"].shape == (1, 8, 256)
+            big = {"input_ids": np.ones((8, 64), np.int64)}  # 512 KiB of logits: more than /dev/shm has
+            with pytest.raises(ApiError) as info:
+                await client.infer("demo-lm", big, {"input_ids": "INT64"})
+            assert info.value.status == 507 and "shared memory" in info.value.message, info.value
+            events = [e for e in await client.events() if e["kind"] == "shm_exhausted"]
+            assert events and events[0]["model"] == "demo-lm"
+            out, _ = await client.infer("demo-lm", small, {"input_ids": "INT64"})  # still serving
+            assert out["logits"].shape == (1, 8, 256)
+            assert "Traceback" not in d.log_text()
     finally:
         d.stop()

@@ -25,7 +25,9 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from lastmile.appliance.v2codec import HEADER_LENGTH, BadRequest, InferRequest, bf16_to_float, decode_request, encode_response, split_body
+from lastmile.appliance.v2codec import (
+    HEADER_LENGTH, BadRequest, InferRequest, ResponseTooLarge, bf16_to_float, decode_request, encode_response, response_bound, split_body,
+)
 from lastmile.models.spec import V2_TO_NUMPY, TensorSpec
 from tests.fuzz._util import LONG, examples, run_property
 
@@ -167,12 +169,32 @@ def prop_response_round_trip(args: tuple[Case, list[bool], bool]) -> None:
         assert_same(got[name], outputs[name])
 
 
+def prop_response_cap(args: tuple[Case, list[bool], int]) -> None:
+    """Issue 12: ``response_bound`` is never below the real size, and with ``max_bytes`` a
+    response is either built within it or refused (``ResponseTooLarge`` naming ``outputs``)
+    before it is built."""
+    case, binary_flags, max_bytes = args
+    outputs = {name: case.arrays[name] for name in case.order}
+    binary = {n for n, flag in zip(case.order, binary_flags) if flag}
+    request = InferRequest(id="r", inputs={}, parameters={}, requested_outputs=list(case.order), binary_outputs=binary)
+    body, _ = encode_response("m", request, outputs, case.specs, {"batch_size": 1})
+    bound = response_bound(request, outputs, {s.name: s.datatype for s in case.specs})
+    assert len(body) <= bound, (len(body), bound)
+    try:
+        capped, _ = encode_response("m", request, outputs, case.specs, {"batch_size": 1}, max_bytes=max_bytes)
+    except ResponseTooLarge as exc:
+        assert exc.field == "outputs" and bound > max_bytes
+        return
+    assert capped == body and len(capped) <= max_bytes
+
+
 # One mistake at a time: (what to break, the field the error must name).
 MUTATIONS = [
     "fixed_dim", "extra_dim", "negative_dim", "shape_not_ints", "datatype", "unknown_name", "duplicate",
     "missing_input", "drop_value", "extra_value", "size_off", "trailing_bytes", "truncated_binary",
     "int_out_of_range", "float_for_int", "string_value", "batch_mismatch", "unknown_output", "id_not_string",
     "data_and_binary", "no_data", "bool_byte", "float_out_of_range",
+    "repeated_output", "zero_dim", "huge_zero_batch",  # issue 12: amplification, zero-size shapes
 ]
 
 
@@ -300,6 +322,20 @@ def _mutate(case: Case, mutation: str, draw_index: int) -> tuple[dict[str, Any],
         raw = bytearray(binary)
         raw[start] = 2
         return header, bytes(raw), f"inputs[{k}]"
+    if mutation == "repeated_output":
+        if not case.outputs:
+            return None
+        header["outputs"] = [{"name": case.outputs[0]}] * (2 + draw_index)
+        return header, binary, "outputs[1].name"
+    if mutation in ("zero_dim", "huge_zero_batch"):
+        # the shape is checked before the data: whatever data follows, the shape is to blame
+        if mutation == "zero_dim":
+            t["shape"][draw_index % len(t["shape"])] = 0
+        elif len(t["shape"]) >= 2:
+            t["shape"] = [2**62] + [0] * (len(t["shape"]) - 1)
+        else:
+            t["shape"] = [2**62]
+        return header, binary, f"{where}.shape"
     raise AssertionError(mutation)
 
 
@@ -404,6 +440,13 @@ def test_valid_requests_round_trip_exactly(scale: int) -> None:
 def test_responses_round_trip(scale: int) -> None:
     strategy = cases().flatmap(lambda c: st.tuples(st.just(c), st.lists(st.booleans(), min_size=len(c.order), max_size=len(c.order)), st.booleans()))
     run_property(prop_response_round_trip, strategy, examples(100, scale))
+
+
+@pytest.mark.parametrize("scale", SIZES)
+def test_response_cap_is_an_upper_bound(scale: int) -> None:
+    strategy = cases().flatmap(lambda c: st.tuples(st.just(c), st.lists(st.booleans(), min_size=len(c.order), max_size=len(c.order)),
+                                                   st.integers(0, 4096)))
+    run_property(prop_response_cap, strategy, examples(100, scale))
 
 
 @pytest.mark.parametrize("scale", SIZES)

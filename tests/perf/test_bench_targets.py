@@ -1,4 +1,4 @@
-"""The real benchmark with the targets of issue 7 (``pytest -m slow tests/perf``, minutes, on
+"""The real benchmark against its targets (``pytest -m slow tests/perf``, minutes, on
 an otherwise idle machine): at 64 clients Lastmile >= 85% of the in-process limit at the batch
 size it formed and above the naive server and the peer; at 1 client <= 0.5 ms added p50 over
 the Unix socket. Writes bench/results/last.json."""

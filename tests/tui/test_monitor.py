@@ -47,7 +47,7 @@ async def test_rate_is_honoured(tui_daemon: DaemonProc) -> None:
     host = fast[-1]["host"]
     assert 0 <= host["cpu_percent"] <= 100 and 0 < host["ram_used_bytes"] < host["ram_total_bytes"]
     assert fast[-1]["daemon"]["ready"] is True and isinstance(fast[-1]["accelerators"], list)
-    memory = fast[-1]["memory"]  # the memory manager's budgets and watermarks (issue 4)
+    memory = fast[-1]["memory"]  # the memory governor's budgets and watermarks
     assert memory["devices"]["host"]["limit_bytes"] > 0 and 0 < memory["config"]["low_watermark"] < memory["config"]["high_watermark"]
 
 

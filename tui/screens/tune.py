@@ -13,13 +13,13 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import Button, Input, Label, Select, Sparkline, Static
 
 from lastmile.appliance.client.api import ApiError, ClientError
-from lastmile.tui.forms import GRAPH_FUSION, RELOADING_KEYS, FormError, tune_changes
+from lastmile.tui.forms import GRAPH_FUSION, RELOADING_KEYS, FormError, reload_note, tune_changes
 from lastmile.tui.messages import Tuned
 from lastmile.tui.screens.base import ModelPickerScreen
 from lastmile.tui.screens.confirm import ConfirmScreen
 from lastmile.tui.state import MonitorState, fmt_memory, fmt_ms, fmt_rate
 
-RELOAD_NOTE = "max batch size and max delay apply at once; graph fusion and memory limit reload the model."
+RELOAD_NOTE = reload_note()
 
 
 class TuneScreen(ModelPickerScreen):

@@ -1,0 +1,178 @@
+"""Requests in, chunks out: the runner-side layer above a ``GenerationEngine``.
+
+The engine knows token ids and slots; this layer knows requests. It renders chat messages
+with the folder's chat template, counts prompt tokens, refuses what can never fit
+(``ContextOverflow``) or what would queue without bound (``QueueFull``), detokenizes
+incrementally, cuts at stop strings, ends sequences on EOS / max_tokens / deadline, and keeps
+the counters the daemon exports (tokens, time to first token, inter-token latency).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+from typing import Any, Hashable
+
+from lastmile.runtime.errors import QueueFull
+from lastmile.runtime.generation.detok import TextStream
+from lastmile.runtime.generation.engine import GenerationEngine
+from lastmile.runtime.generation.types import ContextOverflow, GenerationChunk, GenerationRequest
+
+#: Latency samples kept per kind (TTFT, inter-token); enough for p50/p99, bounded memory.
+SAMPLES = 2048
+
+
+@dataclass(slots=True)
+class _Req:
+    seq_id: int
+    request: GenerationRequest
+    prompt_tokens: int
+    stream: TextStream
+    submitted: float
+    deadline: float | None
+    completion: int = 0
+    last_token_at: float | None = None
+
+
+class GenerationScheduler:
+    """One model's generation requests over one engine; not thread-safe (one loop drives it)."""
+
+    def __init__(self, engine: GenerationEngine, tokenizer: Any, *, max_queue: int = 64) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self._reqs: dict[Hashable, _Req] = {}
+        self._by_seq: dict[int, Hashable] = {}
+        self._next_seq = 0
+        self.prompt_tokens_total = 0
+        self.generated_tokens_total = 0
+        self.requests_total = 0
+        self.ttft_s: collections.deque[float] = collections.deque(maxlen=SAMPLES)
+        self.itl_s: collections.deque[float] = collections.deque(maxlen=SAMPLES)
+
+    # --- requests --------------------------------------------------------------------------
+    def encode(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids (chat messages through the folder's chat template)."""
+        which = request.input_field()
+        if which == "prompt_token_ids":
+            ids = [int(t) for t in request.prompt_token_ids]  # type: ignore[union-attr]
+            vocab = len(self.tokenizer)
+            if any(t < 0 or t >= vocab for t in ids):
+                raise _invalid("prompt_token_ids", f"token ids must be in [0, {vocab})")
+            return ids
+        if which == "messages":
+            msgs = [dict(m) for m in request.messages]  # type: ignore[union-attr]
+            for m in msgs:
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise _invalid("messages", "each message needs string 'role' and 'content'")
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise _invalid("messages", "this model has no chat template; send a prompt")
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(request.prompt)["input_ids"])
+
+    def submit(self, key: Hashable, request: GenerationRequest, now: float | None = None) -> int:
+        """Queue a request; return its prompt token count. Raises before queueing anything."""
+        request.params.validate()
+        ids = self.encode(request)
+        field = request.input_field()
+        n, mt, ctx = len(ids), request.params.max_tokens, self.engine.max_context
+        if not ids:
+            raise _invalid(field, "the prompt is empty")
+        if n + mt > ctx:
+            raise ContextOverflow(n, mt, ctx, "max_tokens" if n < ctx else field)
+        waiting = self.engine.stats()["waiting"]
+        if waiting >= self.max_queue:
+            raise QueueFull(waiting, self.max_queue, retry_after_s=max(1.0, 0.1 * waiting))
+        if key in self._reqs:
+            raise _invalid("id", f"request {key!r} is already running")
+        now = time.monotonic() if now is None else now
+        seq = self._next_seq
+        self._next_seq += 1
+        self.engine.add(seq, ids, request.params)
+        self._reqs[key] = _Req(seq, request, n, TextStream(self.tokenizer, request.params.stop), now,
+                               None if request.deadline_s is None else now + request.deadline_s)
+        self._by_seq[seq] = key
+        self.prompt_tokens_total += n
+        self.requests_total += 1
+        return n
+
+    def cancel(self, key: Hashable) -> bool:
+        """Drop a request (the client went away): its slot and KV are freed now."""
+        r = self._reqs.pop(key, None)
+        if r is None:
+            return False
+        self._by_seq.pop(r.seq_id, None)
+        self.engine.cancel(r.seq_id)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self._reqs)
+
+    # --- the loop --------------------------------------------------------------------------
+    def step(self) -> list[tuple[Hashable, GenerationChunk]]:
+        """One engine iteration; the chunks it produced (a finished request's last chunk has
+        ``finish_reason``; the request is then forgotten)."""
+        out: list[tuple[Hashable, GenerationChunk]] = []
+        now = time.monotonic()
+        for key, r in list(self._reqs.items()):  # deadlines first: no compute for the late
+            if r.deadline is not None and now >= r.deadline:
+                out.append((key, self._finish(key, r, "timeout", r.stream.flush(), ())))
+        if not self._reqs:
+            return out
+        produced = self.engine.step()
+        now = time.monotonic()
+        for seq, tok in produced:
+            key = self._by_seq.get(seq)
+            if key is None:
+                continue
+            r = self._reqs[key]
+            r.completion += 1
+            self.generated_tokens_total += 1
+            if r.last_token_at is None:
+                self.ttft_s.append(now - r.submitted)
+            else:
+                self.itl_s.append(now - r.last_token_at)
+            r.last_token_at = now
+            if tok in self.engine.eos_token_ids:
+                out.append((key, self._finish(key, r, "stop", r.stream.flush(), (tok,))))
+                continue
+            text = r.stream.add(tok)
+            if r.stream.stopped:
+                out.append((key, self._finish(key, r, "stop", text, (tok,))))
+            elif r.completion >= r.request.params.max_tokens:
+                out.append((key, self._finish(key, r, "length", text + r.stream.flush(), (tok,))))
+            else:
+                out.append((key, GenerationChunk(text, (tok,), None, r.prompt_tokens, r.completion)))
+        return out
+
+    def _finish(self, key: Hashable, r: _Req, reason: str, text: str, ids: tuple[int, ...]) -> GenerationChunk:
+        self.cancel(key)
+        return GenerationChunk(text, ids, reason, r.prompt_tokens, r.completion)
+
+    def stats(self) -> dict[str, Any]:
+        """The ``generation`` dict of a model's description."""
+        return {
+            **self.engine.info(), **self.engine.stats(), "max_queue": self.max_queue,
+            "requests_total": self.requests_total,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generated_tokens_total": self.generated_tokens_total,
+            "ttft_s": _summary(self.ttft_s), "inter_token_s": _summary(self.itl_s),
+        }
+
+
+def _summary(samples: collections.deque[float]) -> dict[str, float | int]:
+    if not samples:
+        return {"count": 0}
+    s = sorted(samples)
+    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
+    return {"count": len(s), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": s[-1]}
+
+
+def _invalid(field: str, msg: str) -> ValueError:
+    from lastmile.runtime.generation.types import InvalidSamplingParams
+
+    exc = InvalidSamplingParams(f"{field}: {msg}")
+    exc.field = field
+    return exc

@@ -1,0 +1,79 @@
+"""Issue 12, item 6: the TCP listener. Plain HTTP on an address other hosts can reach is
+refused unless the config says so, and token guessing is slowed per peer with one log line
+per peer instead of one per guess. Real daemons, real TCP sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import start_daemon
+
+pytestmark = pytest.mark.faults
+TOKEN = "the-right-token-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _token_file(home: Path) -> Path:
+    home.mkdir(parents=True, exist_ok=True)
+    token = home / "token"
+    token.write_text(TOKEN + "\n")
+    os.chmod(token, 0o600)
+    return token
+
+
+def test_plain_tcp_off_loopback_is_refused(demo_store: Path, tmp_path: Path) -> None:
+    """(Was: started silently on 0.0.0.0 without TLS, the token then crossing the network in clear.)"""
+    home = tmp_path / "d"
+    token = _token_file(home)
+    d = start_daemon(home, demo_store, wait_ready=False,
+                     server_extra=f'tcp_host = "0.0.0.0"\ntcp_port = {_free_port()}\ntoken_file = "{token}"')
+    try:
+        code = d.proc.wait(60)
+    finally:
+        d.stop()
+    assert code != 0
+    assert "allow_insecure_tcp" in d.log_text() and "in clear" in d.log_text(), d.log_text()
+    assert not d.socket.exists(), "the Unix socket it bound is removed again"
+
+
+async def test_token_guessing_is_slowed_and_logged_once_per_peer(demo_store: Path, tmp_path: Path) -> None:
+    home = tmp_path / "d"
+    token = _token_file(home)
+    port = _free_port()
+    d = start_daemon(home, demo_store, server_extra=f'tcp_host = "0.0.0.0"\ntcp_port = {port}\ntoken_file = "{token}"\n'
+                                                     "allow_insecure_tcp = true")
+    try:
+        assert "allow_insecure_tcp" in d.log_text() and "level=warning" in d.log_text()
+        url = f"http://127.0.0.1:{port}/lm/v1/status"
+        async with aiohttp.ClientSession() as session:
+            statuses, started = [], time.monotonic()
+            for i in range(60):
+                async with session.get(url, headers={"Authorization": f"Bearer guess-{i:04d}-0123456789"}) as resp:
+                    statuses.append(resp.status)
+                    retry_after = resp.headers.get("Retry-After")
+            elapsed = time.monotonic() - started
+            # (was: 60 x 401, each compared with the token, and 60 WARNING lines)
+            assert statuses.count(401) <= 6 and statuses.count(429) >= 50, statuses
+            assert retry_after is not None and int(retry_after) >= 1
+            async with session.get(url, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+                assert resp.status == 429, "while locked out even the right token waits"
+            time.sleep(int(retry_after) + 0.2)
+            async with session.get(url, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+                assert resp.status == 200
+        denied = [line for line in d.log_text().splitlines() if "denied tcp=" in line]
+        assert 1 <= len(denied) <= 3, denied
+        print(f"\n60 guesses in {elapsed:.2f} s: {statuses.count(401)} compared (401), {statuses.count(429)} refused (429); "
+              f"{len(denied)} log line(s)")
+    finally:
+        d.stop()

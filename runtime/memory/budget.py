@@ -6,6 +6,7 @@ import glob
 import logging
 from typing import Any
 
+from lastmile.runtime.memory import procfs
 from lastmile.runtime.memory.units import mib
 
 logger = logging.getLogger("lastmile.memory")
@@ -46,9 +47,7 @@ class Budgets:
 
     def host_total(self) -> int:
         if self._host_total is None:
-            import psutil
-
-            self._host_total = int(psutil.virtual_memory().total)
+            self._host_total = procfs.meminfo()["total"]
         return self._host_total
 
     def budget(self, device: str) -> dict[str, Any]:

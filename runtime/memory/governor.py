@@ -102,12 +102,10 @@ class MemoryGovernor:
     def free(self, device: str, *, exclude: str | None = None) -> int:
         free = self.budget(device)["limit_bytes"] - self.committed(device, exclude=exclude)
         if device == "host":
-            import psutil
-
             # Room the OS has, minus what admitted models may still grow into.
             promised = sum(max(0, m.memory.committed_on("host") - m.memory.used_on("host"))
                            for m in self.models() if m.name != exclude)
-            free = min(free, int(psutil.virtual_memory().available) - promised)
+            free = min(free, procfs.meminfo()["available"] - promised)
         return free
 
     def configure(self, changes: dict[str, Any]) -> dict[str, Any]:
@@ -282,10 +280,8 @@ class MemoryGovernor:
         devices["host"]["lastmile_own_bytes"] = self.own_bytes
         devices["host"]["lastmile_own_measure"] = "anonymous"
         try:
-            import psutil
-
-            devices["host"]["available_bytes"] = int(psutil.virtual_memory().available)
-        except Exception:  # noqa: BLE001
+            devices["host"]["available_bytes"] = procfs.meminfo()["available"]
+        except OSError:
             pass
         models = {}
         for m in self.models():

@@ -60,6 +60,18 @@ def read_proc_memory(pid: int | str, full: bool = True) -> dict[str, int]:
     return out
 
 
+def meminfo() -> dict[str, int]:
+    """``total`` and ``available`` bytes of the host from ``/proc/meminfo``."""
+    keys = {b"MemTotal": "total", b"MemAvailable": "available"}
+    out: dict[str, int] = {}
+    with open("/proc/meminfo", "rb") as f:
+        for line in f:
+            key = line.split(b":", 1)[0]
+            if key in keys:
+                out[keys[key]] = int(line.split()[1]) * 1024
+    return out
+
+
 def pss(pids: list[int]) -> int:
     """PSS summed over ``pids`` (gone ones count 0): unlike USS it adds up across fork
     sharing (a fork turns the forkserver's private pages into shared ones)."""
@@ -70,6 +82,16 @@ def pss(pids: list[int]) -> int:
         except OSError:
             pass
     return total
+
+
+def children(pid: int | str = "self") -> list[int]:
+    """Direct children of ``pid`` from ``/proc/<pid>/task/*/children`` (no walk of every
+    process, unlike psutil's ``children()``). OSError when the kernel lacks the file."""
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+            out.extend(int(x) for x in f.read().split())
+    return out
 
 
 def forkserver_pids(parent: int | None = None) -> list[int]:

@@ -41,6 +41,7 @@ QUIET_AFTER_S = 3.0
 QUIET_INTERVAL_S = 5.0
 QUIET_FULL_READ_S = 60.0
 OWN_REFRESH_S = 60.0
+OWN_MIN_GAP_S = 2.0  # own memory moves slowly: its page walk at most this often unless a process came or went
 MOVED_SHARE = 0.02  # RSS moved by more than this share of the limit (or of 256 MiB): read USS
 
 
@@ -49,6 +50,27 @@ class _Reading:
     rss_at_full: int = 0
     uss_at_full: int = 0
     full_at: float = 0.0
+
+
+def _uss_of(pids: list[int]) -> dict[int, int]:
+    """USS of each live pid (a thread: page walks)."""
+    out = {}
+    for pid in pids:
+        try:
+            out[pid] = procfs.rollup(pid)["uss"]
+        except OSError:
+            pass
+    return out
+
+
+def _anonymous_of(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += procfs.rollup(pid)["anonymous"]
+        except OSError:
+            pass
+    return total
 
 
 class Sampler:
@@ -64,6 +86,7 @@ class Sampler:
         self._own_rss: dict[int, int] = {}
         self._own_at = 0.0
         self._own_dirty = True
+        self._own_reading: asyncio.Future | None = None
         self._last_request = 0.0
         self._active_at = time.monotonic()
         self._wake: asyncio.Event | None = None
@@ -136,7 +159,30 @@ class Sampler:
             self._last_request = last_request
             active = True
         full_due = (self.rounds % ACTIVE_FULL_EVERY == 1) if not self.quiet else False
-        live: set[int] = set()
+        # 1. the cheap reading of every runner, and which ones need their pages walked
+        fast: dict[int, dict[str, int]] = {}
+        walk: list[int] = []
+        for model in models:
+            if model.state != "ready":
+                continue
+            moved_by = MOVED_SHARE * (model.memory.limit_bytes or 256 * MiB)
+            for runner in list(model.runners):
+                pid = runner.pid
+                if not pid or not runner.alive:
+                    continue
+                try:
+                    fast[pid] = procfs.status(pid)
+                except OSError:
+                    continue
+                seen = self._readings.setdefault(pid, _Reading())
+                moved = abs(fast[pid]["rss"] - seen.rss_at_full) > moved_by
+                active = active or moved
+                if moved or full_due or mono - seen.full_at > QUIET_FULL_READ_S or model.memory.sampled_at is None:
+                    walk.append(pid)
+        # 2. the page walks (10-30 ms each for a torch process) off the event loop, together
+        walked = await asyncio.to_thread(_uss_of, walk) if walk else {}
+        self.full_reads += len(walked)
+        # 3. per model
         for model in models:
             if model.state != "ready":
                 continue
@@ -144,30 +190,19 @@ class Sampler:
             uss = rss = vm = 0
             fully_read = False
             device_bytes: dict[str, int] = {}
-            moved_by = MOVED_SHARE * (mem.limit_bytes or 256 * MiB)
             for runner in list(model.runners):
                 pid = runner.pid
-                if not pid or not runner.alive:
+                if pid not in fast:
                     continue
-                live.add(pid)
-                seen = self._readings.setdefault(pid, _Reading())
-                try:
-                    fast = procfs.status(pid)
-                    moved = abs(fast["rss"] - seen.rss_at_full) > moved_by
-                    stale = mono - seen.full_at > QUIET_FULL_READ_S
-                    if moved or stale or full_due or mem.sampled_at is None:
-                        seen.uss_at_full = procfs.rollup(pid)["uss"]
-                        seen.rss_at_full, seen.full_at = fast["rss"], mono
-                        self.full_reads += 1
-                        fully_read = True
-                        active = active or moved
-                        uss += seen.uss_at_full
-                    else:
-                        uss += max(0, seen.uss_at_full + fast["rss"] - seen.rss_at_full)
-                    rss += fast["rss"]
-                    vm += fast["vm"]
-                except OSError:
-                    continue
+                seen = self._readings[pid]
+                if pid in walked:
+                    seen.uss_at_full, seen.rss_at_full, seen.full_at = walked[pid], fast[pid]["rss"], mono
+                    fully_read = True
+                    uss += seen.uss_at_full
+                else:
+                    uss += max(0, seen.uss_at_full + fast[pid]["rss"] - seen.rss_at_full)
+                rss += fast[pid]["rss"]
+                vm += fast[pid]["vm"]
                 if budget_device(mem.device) != "host":
                     try:
                         got = await runner.memory(timeout_s=1.0)
@@ -190,9 +225,9 @@ class Sampler:
             if fully_read and mem.ready_bytes is None:
                 mem.ready_bytes = mem.used_on(mem.device)
                 gov.record_footprint(model)
-        for pid in [p for p in self._readings if p not in live]:
+        for pid in [p for p in self._readings if p not in fast]:
             del self._readings[pid]
-        self._sample_own(models, mono)
+        self._sample_own(models, mono)  # (its page walk runs in a thread, applied next round)
         await self._shrink_idle_pools(models, now)
         device_used = {d: sum(m.memory.used_on(d) for m in models) + (self.own_bytes if d == "host" else 0) for d in gov.devices()}
         gov.device_used = device_used
@@ -201,37 +236,47 @@ class Sampler:
 
     def _sample_own(self, models: list[Any], mono: float) -> None:
         """lastmile's own processes: the daemon and its forkserver (children that are not
-        runners), as Anonymous pages (see the module docstring). The process list is asked
-        again only after a load or unload, or every :data:`OWN_REFRESH_S`."""
+        runners), as Anonymous pages (see the module docstring). The children come from
+        ``/proc/self/task/*/children`` each round (the forkserver starts after the daemon);
+        their pages are read again when one came or went, when an RSS moved by 1 MiB (at
+        most every :data:`OWN_MIN_GAP_S`), or every :data:`OWN_REFRESH_S`."""
         due = mono - self._own_at > OWN_REFRESH_S
-        if self._own_dirty or due or not self._own_pids:
-            runner_pids = {r.pid for m in models for r in m.runners if r.pid}
+        runner_pids = {r.pid for m in models for r in m.runners if r.pid}
+        try:
+            kids = procfs.children()
+        except OSError:  # no /proc/<pid>/task/*/children: ask psutil, after loads and unloads only
+            kids = None
+        if kids is not None:
+            self._own_pids = [os.getpid()] + [pid for pid in kids if pid not in runner_pids]
+        elif self._own_dirty or due or not self._own_pids:
             try:
                 import psutil
 
-                me = psutil.Process()
-                self._own_pids = [me.pid] + [c.pid for c in me.children() if c.pid not in runner_pids]
+                self._own_pids = [os.getpid()] + [c.pid for c in psutil.Process().children() if c.pid not in runner_pids]
             except Exception:  # noqa: BLE001 - psutil missing or the process table unreadable
                 self._own_pids = [os.getpid()]
-            self._own_dirty = False
-        changed = due
+        self._own_dirty = False
         rss_now: dict[int, int] = {}
         for pid in self._own_pids:
             try:
                 rss_now[pid] = procfs.status(pid)["rss"]
             except OSError:
                 continue
-            if abs(rss_now[pid] - self._own_rss.get(pid, -MiB * 1024)) > MiB:
-                changed = True
-        if not changed and set(rss_now) == set(self._own_rss):
-            return
-        total = 0
-        for pid in rss_now:
+        moved = any(abs(rss - self._own_rss.get(pid, rss)) > MiB for pid, rss in rss_now.items())
+        if self._own_reading is not None:
+            if not self._own_reading.done():
+                return
             try:
-                total += procfs.rollup(pid)["anonymous"]
-            except OSError:
+                self.own_bytes = self._own_reading.result()
+            except Exception:  # noqa: BLE001 - a failed walk keeps the last figure
                 pass
-        self._own_rss, self._own_at, self.own_bytes = rss_now, mono, total
+            self._own_reading = None
+        if set(rss_now) == set(self._own_rss) and not due and not (moved and mono - self._own_at > OWN_MIN_GAP_S):
+            return
+        # a page walk of the forkserver (torch loaded) costs ~30 ms: in a thread, not awaited;
+        # its figure applies from the next round (own memory moves slowly)
+        self._own_rss, self._own_at = rss_now, mono
+        self._own_reading = asyncio.get_running_loop().run_in_executor(None, _anonymous_of, list(rss_now))
 
     async def _shrink_idle_pools(self, models: list[Any], now: float) -> None:
         """A model unused for ``pool_idle_s`` gives its idle pool buffers back (and its runners

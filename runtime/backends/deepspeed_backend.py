@@ -42,6 +42,7 @@ from lastmile.runtime.accelerators import ensure_ds_accelerator, resolve_device,
 from lastmile.runtime.backends.base import Backend, BackendError
 from lastmile.runtime.backends.threads import resolve_threads
 from lastmile.runtime.fusion import TorchFusionPlan, torch_fusion_plan
+from lastmile.runtime.memory.units import mib
 
 __all__ = ["DeepSpeedBackend", "zero_env"]
 
@@ -145,7 +146,7 @@ class DeepSpeedBackend(Backend):
             torch.cuda.set_device(self._index)  # DeepSpeed places the module on the current device
             if settings.memory_limit_mb:
                 total = torch.cuda.get_device_properties(self._index).total_memory
-                fraction = min(1.0, settings.memory_limit_mb * 1024 * 1024 / total)
+                fraction = min(1.0, mib(settings.memory_limit_mb) / total)
                 torch.cuda.set_per_process_memory_fraction(fraction, self._index)
                 self._notes.append(f"CUDA caching allocator capped at {fraction:.3f} of device memory")
 

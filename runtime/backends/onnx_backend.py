@@ -28,6 +28,7 @@ from lastmile.runtime.accelerators import resolve_device, split_device
 from lastmile.runtime.backends.base import Backend, BackendError
 from lastmile.runtime.backends.threads import resolve_threads
 from lastmile.runtime.fusion import ORT_LEVEL_NAMES, ort_optimization_level
+from lastmile.runtime.memory.units import mib
 
 __all__ = ["OnnxBackend", "ORT_TYPES"]
 
@@ -125,7 +126,7 @@ class OnnxBackend(Backend):
         options.enable_mem_pattern = True
 
         provider_options: dict[str, Any] = {}
-        limit = settings.memory_limit_mb * 1024 * 1024 if settings.memory_limit_mb else None
+        limit = mib(settings.memory_limit_mb)
         if kind == "cuda":
             provider_options = {"device_id": self._index, "arena_extend_strategy": "kSameAsRequested"}
             if limit:

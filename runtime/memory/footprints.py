@@ -24,10 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lastmile.runtime.memory.units import MiB
+
 logger = logging.getLogger("lastmile.memory")
 
 MAX_RECORDS = 512  # oldest dropped past this: the file stays small whatever is loaded
-RECORD_STEP_BYTES = 1024 * 1024  # a new peak is written only when it grew by this much
+RECORD_STEP_BYTES = MiB  # a new peak is written only when it grew by this much
 
 
 def _stamp(path: Path) -> tuple[int, int]:

@@ -22,7 +22,6 @@ The governor never imports the model manager: the manager attaches itself as a
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING, Any
 
 from lastmile.models.settings import ModelSettings
@@ -36,7 +35,7 @@ from lastmile.runtime.memory.footprints import FootprintBook
 from lastmile.runtime.memory.ladder import Ladder
 from lastmile.runtime.memory.policy import DEFAULTS, check_memory_config
 from lastmile.runtime.memory.sampler import Sampler
-from lastmile.runtime.memory.units import human
+from lastmile.runtime.memory.units import MiB, human
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -185,10 +184,10 @@ class MemoryGovernor:
             return
         est = mem.estimate
         need_mb = self.admission.needed_limit_mb(est) if est else 0
-        idle_mb = int(used / self.config["low_watermark"] / (1024 * 1024)) + 1
+        idle_mb = int(used / self.config["low_watermark"] / MiB) + 1
         raise_to = max(need_mb, idle_mb)
         options = [{"option": "raise_limit", "settings": {"memory_limit_mb": raise_to}, "estimate_bytes": est.total_bytes if est else None,
-                    "description": f"memory_limit_mb {raise_to} instead of {mem.limit_bytes // (1024 * 1024)} (the runner idles at {human(used)})"}]
+                    "description": f"memory_limit_mb {raise_to} instead of {mem.limit_bytes // MiB} (the runner idles at {human(used)})"}]
         most, _ = self.admission.limit_lines(mem.limit_bytes)
         short = {"device": "host", "reason": "model_limit", "needed_bytes": used, "free_bytes": mem.limit_bytes,
                  "limit_bytes": mem.limit_bytes, "usable_bytes": most, "idle_bytes": used, "idle_usable_bytes": idle_most,

@@ -1,4 +1,4 @@
-"""Benchmark of the memory-pool manager on the demo transformer (not a timed test).
+"""Benchmark of the memory governor on the demo transformer (not a timed test).
 
 ``python -m lastmile.runtime.memory.measure [--seconds 8] [--fusion-seconds 4]`` builds the demo models
 in a temporary store and drives a real :class:`lastmile.runtime.manager.ModelManager` (governor,

@@ -1,4 +1,4 @@
-"""The memory-pool manager against a real daemon with the demo models: estimates vs measured
+"""The memory governor against a real daemon with the demo models: estimates vs measured
 usage, admission (refusal with numbers and options, plan = "auto", LRU eviction), the
 mitigation ladder under a load past the limit with the runner's hard cap, run-time budget
 changes, the buffer pool, and unload giving memory back. Every answer is checked against the

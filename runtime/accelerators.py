@@ -19,6 +19,7 @@ first call; every module of ours that touches DeepSpeed calls it first.
 from __future__ import annotations
 
 import copy
+import glob
 import importlib.metadata
 import importlib.util
 import os
@@ -28,11 +29,26 @@ from typing import Any
 
 from lastmile.runtime.backends.base import BackendError
 
-__all__ = ["detect", "resolve_device", "ensure_ds_accelerator", "device_count", "split_device"]
+__all__ = ["detect", "resolve_device", "ensure_ds_accelerator", "device_count", "split_device", "device_nodes", "DEVICE_NODE_GLOBS"]
 
 _DEVICE_WORDS = {"cuda": "CUDA", "npu": "Ascend NPU", "xpu": "Intel XPU", "mps": "Apple MPS", "hpu": "Gaudi HPU"}
 _lock = threading.Lock()
 _static: dict[str, Any] | None = None
+
+
+#: The device nodes an accelerator's driver creates, by kind (``accel``: the kernel's generic
+#: compute-accelerator class). Looking for them costs a ``glob``; asking torch costs seconds of
+#: imports and may initialise a driver, which a process that forks afterwards must not do.
+DEVICE_NODE_GLOBS = {"cuda": "/dev/nvidia[0-9]*", "npu": "/dev/davinci[0-9]*", "accel": "/dev/accel/accel[0-9]*"}
+
+
+def device_nodes(*kinds: str) -> list[str]:
+    """Accelerator device nodes present on this host, of ``kinds`` (all kinds when none are
+    named). Empty: there is nothing to probe, so callers can skip importing torch."""
+    found: list[str] = []
+    for kind in kinds or tuple(DEVICE_NODE_GLOBS):
+        found += glob.glob(DEVICE_NODE_GLOBS[kind])
+    return found
 
 
 def split_device(device: str) -> tuple[str, int | None]:

@@ -5,7 +5,8 @@ only those can be concatenated: LM requests of different sequence lengths wait i
 groups. A group's batch closes when it holds ``max_batch_size`` rows or ``max_delay_ms``
 after its oldest request arrived; when several groups are ready, the one whose oldest
 request is oldest goes first, so no signature starves another. Up to ``concurrency``
-batches run at once (one per runner instance: ``run_batch`` picks a free one), and while all
+batches run at once (one per runner instance: ``run_batch``, the model's
+:meth:`lastmile.runtime.pool.RunnerPool.run`, picks a free one), and while all
 are busy one more *full* batch per runner may be sent ahead (it waits in the runner's pipe,
 so the model never idles between batches under load; a partial batch keeps collecting rows
 instead).
@@ -43,7 +44,7 @@ from lastmile.runtime.errors import (
     QueueFull,
     RequestTimeout,
 )
-from lastmile.runtime.shm import BufferPool, PackedArrays, plan_layout, views
+from lastmile.runtime.shm import Buffer, BufferPool, PackedArrays, plan_layout, views
 
 RunBatch = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
 
@@ -61,6 +62,7 @@ class BatchInfo:
     queue_s: float
     compute_s: float
     requests: int = 1
+    input_s: float = 0.0  # of compute_s: copying the batch's inputs into its buffer (Triton's compute_input)
 
 
 class _Request:
@@ -479,6 +481,7 @@ class Batcher:
             started = loop.time()
             try:
                 inputs, buf = self._concat(live, rows)
+                input_s = loop.time() - started
                 outputs = await self._run_batch(inputs)
                 del inputs
                 _check_outputs(outputs, rows)
@@ -508,7 +511,7 @@ class Batcher:
                 if not r.fut.done():
                     end = offset + r.rows
                     part = {name: arr[offset:end] for name, arr in outputs.items()}
-                    r.fut.set_result((part, BatchInfo(batch_id, rows, started - r.enqueued, compute_s, n)))
+                    r.fut.set_result((part, BatchInfo(batch_id, rows, started - r.enqueued, compute_s, n, input_s)))
                 offset += r.rows
         finally:
             if buf is not None and self.pool is not None:
@@ -536,7 +539,7 @@ class Batcher:
         if not req.fut.done():
             req.fut.set_result((outputs, BatchInfo(batch_id, req.rows, started - req.enqueued, self._loop.time() - started, 1)))
 
-    def _concat(self, batch: list[_Request], rows: int) -> tuple[dict[str, np.ndarray], Any]:
+    def _concat(self, batch: list[_Request], rows: int) -> tuple[dict[str, np.ndarray], Buffer | None]:
         first = batch[0].inputs
         if self.pool is None:
             if len(batch) == 1:

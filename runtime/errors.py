@@ -20,9 +20,23 @@ exception              daemon answer
 
 from __future__ import annotations
 
+import signal
+
 
 class LastmileRuntimeError(Exception):
     """Base of everything the runtime raises on purpose; ``str(exc)`` is operator-readable."""
+
+
+def describe_exit(code: int | None) -> str:
+    """How a process ended, in the words an operator searches for: ``SIGKILL`` for -9 (what
+    the OOM killer and ``kill -9`` leave), ``signal N`` for an unnamed signal, ``exit code N``
+    otherwise."""
+    if code is not None and code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Imported last by the forkserver's preload (see ``lastmile.runtime.runner.PRELOAD``), never by the
+"""Imported last by the forkserver's preload (see ``lastmile.runtime.forkserver.PRELOAD``), never by the
 daemon: moves everything preloaded (torch, onnxruntime, deepspeed: ~100 MB of objects) out of
 the garbage collector's reach with :func:`gc.freeze`.
 

@@ -1,4 +1,4 @@
-"""Imported first by the forkserver's preload (see ``lastmile.runtime.runner.PRELOAD``), never by the
+"""Imported first by the forkserver's preload (see ``lastmile.runtime.forkserver.PRELOAD``), never by the
 daemon: one malloc arena for the forkserver and so for every runner forked from it.
 
 Why: libraries started during preload (OpenBLAS's thread pool, loaded with numpy) each get a

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,9 +22,10 @@ from lastmile.models.spec import Manifest
 from lastmile.models.store import ModelStore
 from lastmile.models.vocabulary import LIVE_KEYS
 from lastmile.runtime.backends import resolve_backend
-from lastmile.runtime.batcher import Batcher
-from lastmile.runtime.errors import BatchTooLarge, InferenceError, LastmileRuntimeError, LoadError, ModelUnavailable, RequestTimeout, ShmError
+from lastmile.runtime.batcher import Batcher, BatchInfo
+from lastmile.runtime.errors import BatchTooLarge, InferenceError, LastmileRuntimeError, LoadError, ModelUnavailable, RequestTimeout, ShmError, describe_exit
 from lastmile.runtime.events import EventLog
+from lastmile.runtime.inference_stats import InferenceCounters
 from lastmile.runtime.generation.config import is_generation_manifest
 from lastmile.runtime.generation.runner import GenerationRunner, RefusedStream
 from lastmile.runtime.generation.types import GenerationChunk, GenerationRequest, InvalidGenerationTarget
@@ -35,13 +35,17 @@ from lastmile.runtime.memory.governor import POOL_IDLE_SHARE, MemoryGovernor
 from lastmile.runtime.memory.records import ModelMemory
 from lastmile.runtime.memory.units import mib
 from lastmile.runtime.precheck import check_load
-from lastmile.runtime.runner import PIPELINE_DEPTH, Runner, call_in_forkserver
+from lastmile.runtime.forkserver import call_in_forkserver
+from lastmile.runtime.pool import RunnerPool
+from lastmile.runtime.runner import Runner
 from lastmile.runtime.shm import BufferPool, PoolFull
 
 logger = logging.getLogger("lastmile.manager")
 
 PhaseCallback = Callable[[str, dict[str, Any]], None]
-RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+#: Waits between restarts of a model whose runner crashed (the memory ladder's own restarts
+#: have their back-off in the governor).
+CRASH_RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 BATCHER_KEYS = LIVE_KEYS  # the settings a loaded model takes live are the batcher's knobs
 STALL_RESTART_AFTER = 3  # timeouts in a row with no batch finished before a runner is killed
 SHM_EVENT_EVERY_S = 10.0
@@ -63,16 +67,6 @@ def process_state(pid: int) -> str:
             "Z": "zombie"}.get(state, state)
 
 
-def describe_exit(code: int | None) -> str:
-    """``SIGKILL`` for -9 (the OOM killer's signature), ``exit code N`` otherwise."""
-    if code is not None and code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            pass
-    return f"exit code {code}"
-
-
 class ModelNotLoaded(KeyError):
     def __str__(self) -> str:
         return f"model {self.args[0]!r} is not loaded"
@@ -89,8 +83,7 @@ class LoadedModel:
     state: str = "loading"
     phase: str = "queued"
     error: str | None = None
-    runners: list[Runner] = field(default_factory=list)
-    idle: asyncio.Queue = field(default_factory=asyncio.Queue)  # runner slots free for a batch
+    runners: RunnerPool = field(init=False)  # the runners and their free batch slots
     batcher: Batcher | None = None
     info: dict[str, Any] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
@@ -102,9 +95,22 @@ class LoadedModel:
     restart_task: asyncio.Task | None = None
     memory: ModelMemory = field(default_factory=ModelMemory)
     requested: ModelSettings | None = None  # the settings asked for (plan = "auto" may change them)
+    counters: InferenceCounters = field(default_factory=InferenceCounters)  # Triton statistics, last error
     load_s: float = 0.0  # how long its runners took to start
     stall: dict[str, Any] = field(default_factory=dict)  # timeouts in a row with no batch finished
     generation: bool = False  # a causal LM served as token streams (runtime/generation), no batcher
+
+    def __post_init__(self) -> None:
+        self.runners = RunnerPool(self.name)
+
+    def set_state(self, state: str, error: str | None = None) -> None:
+        """Change the lifecycle state; a model that is not ``ready`` has its pool fail queued
+        batches at once rather than leave them to time out."""
+        self.state, self.error = state, error
+        if state == "ready":
+            self.runners.accept()
+        else:
+            self.runners.refuse(f"model {self.name!r} is {state}" + (f": {error}" if error else ""))
 
     def describe(self) -> dict[str, Any]:
         """The row ``GET /lm/v1/models`` shows for this model."""
@@ -125,13 +131,13 @@ class LoadedModel:
             "settings": self.settings.as_dict(),
             "overrides": self.overrides,
             "backend_info": self.info,
-            "runners": [{"instance": i, "pid": r.pid, "alive": r.alive, "batches": r.batches, "backend_s": round(r.backend_s, 6)}
-                        for i, r in enumerate(self.runners)],
+            "runners": self.runners.describe(),
             "loaded_at": self.loaded_at,
             "last_used": self.last_used,
             "restarts": self.restarts,
             "requests": self.requests,
             "failures": self.failures,
+            "last_error": self.counters.last_error,
             "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
             "queue_depth": stats.get("queue_depth", 0),
             "batcher": stats,
@@ -249,7 +255,7 @@ class ModelManager:
             return model
 
     async def _start_instance(self, name: str, manifest: Manifest, settings: ModelSettings, overrides: dict[str, Any], backend: str,
-                              est: Estimate, plan_taken: Any, swap: bool, on_phase: PhaseCallback | None) -> LoadedModel:
+                              est: Estimate, plan_taken: dict[str, Any] | None, swap: bool, on_phase: PhaseCallback | None) -> LoadedModel:
         """Runners and batcher of one instance of ``name``, registered under ``name`` unless it
         is a ``swap`` (the caller switches). On failure nothing of it is left (runners stopped,
         pool closed, reservation released) and the error is an event."""
@@ -281,7 +287,7 @@ class ModelManager:
             self.governor.check_ready(model)  # 507 when the idle runner already sits where the ladder would act
         except BaseException as exc:
             model.state, model.error = "failed", str(exc)
-            await self._stop_runners(model)
+            await model.runners.stop()
             pool.close()
             self.governor.release(reservation)
             if self.models.get(name) is model:
@@ -291,7 +297,7 @@ class ModelManager:
             raise
         if not model.generation:  # a generation runner schedules its own sequences
             model.batcher = Batcher(
-                lambda inputs, m=model: self._run_batch(m, inputs),
+                model.runners.run,
                 concurrency=settings.instances,
                 pool=model.pool,  # concatenate requests straight into shared memory
                 **{k: getattr(settings, k) for k in BATCHER_KEYS},
@@ -324,26 +330,19 @@ class ModelManager:
             runner_class = GenerationRunner if model.generation else Runner
             runner = runner_class(model.manifest, model.settings, pool=model.pool, instance=instance)
             runner.on_exit = lambda r, code, m=model: self._runner_died(m, r, code)
-            model.runners.append(runner)
+            # A failed start leaves no process behind (Runner.start kills it), so the runner
+            # joins the pool only once it is ready.
             model.info = await runner.start(on_phase=phase, timeout_s=model.settings.load_timeout_s)
             model.memory.cap = dict(model.info.get("hard_cap") or {})
             if model.memory.cap.get("error"):  # over its limit after warm-up: OverLimitAtReady (a LoadError; 507)
+                await runner.stop()
                 self.governor.check_ready(model)
-            for _ in range(PIPELINE_DEPTH):  # one entry per batch the runner may hold
-                model.idle.put_nowait(runner)
+            model.runners.add(runner)
         headroom = model.memory.cap.get("headroom_bytes")
         if headroom:
             # The pool's segments count against the limit too: never more of them than the
             # room the runner had left at "ready" (a batch needing more fails alone, 503).
             model.pool.max_bytes = int(headroom)
-
-    async def _stop_runners(self, model: LoadedModel) -> None:
-        runners, model.runners = model.runners, []
-        while not model.idle.empty():
-            model.idle.get_nowait()
-        for runner in runners:
-            runner.on_exit = None
-        await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
 
     async def unload(self, name: str, reason: str = "unloaded by request") -> None:
         async with self._locks.setdefault(name, asyncio.Lock()):
@@ -355,12 +354,12 @@ class ModelManager:
             self.on_change()
 
     async def _teardown(self, model: LoadedModel, reason: str) -> None:
-        model.state = "unloading"
+        model.set_state("unloading")
         if model.restart_task:
             model.restart_task.cancel()
         if model.batcher:
             await model.batcher.close(f"model {model.name} is being {reason}")
-        await self._stop_runners(model)
+        await model.runners.stop()
         model.pool.close()
         if self.models.get(model.name) is model:
             del self.models[model.name]
@@ -395,7 +394,7 @@ class ModelManager:
             raise ModelNotLoaded(name)
         return model
 
-    async def infer(self, name: str, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Any]:
+    async def infer(self, name: str, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], BatchInfo]:
         model = self.get(name)
         if model.state != "ready" or model.batcher is None:
             raise ModelUnavailable(f"model {name!r} is {model.state}" + (f": {model.error}" if model.error else ""))
@@ -407,6 +406,19 @@ class ModelManager:
         self.governor.poke()  # the memory sampler back to its fast pace after a quiet spell
         model.requests += 1
         started = time.perf_counter()
+        try:
+            outputs, info = await self._submit(model, name, inputs)
+        except BaseException as exc:
+            model.counters.failed(exc, time.perf_counter() - started)
+            raise
+        total_s = time.perf_counter() - started
+        first = next(iter(inputs.values()), None)
+        model.counters.succeeded(int(first.shape[0]) if getattr(first, "ndim", 0) else 1, total_s, info)
+        model.latencies_s.append(total_s)
+        return outputs, info
+
+    async def _submit(self, model: LoadedModel, name: str, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Any]:
+        """The batcher call with the failure bookkeeping of each kind of error."""
         try:
             outputs, info = await model.batcher.submit(inputs)
         except BatchTooLarge as exc:
@@ -444,7 +456,6 @@ class ModelManager:
         except BaseException:
             model.failures += 1
             raise
-        model.latencies_s.append(time.perf_counter() - started)
         model.stall.clear()
         return outputs, info
 
@@ -503,17 +514,6 @@ class ModelManager:
         model.requests += 1
         return model.runners[0].generate(request)
 
-    async def _run_batch(self, model: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if model.state != "ready":
-            # Queued work is failed fast while a runner restarts rather than left to time out.
-            raise ModelUnavailable(f"model {model.name!r} is {model.state}: {model.error}")
-        runner = await model.idle.get()
-        try:
-            return await runner.run(inputs)
-        finally:
-            if runner.alive:
-                model.idle.put_nowait(runner)
-
     def configure(self, name: str, changes: dict[str, Any]) -> LoadedModel:
         """Live changes that need no reload (batching knobs); others go through :meth:`load`."""
         model = self.get(name)
@@ -530,19 +530,20 @@ class ModelManager:
         arriving meanwhile get 503; the back-off between memory restarts is the governor's."""
         if model.name not in self.models or model.state != "ready":
             return
-        model.state, model.error = "restarting", "restarting the runner to give memory back"
+        model.set_state("restarting", "restarting the runner to give memory back")
         try:
-            await self._stop_runners(model)
+            await model.runners.stop()
             model.pool.shrink()
             await self._start_runners(model, lambda step, data: setattr(model, "phase", step))
         except LoadError as exc:
-            model.state, model.error = "failed", str(exc)
+            model.set_state("failed", str(exc))
             self.events.record("restart_failed", f"{model.name} memory restart failed: {exc}", model=model.name, level="error")
             if model.restart_task is None or model.restart_task.done():
                 model.restart_task = asyncio.get_running_loop().create_task(self._restart(model))
             return
         model.restarts += 1
-        model.state, model.error, model.phase = "ready", None, "ready"
+        model.set_state("ready")
+        model.phase = "ready"
         self.events.record("restarted", f"{model.name} runner restarted to give memory back", model=model.name, reason="memory")
 
     # --- failure handling -------------------------------------------------------------------
@@ -551,7 +552,7 @@ class ModelManager:
         if self._closing or model.state in ("unloading",) or runner not in model.runners:
             return
         reason = f"runner {runner.pid} of {model.name} died ({describe_exit(exitcode)})"
-        model.state, model.error = "restarting", reason
+        model.set_state("restarting", reason)
         self.events.record("runner_died", reason, model=model.name, level="error", exitcode=exitcode, pid=runner.pid)
         if model.restart_task is None or model.restart_task.done():
             model.restart_task = asyncio.get_running_loop().create_task(self._restart(model))
@@ -559,18 +560,20 @@ class ModelManager:
     async def _restart(self, model: LoadedModel) -> None:
         attempt = 0
         while model.name in self.models and model.state in ("restarting", "failed"):
-            delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+            delay = CRASH_RESTART_BACKOFF_S[min(attempt, len(CRASH_RESTART_BACKOFF_S) - 1)]
             await asyncio.sleep(delay)
             attempt += 1
             model.restarts += 1
-            await self._stop_runners(model)
+            await model.runners.stop()
             try:
                 await self._start_runners(model, lambda step, data: setattr(model, "phase", step))
             except LoadError as exc:
-                model.state, model.error = "failed", str(exc)
-                self.events.record("restart_failed", f"{model.name} restart {attempt} failed: {exc}; next try in {RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]} s", model=model.name, level="error")
+                model.set_state("failed", str(exc))
+                next_s = CRASH_RESTART_BACKOFF_S[min(attempt, len(CRASH_RESTART_BACKOFF_S) - 1)]
+                self.events.record("restart_failed", f"{model.name} restart {attempt} failed: {exc}; next try in {next_s} s", model=model.name, level="error")
                 continue
-            model.state, model.error, model.phase = "ready", None, "ready"
+            model.set_state("ready")
+            model.phase = "ready"
             self.events.record("restarted", f"{model.name} runner restarted (attempt {attempt})", model=model.name, attempt=attempt)
 
 

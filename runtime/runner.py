@@ -2,14 +2,15 @@
 
 Why a process per model: a crash, OOM kill or hang in one model never takes the daemon or
 the other models down, unloading really returns memory to the OS, and per-model memory is
-measurable. Why a forkserver: the server imports torch, deepspeed and onnxruntime once
-(:func:`warm_up`, at daemon start); each runner is a ``fork`` of it, so loading a model costs
-the model's load, not interpreter and library start-up.
+measurable. Each runner is a ``fork`` of the preloaded forkserver
+(:mod:`lastmile.runtime.forkserver`), so loading a model costs the model's load, not
+interpreter and library start-up.
 
-Data path of one batch (see :mod:`lastmile.runtime.runner_main` for the wire protocol)::
+Data path of one batch (messages: :mod:`lastmile.runtime.protocol`; the child's side:
+:mod:`lastmile.runtime.runner_main`)::
 
-    inputs --pack--> pool buffer (or the batcher's buffer, no copy) --name+layout--> child
-    child: views over the segment -> backend.run -> outputs packed into the out buffer
+    inputs --pack--> pool buffer (or the batcher's buffer, no copy) --Run(name, layout)--> child
+    child: views over the segment -> backend.run -> outputs packed into the out buffer -> Done
     daemon: views over the out buffer -> one copy into the result -> buffers back to the pool
 
 The daemon owns every segment (the pool), the child only maps them, so a dying child leaks
@@ -22,6 +23,11 @@ while the current one computes, so the child goes straight on to it instead of i
 the daemon hands out results and cuts another batch (the daemon's event loop is busy exactly
 when the model is).
 
+A streamed request (:meth:`Runner.stream`: generated tokens, progress) answers with many
+messages; it holds one of ``max_streams`` stream slots until the child's terminal message, is
+flow-controlled per stream (the child runs at most ``window`` chunks ahead of the consumer)
+and is cancelled in the child when its consumer stops iterating.
+
 Control messages go over two one-way pipes (they wake the other side faster than a
 socketpair) watched with ``loop.add_reader`` (no thread per message); the process sentinel
 is watched the same way, so a child that dies mid-batch fails the awaiting ``run()`` at once
@@ -31,17 +37,12 @@ with :class:`RunnerDied`.
 from __future__ import annotations
 
 import asyncio
-import glob
-import importlib.util
 import itertools
 import logging
 import math
-import multiprocessing
-import os
-import signal
-import threading
 import time
-from pickle import HIGHEST_PROTOCOL, dumps
+from collections import deque
+from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 import numpy as np
@@ -49,149 +50,44 @@ import numpy as np
 from lastmile.models.settings import ModelSettings
 from lastmile.models.spec import Manifest
 from lastmile.runtime import runner_main
-from lastmile.runtime.backends.threads import set_thread_env
-from lastmile.runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavailable, RunnerDied, ShmError
+from lastmile.runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavailable, RunnerDied, ShmError, describe_exit
+from lastmile.runtime.forkserver import RunnerProcess, get_context
+from lastmile.runtime.protocol import (
+    Cancel,
+    Cancelled,
+    Chunk,
+    Credit,
+    Done,
+    Failed,
+    LoadFailed,
+    MemoryQuery,
+    Need,
+    OutBuffer,
+    Phase,
+    Ready,
+    Run,
+    Shrink,
+    Stop,
+    Stream,
+    ToDaemon,
+    ToRunner,
+    decode,
+    encode,
+)
+from lastmile.runtime.runner_main import BackendFactory
 from lastmile.runtime.shm import ALIGN, Buffer, BufferPool, PackedArrays, layout_of, pack, views
 
 logger = logging.getLogger("lastmile.runner")
 
 #: Batches a runner holds at once (one computing, the rest queued in its pipe).
 PIPELINE_DEPTH = 2
-
-# What the forkserver imports once, so that a load pays for the model and not for imports.
-# Beyond the libraries: the lazily imported machinery ``torch.export.load`` pulls in (sympy,
-# networkx, dynamo, functorch, inductor's config: ~1200 modules, 3 s of a demo model's 3.7 s
-# load here) and our backend modules. Imports only: nothing may start a thread or touch a
-# device in the forkserver (a fork copies neither threads nor a CUDA context). A failing
-# import is skipped by the forkserver.
-PRELOAD = [
-    "lastmile.runtime.forkserver_prep",  # first: one malloc arena before any library starts threads
-    "numpy",
-    "onnxruntime",
-    "torch",
-    "deepspeed",
-    "sympy",
-    "networkx",
-    "torch.export",
-    "torch.export._trace",
-    "torch._export.serde.serialize",
-    "torch._functorch.aot_autograd",
-    "torch._dynamo",
-    "torch._inductor",
-    "lastmile.runtime.backends",
-    "lastmile.runtime.backends.onnx_backend",
-    "lastmile.runtime.backends.deepspeed_backend",
-    "lastmile.runtime.runner_main",
-    "lastmile.runtime.forkserver_gc",  # last: gc.freeze() what was preloaded (see that module)
-]
+#: Streamed requests a runner holds at once unless its owner says otherwise.
+MAX_STREAMS = 16
+#: Chunks a stream's producer may run ahead of its consumer unless the caller says otherwise.
+STREAM_WINDOW = 32
 
 PhaseCallback = Callable[[str, dict], None]
 ExitCallback = Callable[["Runner", "int | None"], None]
-
-_ctx_lock = threading.Lock()
-_ctx: Any = None
-
-
-# --- the forkserver ---------------------------------------------------------------------------
-
-
-def _accelerator_env() -> None:
-    """Pin ``DS_ACCELERATOR`` before the forkserver imports deepspeed, from device nodes only
-    (importing torch in the daemon to ask would cost seconds and hundreds of MB).
-
-    Why it matters: importing deepspeed runs its accelerator auto-detection, which calls
-    ``torch.cuda.is_available()``; in the forkserver that would initialise the CUDA driver,
-    and CUDA does not survive ``fork``: every runner would fail on its first CUDA call. With
-    the accelerator named, DeepSpeed skips that probe; ``PYTORCH_NVML_BASED_CUDA_CHECK=1``
-    makes any other ``is_available()`` ask NVML instead of initialising CUDA. Same choice as
-    :func:`lastmile.runtime.accelerators.ensure_ds_accelerator` (cuda, else npu, else cpu); an
-    operator's own ``DS_ACCELERATOR`` wins.
-    """
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    if os.environ.get("DS_ACCELERATOR"):
-        return
-    cuda_hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
-    if not cuda_hidden and glob.glob("/dev/nvidia[0-9]*"):
-        chosen = "cuda"
-    elif glob.glob("/dev/davinci[0-9]*") and importlib.util.find_spec("torch_npu") is not None:
-        chosen = "npu"
-    else:
-        chosen = "cpu"
-    os.environ["DS_ACCELERATOR"] = chosen
-
-
-def get_context() -> Any:
-    """The forkserver context with lastmile's preload list (set once, before it starts)."""
-    global _ctx
-    with _ctx_lock:
-        if _ctx is None:
-            _accelerator_env()
-            set_thread_env()  # OpenMP reads its wait policy once, when torch loads it
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(list(PRELOAD))
-            _ctx = ctx
-        return _ctx
-
-
-def warm_up(timeout_s: float = 600.0) -> float:
-    """Start the forkserver and block until its preload (torch, deepspeed, onnxruntime...)
-    is done, by starting and joining a no-op process. Returns the seconds it took. The
-    daemon calls this once at start (from a thread: it blocks), before the first load."""
-    get_context()  # configures the forkserver and its preload list on first use
-    started = time.perf_counter()
-    proc = runner_main.RunnerProcess(target=runner_main._noop, name="lastmile-warmup", daemon=True)
-    proc.start()
-    proc.join(timeout_s)
-    if proc.exitcode is None:
-        proc.kill()
-        proc.join()
-        raise LoadError(f"forkserver did not come up within {timeout_s:g} s")
-    proc.close()
-    return time.perf_counter() - started
-
-
-async def warm_up_async(timeout_s: float = 600.0) -> float:
-    """:func:`warm_up` without blocking the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(None, warm_up, timeout_s)
-
-
-def call_in_forkserver(module: str, function: str, *args: Any, timeout_s: float = 300.0) -> Any:
-    """``module.function(*args)`` in a child of the preloaded forkserver, for work that needs
-    torch or DeepSpeed (host facts, building the demo models): the daemon itself never imports
-    them, which would cost it ~100-300 MB for its whole life and seconds of a blocked thread.
-    Blocking: call it from a thread. The result must be picklable."""
-    get_context()
-    receiver, sender = multiprocessing.Pipe(duplex=False)
-    proc = runner_main.RunnerProcess(
-        target=runner_main._call_and_send, args=(sender, module, function, args), name=f"lastmile-{function}", daemon=True
-    )
-    proc.start()
-    sender.close()
-    try:
-        if not receiver.poll(timeout_s):
-            raise LoadError(f"{module}.{function} did not answer within {timeout_s:g} s")
-        status, value = receiver.recv()
-    except EOFError:
-        raise LoadError(f"{module}.{function} died ({describe_exit(proc.exitcode)})") from None
-    finally:
-        receiver.close()
-        proc.join(5)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
-    if status != "ok":
-        raise LoadError(f"{module}.{function} failed: {value}")
-    return value
-
-
-def describe_exit(code: int | None) -> str:
-    """``SIGKILL`` for -9 (what the OOM killer and ``kill -9`` leave), ``exit code N`` else."""
-    if code is not None and code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
 
 
 # --- one call in flight ---------------------------------------------------------------------
@@ -225,17 +121,134 @@ class _Call:
                 pass
 
 
+class _StreamState:
+    """What the runner keeps of an open stream: the answers not yet taken. Apart from the
+    consumer's :class:`RunnerStream`, so that dropping that object can cancel the stream."""
+
+    __slots__ = ("seq", "window", "queue", "waiter", "state", "cancelled_after")
+
+    def __init__(self, window: int) -> None:
+        self.seq = 0
+        self.window = window
+        self.queue: deque[Chunk | Done | BaseException] = deque()
+        self.waiter: asyncio.Future | None = None
+        self.state = "new"  # new | open | cancelling | ended
+        self.cancelled_after: int | None = None  # chunks the child had sent when it took the cancel
+
+    def deliver(self, item: Chunk | Done | BaseException, *, last: bool) -> bool:
+        """One answer from the child; False when it breaks the window (the caller cancels)."""
+        if last:
+            was, self.state = self.state, "ended"
+            if was == "cancelling":
+                return True
+        elif self.state != "open":
+            return True  # cancelled: chunks still in the pipe are dropped
+        elif len(self.queue) >= self.window:
+            return False
+        self.queue.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
+
+
+class RunnerStream:
+    """The answers to one streamed request, as an async iterator of :class:`Chunk` messages
+    ending with the :class:`Done` one (see :meth:`Runner.stream`).
+
+    Nothing is sent before the first ``__anext__`` (which waits for a stream slot). The
+    consumer's pace is the stream's: chunks wait in a queue of at most ``window``, and the
+    child runs no further ahead than that. Stopping early - :meth:`aclose`, leaving an
+    ``async with`` block, cancelling the task that iterates, or dropping the object - sends
+    :class:`Cancel`; the stream's slot is free once the child confirms (or dies).
+    """
+
+    __slots__ = ("runner", "kind", "payload", "window", "_st", "_consumed", "_credited")
+
+    def __init__(self, runner: "Runner", kind: str, payload: Any, window: int) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window: got {window!r}; must be an integer >= 1")
+        self.runner = runner
+        self.kind = kind
+        self.payload = payload
+        self.window = window
+        self._st = _StreamState(window)
+        self._consumed = 0
+        self._credited = 0
+
+    @property
+    def seq(self) -> int:
+        return self._st.seq
+
+    @property
+    def cancelled_after(self) -> int | None:
+        """Chunks the child had sent when it took the cancel (None: not cancelled there)."""
+        return self._st.cancelled_after
+
+    def __aiter__(self) -> "RunnerStream":
+        return self
+
+    async def __aenter__(self) -> "RunnerStream":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def __anext__(self) -> Chunk | Done:
+        st = self._st
+        if st.state == "new":
+            await self.runner._open_stream(self.kind, self.payload, st)
+        try:
+            while not st.queue:
+                if st.state != "open":
+                    raise StopAsyncIteration
+                st.waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await st.waiter
+                finally:
+                    st.waiter = None
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        item = st.queue.popleft()
+        if type(item) is Chunk:
+            self._consumed += 1
+            if st.state == "open" and self._consumed - self._credited >= max(1, self.window // 2):
+                self._credited = self._consumed
+                self.runner._send_quiet(Credit(st.seq, self._consumed))
+            return item
+        if isinstance(item, BaseException):
+            raise item
+        return item  # Done: the last one; the next __anext__ stops
+
+    def cancel(self) -> None:
+        """Stop the stream: tell the child (once) and drop what is queued."""
+        self.runner._cancel_stream(self._st)
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        st = getattr(self, "_st", None)  # absent when __init__ refused its arguments
+        if st is not None and st.state == "open":
+            try:
+                self.cancel()
+            except Exception:  # noqa: BLE001 - interpreter or loop shutting down
+                pass
+
+
 # --- the runner -------------------------------------------------------------------------------
 
 
 class Runner:
     """One model instance in its own process. All methods run on one asyncio loop."""
 
-    #: The child's entry point (same arguments as ``runner_main.main``); a subclass serving
-    #: another protocol (generation streams) names its own.
+    #: The child's entry point (``runner_main.main``'s arguments); a subclass whose child
+    #: serves other messages (generation: :mod:`lastmile.runtime.generation.serve`) names its own.
     child_target: Callable[..., None] = staticmethod(runner_main.main)
 
-    def __init__(self, manifest: Manifest, settings: ModelSettings, *, pool: BufferPool, instance: int = 0) -> None:
+    def __init__(self, manifest: Manifest, settings: ModelSettings, *, pool: BufferPool, instance: int = 0,
+                 max_streams: int = MAX_STREAMS, backend_factory: BackendFactory | None = None) -> None:
         self.manifest = manifest
         self.settings = settings
         self.pool = pool
@@ -249,13 +262,17 @@ class Runner:
         self.batches = 0
         self.backend_s = 0.0  # time the backend computed, summed over batches (child side)
         self.last_backend_s = 0.0
-        self._proc: Any = None
-        self._rx: Any = None  # child -> daemon
-        self._tx: Any = None  # daemon -> child
+        self.max_streams = max_streams
+        self._factory = backend_factory
+        self._proc: RunnerProcess | None = None
+        self._rx: Connection | None = None  # child -> daemon
+        self._tx: Connection | None = None  # daemon -> child
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seq = itertools.count(1)
         self._calls: dict[int, _Call] = {}
+        self._streams: dict[int, RunnerStream] = {}
         self._slots: asyncio.Semaphore | None = None
+        self._stream_slots: asyncio.Semaphore | None = None
         self._ready: asyncio.Future | None = None
         self._exited: asyncio.Future | None = None
         self._on_phase: PhaseCallback | None = None
@@ -273,7 +290,12 @@ class Runner:
 
     @property
     def busy(self) -> bool:
-        return bool(self._calls)
+        return bool(self._calls) or bool(self._streams)
+
+    @property
+    def open_streams(self) -> int:
+        """Streams the child holds (a cancelled one until the child confirms)."""
+        return len(self._streams)
 
     def __repr__(self) -> str:
         return f"Runner({self.name!r}#{self.instance}, pid={self.pid}, state={self.state})"
@@ -292,6 +314,7 @@ class Runner:
             raise RuntimeError(f"runner for {self.name} was already started (state {self.state})")
         loop = self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(PIPELINE_DEPTH)
+        self._stream_slots = asyncio.Semaphore(self.max_streams)
         self._on_phase = on_phase
         self._ready = loop.create_future()
         self._ready.add_done_callback(_retrieve)  # start() may have given up on it already
@@ -302,9 +325,9 @@ class Runner:
         ctx = get_context()
         child_rx, parent_tx = ctx.Pipe(duplex=False)
         parent_rx, child_tx = ctx.Pipe(duplex=False)
-        proc = runner_main.RunnerProcess(
+        proc = RunnerProcess(
             target=self.child_target,
-            args=(child_rx, child_tx, self.manifest, self.settings, self.name),
+            args=(child_rx, child_tx, self.manifest, self.settings, self.name, self._factory),
             name=f"lastmile-runner:{self.name}#{self.instance}",
             daemon=True,
         )
@@ -380,9 +403,7 @@ class Runner:
                 else:
                     unmapped, self._epoch = self.pool.unlinked_since(self._epoch)
                 self._calls[seq] = call
-                self._tx.send_bytes(
-                    dumps(("run", seq, call.bufs[0].name, call.layout_in, call.out.name, call.out.size, unmapped), HIGHEST_PROTOCOL)
-                )
+                self._tx.send_bytes(encode(Run(seq, call.bufs[0].name, call.layout_in, call.out.name, call.out.size, unmapped)))
             except BaseException as exc:
                 self._calls.pop(seq, None)
                 call.release(self.pool)
@@ -483,7 +504,7 @@ class Runner:
         except OSError as exc:  # gone or not allowed: say so, don't fail
             out["error"] = str(exc)
         try:
-            out["backend"] = await asyncio.wait_for(self._request(("memory",)), timeout_s)
+            out["backend"] = await asyncio.wait_for(self._request(MemoryQuery), timeout_s)
         except (asyncio.TimeoutError, InferenceError, RunnerDied, ModelUnavailable):
             out["backend"] = None
         return out
@@ -492,9 +513,10 @@ class Runner:
         """Ask the backend to give cached memory back, drop stale segment mappings, trim the
         C heap."""
         unmapped, self._epoch = self.pool.unlinked_since(self._epoch)
-        await self._request(("shrink",), unmapped)
+        await self._request(Shrink, unmapped)
 
-    async def _request(self, head: tuple, *rest: Any) -> Any:
+    async def _request(self, kind: Callable[..., ToRunner], *fields: Any) -> Any:
+        """Send ``kind(seq, *fields)`` and wait for its :class:`Done` payload."""
         if self.state != "ready":
             raise self._unavailable()
         assert self._loop is not None
@@ -502,7 +524,7 @@ class Runner:
         call = _Call(self._loop.create_future())
         self._calls[seq] = call
         try:
-            self._tx.send(head + (seq,) + rest)
+            self._tx.send_bytes(encode(kind(seq, *fields)))
         except OSError:
             self._calls.pop(seq, None)
             raise self._unavailable() from None
@@ -511,6 +533,59 @@ class Runner:
         except asyncio.CancelledError:
             call.abandoned = not call.finished
             raise
+
+    # --- streams ------------------------------------------------------------------------------
+
+    def stream(self, kind: str, payload: Any, *, window: int = STREAM_WINDOW) -> RunnerStream:
+        """A request the backend answers with many messages (its ``stream(kind, payload)``):
+        iterate the result for :class:`Chunk` messages, then the final :class:`Done`. Raises
+        from the iteration: :class:`InferenceError` (the backend failed), :class:`RunnerDied`,
+        :class:`ModelUnavailable`. Use ``async with runner.stream(...) as s: async for m in s``
+        so that leaving early cancels at once; a dropped stream is cancelled too."""
+        return RunnerStream(self, kind, payload, window)
+
+    async def _open_stream(self, kind: str, payload: Any, st: _StreamState) -> None:
+        """Take a stream slot and send :class:`Stream` (the first ``__anext__``)."""
+        if self.state != "ready":
+            st.state = "ended"
+            raise self._unavailable()
+        assert self._stream_slots is not None
+        await self._stream_slots.acquire()
+        if self.state != "ready" or st.state != "new":
+            self._stream_slots.release()
+            if st.state != "new":  # cancelled while waiting for the slot
+                raise StopAsyncIteration
+            st.state = "ended"
+            raise self._unavailable()
+        seq = st.seq = next(self._seq)
+        self._streams[seq] = st
+        try:
+            self._tx.send_bytes(encode(Stream(seq, kind, payload, st.window)))
+        except BaseException as exc:
+            del self._streams[seq]
+            self._stream_slots.release()
+            st.state = "ended"
+            if isinstance(exc, OSError):  # the child is gone; the sentinel says how
+                await self._wait_exit(1.0)
+                raise self._unavailable() from None
+            raise
+        st.state = "open"
+
+    def _cancel_stream(self, st: _StreamState) -> None:
+        if st.state == "new":
+            st.state = "ended"
+        elif st.state == "open":
+            st.state = "cancelling"
+            st.queue.clear()
+            self._send_quiet(Cancel(st.seq))
+
+    def _end_stream(self, seq: int, item: Done | BaseException) -> None:
+        st = self._streams.pop(seq, None)
+        if st is None:
+            return
+        assert self._stream_slots is not None
+        self._stream_slots.release()
+        st.deliver(item, last=True)
 
     # --- stop ---------------------------------------------------------------------------------
 
@@ -524,7 +599,7 @@ class Runner:
             return
         self.state = "stopping"
         try:
-            self._tx.send(("stop",))
+            self._tx.send_bytes(encode(Stop()))
         except (OSError, AttributeError):
             pass
         if not await self._wait_exit(timeout_s):
@@ -558,19 +633,21 @@ class Runner:
 
     def _on_readable(self) -> None:
         try:
-            msg = self._rx.recv()
+            msg = decode(self._rx.recv_bytes())
         except (EOFError, OSError):
             # The child closed its end (exiting): the sentinel tells how it ended.
             self._stop_reading()
             return
         self._dispatch(msg)
 
-    def _dispatch(self, msg: tuple) -> None:
+    def _dispatch(self, msg: ToDaemon) -> None:
         """One message from the child (a subclass handles its own kinds, then calls this)."""
-        op = msg[0]
-        if op == "ok" or op == "err":
-            call = self._calls.pop(msg[1], None)
+        kind = type(msg)
+        if kind is Done or kind is Failed:
+            call = self._calls.pop(msg.seq, None)
             if call is None:
+                if msg.seq in self._streams:
+                    self._end_stream(msg.seq, msg if kind is Done else InferenceError(f"{self.name}: {msg.error}"))
                 return
             call.finished = True
             if call.abandoned:
@@ -578,25 +655,37 @@ class Runner:
                 if call.on_answer is not None:
                     call.on_answer()
             elif not call.fut.done():
-                if op == "ok":
-                    if len(msg) > 3:
-                        self.last_backend_s = msg[3]
-                        self.backend_s += msg[3]
-                    call.fut.set_result(msg[2])
+                if kind is Done:
+                    if msg.backend_s:  # a batch (memory and shrink answers carry none)
+                        self.last_backend_s = msg.backend_s
+                        self.backend_s += msg.backend_s
+                    call.fut.set_result(msg.payload)
                 else:
-                    call.fut.set_exception(InferenceError(f"{self.name}: {msg[2]}"))
-        elif op == "need":
-            self._grow_output(msg[1], msg[2])
-        elif op == "phase":
-            self._phase(msg[1], msg[2])
-        elif op == "ready":
+                    call.fut.set_exception(InferenceError(f"{self.name}: {msg.error}"))
+        elif kind is Chunk:
+            st = self._streams.get(msg.seq)
+            if st is not None and not st.deliver(msg, last=False):
+                # The child ran past the window it was given: stop the stream, not the runner.
+                logger.error("runner %s: stream %d sent more than its window of %d chunks", self.pid, msg.seq, st.window)
+                self._cancel_stream(st)
+                st.queue.append(InferenceError(f"{self.name}: the runner broke the stream's flow control"))
+        elif kind is Cancelled:
+            st = self._streams.get(msg.seq)
+            if st is not None:
+                st.cancelled_after = msg.sent
+            self._end_stream(msg.seq, StopAsyncIteration())
+        elif kind is Need:
+            self._grow_output(msg.seq, msg.nbytes)
+        elif kind is Phase:
+            self._phase(msg.name, msg.data)
+        elif kind is Ready:
             if self._ready is not None and not self._ready.done():
-                self._ready.set_result(msg[1])
-        elif op == "load_error":
+                self._ready.set_result(msg.info)
+        elif kind is LoadFailed:
             if self._ready is not None and not self._ready.done():
-                self._ready.set_exception(LoadError(f"{self.name}: {msg[1]}"))
+                self._ready.set_exception(LoadError(f"{self.name}: {msg.error}"))
         else:
-            logger.warning("runner %s sent an unknown message %r", self.pid, op)
+            logger.warning("runner %s sent an unexpected message %r", self.pid, msg)
 
     def _grow_output(self, seq: int, nbytes: int) -> None:
         """The outputs did not fit the guessed buffer: lend a bigger one (first batch of a new
@@ -607,18 +696,20 @@ class Runner:
                 raise ShmError("the batch is no longer pending")
             buf = self.pool.acquire(nbytes)
         except ShmError as exc:
-            self._send_quiet(("out", seq, None, str(exc)))
+            self._send_quiet(OutBuffer(seq, None, 0, str(exc)))
             return
         old, call.out = call.out, buf
         call.grew = True
         if old is not None:
             self.pool.release(old)
-        self._send_quiet(("out", seq, buf.name, buf.size))
+        self._send_quiet(OutBuffer(seq, buf.name, buf.size))
 
-    def _send_quiet(self, msg: tuple) -> None:
+    def _send_quiet(self, msg: ToRunner) -> None:
+        """Send when the child is still there; a gone child is the sentinel's news."""
         try:
-            self._tx.send(msg)
-        except OSError:
+            if self._tx is not None:
+                self._tx.send_bytes(encode(msg))
+        except (OSError, ValueError):  # ValueError: the pipe was closed on exit
             pass
 
     def _stop_reading(self) -> None:
@@ -651,6 +742,8 @@ class Runner:
                     call.fut.set_exception(ModelUnavailable(f"runner for {self.name} was stopped"))
                 else:
                     call.fut.set_exception(RunnerDied(self._death, code))
+        for seq in list(self._streams):
+            self._end_stream(seq, ModelUnavailable(f"runner for {self.name} was stopped") if expected else RunnerDied(self._death, code))
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(LoadError(f"{self.name}: runner process died while loading ({describe_exit(code)})"))
         for conn in (self._rx, self._tx):

@@ -1,20 +1,15 @@
-"""The runner child: loads one model with its backend and serves whole batches over a pipe.
+"""The runner process: load one model, then answer the daemon's requests until told to stop.
 
-Runs in a process forked from the preloaded forkserver (see :mod:`lastmile.runtime.runner`), so
-importing torch/deepspeed/onnxruntime cost nothing here. Protocol (pickled tuples over a
-``multiprocessing`` duplex pipe; tensors travel in the daemon's shared-memory segments):
+Runs in a child of the forkserver (:mod:`lastmile.runtime.forkserver`); the daemon's side is
+:class:`lastmile.runtime.runner.Runner`. The messages are :mod:`lastmile.runtime.protocol`'s,
+over two one-way pipes; tensors travel in the daemon's shared-memory segments, which this
+process only maps (:class:`lastmile.runtime.shm.SegmentCache`).
 
-daemon -> child
-    ``("run", seq, in_segment, in_layout, out_segment, out_capacity, unmapped)``
-    ``("out", seq, out_segment, out_capacity)``  answer to ``need``
-    ``("memory", seq)`` / ``("shrink", seq, unmapped)`` / ``("stop",)``
-child -> daemon
-    ``("phase", name, data)``, ``("ready", info)``, ``("load_error", text)``
-    ``("ok", seq, payload[, backend_s])``, ``("err", seq, text)``
-    ``("need", seq, nbytes)``  outputs are larger than the given buffer
-
-``unmapped`` lists segments the pool unlinked since the last message (``None``: all), so
-this process drops its mappings and the memory really returns to the OS.
+One request at a time runs to its end, except streamed ones (:class:`protocol.Stream`): their
+generators advance one chunk per turn of the loop, between other messages, so a batch or
+another stream is never stuck behind a long generation, a consumer that falls ``window``
+chunks behind pauses only its own stream, and a :class:`protocol.Cancel` closes the
+generator at its next ``yield``.
 """
 
 from __future__ import annotations
@@ -23,83 +18,53 @@ import ctypes
 import gc
 import multiprocessing
 import os
-from pickle import HIGHEST_PROTOCOL, dumps
 import signal
 import sys
-import threading
 import time
 import traceback
 from collections import deque
-from multiprocessing import popen_forkserver, spawn
-from multiprocessing.context import ForkServerProcess
-from typing import Any
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from lastmile.models.settings import ModelSettings
+from lastmile.models.spec import Manifest
+from lastmile.runtime.backends.base import Backend
+from lastmile.runtime.memory.cap import HardCap
+from lastmile.runtime.protocol import (
+    NO_SEQ,
+    Cancel,
+    Cancelled,
+    Chunk,
+    Credit,
+    Done,
+    Failed,
+    LoadFailed,
+    MemoryQuery,
+    Message,
+    Need,
+    OutBuffer,
+    Phase,
+    Ready,
+    Run,
+    Shrink,
+    Stop,
+    Stream,
+    ToRunner,
+    decode,
+    encode,
+)
 from lastmile.runtime.shm import SegmentCache, layout_of, pack, views
 
 PR_SET_NAME = 15
 PR_SET_PDEATHSIG = 1
 MAX_ERROR_CHARS = 4000
 
-
-def _noop() -> None:
-    """Target of the forkserver warm-up process."""
-
-
-def _call_and_send(conn: Any, module: str, function: str, args: tuple) -> None:
-    """Target of :func:`lastmile.runtime.runner.call_in_forkserver`: torch and DeepSpeed are already
-    imported in the forkserver, so the call costs a fork, not seconds of imports."""
-    import importlib
-
-    try:
-        conn.send(("ok", getattr(importlib.import_module(module), function)(*args)))
-    except Exception as exc:  # noqa: BLE001 - reported to the caller as text
-        conn.send(("error", describe_error(exc)))
-    finally:
-        conn.close()
-
-
-# --- the process class (pickled by reference: it lives in this preloaded module) -----------
-
-_prep_lock = threading.Lock()
-
-
-def _lean_preparation_data(original: Any) -> Any:
-    def prepare(name: str) -> dict:
-        data = original(name)
-        data.pop("init_main_from_name", None)
-        data.pop("init_main_from_path", None)
-        return data
-
-    return prepare
-
-
-class _LeanPopen(popen_forkserver.Popen):
-    """The forkserver launcher without "re-import the daemon's ``__main__`` in the child".
-
-    multiprocessing tells every child to import the parent's main module (``lastmile.appliance.client.cli``
-    for ``python -m lastmile.appliance.client.cli``, the console script for ``lastmile``): a runner needs none
-    of it, and it would cost every load the import of the daemon's HTTP stack. The swap of
-    ``spawn.get_preparation_data`` is held under a lock for the duration of one launch.
-    """
-
-    def _launch(self, process_obj: Any) -> None:
-        with _prep_lock:
-            original = spawn.get_preparation_data
-            spawn.get_preparation_data = _lean_preparation_data(original)
-            try:
-                super()._launch(process_obj)
-            finally:
-                spawn.get_preparation_data = original
-
-
-class RunnerProcess(ForkServerProcess):
-    """A forkserver process that does not import the parent's ``__main__``."""
-
-    @staticmethod
-    def _Popen(process_obj: Any) -> Any:  # noqa: N802 - multiprocessing's name
-        return _LeanPopen(process_obj)
+#: Builds the backend in the child (default: :func:`lastmile.runtime.backends.create_backend`).
+#: Must be picklable by reference (a module-level function or class).
+BackendFactory = Callable[[Manifest, ModelSettings], Backend]
 
 
 def describe_error(exc: BaseException) -> str:
@@ -140,7 +105,7 @@ def _malloc_trim() -> None:
         pass
 
 
-def warmup_inputs(manifest: Any, rows: int) -> dict[str, np.ndarray] | None:
+def warmup_inputs(manifest: Manifest, rows: int) -> dict[str, np.ndarray] | None:
     """Zero inputs of ``rows`` rows from the manifest's specs (variable dims set to 1), or
     None when the manifest does not describe its inputs."""
     if not manifest.inputs:
@@ -162,7 +127,8 @@ def _as_arrays(outputs: Any) -> dict[str, np.ndarray]:
     return clean
 
 
-def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
+def main(rx: Connection, tx: Connection, manifest: Manifest, settings: ModelSettings, label: str,
+         factory: BackendFactory | None = None) -> None:
     """Process entry point (``multiprocessing`` target). ``rx``/``tx``: the two one-way pipes
     (plain pipes wake the other side faster than a socketpair)."""
     _setup_process(label)
@@ -172,22 +138,27 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
     gc.freeze()
     from lastmile.runtime.memory.cap import tune_allocator
 
-    tune_allocator(bool(getattr(settings, "memory_limit_mb", None)))  # before the backend starts threads
-    send = tx.send
-    send(("phase", "loading", {"pid": os.getpid()}))
+    tune_allocator(bool(settings.memory_limit_mb))  # before the backend starts threads
+
+    def send(msg: Message) -> None:
+        tx.send_bytes(encode(msg))
+
+    send(Phase(NO_SEQ, "loading", {"pid": os.getpid()}))
     started = time.perf_counter()
     try:
-        from lastmile.runtime.backends import create_backend
+        if factory is None:
+            from lastmile.runtime.backends import create_backend
 
-        backend = create_backend(manifest, settings)
+            factory = create_backend
+        backend = factory(manifest, settings)
     except BaseException as exc:  # noqa: BLE001 - everything becomes the load error text
         traceback.print_exc(file=sys.stderr)
-        send(("load_error", describe_error(exc)))
+        send(LoadFailed(NO_SEQ, describe_error(exc)))
         tx.close()
         return
     load_s = time.perf_counter() - started
 
-    send(("phase", "warming", {"load_s": round(load_s, 4)}))
+    send(Phase(NO_SEQ, "warming", {"load_s": round(load_s, 4)}))
     warm_started = time.perf_counter()
     rows_tried = []
     try:
@@ -199,103 +170,227 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
             _as_arrays(backend.run(inputs))
     except BaseException as exc:  # noqa: BLE001
         traceback.print_exc(file=sys.stderr)
-        send(("load_error", f"warm-up batch of {rows_tried[-1]} rows failed: {describe_error(exc)}"))
+        send(LoadFailed(NO_SEQ, f"warm-up batch of {rows_tried[-1]} rows failed: {describe_error(exc)}"))
         try:
             backend.close()
         finally:
             tx.close()
         return
     warmup_s = time.perf_counter() - warm_started
-    from lastmile.runtime.memory.cap import HardCap
-
     # the hard cap, before "ready": this process owns its state, the backend knows nothing of it
-    cap = HardCap.after_warmup(getattr(settings, "memory_limit_mb", None), getattr(backend, "_kind", "cpu"))
+    cap = HardCap.after_warmup(settings.memory_limit_mb, getattr(backend, "_kind", "cpu"))
     try:
         info = dict(backend.info())
     except Exception as exc:  # noqa: BLE001
         info = {"info_error": describe_error(exc)}
     info["hard_cap"] = cap.as_dict()
     info.update(load_s=round(load_s, 4), warmup_s=round(warmup_s, 4), warmup_rows=rows_tried)
-    send(("ready", info))
+    send(Ready(NO_SEQ, info))
+    server = _Server(rx, tx, backend, cap)
     try:
-        _serve(rx, tx, backend, cap)
+        server.serve()
     finally:
+        server.close_streams()
         try:
             backend.close()
         except Exception:  # noqa: BLE001
             traceback.print_exc(file=sys.stderr)
 
 
-def _serve(rx: Any, tx: Any, backend: Any, cap: Any) -> None:
-    """Answer requests until ``stop`` or the daemon's end of the pipe closes."""
-    recv = rx.recv
-    send_bytes = tx.send_bytes
+class _PipeClosed(Exception):
+    """The daemon's end of a pipe is gone: stop serving."""
 
-    def send(msg: tuple) -> None:  # plain pickle: several µs less than Connection.send
-        send_bytes(dumps(msg, HIGHEST_PROTOCOL))
 
-    perf_counter = time.perf_counter
-    cap.recap()  # the memory cap, from what is mapped now that serving starts
-    segments = SegmentCache()
-    backlog: deque = deque()  # messages that arrived while waiting for an "out" answer
-    while True:
-        if backlog:
-            msg = backlog.popleft()
-        else:
+@dataclass(slots=True)
+class _OpenStream:
+    """A streamed request in progress: its generator and how far the consumer is behind."""
+
+    chunks: Iterator[Any]
+    window: int
+    sent: int = 0
+    acked: int = 0
+    backend_s: float = 0.0
+
+    @property
+    def runnable(self) -> bool:
+        return self.sent - self.acked < self.window
+
+    def close(self) -> None:
+        """Close the generator (``GeneratorExit`` at its ``yield``: its ``finally`` runs)."""
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
             try:
-                msg = recv()
-            except (EOFError, OSError):
-                return
-        op = msg[0]
-        if op == "run":
-            _, seq, in_name, in_layout, out_name, out_cap, unmapped = msg
-            if unmapped is None or unmapped:
-                segments.drop(unmapped)
-            try:
-                inputs = views(segments.get(in_name), in_layout, readonly=True)
-                t0 = perf_counter()
-                outputs = _as_arrays(backend.run(inputs))
-                backend_s = perf_counter() - t0
-                del inputs
-                layout, total = layout_of(outputs)
-                if total > out_cap:
-                    send(("need", seq, total))
-                    while True:
-                        try:
-                            reply = recv()
-                        except (EOFError, OSError):
-                            return
-                        if reply[0] == "out" and reply[1] == seq:
-                            if reply[2] is None:
-                                raise RuntimeError(f"no output buffer of {total} bytes: {reply[3]}")
-                            out_name = reply[2]
-                            break
-                        backlog.append(reply)
-                pack(outputs, segments.get(out_name), layout)
-                del outputs
-            except Exception as exc:  # noqa: BLE001 - reported for this batch; keep serving
-                send(("err", seq, describe_error(exc)))
+                close()
+            except Exception:  # noqa: BLE001 - a backend's cleanup error must not stop serving
+                traceback.print_exc(file=sys.stderr)
+
+
+class _Server:
+    """Answers requests until :class:`Stop` or the daemon's end of the pipe closes."""
+
+    def __init__(self, rx: Connection, tx: Connection, backend: Backend, cap: HardCap) -> None:
+        self._recv_bytes = rx.recv_bytes
+        self._poll = rx.poll
+        self._send_bytes = tx.send_bytes
+        self.backend = backend
+        self.cap = cap  # the memory cap this process owns (redrawn at serve start and each shrink)
+        self.segments = SegmentCache()
+        self.backlog: deque[ToRunner] = deque()  # messages that arrived while a batch waited for an OutBuffer
+        self.streams: dict[int, _OpenStream] = {}
+        self._handlers: dict[type, Callable[[Any], bool]] = {
+            Run: self._run,
+            MemoryQuery: self._memory,
+            Shrink: self._shrink,
+            Stream: self._open_stream,
+            Credit: self._credit,
+            Cancel: self._cancel,
+            Stop: self._stop,
+            OutBuffer: lambda msg: False,  # late answer for a batch that already failed
+        }
+
+    def send(self, msg: Message) -> None:
+        self._send_bytes(encode(msg))  # plain pickle: several µs less than Connection.send
+
+    def _read(self) -> ToRunner:
+        try:
+            return decode(self._recv_bytes())  # type: ignore[return-value]
+        except (EOFError, OSError):
+            raise _PipeClosed from None
+
+    def serve(self) -> None:
+        self.cap.recap()  # the memory cap, from what is mapped now that serving starts
+        handlers = self._handlers
+        try:
+            while True:
+                if self.backlog:
+                    msg: ToRunner | None = self.backlog.popleft()
+                elif not self.streams or self._poll():
+                    msg = self._read()  # blocks only when no stream can advance
+                elif any(s.runnable for s in self.streams.values()):
+                    msg = None
+                else:
+                    msg = self._read()  # every stream waits for credit: block for it
+                if msg is not None:
+                    handler = handlers.get(type(msg))
+                    if handler is None:
+                        self.send(Failed(msg.seq, f"unknown runner message {type(msg).__name__}"))
+                    elif handler(msg):
+                        return
+                if self.streams:
+                    self._step_streams()
+        except (_PipeClosed, BrokenPipeError, ConnectionResetError):
+            return  # the daemon is gone or closed our pipe: nothing left to answer
+
+    # --- one batch ------------------------------------------------------------------------
+
+    def _run(self, msg: Run) -> bool:
+        seq = msg.seq
+        segments = self.segments
+        if msg.unmapped is None or msg.unmapped:
+            segments.drop(msg.unmapped)
+        out_name = msg.out_segment
+        try:
+            inputs = views(segments.get(msg.in_segment), msg.in_layout, readonly=True)
+            t0 = time.perf_counter()
+            outputs = _as_arrays(self.backend.run(inputs))
+            backend_s = time.perf_counter() - t0
+            del inputs
+            layout, total = layout_of(outputs)
+            if total > msg.out_capacity:
+                out_name = self._bigger_buffer(seq, total)
+            pack(outputs, segments.get(out_name), layout)
+            del outputs
+        except _PipeClosed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported for this batch; keep serving
+            self.send(Failed(seq, describe_error(exc)))
+            return False
+        self.send(Done(seq, layout, backend_s))
+        return False
+
+    def _bigger_buffer(self, seq: int, nbytes: int) -> str:
+        """Ask for an output buffer of ``nbytes`` and wait for it; what else arrives meanwhile
+        waits in the backlog."""
+        self.send(Need(seq, nbytes))
+        while True:
+            reply = self._read()
+            if isinstance(reply, OutBuffer) and reply.seq == seq:
+                if reply.segment is None:
+                    raise RuntimeError(f"no output buffer of {nbytes} bytes: {reply.error}")
+                return reply.segment
+            self.backlog.append(reply)
+
+    # --- control --------------------------------------------------------------------------
+
+    def _memory(self, msg: MemoryQuery) -> bool:
+        try:
+            self.send(Done(msg.seq, dict(self.backend.memory())))
+        except Exception as exc:  # noqa: BLE001
+            self.send(Failed(msg.seq, describe_error(exc)))
+        return False
+
+    def _shrink(self, msg: Shrink) -> bool:
+        try:
+            self.segments.drop(msg.unmapped)
+            self.backend.shrink()
+            gc.collect()
+            self.cap.recap()  # before the trim: its holes refill without new address space
+            _malloc_trim()
+            self.send(Done(msg.seq, None))
+        except Exception as exc:  # noqa: BLE001
+            self.send(Failed(msg.seq, describe_error(exc)))
+        return False
+
+    def _stop(self, msg: Stop) -> bool:
+        self.segments.drop(None)
+        return True
+
+    # --- streams --------------------------------------------------------------------------
+
+    def _open_stream(self, msg: Stream) -> bool:
+        try:
+            chunks = iter(self.backend.stream(msg.kind, msg.payload))
+        except Exception as exc:  # noqa: BLE001 - this request's failure; keep serving
+            self.send(Failed(msg.seq, describe_error(exc)))
+            return False
+        self.streams[msg.seq] = _OpenStream(chunks, max(1, int(msg.window)))
+        return False
+
+    def _credit(self, msg: Credit) -> bool:
+        stream = self.streams.get(msg.seq)
+        if stream is not None and msg.consumed > stream.acked:
+            stream.acked = msg.consumed
+        return False
+
+    def _cancel(self, msg: Cancel) -> bool:
+        stream = self.streams.pop(msg.seq, None)
+        if stream is not None:  # else it already ended (its terminal message is on the way)
+            stream.close()
+            self.send(Cancelled(msg.seq, stream.sent))
+        return False
+
+    def _step_streams(self) -> None:
+        """Advance every stream that may send by one chunk (or to its end)."""
+        for seq, stream in list(self.streams.items()):
+            if not stream.runnable:
                 continue
-            send(("ok", seq, layout, backend_s))
-        elif op == "memory":
+            t0 = time.perf_counter()
             try:
-                send(("ok", msg[1], dict(backend.memory())))
-            except Exception as exc:  # noqa: BLE001
-                send(("err", msg[1], describe_error(exc)))
-        elif op == "shrink":
-            try:
-                segments.drop(msg[2])
-                backend.shrink()
-                gc.collect()
-                cap.recap()  # before the trim: its holes refill without new address space
-                _malloc_trim()
-                send(("ok", msg[1], None))
-            except Exception as exc:  # noqa: BLE001
-                send(("err", msg[1], describe_error(exc)))
-        elif op == "stop":
-            segments.drop(None)
-            return
-        elif op == "out":
-            continue  # late answer for a batch that already failed
-        else:
-            send(("err", msg[1] if len(msg) > 1 else 0, f"unknown runner command {op!r}"))
+                payload = next(stream.chunks)
+            except StopIteration as end:
+                del self.streams[seq]
+                self.send(Done(seq, end.value, stream.backend_s + time.perf_counter() - t0))
+                continue
+            except Exception as exc:  # noqa: BLE001 - this stream's failure; keep serving
+                del self.streams[seq]
+                self.send(Failed(seq, describe_error(exc)))
+                continue
+            stream.backend_s += time.perf_counter() - t0
+            stream.sent += 1
+            self.send(Chunk(seq, payload))
+
+    def close_streams(self) -> None:
+        """Close what is still open (stop, or the daemon went away)."""
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.close()

@@ -116,7 +116,7 @@ def layout_of(arrays: Mapping[str, np.ndarray]) -> tuple[Layout, int]:
     return tuple(slots), offset
 
 
-def views(mem: Any, layout: Layout, *, readonly: bool = False) -> dict[str, np.ndarray]:
+def views(mem: mmap.mmap | memoryview, layout: Layout, *, readonly: bool = False) -> dict[str, np.ndarray]:
     """Arrays over ``mem`` (an mmap, a :class:`Buffer`'s ``mm``) as described by ``layout``;
     no copy. ``readonly`` marks them unwritable (what a backend receives)."""
     out: dict[str, np.ndarray] = {}
@@ -128,7 +128,7 @@ def views(mem: Any, layout: Layout, *, readonly: bool = False) -> dict[str, np.n
     return out
 
 
-def pack(arrays: Mapping[str, np.ndarray], mem: Any, layout: Layout | None = None) -> Layout:
+def pack(arrays: Mapping[str, np.ndarray], mem: mmap.mmap | memoryview, layout: Layout | None = None) -> Layout:
     """Copy ``arrays`` into ``mem`` (one copy each, any input strides) and return the layout."""
     if layout is None:
         layout, total = layout_of(arrays)
@@ -175,12 +175,6 @@ class Buffer:
         self.mm = mm
         self.refs = 0
         self.path = path
-
-    def views(self, layout: Layout, *, readonly: bool = False) -> dict[str, np.ndarray]:
-        return views(self.mm, layout, readonly=readonly)
-
-    def pack(self, arrays: Mapping[str, np.ndarray], layout: Layout | None = None) -> Layout:
-        return pack(arrays, self.mm, layout)
 
     def _destroy(self) -> None:
         try:
@@ -449,11 +443,6 @@ class BufferPool:
                 "idle_by_class": {c: len(b) for c, b in sorted(self._idle.items()) if b},
                 "closed": self.closed,
             }
-
-    def segment_names(self) -> list[str]:
-        """Names of every live segment (tests compare them with ``/dev/shm``)."""
-        with self._lock:
-            return sorted(list(self._in_use) + [b.name for bucket in self._idle.values() for b in bucket])
 
 
 # --- the runner side: mapping segments by name --------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from textual import work
 from textual.app import App
 from textual.binding import Binding
@@ -20,6 +21,7 @@ from textual.worker import Worker, WorkerState
 
 from lastmile.appliance.client.api import ApiError, ClientError, LastmileClient
 from lastmile.appliance.client.monitor import monitor
+from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.tui.commands import LastmileCommands
 from lastmile.tui.messages import ConnectionChanged, SnapshotArrived
 from lastmile.tui.screens.base import LastmileScreen
@@ -126,7 +128,7 @@ class LastmileApp(App[int]):
         kind = message.marker.get("connection")
         self.state.mark(message.marker)
         if kind == "lost":
-            self.notify(f"connection to the daemon lost: {message.marker.get('error')}; retrying", severity="warning", timeout=4)
+            self.notify(escape(f"connection to the daemon lost: {message.marker.get('error')}; retrying"), severity="warning", timeout=4)
         elif kind == "restored":
             self.notify("connection to the daemon restored", timeout=3)
         for screen in self._main_screens():
@@ -140,10 +142,13 @@ class LastmileApp(App[int]):
 
     # --- helpers the screens use -----------------------------------------------------------
 
-    def report_error(self, message: str) -> None:
-        """A daemon (or form) error, as the operator should read it."""
+    def report_error(self, message: str, *, model: str | None = None) -> None:
+        """A daemon (or form) error, as the operator should read it: the daemon's words
+        verbatim (markup escaped, so ``[ONNXRuntimeError]`` stays), and the model named once."""
+        if model:
+            message = f"{model}: {without_model_prefix(model, message)}"
         self.errors.append(message)
-        self.notify(message, title="error", severity="error", timeout=8)
+        self.notify(escape(message), title="error", severity="error", timeout=8)
 
     def writable(self, what: str) -> bool:
         """False (and says why) in read-only mode: the one gate of every changing action."""
@@ -163,6 +168,12 @@ class LastmileApp(App[int]):
         """Show ``mode``'s screen with model ``name`` picked (from the command palette)."""
         self.switch_mode(mode)
         self.call_after_refresh(lambda: getattr(self.screen, "select_model", lambda n: None)(name))
+
+    def open_detail(self, name: str) -> None:
+        """The detail view of loaded model ``name`` over the current screen."""
+        from lastmile.tui.screens.detail import ModelDetailScreen
+
+        self.push_screen(ModelDetailScreen(name))
 
     def confirm_on_models(self, action: str, name: str) -> None:
         if not self.writable(f"{action} {name}"):

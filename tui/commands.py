@@ -24,15 +24,25 @@ class LastmileCommands(Provider):
         loaded = [r["name"] for r in app.state.models]
         for name in loaded:
             out.append((f"Play with {name}", partial(app.open_on, "playground", name), "send a request to it"))
+        for name in loaded:
+            out.append((f"Show {name}", partial(app.open_detail, name), "its runners, settings, memory, errors and events"))
         if not app.read_only:
             for name in app.store_names:
-                if name not in loaded:
-                    out.append((f"Load {name}", partial(app.open_on, "models", name), "open the load form with it"))
+                # "Load X" exists for a loaded model too (the form asks before reloading it): a
+                # typed "load X" must never match only "Unload X", which would do the opposite
+                help_text = "open the load form with it" if name not in loaded else "loaded: the load form reloads it with new settings"
+                out.append((f"Load {name}", partial(app.open_on, "models", name), help_text))
             for name in loaded:
                 out.append((f"Tune {name}", partial(app.open_on, "tune", name), "change its batching, fusion, memory limit"))
                 out.append((f"Unload {name}", partial(app.confirm_on_models, "unload", name), "asks first"))
                 out.append((f"Reload {name}", partial(app.confirm_on_models, "reload", name), "asks first"))
         return out
+
+    def ranked(self, query: str) -> list[tuple[float, str]]:
+        """``(score, command)`` best first, as the palette orders them (tests read this)."""
+        matcher = self.matcher(query)
+        scored = [(matcher.match(text), text) for text, _, _ in self._commands()]
+        return sorted([s for s in scored if s[0] > 0], key=lambda s: -s[0])
 
     async def discover(self) -> Hits:
         for text, command, help_text in self._commands():

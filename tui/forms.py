@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from lastmile.appliance.client.tensors import InputTypeError, conform
+from lastmile.appliance.client.units import fmt_mib
 from lastmile.models import vocabulary
 from lastmile.models.vocabulary import BY_NAME
 
@@ -34,16 +36,18 @@ LOAD_FORM_NUMBERS = ("memory_limit_mb", "max_batch_size", "max_delay_ms", "max_q
 TUNE_FIELDS = ("max_batch_size", "max_delay_ms", "graph_fusion", "memory_limit_mb")  # the tune form's fields
 
 
+def _spoken(keys: list[str]) -> str:
+    """``["max_batch_size", "max_delay_ms"]`` -> ``"max batch size and max delay"``."""
+    words = [key.removesuffix("_mb").removesuffix("_ms").replace("_", " ") for key in keys]
+    return " and ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def reload_note(keys: tuple[str, ...] = TUNE_FIELDS) -> str:
     """One sentence saying which of ``keys`` apply at once and which reload the model."""
-    def words(names: list[str]) -> str:
-        spoken = [n.replace("_mb", "").replace("_ms", "").replace("_", " ") for n in names]
-        return ", ".join(spoken[:-1]) + " and " + spoken[-1] if len(spoken) > 1 else "".join(spoken)
-
     live = [k for k in keys if k in vocabulary.LIVE_KEYS]
-    reloading = vocabulary.needs_reload(keys)
-    parts = [f"{words(live)} apply at once" if live else "", f"{words([k for k in keys if k in reloading])} reload the model" if reloading else ""]
-    return "; ".join(p for p in parts if p) + "."
+    reloading = [k for k in keys if k not in vocabulary.LIVE_KEYS]
+    parts = ([f"{_spoken(live)} apply at once"] if live else []) + ([f"{_spoken(reloading)} reload the model"] if reloading else [])
+    return "; ".join(parts) + "."
 
 
 class FormError(ValueError):
@@ -191,9 +195,10 @@ def file_inputs(spec: list[dict[str, Any]], text: str) -> tuple[dict[str, np.nda
         except (OSError, ValueError) as exc:
             raise FormError("files", f"{path}: {exc}") from None
         datatype = by_name[name]["datatype"]
-        dtype = V2_NUMPY.get(datatype)
-        if dtype is not None and array.dtype != np.dtype(dtype):
-            array = array.astype(dtype)
+        try:
+            array, _ = conform(name, array, datatype)  # only conversions that change no value
+        except InputTypeError as exc:
+            raise FormError("files", str(exc).replace(f" and pass that file as --input {name}=FILE", "")) from None
         arrays[name], types[name] = array, datatype
     missing = set(by_name) - set(arrays)
     if missing:
@@ -212,8 +217,7 @@ def summarize_output(name: str, array: np.ndarray) -> str:
     return line
 
 
-def _mib(value: Any) -> str:
-    return "-" if value is None else f"{value / 2**20:.1f} MiB"
+_mib = fmt_mib
 
 
 def describe_estimate(data: dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
-"""SVG screenshots of every screen for the docs: ``python -m lastmile.tui.screenshots --socket S
---out docs/tui`` against a running daemon (send it some traffic first for live figures)."""
+"""SVG screenshots of every screen (and a model's detail view) for the docs:
+``python -m lastmile.tui.screenshots --socket S --out docs/tui [--size 80x24]`` against a
+running daemon (send it some traffic first for live figures)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ async def capture(socket: str, out: Path, size: tuple[int, int], settle_s: float
                 await pilot.press("ctrl+r")
                 await pilot.pause(1.0)
             written.append(Path(app.save_screenshot(f"{name}.svg", path=str(out))))
+            if name == "dashboard":  # Enter on the highlighted row: that model's detail view
+                await pilot.press("enter")
+                await pilot.pause(1.5)
+                written.append(Path(app.save_screenshot("detail.svg", path=str(out))))
+                await pilot.press("escape")
+                await pilot.pause(0.5)
         await pilot.press("question_mark")
         await pilot.pause(0.5)
         written.append(Path(app.save_screenshot("help.svg", path=str(out))))

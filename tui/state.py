@@ -12,6 +12,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from lastmile.appliance.client.units import fmt_bytes
+
+__all__ = ["fmt_bytes"]  # re-exported: the screens take every format from here
+
 HISTORY = 120  # samples kept per series (two minutes at the default 1 Hz)
 EVENTS_KEPT = 2000
 
@@ -23,6 +27,8 @@ class Series:
     rps: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     p50: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     p99: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+    memory: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # bytes used
+    failures: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # failed requests/s
 
 
 @dataclass
@@ -64,6 +70,8 @@ class MonitorState:
             latency = row.get("latency_ms") or {}
             series.p50.append(float(latency.get("p50") or 0.0))
             series.p99.append(float(latency.get("p99") or 0.0))
+            series.memory.append(float(memory_used(row) or 0))
+            series.failures.append(float(row.get("failures_per_s") or 0.0))
         for gone in set(self.series) - names:
             del self.series[gone]
         self.total_rps.append(total)
@@ -97,6 +105,16 @@ class MonitorState:
     def models(self) -> list[dict[str, Any]]:
         return list((self.snapshot or {}).get("models", []))
 
+    def busiest(self) -> str | None:
+        """The model under the most load now (req/s of the last few samples), for the charts
+        that follow load rather than the cursor; ``None`` when nothing is loaded."""
+        if not self.series:
+            return None
+        return max(sorted(self.series), key=lambda n: sum(list(self.series[n].rps)[-5:]))  # ties: the first by name
+
+    def model_events(self, name: str, limit: int = 50) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("model") == name][-limit:]
+
     def model(self, name: str) -> dict[str, Any] | None:
         for row in self.models:
             if row["name"] == name:
@@ -105,17 +123,6 @@ class MonitorState:
 
 
 # --- formatting -----------------------------------------------------------------------------
-
-
-def fmt_bytes(value: float | None) -> str:
-    if value is None:
-        return "-"
-    value = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def fmt_ms(value: float | None) -> str:
@@ -148,18 +155,34 @@ def fmt_time(epoch: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(epoch))
 
 
-def fmt_memory(row: dict[str, Any]) -> str:
-    """A model's memory: the runner processes' resident size, and its limit when it has one.
-    Uses the memory manager's own figure (``row["memory"]``) once the daemon reports it."""
+def memory_used(row: dict[str, Any]) -> float | None:
+    """A model's memory in bytes: the memory manager's figure when the daemon reports it, else
+    the runner processes' resident size. The dashboard shows and sorts by this one number."""
     memory = row.get("memory")
-    used = None
-    if isinstance(memory, dict):
-        used = memory.get("used_bytes")
-    if used is None:
-        used = row.get("rss_bytes")
-    limit = row.get("memory_limit_mb")
-    text = fmt_bytes(used)
-    if limit:
-        text = f"{text} / {limit} MiB"
+    used = memory.get("used_bytes") if isinstance(memory, dict) else None
+    return used if used is not None else row.get("rss_bytes")
+
+
+def memory_limit(row: dict[str, Any]) -> float | None:
+    memory = row.get("memory")
+    limit = memory.get("limit_bytes") if isinstance(memory, dict) else None
+    if limit is None and row.get("memory_limit_mb"):
+        limit = row["memory_limit_mb"] * 1024 * 1024
+    return limit
+
+
+def model_memory_text(row: dict[str, Any]) -> str:
+    """The Memory cell: used, and the limit when there is one (``30.6 MiB/256.0 MiB``)."""
+    limit = memory_limit(row)
+    return fmt_bytes(memory_used(row)) + (f"/{fmt_bytes(limit)}" if limit else "")
+
+
+def fmt_memory(row: dict[str, Any]) -> str:
+    """A model's memory with its limit and the admission estimate (the tune and detail views)."""
+    memory = row.get("memory")
     estimate = memory.get("estimate_bytes") if isinstance(memory, dict) else None
-    return f"{text} (est {fmt_bytes(estimate)})" if estimate else text
+    text = fmt_bytes(memory_used(row))
+    limit = memory_limit(row)
+    if limit:
+        text += f" of {fmt_bytes(limit)} limit"
+    return f"{text} (estimate {fmt_bytes(estimate)})" if estimate else text

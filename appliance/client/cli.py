@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,9 +17,12 @@ from typing import Any, Callable
 import numpy as np
 
 from lastmile.appliance import __version__
-from lastmile.appliance.client.api import ClientError, LastmileClient
+from lastmile.appliance.client.api import ClientError, DaemonNotRunning, LastmileClient
+from lastmile.appliance.client.tensors import InputTypeError, conform
+from lastmile.appliance.client.wording import without_model_prefix
+from lastmile.appliance.client.units import MIB, fmt_bytes, fmt_mib, fmt_percent
 from lastmile.appliance.server.config import ConfigError, load_config
-from lastmile.models.vocabulary import BY_NAME, SETTINGS, Setting
+from lastmile.models.vocabulary import BY_NAME, GRAPH_FUSION_LEVELS, SETTINGS, Setting
 
 SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"  # what add_subparsers returns
 
@@ -80,13 +84,27 @@ def cmd_config_show(args: argparse.Namespace) -> int:
         _print_json({"file": config.file, "values": config.as_dict(), "sources": config.sources})
         return 0
     print(f"# config file: {config.file or '(none: built-in defaults)'}; mode: {'system' if config.system_mode else 'user'}")
+    print("# valid TOML: save it as a config file; unset keys are commented out")
     for section, values in config.as_dict().items():
         print(f"\n[{section}]")
         for key, value in values.items():
-            shown = "(unset)" if value is None else json.dumps(value)
+            source = config.sources.get(f"{section}.{key}", "?")
             note = f"; {setting_note(BY_NAME[key], default=False)}" if section == "defaults" and key in BY_NAME else ""
-            print(f"{key} = {shown}  # {config.sources.get(f'{section}.{key}', '?')}{note}")
+            if value is None:
+                print(f"# {key} =  # unset ({source}){note}")
+            else:
+                print(f"{key} = {_toml_value(value)}  # {source}{note}")
     return 0
+
+
+def _toml_value(value: Any) -> str:
+    """A config value as TOML: JSON's strings, numbers, booleans and arrays are TOML's too
+    (JSON string escapes are a subset of TOML basic-string escapes)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    return json.dumps(str(value))
 
 
 def cmd_build_demo(args: argparse.Namespace) -> int:
@@ -104,18 +122,34 @@ async def cmd_status(client: LastmileClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(status)
         return 0
-    print(f"lastmile {status['version']}  pid {status['pid']}  {'ready' if status['ready'] else 'not ready'} ({status['status']})  up {status['uptime_s']:.0f} s")
+    supervisor = f"  (under {status['supervisor']})" if status.get("supervisor") else ""
+    print(f"lastmile {status['version']}  pid {status['pid']}{supervisor}  {'ready' if status['ready'] else 'not ready'} ({status['status']})  up {status['uptime_s']:.0f} s")
     print(f"socket {status['socket']}  store {status['store']}")
     models = (await client.models())["loaded"]
     if models:
         print()
         print(_table(
-            [[m["name"], m["state"], m["backend"], m["device"], m["settings"]["dtype"], m["requests"], m["latency_ms"]["p50"], m["queue_depth"], m["restarts"]] for m in models],
-            ["MODEL", "STATE", "BACKEND", "DEVICE", "DTYPE", "REQUESTS", "P50_MS", "QUEUE", "RESTARTS"],
+            [[m["name"], m["state"], m["backend"], m["device"], m["settings"]["dtype"], m["requests"], m["failures"],
+              fmt_percent(m["failures"], m["requests"]), m["latency_ms"]["p50"], m["queue_depth"], m["restarts"]] for m in models],
+            ["MODEL", "STATE", "BACKEND", "DEVICE", "DTYPE", "REQUESTS", "FAILURES", "ERR_RATE", "P50_MS", "QUEUE", "RESTARTS"],
         ))
+        _print_last_errors(models)
     else:
         print("no models loaded")
     return 0
+
+
+def _print_last_errors(models: list[dict[str, Any]]) -> None:
+    """Each model's newest failed request, so a failure count comes with its reason."""
+    lines = []
+    for m in models:
+        last = m.get("last_error")
+        if last:
+            stamp = time.strftime("%H:%M:%S", time.localtime(last["time"]))
+            lines.append(f"  {m['name']} at {stamp}: {without_model_prefix(m['name'], last['message'])}")
+    if lines:
+        print("\nlast errors:")
+        print("\n".join(lines))
 
 
 async def cmd_system(client: LastmileClient, args: argparse.Namespace) -> int:
@@ -125,7 +159,7 @@ async def cmd_system(client: LastmileClient, args: argparse.Namespace) -> int:
         return 0
     cpu, ram, acc = facts["cpu"], facts["ram"], facts["accelerators"]
     print(f"cpu: {cpu.get('model')} ({cpu.get('physical_cores')} cores, {cpu.get('logical_cores')} threads, {cpu.get('usable_cores')} usable)")
-    print(f"ram: {ram['total_bytes'] / 2**30:.1f} GiB total, {ram['available_bytes'] / 2**30:.1f} GiB available")
+    print(f"ram: {fmt_bytes(ram['total_bytes'])} total, {fmt_bytes(ram['available_bytes'])} available")
     ds = acc.get("deepspeed", {})
     print(f"devices: {', '.join(acc.get('devices', []))} (default {acc.get('default_device')})")
     print(f"deepspeed accelerator: {ds.get('name')} ({ds.get('device_count')} device(s); dtypes {', '.join(ds.get('supported_dtypes', []))})")
@@ -145,8 +179,11 @@ async def cmd_models(client: LastmileClient, args: argparse.Namespace) -> int:
     rows = []
     for entry in data["store"]:
         m = loaded.get(entry["name"])
-        rows.append([entry["name"], entry["format"], m["backend"] if m else entry["backend"], m["state"] if m else "-", m["device"] if m else "-", entry["error"] or "; ".join(entry["missing"]) or ""])
-    print(_table(rows, ["MODEL", "FORMAT", "BACKEND", "STATE", "DEVICE", "NOTE"]))
+        rows.append([entry["name"], entry["format"], m["backend"] if m else entry["backend"], m["state"] if m else "-", m["device"] if m else "-",
+                     m["requests"] if m else "-", m["failures"] if m else "-", fmt_percent(m["failures"], m["requests"]) if m else "-",
+                     entry["error"] or "; ".join(entry["missing"]) or ""])
+    print(_table(rows, ["MODEL", "FORMAT", "BACKEND", "STATE", "DEVICE", "REQUESTS", "FAILURES", "ERR_RATE", "NOTE"]))
+    _print_last_errors(list(loaded.values()))
     from lastmile.appliance.client.text_cli import format_derived
 
     derived = format_derived(data["store"])  # Hugging Face folders: what was derived, from which file
@@ -205,9 +242,15 @@ async def cmd_infer(client: LastmileClient, args: argparse.Namespace) -> int:
         if not sep or name not in specs:
             raise ClientError(f"--input {item!r}: expected NAME=FILE.npy with NAME one of {sorted(specs)}")
         try:
-            inputs[name] = np.load(file, allow_pickle=False)
+            array = np.load(file, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise ClientError(f"--input {name}: cannot read {file}: {exc}") from None
+        try:
+            inputs[name], note = conform(name, array, specs[name]["datatype"])
+        except InputTypeError as exc:
+            raise ClientError(f"--input {name}: {exc}") from None
+        if note:
+            print(f"lastmile: {note}", file=sys.stderr)
     if args.random:
         rng = np.random.default_rng(args.seed)
         for name, spec in specs.items():
@@ -223,20 +266,108 @@ async def cmd_infer(client: LastmileClient, args: argparse.Namespace) -> int:
         print(f"{name}: shape {list(array.shape)} {array.dtype}")
         with np.printoptions(precision=4, threshold=40, edgeitems=3, suppress=True):
             print(array)
-    print(f"latency: {params['client_ms']:.2f} ms (server {params.get('total_ms')} ms; batch {params.get('batch_id')} of size {params.get('batch_size')})")
+    print(f"latency: {params['client_ms']:.2f} ms (server {params.get('total_ms')} ms; rode in batch #{params.get('batch_id')}, "
+          f"{params.get('batch_size')} row(s) in that batch)")
     return 0
 
 
+EVENT_LEVELS = ("info", "warning", "error")
+
+
+def _event_wanted(event: dict[str, Any], args: argparse.Namespace) -> bool:
+    if args.level and EVENT_LEVELS.index(event.get("level", "info")) < EVENT_LEVELS.index(args.level):
+        return False
+    return not args.model or event.get("model") == args.model
+
+
 async def cmd_events(client: LastmileClient, args: argparse.Namespace) -> int:
+    """The event log, filtered here (``--level`` is a minimum); ``--json`` prints one JSON
+    object per line (JSON Lines), so ``--follow --json`` can be piped into ``jq``."""
     since = 0
     while True:
-        for event in await client.events(since):
+        batch = await client.events(since)
+        for event in batch:
             since = event["seq"]
+            if not _event_wanted(event, args):
+                continue
+            if args.json:
+                print(json.dumps(event, default=str), flush=True)
+                continue
             stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
-            print(f"{stamp} {event['level']:<7} {event['model'] or '-':<16} {event['message']}", flush=True)
+            print(f"{stamp} {event['level']:<7} {event['model'] or '-':<16} {event['kind']:<18} {event['message']}", flush=True)
+        if len(batch) >= 500:
+            continue  # more than one page waiting: read on at once
         if not args.follow:
             return 0
         await asyncio.sleep(1.0)
+
+
+# --- `lastmile stop`: the daemon's own graceful shutdown (SIGTERM), waited for ------------------
+
+
+def _socket_peer_pid(path: Path) -> int | None:
+    """The pid of the process that listens on the Unix socket (SO_PEERCRED), so that the pid
+    ``/lm/v1/status`` reports is checked against the kernel's word before it is signalled."""
+    import socket
+    import struct
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(5.0)
+        sock.connect(str(path))
+        pid, _, _ = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        return pid
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def cmd_stop(client: LastmileClient, args: argparse.Namespace) -> int:
+    """SIGTERM to the daemon on this socket (its graceful stop: no new requests, in-flight ones
+    finish within ``shutdown_grace_s``, runners stop, what is loaded stays in the state file),
+    then wait until the process is gone. Under systemd the unit must do it (a unit with
+    ``Restart=`` would start it again and systemd would record a failure)."""
+    import signal
+
+    status = await client.status()
+    pid = status["pid"]
+    if status.get("supervisor") == "systemd":
+        raise ClientError(f"the daemon (pid {pid}) runs under systemd: stop it with `sudo systemctl stop lastmile` "
+                          "(`lastmile stop` would fight the unit's restart policy)")
+    if client.socket_path is None:
+        raise ClientError("`lastmile stop` signals the daemon on this host: use it with the daemon's Unix socket, not --url")
+    peer = _socket_peer_pid(client.socket_path)
+    if peer != pid:
+        raise ClientError(f"refusing to signal pid {pid}: the process on {client.socket_path} is {peer or 'unknown'} "
+                          "(a daemon behind a proxy or in another PID namespace); stop it where it runs")
+    loaded = [n for n, state in (status.get("models") or {}).items()]
+    started = time.monotonic()
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:
+        raise ClientError(f"not allowed to signal the daemon (pid {pid}): run `lastmile stop` as its user or root") from None
+    except ProcessLookupError:
+        print(f"the daemon (pid {pid}) had already exited")
+        return 0
+    print(f"stopping the daemon (pid {pid}): finishing in-flight requests, stopping {len(loaded)} model(s) ...", flush=True)
+    while _alive(pid):
+        if time.monotonic() - started > args.timeout_s:
+            raise ClientError(f"the daemon (pid {pid}) is still running after {args.timeout_s:g} s; "
+                              f"its log says why; `kill -9 {pid}` forces it (in-flight requests fail)")
+        await asyncio.sleep(0.1)
+    print(f"stopped the daemon (pid {pid}) in {time.monotonic() - started:.1f} s"
+          + (f"; {', '.join(loaded)} will be loaded again by the next `lastmile serve` (state file)" if loaded else ""))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -274,7 +405,8 @@ MEMORY_SET_FLAGS = {
 
 
 def _mb(value: Any) -> str:
-    return "-" if value is None else f"{value / (1024 * 1024):.1f}"
+    """A figure in a MiB column (the unit is in the header)."""
+    return "-" if value is None else f"{value / MIB:.1f}"
 
 
 async def cmd_memory(client: LastmileClient, args: argparse.Namespace) -> int:
@@ -284,14 +416,14 @@ async def cmd_memory(client: LastmileClient, args: argparse.Namespace) -> int:
         return 0
     rows = [[d, _mb(v.get("limit_bytes")), v.get("source"), _mb(v.get("used_bytes")), _mb(v.get("committed_bytes")),
              _mb(v.get("free_bytes")), _mb(v.get("total_bytes"))] for d, v in data["devices"].items()]
-    print(_table(rows, ["DEVICE", "LIMIT MB", "FROM", "USED MB", "COMMITTED MB", "FREE MB", "TOTAL MB"]))
+    print(_table(rows, ["DEVICE", "LIMIT MiB", "FROM", "USED MiB", "COMMITTED MiB", "FREE MiB", "TOTAL MiB"]))
     if data["models"]:
         print()
         rows = [[n, m["device"], _mb(m["used_bytes"]), _mb(m["estimate_bytes"]),
                  "-" if m.get("estimate_error") is None else f"{m['estimate_error'] * 100:+.0f}%", _mb(m["limit_bytes"]),
                  _mb(m["peak_bytes"]), _mb(m["pool"]["bytes"]), f"{m['pool']['hit_rate']:.2f}", m["ladder_step"]]
                 for n, m in data["models"].items()]
-        print(_table(rows, ["MODEL", "DEVICE", "USED MB", "ESTIMATE MB", "ERROR", "LIMIT MB", "PEAK MB", "POOL MB", "POOL HIT", "LADDER"]))
+        print(_table(rows, ["MODEL", "DEVICE", "USED MiB", "ESTIMATE MiB", "ERROR", "LIMIT MiB", "PEAK MiB", "POOL MiB", "POOL HIT", "LADDER"]))
     cfg = data["config"]
     print(f"\nwatermarks {cfg['low_watermark']:.2f}/{cfg['high_watermark']:.2f}, plan {cfg['plan']}, evict_idle {str(cfg['evict_idle']).lower()}")
     return 0
@@ -322,21 +454,21 @@ async def cmd_load_or_dry_run(client: LastmileClient, args: argparse.Namespace) 
         _print_json(data)
         return 0 if data["fits"] else 1
     est = data["estimate"]
-    print(f"{data['model']}: {est['backend']} on {est['device']}, estimated {_mb(est['total_bytes'])} MB")
+    print(f"{data['model']}: {est['backend']} on {est['device']}, estimated {fmt_mib(est['total_bytes'])}")
     for part, value in est["parts"].items():
-        print(f"  {part.removesuffix('_bytes'):<10} {_mb(value):>10} MB")
+        print(f"  {part.removesuffix('_bytes'):<10} {fmt_mib(value):>14}")
     for device, value in est["per_device"].items():
-        print(f"  on {device}: {_mb(value)} MB needed, {_mb(data['free_bytes'].get(device))} MB free")
+        print(f"  on {device}: {fmt_mib(value)} needed, {fmt_mib(data['free_bytes'].get(device))} free")
     for note in est["notes"]:
         print(f"  note: {note}")
     if data["fits"]:
         print("fits: yes")
         return 0
     short = data["shortfall"]
-    print(f"fits: no ({short['reason']} on {short['device']}: needs {_mb(short['needed_bytes'])} MB, "
-          f"{_mb(short['free_bytes'])} MB free, limit {_mb(short['limit_bytes'])} MB)")
+    print(f"fits: no ({short['reason']} on {short['device']}: needs {fmt_mib(short['needed_bytes'])}, "
+          f"{fmt_mib(short['free_bytes'])} free, limit {fmt_mib(short['limit_bytes'])})")
     for option in data.get("options", []):
-        print(f"  would fit: {option['description']} ({_mb(option['estimate_bytes'])} MB)")
+        print(f"  would fit: {option['description']} ({fmt_mib(option['estimate_bytes'])})")
     return 1
 
 
@@ -366,6 +498,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ClientError("`lastmile bench` runs the benchmark harness of a source checkout (bench/); "
                           "this install has none: clone the repository and run ./install.sh --dev there")
     return subprocess.run([sys.executable, "-m", "bench", *args.bench_args], cwd=checkout).returncode
+
+
+def _choice_of(allowed: tuple[str, ...], what: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text.strip() not in allowed:
+            raise argparse.ArgumentTypeError(f"{what} {text.strip()!r}; allowed: {', '.join(allowed)}")
+        return text.strip()
+
+    return check
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -417,10 +558,11 @@ def add_perf_commands(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     tune.add_argument("--apply", action="store_true", help="apply the best setting (persisted in state); else the original is restored")
     tune.add_argument("--clients", type=int, default=32, help="concurrent clients of each trial (default 32)")
     tune.add_argument("--duration-s", type=float, default=2.0, help="seconds measured per trial (default 2)")
-    tune.add_argument("--batch-sizes", type=_csv(int), help="max_batch_size values, e.g. 1,8,32")
-    tune.add_argument("--delays-ms", type=_csv(float), help="max_delay_ms values, e.g. 0,1,2")
-    tune.add_argument("--fusions", type=_csv(str), help="graph_fusion levels, e.g. basic,extended")
-    tune.add_argument("--threads", type=_csv(int), help="intra-op thread counts, e.g. 1,2")
+    tune.add_argument("--batch-sizes", type=_csv(int), help="max_batch_size values (1-4096), e.g. 1,8,32")
+    tune.add_argument("--delays-ms", type=_csv(float), help="max_delay_ms values (0-10000), e.g. 0,1,2")
+    tune.add_argument("--fusions", type=_csv(_choice_of(GRAPH_FUSION_LEVELS, "graph_fusion")),
+                      help=f"graph_fusion levels, comma-separated from: {', '.join(GRAPH_FUSION_LEVELS)}")
+    tune.add_argument("--threads", type=_csv(int), help="intra-op thread counts (0 = auto), e.g. 1,2")
     tune.add_argument("--json", action="store_true", help="machine-readable output")
     tune.set_defaults(func=cmd_tune)
 
@@ -471,8 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
     for key, kind in LOAD_FLAGS.items():
         flag = "--memory-limit" if key == "memory_limit_mb" else "--" + key.replace("_", "-")
         setting = BY_NAME[key]
-        load.add_argument(flag, dest=key, type=kind, metavar=key.upper() if key != "memory_limit_mb" else "MB",
-                          help=f"{setting.help} ({setting_note(setting)})")
+        choices = setting.choices or None  # argparse refuses anything else, naming the allowed values
+        # sizes are binary MiB wherever an operator reads them (memory_limit_mb x 1024 x 1024)
+        load.add_argument(flag, dest=key, type=kind, choices=choices, help=f"{setting.help.replace(' MB', ' MiB')} ({setting_note(setting)})",
+                          metavar=("{" + ",".join(choices) + "}") if choices else ("MiB" if key == "memory_limit_mb" else key.upper()))
     unload = add("unload", "unload a model", cmd_unload)
     unload.add_argument("name")
     infer = add("infer", "send one inference request", cmd_infer, True)
@@ -482,8 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--seed", type=int, default=0)
     infer.add_argument("--text", action="append", metavar="TEXT", help="a text for a text model (repeat for a batch)")
     infer.add_argument("--truncate", action="store_true", help="cut texts longer than the model's max length")
-    events = add("events", "the daemon's event log", cmd_events)
-    events.add_argument("--follow", "-f", action="store_true")
+    events = add("events", "the daemon's event log", cmd_events, True)
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    events.add_argument("--level", choices=EVENT_LEVELS, help="this level and above: info, warning, error")
+    events.add_argument("--model", help="only events about this model")
+    stop = add("stop", "stop the daemon gracefully (in-flight requests finish, runners stop) and wait for it to exit", cmd_stop)
+    stop.add_argument("--timeout-s", type=float, default=60.0, help="give up waiting after this long (default 60)")
     demo_cmd = add("demo", "start the daemon if needed, load the demo models on both backends, send requests, open the TUI", cmd_demo)
     demo_cmd.add_argument("--no-tui", action="store_true", help="print the results and exit (the default when not in a terminal)")
     tui = add("tui", "open the terminal UI", cmd_tui)

@@ -58,7 +58,14 @@ async def ensure_daemon(client: LastmileClient, config_file: str | None) -> str:
 
 async def run_demo(client: LastmileClient, config: Config, config_file: str | None) -> int:
     await ensure_daemon(client, config_file)
+    loaded = {m["name"]: m for m in (await client.models())["loaded"]}
     for name in DEMO_LOADS:
+        model = loaded.get(name)
+        if model is not None and model["state"] in ("ready", "loading", "restarting"):
+            # a load would reload it with the manifest's settings: an operator's tuning stays
+            print(f"kept   {name:<12} {model['backend']:<12} {model['device']:<5} (already loaded; its settings are left as they are; "
+                  f"`lastmile unload {name}` first to start it fresh)")
+            continue
         started = time.monotonic()
         model = await client.load(name)
         print(f"loaded {name:<12} {model['backend']:<12} {model['device']:<5} in {time.monotonic() - started:5.2f} s")
@@ -77,8 +84,8 @@ async def run_demo(client: LastmileClient, config: Config, config_file: str | No
         outputs, params = await client.infer(name, inputs, datatypes)
         out_name, out = next(iter(outputs.items()))
         top = out.reshape(out.shape[0], -1, out.shape[-1])[:, -1, :].argmax(-1).tolist()
-        print(f"{name:<12} {out_name} {list(out.shape)} argmax {top}  {params['client_ms']:.2f} ms (batch of {params['batch_size']})")
+        print(f"{name:<12} {out_name} {list(out.shape)} argmax {top}  {params['client_ms']:.2f} ms ({params['batch_size']} rows in its batch)")
     print()
-    print("the daemon keeps serving (in a terminal, the TUI opens now); try:")
+    print("the daemon keeps serving (in a terminal, the TUI opens now; `lastmile stop` stops it); try:")
     print(f"  lastmile status        lastmile infer demo-mlp --random        curl --unix-socket {client.socket_path} http://localhost/v2/models/demo-mlp")
     return 0

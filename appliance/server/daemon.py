@@ -30,7 +30,7 @@ STATE_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # back-off between retries of a fai
 def signature_in_forkserver(fmt: str, artifact: Path) -> Signature:
     """An artifact's signature read in a forkserver child: the daemon never imports torch
     (a ``.pt2``) nor holds a parsed ONNX graph for a listing."""
-    from lastmile.runtime.runner import call_in_forkserver
+    from lastmile.runtime.forkserver import call_in_forkserver
 
     try:
         return call_in_forkserver("lastmile.models.formats", "infer_signature", fmt, artifact, timeout_s=120.0)
@@ -152,6 +152,13 @@ class Daemon:
                 )
         self.save_state()
 
+    def read_store(self) -> None:
+        """Every model folder's manifest, once, at start-up (in a thread): the signatures of
+        bare artifacts are read (in forkserver children) before the daemon is ready, so its
+        listings show them at once. A folder added later is read on its first listing, in
+        the background. Errors are kept for the listings, not raised here."""
+        self.store.entries()
+
     def build_demo_if_empty(self) -> list[str]:
         """The first start on an empty store builds the demo models, so there is something to serve."""
         if not self.config.store["build_demo"]:
@@ -159,7 +166,7 @@ class Daemon:
         self.store.ensure()
         if self.store.names():
             return []
-        from lastmile.runtime.runner import call_in_forkserver
+        from lastmile.runtime.forkserver import call_in_forkserver
 
         self.status = "building demo models"
         built = call_in_forkserver("lastmile.models.demo", "build_demo", self.config.store["models_dir"])
@@ -169,7 +176,7 @@ class Daemon:
     async def system_facts(self) -> dict[str, Any]:
         """Host facts, computed once in a forkserver child: the daemon stays free of torch."""
         if self._system is None:
-            from lastmile.runtime.runner import call_in_forkserver
+            from lastmile.runtime.forkserver import call_in_forkserver
 
             self._system = await asyncio.get_running_loop().run_in_executor(None, call_in_forkserver, "lastmile.runtime.accelerators", "detect")
         memory = psutil.virtual_memory()  # the one fact that changes: read it fresh
@@ -180,6 +187,8 @@ class Daemon:
             "name": "lastmile",
             "version": self.version,
             "pid": os.getpid(),
+            # `lastmile stop` asks systemd's operator to use systemctl (a unit would restart us)
+            "supervisor": "systemd" if os.environ.get("INVOCATION_ID") or os.environ.get("NOTIFY_SOCKET") else None,
             "ready": self.ready,
             "status": self.status,
             "uptime_s": round(time.time() - self.started_at, 3),

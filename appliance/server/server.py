@@ -31,9 +31,10 @@ from lastmile.appliance.server.metrics import setup_metrics
 from lastmile.appliance.server.routes_memory import routes as memory_routes
 from lastmile.appliance.server.routes_monitor import routes as monitor_routes
 from lastmile.appliance.server.routes_control import routes as v1_routes
+from lastmile.appliance.server.routes_stats import routes as stats_routes
 from lastmile.appliance.server.routes_openai import routes as openai_routes
 from lastmile.appliance.server.routes_v2 import routes as v2_routes
-from lastmile.runtime.runner import warm_up
+from lastmile.runtime.forkserver import warm_up
 from lastmile.runtime.shm import cleanup_stale
 
 logger = logging.getLogger("lastmile.server")
@@ -64,6 +65,7 @@ def build_app(daemon: Daemon) -> web.Application:
     app["daemon"] = daemon
     app["dataplane"] = DataPlane(daemon)
     app["config"] = config
+    app.add_routes(stats_routes)  # before v2: /v2/models/stats is not a model named 'stats'
     app.add_routes(v2_routes)
     app.add_routes(v1_routes)
     app.add_routes(monitor_routes)
@@ -241,6 +243,8 @@ async def _start_serving(daemon: Daemon) -> None:
     built = await loop.run_in_executor(None, daemon.build_demo_if_empty)
     if built:
         log(logger, logging.INFO, "built demo models", models=",".join(built))
+    sdnotify.notify(STATUS="reading model signatures", EXTEND_TIMEOUT_USEC=str(300_000_000))
+    await loop.run_in_executor(None, daemon.read_store)  # listings never wait for a signature after READY
     await daemon.restore(lambda text: sdnotify.notify(STATUS=text, EXTEND_TIMEOUT_USEC=str(300_000_000)))
     daemon.ready, daemon.status = True, "serving"
     sdnotify.notify(READY=1, STATUS=f"serving {len(daemon.manager.models)} model(s)")

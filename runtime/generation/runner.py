@@ -6,7 +6,7 @@ generation is a :class:`GenerationStream`: an async iterator of
 :class:`~lastmile.runtime.generation.types.GenerationChunk` that raises the runner's refusal
 (``ContextOverflow``, ``QueueFull``...) on its first ``__anext__``, before any chunk, raises
 ``RunnerDied`` if the child dies mid-stream, and on ``aclose()`` (the client went away) sends
-``cancel`` so the child frees the slot and KV cache at once.
+``Cancel`` so the child frees the slot and KV cache at once.
 
 Memory per stream here is bounded by construction: a stream receives at most ``max_tokens``
 chunks and ``max_tokens`` is bounded by the model's ``max_context``.
@@ -24,6 +24,7 @@ from lastmile.runtime.errors import InferenceError, ModelUnavailable, QueueFull,
 from lastmile.runtime.generation import serve
 from lastmile.runtime.generation.types import (ContextOverflow, GenerationChunk, GenerationRequest,
                                                InvalidSamplingParams)
+from lastmile.runtime.protocol import Accepted, Cancel, EngineStats, Generate, Refused, ToDaemon, Tokens, encode
 from lastmile.runtime.runner import Runner
 
 logger = logging.getLogger("lastmile.generation")
@@ -32,7 +33,7 @@ _END = object()
 
 
 def rebuild_rejection(kind: str, args: tuple) -> Exception:
-    """The exception a child's ``rejected`` message stands for."""
+    """The exception a child's :class:`Refused` message stands for."""
     if kind == "context_overflow":
         return ContextOverflow(*args)
     if kind == "queue_full":
@@ -102,7 +103,7 @@ class GenerationStream:
             raise item
         if item.finish_reason is not None:
             self.closed = True
-            self._runner._streams.pop(self.key, None)
+            self._runner._sequences.pop(self.key, None)
         return item
 
     async def aclose(self) -> None:
@@ -112,7 +113,7 @@ class GenerationStream:
         self.closed = True
         if not self.finished:
             self._runner._cancel(self.key)
-        self._runner._streams.pop(self.key, None)
+        self._runner._sequences.pop(self.key, None)
 
 
 class RefusedStream:
@@ -146,7 +147,7 @@ class GenerationRunner(Runner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._keys = itertools.count(1)
-        self._streams: dict[int, GenerationStream] = {}
+        self._sequences: dict[int, GenerationStream] = {}
         self.generation: dict[str, Any] = {}  # the child's latest scheduler stats
 
     def generate(self, request: GenerationRequest) -> GenerationStream:
@@ -156,47 +157,47 @@ class GenerationRunner(Runner):
         if self.state != "ready":
             stream._fail(self._unavailable())
             return stream
-        self._streams[key] = stream
+        self._sequences[key] = stream
         try:
-            self._tx.send(("gen", key, request))
+            self._tx.send_bytes(encode(Generate(key, request)))
         except OSError:
-            self._streams.pop(key, None)
+            self._sequences.pop(key, None)
             stream._fail(self._unavailable())
         return stream
 
     def _cancel(self, key: int) -> None:
-        if self._streams.pop(key, None) is not None and self.state == "ready":
-            self._send_quiet(("cancel", key))
+        if self._sequences.pop(key, None) is not None and self.state == "ready":
+            self._send_quiet(Cancel(key))
 
     @property
     def busy(self) -> bool:
-        return bool(self._calls or self._streams)
+        return bool(self._calls or self._sequences)
 
-    def _dispatch(self, msg: tuple) -> None:
-        op = msg[0]
-        if op == "chunks":
-            for key, chunk in msg[1]:
-                stream = self._streams.get(key)
+    def _dispatch(self, msg: ToDaemon) -> None:
+        kind = type(msg)
+        if kind is Tokens:
+            for key, chunk in msg.chunks:
+                stream = self._sequences.get(key)
                 if stream is not None:
                     stream._chunk(chunk)
                     if chunk.finish_reason is not None:
-                        self._streams.pop(key, None)
-        elif op == "accepted":
-            stream = self._streams.get(msg[1])
+                        self._sequences.pop(key, None)
+        elif kind is Accepted:
+            stream = self._sequences.get(msg.seq)
             if stream is not None:
-                stream._accept(msg[2])
-        elif op == "rejected":
-            stream = self._streams.pop(msg[1], None)
+                stream._accept(msg.prompt_tokens)
+        elif kind is Refused:
+            stream = self._sequences.pop(msg.seq, None)
             if stream is not None:
-                stream._fail(rebuild_rejection(msg[2], msg[3]))
-        elif op == "stats":
-            self.generation = msg[1]
+                stream._fail(rebuild_rejection(msg.kind, msg.args))
+        elif kind is EngineStats:
+            self.generation = msg.data
         else:
             super()._dispatch(msg)
 
     def _on_sentinel(self) -> None:
         super()._on_sentinel()
-        streams, self._streams = self._streams, {}
+        streams, self._sequences = self._sequences, {}
         if self.state == "dead":
             exc: BaseException = RunnerDied(self._death or f"runner for {self.name} died", self.exitcode)
         else:

@@ -5,13 +5,14 @@ forkserver as tensor runners. One loop does everything (no threads): while seque
 takes every waiting message without blocking, runs one engine iteration and sends the chunks
 of that iteration in one message; when idle it blocks on the pipe.
 
+Messages (:mod:`lastmile.runtime.protocol`):
+
 daemon -> child
-    ``("gen", key, GenerationRequest)``, ``("cancel", key)``,
-    ``("memory", seq)``, ``("shrink", seq, unmapped)``, ``("stop",)``
+    :class:`Generate`, :class:`Cancel`, :class:`MemoryQuery`, :class:`Shrink`, :class:`Stop`
 child -> daemon
-    ``("phase", name, data)``, ``("ready", info)``, ``("load_error", text)``
-    ``("accepted", key, prompt_tokens)``, ``("rejected", key, kind, args)``
-    ``("chunks", [(key, GenerationChunk), ...])``, ``("stats", dict)``, ``("ok", seq, payload)``
+    :class:`Phase`, :class:`Ready`, :class:`LoadFailed` (start-up); :class:`Accepted` or
+    :class:`Refused` per sequence, :class:`Tokens` per engine iteration, :class:`EngineStats`;
+    :class:`Done` answers a memory query or a shrink
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import os
 import sys
 import time
 import traceback
-from pickle import HIGHEST_PROTOCOL, dumps
 from typing import Any
+
+from lastmile.runtime.protocol import (NO_SEQ, Accepted, Cancel, Done, EngineStats, Generate, LoadFailed, MemoryQuery, Phase,
+                                       Ready, Refused, Shrink, Stop, ToDaemon, ToRunner, Tokens, decode, encode)
 
 STATS_EVERY_S = 0.25
 
@@ -51,8 +54,9 @@ def load(folder: str, gs: Any) -> tuple[Any, Any]:
     return engine, tokenizer
 
 
-def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
-    """Process entry point (``multiprocessing`` target), same signature as the tensor runner's."""
+def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str, factory: Any = None) -> None:
+    """Process entry point (``multiprocessing`` target), same signature as the tensor runner's
+    (``factory``, the tensor runner's backend factory, has no meaning here)."""
     from lastmile.runtime import runner_main
     from lastmile.runtime.generation.config import GenerationSettings, causal_lm_config
     from lastmile.runtime.generation.scheduler import GenerationScheduler
@@ -60,8 +64,10 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
 
     runner_main._setup_process(label)
     gc.freeze()
-    send = tx.send
-    send(("phase", "loading", {"pid": os.getpid()}))
+    def send(msg: ToDaemon) -> None:
+        tx.send_bytes(encode(msg))
+
+    send(Phase(NO_SEQ, "loading", {"pid": os.getpid()}))
     started = time.perf_counter()
     try:
         folder = str(manifest.artifact)
@@ -70,7 +76,7 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
         engine, tokenizer = load(folder, gs)
         sched = GenerationScheduler(engine, tokenizer, max_queue=gs.max_queue)
         load_s = time.perf_counter() - started
-        send(("phase", "warming", {"load_s": round(load_s, 4)}))
+        send(Phase(NO_SEQ, "warming", {"load_s": round(load_s, 4)}))
         t0 = time.perf_counter()
         sched.submit("warmup", GenerationRequest(SamplingParams(max_tokens=2, temperature=0.0),
                                                  prompt_token_ids=(0,) * 4))
@@ -82,12 +88,12 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str) -> None:
         warmup_s = time.perf_counter() - t0
     except BaseException as exc:  # noqa: BLE001 - everything becomes the load error text
         traceback.print_exc(file=sys.stderr)
-        send(("load_error", runner_main.describe_error(exc)))
+        send(LoadFailed(NO_SEQ, runner_main.describe_error(exc)))
         tx.close()
         return
     info = {"generation": True, **engine.info(), "load_s": round(load_s, 4), "warmup_s": round(warmup_s, 4),
             "device": gs.device}
-    send(("ready", info))
+    send(Ready(NO_SEQ, info))
     try:
         serve(rx, tx, sched)
     finally:
@@ -115,54 +121,52 @@ def serve(rx: Any, tx: Any, sched: Any) -> None:
 
     send_bytes = tx.send_bytes
 
-    def send(msg: tuple) -> None:
-        send_bytes(dumps(msg, HIGHEST_PROTOCOL))
+    def send(msg: ToDaemon) -> None:
+        send_bytes(encode(msg))
 
     last_stats = 0.0
     was_busy = False
 
-    def handle(msg: tuple) -> bool:
-        op = msg[0]
-        if op == "gen":
-            key, request = msg[1], msg[2]
+    def handle(msg: ToRunner) -> bool:
+        kind = type(msg)
+        if kind is Generate:
             try:
-                n = sched.submit(key, request)
+                n = sched.submit(msg.seq, msg.request)
             except Exception as exc:  # noqa: BLE001 - refused before queueing: the client's answer
-                kind, args = _rejection(exc)
-                send(("rejected", key, kind, args))
+                send(Refused(msg.seq, *_rejection(exc)))
             else:
-                send(("accepted", key, n))
-        elif op == "cancel":
-            sched.cancel(msg[1])
-        elif op == "memory":
-            send(("ok", msg[1], {"generation": sched.stats()}))
-        elif op == "shrink":
+                send(Accepted(msg.seq, n))
+        elif kind is Cancel:
+            sched.cancel(msg.seq)
+        elif kind is MemoryQuery:
+            send(Done(msg.seq, {"generation": sched.stats()}))
+        elif kind is Shrink:
             gc.collect()
             _malloc_trim()
-            send(("ok", msg[1], None))
-        elif op == "stop":
+            send(Done(msg.seq, None))
+        elif kind is Stop:
             return False
         else:
-            send(("ok", msg[1] if len(msg) > 1 else 0, None))
+            send(Done(msg.seq, None))
         return True
 
     while True:
         try:
             if sched.has_work():
                 while rx.poll(0):
-                    if not handle(rx.recv()):
+                    if not handle(decode(rx.recv_bytes())):
                         return
-            elif not handle(rx.recv()):
+            elif not handle(decode(rx.recv_bytes())):
                 return
         except (EOFError, OSError):
             return
         chunks = sched.step() if sched.has_work() else []
         if chunks:
-            send(("chunks", chunks))
+            send(Tokens(NO_SEQ, chunks))
         busy = sched.has_work()
         now = time.monotonic()
         if busy != was_busy or now - last_stats >= STATS_EVERY_S:
-            send(("stats", sched.stats()))
+            send(EngineStats(NO_SEQ, sched.stats()))
             last_stats, was_busy = now, busy
             if not busy:
                 _malloc_trim()  # the freed KV goes back to the OS, not just to malloc

@@ -83,13 +83,9 @@ class Ladder:
 
     @staticmethod
     async def shrink_runners(model: Any) -> None:
-        """Ask every runner of ``model`` to give caches and stale segment mappings back; a busy
-        or dead runner is skipped (the next step or round follows)."""
-        for runner in list(model.runners):
-            try:
-                await asyncio.wait_for(runner.shrink(), 5.0)
-            except Exception:  # noqa: BLE001
-                pass
+        """Ask every runner of ``model`` to give caches and stale segment mappings back (the
+        runner pool's best-effort shrink: a busy or dead runner is skipped)."""
+        await model.runners.shrink()
 
     async def _escalate(self, model: Any, used: int, limit: int, why: str, now: float) -> None:
         mem = model.memory

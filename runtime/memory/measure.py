@@ -38,7 +38,7 @@ async def _manager(store: Path) -> Any:
     from lastmile.models.store import ModelStore
     from lastmile.runtime.events import EventLog
     from lastmile.runtime.manager import ModelManager
-    from lastmile.runtime.runner import warm_up_async
+    from lastmile.runtime.forkserver import warm_up_async
 
     await warm_up_async()
     return ModelManager(ModelStore(store), ModelSettings(), EventLog(), memory={"sample_interval_s": 0.2})

@@ -65,7 +65,8 @@ async def _measure(store: Path, names: list[str], limit_mb: int | None = None) -
     from lastmile.models.store import ModelStore
     from lastmile.runtime.backends import resolve_backend
     from lastmile.runtime.memory.estimate import artifact_weights
-    from lastmile.runtime.runner import Runner, warm_up
+    from lastmile.runtime.forkserver import warm_up
+    from lastmile.runtime.runner import Runner
     from lastmile.runtime.shm import BufferPool
 
     await asyncio.get_running_loop().run_in_executor(None, warm_up)

@@ -8,7 +8,7 @@ not form an import circle and the governor can be driven by anything with this s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol
 
 if TYPE_CHECKING:
     from lastmile.models.settings import ModelSettings
@@ -29,6 +29,16 @@ class RunnerView(Protocol):
     async def memory(self, timeout_s: float = 2.0) -> dict[str, Any]: ...
 
 
+class RunnersView(Protocol):
+    """A model's runners (``RunnerPool`` in the manager): iterable, and shrunk together."""
+
+    def __iter__(self) -> Iterator[RunnerView]: ...
+
+    def __len__(self) -> int: ...
+
+    async def shrink(self, timeout_s: float = 5.0) -> None: ...
+
+
 class BatcherView(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
@@ -46,7 +56,7 @@ class ServedModel(Protocol):
     last_used: float
 
     @property
-    def runners(self) -> Sequence[RunnerView]: ...
+    def runners(self) -> RunnersView: ...
 
     @property
     def batcher(self) -> BatcherView | None: ...

@@ -242,3 +242,40 @@ async def test_folder_with_only_an_artifact_loads(store_copy: Path, tmp_path: Pa
         assert outputs[entry["outputs"][0]["name"]].shape == (2, 10)
     finally:
         d.stop()
+
+
+async def test_data_plane_decides_model_version_and_order(daemon: DaemonProc) -> None:
+    """Which model a name and version mean is decided before the body is read: an unknown
+    model is 404 whatever it sent; a stored but unloaded one says how to load it; only
+    version 1 is served."""
+    status, _, body = await call(daemon, "POST", "/v2/models/nope/infer", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert status == 404 and "nope" in json.loads(body)["error"]
+    status, _, body = await call(daemon, "GET", "/v2/models/demo-lm")
+    assert status == 404 and "POST /v2/repository/models/demo-lm/load" in json.loads(body)["error"]
+    await call(daemon, "POST", "/v2/repository/models/demo-mlp/load", body={})
+    status, _, body = await call(daemon, "GET", "/v2/models/demo-mlp/versions/2")
+    assert status == 404 and "only version 1" in json.loads(body)["error"]
+    assert (await call(daemon, "GET", "/v2/models/demo-mlp/versions/1/ready"))[0] == 200
+    status, _, body = await call(daemon, "POST", "/v2/repository/index", body={"ready": True})
+    assert status == 200 and [r["name"] for r in json.loads(body)] == ["demo-mlp"]
+
+
+async def test_settings_patch_is_live_or_a_reload_as_the_vocabulary_says(daemon: DaemonProc) -> None:
+    """A live key keeps the runner process; any other key starts new runners with it."""
+    from lastmile.models.vocabulary import LIVE_KEYS
+
+    await call(daemon, "POST", "/v2/repository/models/demo-mlp/load", body={})
+    before = json.loads((await call(daemon, "GET", "/lm/v1/models/demo-mlp"))[2])
+    pids = [r["pid"] for r in before["runners"]]
+    assert "max_queue" in LIVE_KEYS
+    status, _, body = await call(daemon, "PATCH", "/lm/v1/models/demo-mlp", body={"settings": {"max_queue": 77}})
+    live = json.loads(body)
+    assert status == 200 and live["settings"]["max_queue"] == 77 and [r["pid"] for r in live["runners"]] == pids
+    assert live["batcher"]["max_queue"] == 77  # the batcher took it at once
+    fusion = "off" if before["settings"]["graph_fusion"] != "off" else "basic"
+    assert "graph_fusion" not in LIVE_KEYS
+    status, _, body = await call(daemon, "PATCH", "/lm/v1/models/demo-mlp", body={"settings": {"graph_fusion": fusion}})
+    reloaded = json.loads(body)
+    assert status == 200 and reloaded["settings"]["graph_fusion"] == fusion
+    assert reloaded["settings"]["max_queue"] == 77  # the earlier live change rides along
+    assert not set(r["pid"] for r in reloaded["runners"]) & set(pids)

@@ -59,6 +59,9 @@ def test_vocabulary_imports_only_the_standard_library() -> None:
 
 
 def test_daemon_reads_every_name_default_and_bound() -> None:
+    from lastmile.runtime import accelerators
+
+    assert set(accelerators._DEVICE_WORDS) == set(vocabulary.DEVICE_KINDS)  # the devices resolve_device knows
     assert list(daemon_settings.VALIDATORS) == [s.name for s in vocabulary.SETTINGS]
     assert daemon_settings.ModelSettings().as_dict() == {s.name: s.default for s in vocabulary.SETTINGS}
     for setting in vocabulary.SETTINGS:

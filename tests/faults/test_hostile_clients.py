@@ -107,8 +107,15 @@ def _libtorch_mapped(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
-async def test_listing_a_bare_pt2_never_blocks_the_loop_nor_imports_torch(daemon: DaemonProc) -> None:
+async def test_listing_a_bare_pt2_never_blocks_the_loop_nor_imports_torch(daemon: DaemonProc, store: Path) -> None:
+    """``bare-pt2`` was read at start-up (before READY); ``late-pt2`` appears while the daemon
+    runs, so its first listing starts the reading in the background."""
+    late = store / "late-pt2"
+    late.mkdir()
+    shutil.copy(store / "demo-mlp-ds" / "model.pt2", late / "model.pt2")
     async with LastmileClient(daemon.socket) as client:
+        bare = next(r for r in (await client.models())["store"] if r["name"] == "bare-pt2")
+        assert bare["error"] is None and bare["inputs"][0]["name"] == "input", bare
         slowest = 0.0
         stop = asyncio.Event()
 
@@ -122,18 +129,21 @@ async def test_listing_a_bare_pt2_never_blocks_the_loop_nor_imports_torch(daemon
 
         pinger = asyncio.create_task(ping())
         rows: list[dict[str, Any]] = []
+        pending = 0
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # first answer: "being read"; then the signature
-            rows = [r for r in (await client.models())["store"] if r["name"] == "bare-pt2"]
+            rows = [r for r in (await client.models())["store"] if r["name"] == "late-pt2"]
             if rows and rows[0]["error"] is None:
                 break
             assert rows and "being read" in rows[0]["error"], rows
+            pending += 1
             await asyncio.sleep(0.2)
         stop.set()
         await pinger
+        assert pending >= 1, "the first listing answered at once, without reading the signature on the loop"
         assert rows[0]["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}], rows
         index = {r["name"]: r for r in await client.repository_index()}
-        assert "bare-pt2" in index
+        assert "late-pt2" in index and index["late-pt2"]["reason"] == ""
         # (was: torch imported in the event loop: 4.6 s blocked, +215 MB for the daemon's life)
         assert not _libtorch_mapped(daemon.proc.pid), "the daemon must never map libtorch"
         assert slowest < 1.0, f"health blocked {slowest:.2f} s while the store was listed"

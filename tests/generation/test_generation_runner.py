@@ -19,7 +19,7 @@ from lastmile.models.settings import ModelSettings
 from lastmile.runtime.errors import RunnerDied
 from lastmile.runtime.generation.runner import GenerationRunner
 from lastmile.runtime.generation.types import ContextOverflow, GenerationRequest, SamplingParams
-from lastmile.runtime.runner import warm_up
+from lastmile.runtime.forkserver import warm_up
 from lastmile.runtime.shm import BufferPool
 
 

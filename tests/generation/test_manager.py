@@ -18,7 +18,7 @@ from lastmile.runtime.errors import ModelUnavailable, RunnerDied
 from lastmile.runtime.events import EventLog
 from lastmile.runtime.generation.types import (GenerationRequest, InvalidGenerationTarget, SamplingParams)
 from lastmile.runtime.manager import ModelManager, ModelNotLoaded
-from lastmile.runtime.runner import warm_up
+from lastmile.runtime.forkserver import warm_up
 from tests.conftest import start_daemon
 
 

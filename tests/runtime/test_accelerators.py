@@ -109,3 +109,18 @@ def test_fresh_process_pins_deepspeed_before_it_guesses() -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ("cuda" if HAS_CUDA else "cpu")
     assert "Setting accelerator to CPU" not in proc.stderr + proc.stdout
+
+
+def test_device_nodes_by_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One place knows the driver's device nodes; the forkserver asks it before choosing
+    DS_ACCELERATOR (here against a fake /dev, since the test host may have none)."""
+    (tmp_path / "nvidia0").touch()
+    (tmp_path / "nvidia1").touch()
+    (tmp_path / "nvidiactl").touch()  # a control node, not a device
+    (tmp_path / "davinci0").touch()
+    monkeypatch.setattr(acc, "DEVICE_NODE_GLOBS", {"cuda": f"{tmp_path}/nvidia[0-9]*", "npu": f"{tmp_path}/davinci[0-9]*",
+                                                   "accel": f"{tmp_path}/accel/accel[0-9]*"})
+    assert sorted(acc.device_nodes("cuda")) == [f"{tmp_path}/nvidia0", f"{tmp_path}/nvidia1"]
+    assert acc.device_nodes("npu") == [f"{tmp_path}/davinci0"]
+    assert acc.device_nodes("accel") == []
+    assert len(acc.device_nodes()) == 3

@@ -22,7 +22,10 @@ from lastmile.models.settings import ModelSettings
 from lastmile.models.store import ModelStore
 from lastmile.runtime.batcher import Batcher
 from lastmile.runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavailable, RunnerDied
-from lastmile.runtime.runner import PIPELINE_DEPTH, Runner, describe_exit, warm_up
+from lastmile.runtime.errors import describe_exit
+from lastmile.runtime.forkserver import warm_up
+from lastmile.runtime.pool import RunnerPool
+from lastmile.runtime.runner import PIPELINE_DEPTH, Runner
 from lastmile.runtime.shm import BufferPool, cleanup_stale, count_segments
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -278,22 +281,13 @@ async def test_stop_is_graceful_then_forceful(forkserver, store, pool):
 
 
 async def test_batcher_packs_straight_into_the_runners_pool(forkserver, store, pool):
-    """The daemon's path: Batcher(pool) -> two runners -> each caller its own rows."""
+    """The daemon's path: Batcher(pool) -> RunnerPool -> two runners -> each caller its own rows."""
     manifest = store.get("demo-mlp")
     settings = settings_for(manifest)
-    runners = list(await asyncio.gather(*(start(manifest, settings, pool, i) for i in range(2))))
-    idle: asyncio.Queue = asyncio.Queue()
-    for r in runners:
-        idle.put_nowait(r)
-
-    async def run_batch(inputs):
-        runner = await idle.get()
-        try:
-            return await runner.run(inputs)
-        finally:
-            idle.put_nowait(runner)
-
-    batcher = Batcher(run_batch, max_batch_size=32, max_delay_ms=2.0, max_queue=1000, timeout_s=30.0, concurrency=2, pool=pool)
+    runners = RunnerPool("demo-mlp")
+    for r in await asyncio.gather(*(start(manifest, settings, pool, i) for i in range(2))):
+        runners.add(r)
+    batcher = Batcher(runners.run, max_batch_size=32, max_delay_ms=2.0, max_queue=1000, timeout_s=30.0, concurrency=2, pool=pool)
     sizes = [1 + (i * 7) % 9 for i in range(80)]
     requests = [example_inputs("mlp", n) for n in sizes]
     for i, r in enumerate(requests):
@@ -306,15 +300,18 @@ async def test_batcher_packs_straight_into_the_runners_pool(forkserver, store, p
         stats = batcher.stats()
         assert stats["batches"] < len(requests) and stats["avg_batch_size"] > 1
         assert pool.stats()["bytes_in_use"] == 0
+        assert all(r.batches > 0 for r in runners)  # both runners took batches
     finally:
         await batcher.close("test over")
-        await asyncio.gather(*(r.stop() for r in runners))
+        await runners.stop()
+    assert len(runners) == 0
 
 
 def test_describe_exit():
     assert describe_exit(-9) == "SIGKILL"
     assert describe_exit(-15) == "SIGTERM"
     assert describe_exit(3) == "exit code 3"
+    assert describe_exit(-200) == "signal 200"
 
 
 def test_daemon_death_takes_its_runners_and_leaves_only_stale_segments(tmp_path, demo_store):
@@ -326,8 +323,9 @@ def test_daemon_death_takes_its_runners_and_leaves_only_stale_segments(tmp_path,
     script.write_text(textwrap.dedent(f"""
         import asyncio, os, sys, time
         sys.path.insert(0, {str(ROOT)!r})
+        import lastmile.runtime.forkserver as fs
         import lastmile.runtime.runner as rr
-        rr.PRELOAD[:] = ["numpy", "lastmile.runtime.runner_main"]   # a light forkserver for this test
+        fs.PRELOAD[:] = ["numpy", "lastmile.runtime.forkserver", "lastmile.runtime.runner_main"]   # a light forkserver for this test
         from lastmile.models.settings import ModelSettings
         from lastmile.models.store import ModelStore
         from lastmile.models.demo import example_inputs

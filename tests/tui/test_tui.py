@@ -18,7 +18,7 @@ from lastmile.tui.commands import LastmileCommands
 from lastmile.tui.screens.models import ModelsScreen
 from lastmile.tui.screens.tune import TuneScreen
 from lastmile.tui.widgets.chrome import Banner
-from lastmile.tui.widgets.models_table import SORT_KEYS, ModelsTable
+from lastmile.tui.widgets.models_table import ModelsTable
 
 SIZE = (160, 48)
 
@@ -42,19 +42,17 @@ async def test_dashboard_shows_models_and_numbers_move_under_traffic(tui_daemon:
             table = app.screen.query_one(ModelsTable)
             step = lambda: pilot.pause(0.05)  # noqa: E731
             await wait_until(lambda: "demo-mlp" in table.visible_names(), step=step, what="demo-mlp in the table")
-            col = SORT_KEYS.index("requests")
-            before = int(str(table.get_row("demo-mlp")[col]))
+            before = int(table.cell_text("demo-mlp", "requests") or 0)
             await _traffic(client, 40)
-            await wait_until(lambda: int(str(table.get_row("demo-mlp")[col])) >= before + 40, step=step, what="request count to move")
-            rps = SORT_KEYS.index("rps")
+            await wait_until(lambda: int(table.cell_text("demo-mlp", "requests") or 0) >= before + 40, step=step, what="request count to move")
             seen_rps: list[float] = []
 
             async def busy() -> None:
                 await _traffic(client, 8)
-                seen_rps.append(float(str(table.get_row("demo-mlp")[rps])))
+                seen_rps.append(float(table.cell_text("demo-mlp", "rps") or 0))
 
             await wait_until(lambda: any(v > 0 for v in seen_rps), step=busy, what="req/s above 0")
-            p50 = str(table.get_row("demo-mlp")[SORT_KEYS.index("p50")])
+            p50 = table.cell_text("demo-mlp", "p50") or "-"
             assert p50 != "-" and float(p50) > 0
             assert max(app.state.series["demo-mlp"].rps) > 0  # the sparkline's history moved too
             # filter and sort keys work on the live table
@@ -194,6 +192,9 @@ async def test_daemon_stop_shows_the_banner_and_recovery_clears_it(store_copy: P
             await asyncio.to_thread(proc.stop)
             await wait_until(lambda: banner.display and "LOST" in str(banner.content), timeout=15, step=step, what="the banner")
             assert banner.has_class("-lost")
+            # issue 17.6: the banner says how to start the daemon
+            await wait_until(lambda: "lastmile serve" in str(banner.content), timeout=15, step=step, what="how to start it")
+            assert "systemctl start lastmile" in str(banner.content)
             await pilot.press("m")  # other screens show it too, and nothing crashes while it is down
             await wait_until(lambda: app.screen.query_one(Banner).display, step=step, what="the banner on the models screen")
             await pilot.press("d")

@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from textual.app import ComposeResult
+from textual.events import Resize
 from textual.screen import Screen
-from textual.widgets import Footer, Select
+from textual.widgets import Select
 
 from lastmile.tui.state import MonitorState
 from lastmile.tui.widgets.chrome import Banner, StatusBar
+from lastmile.tui.widgets.footer import KeysFooter
 
 if TYPE_CHECKING:
     from lastmile.tui.app import LastmileApp
@@ -21,6 +23,7 @@ class LastmileScreen(Screen):
     ``mutating`` class are hidden in read-only mode."""
 
     AUTO_FOCUS = ""  # no field takes the keys on arrival: the one-letter keys work at once
+    NARROW_COLUMNS = 110  # narrower than this, the screen has the -narrow class (its CSS stacks what sat side by side)
 
     @property
     def lm(self) -> "LastmileApp":
@@ -30,12 +33,16 @@ class LastmileScreen(Screen):
         yield StatusBar(id="statusbar")
         yield Banner(id="banner")
         yield from self.compose_body()
-        yield Footer()
+        yield KeysFooter()
 
     def compose_body(self) -> ComposeResult:
         yield from ()
 
+    def on_resize(self, event: Resize) -> None:
+        self.set_class(event.size.width < self.NARROW_COLUMNS, "-narrow")
+
     def on_mount(self) -> None:
+        self.set_class(self.app.size.width < self.NARROW_COLUMNS, "-narrow")
         if self.lm.read_only:
             for widget in self.query(".mutating"):
                 widget.display = False

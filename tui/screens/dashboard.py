@@ -1,20 +1,28 @@
 """The dashboard: host and device gauges, the loaded models with their live figures,
-throughput and latency history, and the newest events."""
+throughput and latency history, and the newest events.
+
+On a short terminal (under :data:`COMPACT_ROWS` rows) the charts give their lines to the
+models table and the events pane shrinks, so 80x24 shows every demo model at once. Enter on a
+row opens that model's detail view."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Input, Label, RichLog, Sparkline
+from textual.events import Resize
+from textual.widgets import DataTable, Input, Label, RichLog, Sparkline
 
 from lastmile.tui.screens.base import LastmileScreen
 from lastmile.tui.state import MonitorState, fmt_bytes, fmt_ms, fmt_rate
 from lastmile.tui.widgets.events_log import event_line
 from lastmile.tui.widgets.gauge import Gauge
 from lastmile.tui.widgets.models_table import COLUMNS, ModelsTable
+
+COMPACT_ROWS = 34  # below this many rows the charts are hidden and the events pane is 3 lines
 
 
 def memory_gauges(memory: Any) -> list[dict[str, Any]]:
@@ -40,6 +48,7 @@ def memory_gauges(memory: Any) -> list[dict[str, Any]]:
             "id": "mem " + name, "used": used, "total": total, "budget": budget,
             "low": entry.get("low_watermark", low), "high": entry.get("high_watermark", high),
             "text": f"{fmt_bytes(entry.get('used_bytes'))} used, {fmt_bytes(entry.get('committed_bytes'))} committed / budget {fmt_bytes(budget)}",
+            "short": f"{fmt_bytes(entry.get('used_bytes'))} / {fmt_bytes(budget)}",
         })
     return specs
 
@@ -47,11 +56,26 @@ def memory_gauges(memory: Any) -> list[dict[str, Any]]:
 class DashboardScreen(LastmileScreen):
     AUTO_FOCUS = "ModelsTable"
     BINDINGS = [
+        # priority: the table would take Enter for itself (and hide it from the footer)
+        Binding("enter", "open_detail", "Detail", key_display="⏎", priority=True),
         Binding("s", "next_sort", "Sort"),
         Binding("r", "reverse_sort", "Reverse"),
         Binding("slash", "focus_filter", "Filter"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
+    DEFAULT_CSS = """
+    DashboardScreen #gauges { height: auto; padding: 0 1; }
+    DashboardScreen #g-memory, DashboardScreen #g-devices { height: auto; }
+    DashboardScreen #table-bar { height: 1; }
+    DashboardScreen #filter { width: 32; height: 1; border: none; padding: 0 1; background: $boost; }
+    DashboardScreen #sort-info { padding: 0 1; color: $text-muted; }
+    DashboardScreen #sparks { height: 4; }
+    DashboardScreen .spark { width: 1fr; padding: 0 1; }
+    DashboardScreen .spark Sparkline { height: 2; }
+    DashboardScreen #events { height: 7; border-top: solid $panel-lighten-2; }
+    DashboardScreen.-compact #sparks { display: none; }
+    DashboardScreen.-compact #events { height: 4; }
+    """
 
     def compose_body(self) -> ComposeResult:
         with Vertical(id="gauges"):
@@ -60,7 +84,7 @@ class DashboardScreen(LastmileScreen):
             yield Vertical(id="g-memory")
             yield Vertical(id="g-devices")
         with Horizontal(id="table-bar"):
-            yield Input(placeholder="filter models (/)", id="filter")
+            yield Input(placeholder="/ filter models", id="filter")
             yield Label("", id="sort-info")
         yield ModelsTable(id="models")
         with Horizontal(id="sparks"):
@@ -78,9 +102,15 @@ class DashboardScreen(LastmileScreen):
     def on_mount(self) -> None:
         super().on_mount()
         self._events_shown = 0
+        self.set_class(self.app.size.height < COMPACT_ROWS, "-compact")
         self._update_sort_info()
         if self.lm.state.snapshot is not None:
             self.refresh_from(self.lm.state)
+
+    def on_resize(self, event: Resize) -> None:
+        # (Textual also runs LastmileScreen.on_resize: handlers of every class in the MRO run)
+        self.set_class(event.size.height < COMPACT_ROWS, "-compact")
+        self._update_sort_info()
 
     # --- drawing --------------------------------------------------------------------------
 
@@ -98,12 +128,12 @@ class DashboardScreen(LastmileScreen):
             used, total = acc.get("memory_used_bytes"), acc.get("memory_total_bytes")
             util = acc.get("utilization_percent")
             text = f"{fmt_bytes(used)} / {fmt_bytes(total)}" + (f", util {util:.0f}%" if util is not None else "")
-            devices.append({"id": acc["device"], "used": used, "total": total, "text": text, "budget": None, "low": None, "high": None})
+            devices.append({"id": acc["device"], "used": used, "total": total, "text": text, "budget": None, "low": None, "high": None, "short": None})
         self._dynamic_gauges("#g-devices", "dev-", devices)
 
         table = self.query_one(ModelsTable)
         table.show(state.models)
-        self._sparklines(state, table.selected)
+        self._sparklines(state)
         self._append_events(state)
 
     def _dynamic_gauges(self, container_id: str, prefix: str, specs: list[dict[str, Any]]) -> None:
@@ -118,23 +148,23 @@ class DashboardScreen(LastmileScreen):
             if gauge is None:
                 gauge = Gauge(spec["id"][:9], id=gid)
                 container.mount(gauge)
-            gauge.set(spec["used"], spec["total"], spec["text"], budget=spec["budget"], low=spec["low"], high=spec["high"])
+            gauge.set(spec["used"], spec["total"], spec["text"], budget=spec["budget"], low=spec["low"], high=spec["high"], short_text=spec.get("short"))
 
-    def _sparklines(self, state: MonitorState, selected: str | None) -> None:
-        series = state.series.get(selected) if selected else None
-        scope = selected if series is not None else "all models"
-        rps = list(series.rps) if series is not None else list(state.total_rps)
+    def _sparklines(self, state: MonitorState) -> None:
+        """Throughput of all models together; latency of the model under the most load now
+        (named in the label), not of whatever row the cursor rests on."""
+        rps = list(state.total_rps)
         self.query_one("#s-rps", Sparkline).data = rps or [0.0]
-        self.query_one("#l-rps", Label).update(f"throughput, {scope}: {fmt_rate(rps[-1] if rps else None)} req/s")
-        if series is None and state.series:
-            series = next(iter(state.series.values()))
-            scope = next(iter(state.series))
+        self.query_one("#l-rps", Label).update(f"throughput, all models: {fmt_rate(rps[-1] if rps else None)} req/s")
+        busiest = state.busiest()
+        series = state.series.get(busiest) if busiest else None
         p50 = list(series.p50) if series is not None else []
         p99 = list(series.p99) if series is not None else []
         self.query_one("#s-p50", Sparkline).data = p50 or [0.0]
         self.query_one("#s-p99", Sparkline).data = p99 or [0.0]
-        self.query_one("#l-p50", Label).update(f"p50, {scope if series is not None else '-'}: {fmt_ms(p50[-1] if p50 else None)} ms")
-        self.query_one("#l-p99", Label).update(f"p99, {scope if series is not None else '-'}: {fmt_ms(p99[-1] if p99 else None)} ms")
+        scope = f"{busiest} (busiest)" if busiest else "-"
+        self.query_one("#l-p50", Label).update(f"p50, {scope}: {fmt_ms(p50[-1] if p50 else None)} ms")
+        self.query_one("#l-p99", Label).update(f"p99, {scope}: {fmt_ms(p99[-1] if p99 else None)} ms")
 
     def _append_events(self, state: MonitorState) -> None:
         log = self.query_one("#events", RichLog)
@@ -148,8 +178,9 @@ class DashboardScreen(LastmileScreen):
 
     def _update_sort_info(self) -> None:
         table = self.query_one(ModelsTable)
-        header = next(c[1] for c in COLUMNS if c[0] == table.sort_key)
-        self.query_one("#sort-info", Label).update(f"sorted by {header} {'▼' if table.reverse else '▲'}  (s next, r reverse, or click a header)")
+        header = next(c.header for c in COLUMNS if c.key == table.sort_key)
+        hint = "  (s next, r reverse, Enter detail)" if self.app.size.width >= 100 else ""
+        self.query_one("#sort-info", Label).update(f"sorted by {header} {'▼' if table.reverse else '▲'}{hint}")
 
     # --- actions --------------------------------------------------------------------------
 
@@ -170,21 +201,33 @@ class DashboardScreen(LastmileScreen):
         box.value = ""
         self.query_one(ModelsTable).focus()
 
-    def on_input_changed(self, event: Input.Changed) -> None:
-        if event.input.id == "filter":
-            table = self.query_one(ModelsTable)
-            table.filter = event.value
-            table.show(self.lm.state.models)
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.input.id == "filter":
+    def action_open_detail(self) -> None:
+        if isinstance(self.focused, Input):  # Enter in the filter box: done filtering
             self.query_one(ModelsTable).focus()
+            return
+        name = self.query_one(ModelsTable).selected
+        if name is None:
+            self.app.notify("no model selected: load one on the Models screen (m)", severity="warning")
+            return
+        self.lm.open_detail(name)
+
+    @on(DataTable.RowSelected, "#models")
+    def _row_chosen(self) -> None:
+        """Enter (or a click) on a row: DataTable consumes Enter itself and says so with this."""
+        self.action_open_detail()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        table = self.query_one(ModelsTable)
+        table.filter = event.value
+        table.show(self.lm.state.models)
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self) -> None:
+        self.query_one(ModelsTable).focus()
 
     def on_data_table_header_selected(self) -> None:
         self._update_sort_info()
-
-    def on_data_table_row_highlighted(self, event: ModelsTable.RowHighlighted) -> None:
-        self._sparklines(self.lm.state, self.query_one(ModelsTable).selected)
 
 
 def _safe_id(text: str) -> str:

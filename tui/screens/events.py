@@ -20,6 +20,12 @@ LEVELS = ("all", "info", "warning", "error")
 
 class EventsScreen(LastmileScreen):
     BINDINGS = [Binding("slash", "focus_filter", "Filter"), Binding("g", "fetch", "Refetch")]
+    DEFAULT_CSS = """
+    EventsScreen #events-bar { height: 3; }
+    EventsScreen #ev-filter { width: 1fr; }
+    EventsScreen #ev-level { width: 20; }
+    EventsScreen #ev-log { height: 1fr; }
+    """
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="events-bar"):

@@ -36,6 +36,10 @@ def bindings_table(sections: list[tuple[str, list[Binding]]], read_only: bool) -
 
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark,f1", "dismiss_help", "Close")]
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen #help-box { width: 90%; height: 90%; border: thick $accent; background: $surface; padding: 0 1; }
+    """
 
     def __init__(self, sections: list[tuple[str, list[Binding]]], read_only: bool) -> None:
         super().__init__()

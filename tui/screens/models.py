@@ -7,14 +7,16 @@ import asyncio
 import time
 from typing import Any
 
+from rich.markup import escape
 from rich.text import Text
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, DataTable, Input, Label, ProgressBar, Select, Static
 
 from lastmile.appliance.client.api import ApiError, ClientError
+from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.tui.forms import BACKENDS, DTYPES, GRAPH_FUSION, PHASES, FormError, describe_estimate, load_parameters, phase_progress
 from lastmile.tui.messages import EstimateReady, LoadFinished, LoadProgress, StoreListed
 from lastmile.tui.screens.base import LastmileScreen
@@ -39,9 +41,21 @@ class ModelsScreen(LastmileScreen):
         Binding("g", "refresh_store", "Refresh"),
     ]
     MUTATING_ACTIONS = ("load", "unload", "reload")
+    DEFAULT_CSS = """
+    ModelsScreen #models-body { height: 1fr; }
+    ModelsScreen #models-tables { height: auto; max-height: 14; }
+    ModelsScreen .half { width: 1fr; height: auto; padding: 0 1; }
+    ModelsScreen .half DataTable { height: auto; max-height: 12; }
+    ModelsScreen #load-form { height: auto; padding: 0 1; border-top: solid $panel-lighten-2; }
+    ModelsScreen #estimate { color: $text-muted; padding: 0 1; }
+    ModelsScreen #load-status { height: 2; }
+    ModelsScreen #load-phase { padding: 0 1; width: auto; }
+    ModelsScreen.-narrow #models-tables { layout: vertical; max-height: 24; }
+    ModelsScreen.-narrow .half DataTable { max-height: 8; }
+    """
 
     def compose_body(self) -> ComposeResult:
-        with VerticalScroll(id="models-body"):
+        with VerticalScroll(id="models-body", can_focus=False):  # Tab goes to the store table, not the scroller
             with Horizontal(id="models-tables"):
                 with Vertical(classes="half"):
                     yield Label("Store: what can be loaded", classes="section")
@@ -62,7 +76,7 @@ class ModelsScreen(LastmileScreen):
                     yield Select(_choices(DTYPES), value="default", allow_blank=False, id="f-dtype")
                     yield Label("graph fusion")
                     yield Select(_choices(GRAPH_FUSION), value="default", allow_blank=False, id="f-graph_fusion")
-                    yield Label("memory limit MB")
+                    yield Label("memory limit MiB")
                     yield Input(placeholder="none", id="f-memory_limit_mb", type="integer")
                     yield Label("max batch size")
                     yield Input(placeholder="default", id="f-max_batch_size", type="integer")
@@ -88,7 +102,7 @@ class ModelsScreen(LastmileScreen):
         store = self.query_one("#store", DataTable)
         store.add_columns("Model", "Format", "Backend", "Loaded", "Inputs", "Description")
         loaded = self.query_one("#loaded", DataTable)
-        loaded.add_columns("Model", "State", "Phase", "Backend", "Device", "Dtype", "Fusion", "Batch", "Limit MB")
+        loaded.add_columns("Model", "State", "Phase", "Backend", "Device", "Dtype", "Fusion", "Batch", "Limit MiB")
         self.query_one("#load-progress", ProgressBar).display = False
         self.fetch_store()
         self.fetch_devices()
@@ -173,6 +187,7 @@ class ModelsScreen(LastmileScreen):
             select.value = name
             self._prefill(name)
             self._pending = None
+            self.query_one("#load-form").scroll_visible(animate=False)
         else:
             self._pending = name  # the store listing is still on its way
 
@@ -257,8 +272,9 @@ class ModelsScreen(LastmileScreen):
             return
         name = self.query_one("#f-model", Select).value
         if not isinstance(name, str):
-            self.lm.report_error("pick a model to load first")
+            self.lm.report_error("pick a model to load first (Enter on a row of the store table, or the form's model field)")
             self.query_one("#f-model", Select).focus()
+            self.query_one("#load-form").scroll_visible(animate=False)
             return
         try:
             params = load_parameters(self.form_values())
@@ -315,10 +331,26 @@ class ModelsScreen(LastmileScreen):
     def action_refresh_store(self) -> None:
         self.fetch_store()
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        actions = {"b-load": self.action_load, "b-unload": self.action_unload, "b-reload": self.action_reload}
-        if event.button.id in actions:
-            actions[event.button.id]()
+    @on(Button.Pressed, "#b-load")
+    def _load_pressed(self) -> None:
+        self.action_load()
+
+    @on(Button.Pressed, "#b-unload")
+    def _unload_pressed(self) -> None:
+        self.action_unload()
+
+    @on(Button.Pressed, "#b-reload")
+    def _reload_pressed(self) -> None:
+        self.action_reload()
+
+    @on(DataTable.RowSelected, "#store")
+    def _store_row_chosen(self, event: DataTable.RowSelected) -> None:
+        """Enter on a store row: that model in the form, the form in view, focus on Load."""
+        if self.lm.read_only or event.row_key is None:
+            return
+        self.select_model(str(event.row_key.value))
+        self.query_one("#b-load", Button).focus()
+        self.query_one("#load-buttons").scroll_visible(animate=False)
 
     def _start(self, action: str, name: str, params: dict[str, Any]) -> None:
         if not self.lm.writable(f"{action} {name}"):  # every path to the daemon passes here
@@ -333,6 +365,7 @@ class ModelsScreen(LastmileScreen):
         bar.display = action != "unload"
         bar.update(progress=0)
         self.query_one("#load-phase", Label).update(f"{action} {name}: starting")
+        self.query_one("#load-status").scroll_visible(animate=False)
         self.run_action(action, name, params)
 
     @work(group="load", exclusive=False, exit_on_error=False)
@@ -391,12 +424,13 @@ class ModelsScreen(LastmileScreen):
         for button in self.query("#load-buttons Button"):
             button.disabled = False
         label = self.query_one("#load-phase", Label)
+        label.scroll_visible(animate=False)  # the result where the eye is, even on a short terminal
         if message.error:
-            label.update(Text(f"{message.action} {message.name} failed: {message.error}", style="red"))
-            self.lm.report_error(message.error)
+            label.update(Text(f"{message.action} {message.name} failed: {without_model_prefix(message.name, message.error)}", style="red"))
+            self.lm.report_error(message.error, model=message.name)
         else:
             if message.row is not None:
                 self.query_one("#load-progress", ProgressBar).update(progress=len(PHASES) - 1)
             label.update(Text(f"{message.action} {message.name}: done in {message.seconds:.1f} s", style="green"))
-            self.app.notify(f"{message.name}: {message.action} done in {message.seconds:.1f} s")
+            self.app.notify(escape(f"{message.name}: {message.action} done in {message.seconds:.1f} s"))
         self.fetch_store()

@@ -9,13 +9,14 @@ import time
 from typing import Any
 
 from rich.text import Text
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import Button, Input, Label, RichLog, Select, Static
 
 from lastmile.appliance.client.api import ApiError, ClientError
+from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.tui.forms import FormError, file_inputs, parse_int, random_inputs, summarize_output
 from lastmile.tui.messages import InferDone, SpecFetched
 from lastmile.tui.screens.base import ModelPickerScreen
@@ -24,6 +25,12 @@ from lastmile.tui.state import MonitorState
 
 class PlaygroundScreen(ModelPickerScreen):
     """Inference does not change the daemon's state, so it stays available in read-only mode."""
+
+    DEFAULT_CSS = """
+    PlaygroundScreen #play-body { padding: 0 1; }
+    PlaygroundScreen #p-spec, PlaygroundScreen #p-summary { height: auto; padding: 0 1; }
+    PlaygroundScreen #p-output { height: 1fr; min-height: 3; border-top: solid $panel-lighten-2; }
+    """
 
     PICKER_ID = "p-model"
 
@@ -122,11 +129,13 @@ class PlaygroundScreen(ModelPickerScreen):
         if prepared:
             self.send(*prepared)
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "b-random":
-            self.action_send_random()
-        elif event.button.id == "b-file":
-            self.action_send_file()
+    @on(Button.Pressed, "#b-random")
+    def _random_pressed(self) -> None:
+        self.action_send_random()
+
+    @on(Button.Pressed, "#b-file")
+    def _file_pressed(self) -> None:
+        self.action_send_file()
 
     @work(group="infer", exclusive=True, exit_on_error=False)
     async def send(self, name: str, arrays: dict[str, Any], types: dict[str, str], burst: int) -> None:
@@ -142,8 +151,8 @@ class PlaygroundScreen(ModelPickerScreen):
         summary = self.query_one("#p-summary", Static)
         log = self.query_one("#p-output", RichLog)
         if message.error:
-            summary.update(Text(f"{message.name}: {message.error}", style="red"))
-            self.lm.report_error(message.error)
+            summary.update(Text(f"{message.name}: {without_model_prefix(message.name, message.error)}", style="red"))
+            self.lm.report_error(message.error, model=message.name)
             return
         self.last_results = message.results
         outputs, params = message.results[0]
@@ -153,9 +162,9 @@ class PlaygroundScreen(ModelPickerScreen):
         text.append(
             f"first request: client {params.get('client_ms')} ms, daemon {params.get('total_ms')} ms "
             f"(queue {params.get('queue_ms')} ms, compute {params.get('compute_ms')} ms), "
-            f"rode in batch {params.get('batch_id')} of size {params.get('batch_size')}\n"
+            f"rode in batch #{params.get('batch_id')} ({params.get('batch_size')} row(s) in that batch)\n"
         )
-        text.append("batches used (id: size): " + ", ".join(f"{b}: {s}" for b, s in batches))
+        text.append("batches used: " + ", ".join(f"#{b} ({s} row(s))" for b, s in batches))
         summary.update(text)
         log.clear()
         for out_name, array in outputs.items():

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.text import Text
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Sparkline, Static
 
 from lastmile.appliance.client.api import ApiError, ClientError
+from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.tui.forms import GRAPH_FUSION, RELOADING_KEYS, FormError, reload_note, tune_changes
 from lastmile.tui.messages import Tuned
 from lastmile.tui.screens.base import ModelPickerScreen
@@ -23,15 +25,32 @@ RELOAD_NOTE = reload_note()
 
 
 class TuneScreen(ModelPickerScreen):
+    """``t`` opens this screen everywhere; the auto-tuner is ``o`` (optimise) so that no key
+    means two things here. The verdict of a change or an auto-tune run shows just under the
+    model picker, where the eye is, and the form scrolls on a short terminal."""
+
     PICKER_ID = "t-model"
-    BINDINGS = [Binding("a", "apply", "Apply"), Binding("z", "revert", "Revert form"), Binding("t", "autotune", "Auto-tune")]
+    BINDINGS = [Binding("a", "apply", "Apply"), Binding("z", "revert", "Revert form"), Binding("o", "autotune", "Auto-tune")]
     MUTATING_ACTIONS = ("apply", "autotune")
+    DEFAULT_CSS = """
+    TuneScreen #tune-body { height: 1fr; }
+    TuneScreen #tune-form { width: 1fr; padding: 0 1; }
+    TuneScreen #tune-live { width: 1fr; height: auto; padding: 0 1; border-left: solid $panel-lighten-2; }
+    TuneScreen #tune-live Sparkline { height: 3; }
+    TuneScreen #tune-note, TuneScreen #tune-result { padding: 0 1; color: $text-muted; }
+    TuneScreen #tune-verdict { padding: 0 1; height: auto; }
+    TuneScreen.-narrow #tune-body { layout: vertical; overflow-y: auto; }
+    TuneScreen.-narrow #tune-form { height: auto; }
+    TuneScreen.-narrow #tune-live { border-left: none; border-top: solid $panel-lighten-2; }
+    TuneScreen.-narrow #tune-live Sparkline { height: 2; }
+    """
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="tune-body"):
-            with Vertical(id="tune-form"):
+            with VerticalScroll(id="tune-form"):
                 yield Label("Tune a loaded model", classes="section")
                 yield Select([], id="t-model", prompt="pick a loaded model")
+                yield Static("", id="tune-verdict")
                 with Grid(id="tune-grid"):
                     yield Label("max batch size")
                     yield Input(id="t-max_batch_size", type="integer")
@@ -39,13 +58,13 @@ class TuneScreen(ModelPickerScreen):
                     yield Input(id="t-max_delay_ms", type="number")
                     yield Label("graph fusion")
                     yield Select([(v, v) for v in GRAPH_FUSION], allow_blank=False, value="basic", id="t-graph_fusion")
-                    yield Label("memory limit MB")
+                    yield Label("memory limit MiB")
                     yield Input(id="t-memory_limit_mb", type="integer", placeholder="none")
                 yield Static(RELOAD_NOTE, id="tune-note")
                 with Horizontal(id="tune-buttons", classes="mutating"):
                     yield Button("Apply", variant="success", id="b-apply")
                     yield Button("Revert", id="b-revert")
-                    yield Button("Auto-tune", id="b-autotune")
+                    yield Button("Auto-tune (o)", id="b-autotune")
                 yield Static("", id="tune-result")
             with Vertical(id="tune-live"):
                 yield Label("Live figures", classes="section")
@@ -54,6 +73,12 @@ class TuneScreen(ModelPickerScreen):
                 yield Sparkline([], id="ts-rps")
                 yield Label("latency p99 ms", id="tl-p99")
                 yield Sparkline([], id="ts-p99")
+
+    def verdict(self, text: Text | str) -> None:
+        """The outcome of the last apply or auto-tune, under the picker (and into view)."""
+        box = self.query_one("#tune-verdict", Static)
+        box.update(text)
+        box.scroll_visible(animate=False)
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -85,10 +110,11 @@ class TuneScreen(ModelPickerScreen):
         text.append(f"{row['name']}  ", style="bold")
         text.append(row["state"] + "\n", style="green" if row["state"] == "ready" else "yellow")
         text.append(f"req/s {fmt_rate(row.get('requests_per_s'))}   p50 {fmt_ms(lat.get('p50'))} ms   p95 {fmt_ms(lat.get('p95'))} ms   p99 {fmt_ms(lat.get('p99'))} ms\n")
-        text.append(f"avg batch {row.get('avg_batch_size') or 0:.2f}   queue {row.get('queue_depth', 0)}   requests {row.get('requests', 0)}   failures {row.get('failures', 0)}\n")
+        text.append(f"avg batch {row.get('avg_batch_size') or 0:.1f} rows   queue {row.get('queue_depth', 0)}   requests {row.get('requests', 0)}   failures {row.get('failures', 0)}\n")
         text.append(f"memory {fmt_memory(row)}\n")
         text.append(
-            f"now: max batch {s.get('max_batch_size')}, max delay {s.get('max_delay_ms')} ms, fusion {s.get('graph_fusion')}, limit {s.get('memory_limit_mb') or 'none'}",
+            f"now: max batch {s.get('max_batch_size')}, max delay {s.get('max_delay_ms')} ms, fusion {s.get('graph_fusion')}, "
+            f"limit {str(s.get('memory_limit_mb')) + ' MiB' if s.get('memory_limit_mb') else 'none'}",
             style="dim",
         )
         figures.update(text)
@@ -154,13 +180,17 @@ class TuneScreen(ModelPickerScreen):
         else:
             self.send_tune(name, changes)
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "b-apply":
-            self.action_apply()
-        elif event.button.id == "b-revert":
-            self.action_revert()
-        elif event.button.id == "b-autotune":
-            self.action_autotune()
+    @on(Button.Pressed, "#b-apply")
+    def _apply_pressed(self) -> None:
+        self.action_apply()
+
+    @on(Button.Pressed, "#b-revert")
+    def _revert_pressed(self) -> None:
+        self.action_revert()
+
+    @on(Button.Pressed, "#b-autotune")
+    def _autotune_pressed(self) -> None:
+        self.action_autotune()
 
     # --- the auto-tuner (lastmile.appliance.client.autotune): a sweep under load, the best setting applied ---
 
@@ -195,12 +225,21 @@ class TuneScreen(ModelPickerScreen):
                              + (f" ({t['error']})" if t["error"] else ""))
             out.update("\n".join(lines[-8:]))
 
+        self.verdict(Text(f"auto-tuning {name}: trials running, progress below ...", style="yellow"))
         try:
             result = await Tuner(self.lm.client, name, clients=16, duration_s=1.0, progress=progress).run(apply=True)
         except (ClientError, ValueError) as exc:
             out.update(Text(f"auto-tune failed: {exc}", style="red"))
+            self.verdict(Text(f"auto-tune of {name} failed: {without_model_prefix(name, str(exc))}", style="bold red"))
             return
         out.update(format_table(result))
+        if result.best is not None:
+            best = result.best
+            self.verdict(Text(f"auto-tune of {name}: best {best.settings} at {best.rows_per_s:.0f} rows/s, p99 {best.p99_ms} ms"
+                              + (" - applied and saved" if result.applied else " - not applied"), style="bold green"))
+            self.app.notify(escape(f"{name}: auto-tune applied {best.settings}"))
+        else:
+            self.verdict(Text(f"auto-tune of {name}: no trial succeeded; settings unchanged (table below)", style="bold red"))
         if result.best is not None:
             self.fill({**(self.lm.state.model(name) or {}).get("settings", {}), **result.best.settings})
 
@@ -220,10 +259,13 @@ class TuneScreen(ModelPickerScreen):
     def on_tuned(self, message: Tuned) -> None:
         result = self.query_one("#tune-result", Static)
         if message.error:
-            result.update(Text(f"not applied: {message.error}", style="red"))
-            self.lm.report_error(message.error)
+            error = without_model_prefix(message.name, message.error)
+            result.update(Text(f"not applied: {error}", style="red"))
+            self.verdict(Text(f"not applied to {message.name}: {error}", style="bold red"))
+            self.lm.report_error(message.error, model=message.name)
             return
         result.update(Text(f"applied to {message.name}: {message.changes}", style="green"))
-        self.app.notify(f"{message.name}: {message.changes} applied")
+        self.verdict(Text(f"applied to {message.name}: {message.changes}", style="bold green"))
+        self.app.notify(escape(f"{message.name}: {message.changes} applied"))
         if message.row is not None:
             self.fill(message.row["settings"])

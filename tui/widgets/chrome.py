@@ -10,8 +10,19 @@ from textual.widgets import Static
 from lastmile.tui.state import MonitorState, fmt_time, fmt_uptime
 
 
+START_HINT = "This screen reconnects when it is up."
+
+
 class StatusBar(Static):
     """lastmile version, daemon status, uptime, socket, models loaded, stream rate, modes."""
+
+    DEFAULT_CSS = """
+    StatusBar {
+        height: 1;
+        background: $panel;
+        color: $text;
+    }
+    """
 
     def show(self, state: MonitorState, *, where: str, rate_hz: float, paused: bool, read_only: bool) -> None:
         d = state.daemon
@@ -41,7 +52,22 @@ class StatusBar(Static):
 
 
 class Banner(Static):
-    """Shown while the monitor stream is down: what happened and that it is retrying."""
+    """Shown while the monitor stream is down: what happened, that it is retrying, and how to
+    start the daemon when none is running."""
+
+    DEFAULT_CSS = """
+    Banner {
+        height: auto;
+        padding: 0 1;
+        background: $warning 30%;
+        color: $text;
+        text-style: bold;
+    }
+    Banner.-lost {
+        background: $error;
+        color: $text;
+    }
+    """
 
     def show(self, state: MonitorState, *, where: str) -> None:
         conn = state.connection
@@ -59,6 +85,8 @@ class Banner(Static):
             )
             if seen:
                 text += f" Figures shown are from {fmt_time(seen)}."
+            if "not running" in (conn.error or ""):
+                text += f" Start it: `lastmile serve` (or `sudo systemctl start lastmile` on a system install). {START_HINT}"
         else:
             text = f"Connecting to the daemon on {where} ..."
         self.update(text)

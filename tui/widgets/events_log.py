@@ -14,7 +14,7 @@ LEVEL_STYLE = {"error": "bold red", "warning": "yellow", "info": ""}
 def event_line(event: dict[str, Any]) -> Text:
     text = Text()
     text.append(fmt_time(event["time"]) + " ", style="dim")
-    text.append(f"{event.get('level', 'info'):<7}", style=LEVEL_STYLE.get(event.get("level", "info"), ""))
+    text.append(f"{event.get('level', 'info'):<7} ", style=LEVEL_STYLE.get(event.get("level", "info"), ""))  # "warning" is 7 wide
     text.append(f"{event.get('kind', ''):<15} ", style="cyan")
     text.append(event.get("message", ""), style=LEVEL_STYLE.get(event.get("level", "info"), ""))
     return text

@@ -1,13 +1,17 @@
-"""The dashboard's table of loaded models: sortable by any column, filtered by a substring."""
+"""The dashboard's table of loaded models: sortable by any column, filtered by a substring, and
+fitted to the terminal: when the columns do not all fit, the least important ones are left
+out (never cut), so an 80-column terminal still shows each model's name, state, load, errors
+and memory in full."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from rich.text import Text
 from textual.widgets import DataTable
 
-from lastmile.tui.state import fmt_memory, fmt_ms, fmt_rate
+from lastmile.tui.state import fmt_ms, fmt_rate, memory_used, model_memory_text
 
 STATE_STYLE = {"ready": "green", "loading": "yellow", "restarting": "yellow", "unloading": "dim", "failed": "bold red"}
 
@@ -16,26 +20,74 @@ def _lat(row: dict[str, Any], key: str) -> float | None:
     return (row.get("latency_ms") or {}).get(key)
 
 
-# key, header, cell text, sort value
-COLUMNS: list[tuple[str, str, Callable[[dict], Any], Callable[[dict], Any]]] = [
-    ("name", "Model", lambda r: r["name"], lambda r: r["name"]),
-    ("state", "State", lambda r: Text(r["state"] + ("" if r["state"] != "loading" else f" ({r.get('phase')})"), style=STATE_STYLE.get(r["state"], "")), lambda r: r["state"]),
-    ("backend", "Backend", lambda r: r.get("backend") or "-", lambda r: r.get("backend") or ""),
-    ("device", "Device", lambda r: r.get("device") or "-", lambda r: r.get("device") or ""),
-    ("rps", "Req/s", lambda r: fmt_rate(r.get("requests_per_s")), lambda r: r.get("requests_per_s") or 0.0),
-    ("p50", "p50 ms", lambda r: fmt_ms(_lat(r, "p50")), lambda r: _lat(r, "p50") or 0.0),
-    ("p95", "p95 ms", lambda r: fmt_ms(_lat(r, "p95")), lambda r: _lat(r, "p95") or 0.0),
-    ("p99", "p99 ms", lambda r: fmt_ms(_lat(r, "p99")), lambda r: _lat(r, "p99") or 0.0),
-    ("queue", "Queue", lambda r: str(r.get("queue_depth", 0)), lambda r: r.get("queue_depth", 0)),
-    ("batch", "Avg batch", lambda r: f"{r.get('avg_batch_size') or 0.0:.2f}", lambda r: r.get("avg_batch_size") or 0.0),
-    ("requests", "Requests", lambda r: str(r.get("requests", 0)), lambda r: r.get("requests", 0)),
-    ("memory", "Memory", fmt_memory, lambda r: r.get("rss_bytes") or 0),
+def _errors(row: dict[str, Any]) -> Text:
+    failures, requests = row.get("failures", 0) or 0, row.get("requests", 0) or 0
+    if not failures:
+        return Text("0", style="dim")
+    return Text(f"{failures} ({100.0 * failures / requests:.0f}%)" if requests else str(failures), style="bold red")
+
+
+def _state(row: dict[str, Any]) -> Text:
+    return Text(row["state"] + ("" if row["state"] != "loading" else f" ({row.get('phase')})"), style=STATE_STYLE.get(row["state"], ""))
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    header: str
+    cell: Callable[[dict[str, Any]], Any]
+    sort: Callable[[dict[str, Any]], Any]
+    priority: int  # 0 = always shown; higher numbers are left out first on a narrow terminal
+
+
+COLUMNS: list[Column] = [
+    Column("name", "Model", lambda r: r["name"], lambda r: r["name"], 0),
+    Column("state", "State", _state, lambda r: r["state"], 0),
+    Column("backend", "Backend", lambda r: r.get("backend") or "-", lambda r: r.get("backend") or "", 7),
+    Column("device", "Device", lambda r: r.get("device") or "-", lambda r: r.get("device") or "", 6),
+    Column("rps", "Req/s", lambda r: fmt_rate(r.get("requests_per_s")), lambda r: r.get("requests_per_s") or 0.0, 0),
+    Column("p50", "p50 ms", lambda r: fmt_ms(_lat(r, "p50")), lambda r: _lat(r, "p50") or 0.0, 4),
+    Column("p95", "p95 ms", lambda r: fmt_ms(_lat(r, "p95")), lambda r: _lat(r, "p95") or 0.0, 8),
+    Column("p99", "p99 ms", lambda r: fmt_ms(_lat(r, "p99")), lambda r: _lat(r, "p99") or 0.0, 1),
+    Column("queue", "Queue", lambda r: str(r.get("queue_depth", 0)), lambda r: r.get("queue_depth", 0), 3),
+    Column("batch", "Batch", lambda r: f"{r.get('avg_batch_size') or 0.0:.1f}", lambda r: r.get("avg_batch_size") or 0.0, 5),
+    Column("requests", "Requests", lambda r: str(r.get("requests", 0)), lambda r: r.get("requests", 0), 2),
+    Column("errors", "Errors", _errors, lambda r: (r.get("failures", 0) or 0, r.get("requests", 0) or 0), 0),
+    # the shown figure is the sort key: what the cell says is what orders the rows
+    Column("memory", "Memory", model_memory_text, lambda r: memory_used(r) or 0, 0),
 ]
-SORT_KEYS = [c[0] for c in COLUMNS]
+SORT_KEYS = [c.key for c in COLUMNS]
+CELL_PADDING = 2  # DataTable's cell_padding=1 on each side
+
+
+def _width(value: Any) -> int:
+    return Text(value).cell_len if isinstance(value, str) else value.cell_len if isinstance(value, Text) else len(str(value))
+
+
+def fit_columns(rows: list[dict[str, Any]], width: int, sort_key: str = "") -> list[Column]:
+    """The columns to show in ``width`` cells: every column when they fit, else the most
+    important ones (by ``priority``) that do, in their usual order. A column's width is its
+    widest cell or header (+2 for the sort arrow on the sorted one)."""
+    need = {c.key: max([_width(c.header) + (2 if c.key == sort_key else 0)] + [_width(c.cell(r)) for r in rows]) + CELL_PADDING
+            for c in COLUMNS}
+    chosen: set[str] = set()
+    used = 1  # the table's scrollbar gutter
+    for column in sorted(COLUMNS, key=lambda c: c.priority):
+        if column.priority == 0 or used + need[column.key] <= width:
+            chosen.add(column.key)
+            used += need[column.key]
+    return [c for c in COLUMNS if c.key in chosen]
 
 
 class ModelsTable(DataTable):
     """Rebuilt from each snapshot; the highlighted model stays highlighted."""
+
+    DEFAULT_CSS = """
+    ModelsTable {
+        height: 1fr;
+        min-height: 4;
+    }
+    """
 
     def __init__(self, **kwargs) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
@@ -43,18 +95,25 @@ class ModelsTable(DataTable):
         self.reverse = True
         self.filter = ""
         self._rows: list[dict[str, Any]] = []
+        self.shown_columns: list[Column] = []
 
-    def on_mount(self) -> None:
-        for key, header, _, _ in COLUMNS:
-            self.add_column(header, key=key)
-        self._update_headers()
+    def on_resize(self) -> None:
+        self.show(self._rows)
+
+    def _set_columns(self, columns: list[Column]) -> None:
+        if [c.key for c in columns] == [c.key for c in self.shown_columns]:
+            return
+        self.clear(columns=True)
+        for column in columns:
+            self.add_column(column.header, key=column.key)
+        self.shown_columns = columns
 
     def _update_headers(self) -> None:
-        for key, header, _, _ in COLUMNS:
-            column = self.columns.get(key)  # type: ignore[call-overload]
-            if column is not None:
-                arrow = (" ▼" if self.reverse else " ▲") if key == self.sort_key else ""
-                column.label = Text(header + arrow, style="bold" if arrow else "")
+        for column in self.shown_columns:
+            found = self.columns.get(column.key)  # type: ignore[call-overload]
+            if found is not None:
+                arrow = (" ▼" if self.reverse else " ▲") if column.key == self.sort_key else ""
+                found.label = Text(column.header + arrow, style="bold" if arrow else "")
 
     @property
     def selected(self) -> str | None:
@@ -68,6 +127,12 @@ class ModelsTable(DataTable):
     def visible_names(self) -> list[str]:
         return [str(k.value) for k in self.rows]
 
+    def cell_text(self, name: str, key: str) -> str | None:
+        """What the table shows for ``name`` in column ``key`` (None: column not shown)."""
+        if key not in [c.key for c in self.shown_columns]:
+            return None
+        return str(self.get_cell(name, key))
+
     def show(self, rows: list[dict[str, Any]]) -> None:
         self._rows = rows
         selected = self.selected
@@ -76,11 +141,13 @@ class ModelsTable(DataTable):
             r for r in rows
             if not needle or any(needle in str(r.get(k) or "").lower() for k in ("name", "state", "backend", "device"))
         ]
-        sort_value = next(c[3] for c in COLUMNS if c[0] == self.sort_key)
+        sort_value = next(c.sort for c in COLUMNS if c.key == self.sort_key)
         shown.sort(key=sort_value, reverse=self.reverse)
+        width = self.size.width or (self.app.size.width if self.is_attached else 200)
+        self._set_columns(fit_columns(rows, width, self.sort_key))
         self.clear()
         for row in shown:
-            self.add_row(*(c[2](row) for c in COLUMNS), key=row["name"])
+            self.add_row(*(c.cell(row) for c in self.shown_columns), key=row["name"])
         if selected in self.visible_names():
             self.move_cursor(row=self.get_row_index(selected), animate=False)
         self._update_headers()
@@ -93,7 +160,9 @@ class ModelsTable(DataTable):
         self.show(self._rows)
 
     def next_sort(self) -> None:
-        self.sort_by(SORT_KEYS[(SORT_KEYS.index(self.sort_key) + 1) % len(SORT_KEYS)], reverse=self.reverse)
+        shown = [c.key for c in self.shown_columns] or SORT_KEYS
+        position = shown.index(self.sort_key) if self.sort_key in shown else -1
+        self.sort_by(shown[(position + 1) % len(shown)], reverse=self.reverse)
 
     def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
         self.sort_by(str(event.column_key.value))

@@ -140,6 +140,7 @@ class FootprintBook:
         memory and the next record tries again."""
         if self.path is None:
             return
+        tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".footprints-", dir=self.path.parent)
@@ -148,3 +149,8 @@ class FootprintBook:
             os.replace(tmp, self.path)
         except OSError as exc:
             logger.warning("could not write footprint records %s: %s", self.path, exc)
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass

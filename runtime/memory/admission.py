@@ -2,8 +2,8 @@
 
 A load fits when, on its main device, its estimate stays under the model's own limit the way
 the ladder will hold it (the whole estimate under ``high_watermark x memory_limit_mb``, and
-what an idle runner holds, the estimate without its workspace, under ``low_watermark x
-memory_limit_mb``: otherwise an idle runner would sit above the line where shedding stops and
+what an idle runner holds, the estimate without its workspace and pool buffers, under
+``low_watermark x memory_limit_mb``: otherwise an idle runner would sit above the line where shedding stops and
 never serve), and when every device's free budget holds its part. Not fitting is
 :class:`InsufficientMemory` (HTTP 507) with the numbers and the options that would fit, best
 first; ``plan = "auto"`` and ``evict_idle`` take one of them.
@@ -38,10 +38,18 @@ class Admission:
         cfg = self.gov.config
         return int(cfg["high_watermark"] * limit_bytes), int(cfg["low_watermark"] * limit_bytes)
 
+    @staticmethod
+    def idle_part(est: Estimate) -> int:
+        """What an idle runner holds of ``est`` on its main device: not the workspace of a
+        batch, and not the pool's buffers (given back at rest, and the first thing the ladder
+        unlinks)."""
+        target = budget_device(est.device)
+        return est.per_device.get(target, 0) - est.workspace_bytes - (est.pool_bytes if target == "host" else 0)
+
     def needed_limit_mb(self, est: Estimate) -> int:
         """The smallest ``memory_limit_mb`` under which ``est`` is admitted."""
         total = est.per_device.get(budget_device(est.device), 0)
-        idle = total - est.workspace_bytes
+        idle = self.idle_part(est)
         cfg = self.gov.config
         need = max(total / cfg["high_watermark"], idle / cfg["low_watermark"])
         return int(math.ceil(need / MiB))
@@ -54,7 +62,7 @@ class Admission:
         if limit is not None:
             need = est.per_device.get(target, 0)
             most, idle_most = self.limit_lines(limit)
-            idle = need - est.workspace_bytes
+            idle = self.idle_part(est)
             if need > most or idle > idle_most:
                 return {"device": target, "reason": "model_limit", "needed_bytes": need, "free_bytes": limit,
                         "limit_bytes": limit, "usable_bytes": most, "idle_bytes": idle, "idle_usable_bytes": idle_most}

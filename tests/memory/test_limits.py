@@ -74,7 +74,8 @@ async def test_idle_runner_over_the_watermark_is_refused_with_options_and_the_su
         row = await sampled(daemon, "demo-lm")
         assert mitigations(await events_since(daemon, seq), "demo-lm") == []
         assert row["ladder_step"] == "none" and not row["shedding"]
-        assert row["used_bytes"] < 0.5 * limit_mb * MB
+        assert row["used_bytes"] < 0.6 * limit_mb * MB  # under the high line with its pool buffers
+        assert row["uss_bytes"] < 0.5 * limit_mb * MB  # the runner itself idles under the low line
         assert row["used_measure"] == "uss+pool"
     finally:
         await unload_all(daemon)

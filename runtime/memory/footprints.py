@@ -5,9 +5,12 @@ Why: the static estimate (:mod:`lastmile.runtime.memory.estimate`) is read from 
 without loading it and can be far off for an operator's own model (one ONNX model was
 estimated at 10 MB and used 39 MB). Once a model has run here, the error is known: the next
 estimate for the same bytes (same SHA-256), backend, dtype, graph fusion, device and
-limited-or-not adds that error as its ``measured_correction`` part (``source: "measured"``).
-The error is kept per instance and added, not multiplied: what an estimate gets wrong is
-mostly fixed (the backend's copies of the weights, its runtime), not per row.
+limited-or-not and ``max_batch_size`` adds that error as its ``measured_correction`` part
+(``source: "measured"``). The batch size is part of the key because the reading at "ready"
+follows a warm-up at ``max_batch_size``: what the backend keeps from it (ORT's arena) is an
+error of the workspace part that does not carry over to another batch size (measured:
+demo-lm's error at 256 rows, added at 8 rows, pushed a 60 MiB limit out of reach). Per
+instance, added, not multiplied.
 
 The book is a small JSON file beside the state file (``footprints.json``), rewritten
 atomically; without a path (tests, tools) it lives in memory only.
@@ -104,7 +107,7 @@ class FootprintBook:
     @staticmethod
     def key(digest: str, backend: str, settings: Any, device: str) -> str:
         limited = "limited" if settings.memory_limit_mb else "unlimited"
-        return f"{digest}:{backend}:{settings.dtype}:{settings.graph_fusion}:{device}:{limited}"
+        return f"{digest}:{backend}:{settings.dtype}:{settings.graph_fusion}:{device}:{limited}:b{settings.max_batch_size}"
 
     def get(self, key: str | None) -> dict[str, Any] | None:
         return self.records.get(key) if key else None

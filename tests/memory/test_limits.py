@@ -32,8 +32,9 @@ def daemon(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     # A footprint record for demo-lm-ds with memory_limit_mb, as if an earlier load had used
     # 4 MiB: the next admission trusts it, and only the reading at "ready" can catch it.
     book = FootprintBook(home / "footprints.json")
-    artifact = ModelStore(demo_store).get("demo-lm-ds").artifact
-    settings = ModelSettings().overlay({"memory_limit_mb": 30, "backend": "deepspeed"})
+    manifest = ModelStore(demo_store).get("demo-lm-ds")
+    artifact = manifest.artifact
+    settings = ModelSettings().overlay(manifest.settings).overlay({"memory_limit_mb": 30, "backend": "deepspeed"})
     key = book.key(content_digest(artifact), "deepspeed", settings, "host")
     book.record(key, model="demo-lm-ds", artifact=artifact, measured_bytes=SEEDED_MEASURED, static_bytes=40 * MB, settings=settings)
     proc = start_daemon(home, demo_store, extra_config="[memory]\nsample_interval_s = 0.2\n", state_file=state)

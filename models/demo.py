@@ -17,6 +17,12 @@ Two networks, each in the forms the backends load:
 | demo-mlp-ts   | mlp  | torchscript  | deepspeed   |
 | demo-lm       | lm   | onnx         | onnxruntime |
 | demo-lm-ds    | lm   | torch_export | deepspeed   |
+| demo-encoder  | encoder | hf (folder) | deepspeed |
+
+``demo-encoder`` is a Hugging Face folder as ``save_pretrained`` writes it (tiny BERT, a
+WordPiece tokenizer learned from shipped text, sentence-transformers pooling + Normalize; see
+:mod:`lastmile.models.demo_text`), with no ``[[inputs]]``: it takes text and answers with
+normalized sentence embeddings, its tensors derived from its files (:mod:`lastmile.models.hf`).
 
 Weights come from ``torch.manual_seed`` inside a forked RNG (the caller's RNG state is left
 alone), so :func:`reference_module` rebuilds the very same module for tests that compare a
@@ -74,6 +80,11 @@ class DemoModel:
 
 _MLP_SETTINGS = {"max_batch_size": 32, "max_delay_ms": 2.0}
 _LM_SETTINGS = {"max_batch_size": 8, "max_delay_ms": 2.0}
+_ENCODER_SETTINGS = {"max_batch_size": 32, "max_delay_ms": 2.0}
+_ENCODER_TEXT = (
+    "Demo sentence encoder: a tiny BERT (hidden 32, 2 layers) Hugging Face folder with a real WordPiece "
+    "tokenizer, mean pooling and Normalize (sentence-transformers files); random weights from a fixed seed"
+)
 _MLP_TEXT = "Demo classifier MLP (64 -> 256 -> 256 -> 10, GELU), random weights from a fixed seed"
 _LM_TEXT = (
     "Demo causal byte-level transformer LM (d_model 64, 2 layers, 4 heads, up to 64 tokens), "
@@ -88,6 +99,7 @@ DEMO_MODELS: dict[str, DemoModel] = {
         DemoModel("demo-mlp-ts", "mlp", "torchscript", "deepspeed", "model.pt", _MLP_TEXT + "; TorchScript", _MLP_SETTINGS),
         DemoModel("demo-lm", "lm", "onnx", "onnxruntime", "model.onnx", _LM_TEXT + "; ONNX", _LM_SETTINGS),
         DemoModel("demo-lm-ds", "lm", "torch_export", "deepspeed", "model.pt2", _LM_TEXT + "; torch.export", _LM_SETTINGS),
+        DemoModel("demo-encoder", "encoder", "hf", "deepspeed", ".", _ENCODER_TEXT, _ENCODER_SETTINGS),
     )
 }
 
@@ -266,7 +278,8 @@ _EXPORTERS = {"onnx": _export_onnx, "torch_export": _export_program, "torchscrip
 # --- building into a store ------------------------------------------------------------------
 
 def demo_manifest(demo: DemoModel, folder: Path) -> Manifest:
-    inputs, outputs = SIGNATURES[demo.kind]
+    # the encoder's tensors are derived from its folder (lastmile.models.hf), not written down
+    inputs, outputs = SIGNATURES.get(demo.kind, ((), ()))
     return Manifest(
         name=demo.name, path=folder, format=demo.format, artifact=folder / demo.artifact,
         backend=demo.backend, inputs=inputs, outputs=outputs, settings=dict(demo.settings),
@@ -283,8 +296,13 @@ def build_one(store: Path, demo: DemoModel, *, force: bool = False) -> bool:
         return False
     tmp = Path(tempfile.mkdtemp(prefix=f".build-{demo.name}-", dir=store))
     try:
-        with torch.no_grad():
-            _EXPORTERS[demo.format](demo.kind, reference_module(demo.kind), tmp / demo.artifact)
+        if demo.kind == "encoder":
+            from lastmile.models.demo_text import build_encoder_folder
+
+            build_encoder_folder(tmp)
+        else:
+            with torch.no_grad():
+                _EXPORTERS[demo.format](demo.kind, reference_module(demo.kind), tmp / demo.artifact)
         (tmp / "model.toml").write_text(write_manifest(demo_manifest(demo, tmp)), encoding="utf-8")
         load_manifest(tmp, demo.name)  # never rename a folder into place that would not load
         os.chmod(tmp, 0o750)  # mkdtemp makes 0700

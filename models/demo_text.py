@@ -1,7 +1,7 @@
 """A small Hugging Face encoder folder built here, deterministically, with a real tokenizer.
 
-No hub download: a WordPiece tokenizer is trained with the ``tokenizers`` library on the text
-shipped in :data:`CORPUS`, a tiny BERT is built from a fixed seed, and both are written with
+No hub download: a WordPiece tokenizer (the ``tokenizers`` library) learns its vocabulary
+from the text shipped in :data:`CORPUS`, a tiny BERT is built from a fixed seed, and both are written with
 ``save_pretrained`` exactly as a downloaded folder would hold them (``config.json``,
 ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``...). With
 ``sentence_transformers=True`` the folder also gets the files sentence-transformers writes
@@ -49,20 +49,38 @@ This is terrible, the device stopped working after two days and nobody answered.
 """
 
 
-def build_tokenizer(vocab_size: int = 400) -> Any:
-    """A BERT-style WordPiece tokenizer (lower-casing, [CLS] x [SEP]) trained on :data:`CORPUS`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+SUFFIXES = ("s", "es", "ed", "ing", "ly", "er", "est", "tion", "ment")
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, min_frequency=1,
-                                        show_progress=False)
-    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+
+def build_tokenizer(max_words: int = 300) -> Any:
+    """A BERT-style WordPiece tokenizer (lower-casing, ``[CLS] x [SEP]``) whose vocabulary is
+    learned from :data:`CORPUS`: its normalizer and pre-tokenizer split the text, the
+    ``max_words`` most frequent words become whole tokens, every character becomes a token
+    and a ``##`` continuation, plus common suffixes, so unseen words split into pieces.
+
+    Why not ``WordPieceTrainer``: its tie-breaking between equally frequent merges differs
+    from run to run (a different vocabulary each build), and the demo must be byte-identical.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for line in CORPUS.splitlines():
+        words.update(piece for piece, _ in pre.pre_tokenize_str(normalizer.normalize_str(line)))
+    chars = sorted({c for w in words for c in w})
+    common = [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))[:max_words]]
+    pieces = list(dict.fromkeys([*SPECIAL, *chars, *(f"##{c}" for c in chars), *(f"##{s}" for s in SUFFIXES),
+                                 *sorted(common)]))
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     tok.decoder = decoders.WordPiece()
     return tok
@@ -70,6 +88,7 @@ def build_tokenizer(vocab_size: int = 400) -> Any:
 
 def build_encoder_folder(folder: Path | str, *, task: str = "feature-extraction", sentence_transformers: bool = True,
                          hidden: int = 32, layers: int = 2, heads: int = 2, max_length: int = 64,
+                         intermediate: int | None = None,
                          labels: tuple[str, ...] = ("negative", "positive"), seed: int = ENCODER_SEED) -> Path:
     """Write a tiny BERT folder (``task``: feature-extraction or text-classification) to
     ``folder``, the same bytes for the same arguments. Returns ``folder``."""
@@ -81,16 +100,17 @@ def build_encoder_folder(folder: Path | str, *, task: str = "feature-extraction"
     tok = build_tokenizer()
     config = transformers.BertConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=hidden * 2, max_position_embeddings=max_length + 64, pad_token_id=tok.token_to_id("[PAD]"),
+        intermediate_size=intermediate or hidden * 2, max_position_embeddings=max_length + 64, pad_token_id=tok.token_to_id("[PAD]"),
     )
-    if task == "text-classification":
+    if task in ("text-classification", "token-classification"):
         config.id2label = dict(enumerate(labels))
         config.label2id = {v: k for k, v in config.id2label.items()}
-        cls = transformers.BertForSequenceClassification
+        cls = (transformers.BertForSequenceClassification if task == "text-classification"
+               else transformers.BertForTokenClassification)
     elif task == "feature-extraction":
         cls = transformers.BertModel
     else:
-        raise ValueError(f"task {task!r}; allowed: feature-extraction, text-classification")
+        raise ValueError(f"task {task!r}; allowed: feature-extraction, text-classification, token-classification")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(config).eval()

@@ -108,6 +108,11 @@ class ModelSettings:
     threads: int = BY_NAME["threads"].default
     timeout_s: float = BY_NAME["timeout_s"].default
     load_timeout_s: float = BY_NAME["load_timeout_s"].default
+    engine: str = BY_NAME["engine"].default
+    precision: str = BY_NAME["precision"].default
+    max_num_seqs: int = BY_NAME["max_num_seqs"].default
+    max_context: int = BY_NAME["max_context"].default
+    keep_alive_s: float = BY_NAME["keep_alive_s"].default
 
     def overlay(self, changes: Mapping[str, Any]) -> "ModelSettings":
         """A copy with ``changes`` validated and applied (``None`` values are skipped)."""

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from lastmile.models.errors import ManifestError
+from lastmile.models.errors import FormatError, ManifestError
 from lastmile.models.spec import TensorSpec
 
 Signature = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], tuple[str, ...]]
@@ -45,14 +45,15 @@ def _on_event_loop() -> bool:
 class SignatureReader:
     """``reader(fmt, artifact)`` -> ``(inputs, outputs, notes)``, cached per file version.
 
-    At most ``max_entries`` signatures are kept (oldest dropped first). Errors are not cached:
-    a fixed file is read again.
+    At most ``max_entries`` results are kept (oldest dropped first). A file that cannot be read
+    (:class:`FormatError`) is remembered too, so listing a corrupt artifact again costs nothing;
+    a fixed file has a new size or mtime and is read again.
     """
 
     def __init__(self, compute: Compute, *, workers: int = 1, max_entries: int = 1024) -> None:
         self.compute = compute
         self.max_entries = max_entries
-        self._done: dict[tuple[str, int, int], Signature] = {}
+        self._done: dict[tuple[str, int, int], Signature | FormatError] = {}
         self._running: dict[tuple[str, int, int], Future] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lastmile-signature")
@@ -67,6 +68,8 @@ class SignatureReader:
         key = self.key(artifact)
         with self._lock:
             hit = self._done.get(key)
+            if isinstance(hit, FormatError):
+                raise hit
             if hit is not None:
                 return hit
             future = self._running.get(key)
@@ -82,12 +85,17 @@ class SignatureReader:
 
     def _compute(self, key: tuple[str, int, int], fmt: str, artifact: Path) -> Signature:
         try:
-            result = self.compute(fmt, artifact)
+            try:
+                result: Signature | FormatError = self.compute(fmt, artifact)
+            except FormatError as exc:
+                result = exc
             self.computed += 1
             with self._lock:
                 while len(self._done) >= self.max_entries:
                     self._done.pop(next(iter(self._done)))
                 self._done[key] = result
+            if isinstance(result, FormatError):
+                raise result
             return result
         finally:
             with self._lock:

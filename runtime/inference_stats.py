@@ -55,20 +55,24 @@ class InferenceCounters:
     _last_batch: int | None = None
 
     def succeeded(self, rows: int, total_s: float, info: Any) -> None:
-        """One request served; ``info`` is the batcher's BatchInfo (duck-typed)."""
-        self.success.add(total_s)
+        """One request served; ``info`` is the batcher's BatchInfo. On every request's path:
+        plain attribute arithmetic, no calls beyond ``time.time``."""
+        queue_s, input_s, compute_s = info.queue_s, info.input_s, info.compute_s
+        self.success.count += 1
+        self.success.ns += int(total_s * 1e9)
         self.inference_count += rows
         self.last_inference_ms = int(time.time() * 1000)
-        queue_s = float(getattr(info, "queue_s", 0.0))
-        input_s = float(getattr(info, "input_s", 0.0))
-        compute_s = float(getattr(info, "compute_s", 0.0))
-        self.queue.add(queue_s)
-        self.compute_input.add(input_s)
-        self.compute_infer.add(max(0.0, compute_s - input_s))
-        self.compute_output.add(max(0.0, total_s - queue_s - compute_s))
-        batch_id = getattr(info, "batch_id", None)
-        if batch_id != self._last_batch:  # requests of one batch finish together
-            self._last_batch = batch_id
+        self.queue.count += 1
+        self.queue.ns += int(queue_s * 1e9)
+        self.compute_input.count += 1
+        self.compute_input.ns += int(input_s * 1e9)
+        self.compute_infer.count += 1
+        self.compute_infer.ns += int((compute_s - input_s) * 1e9)
+        self.compute_output.count += 1
+        rest = total_s - queue_s - compute_s
+        self.compute_output.ns += int(rest * 1e9) if rest > 0 else 0
+        if info.batch_id != self._last_batch:  # requests of one batch finish together
+            self._last_batch = info.batch_id
             self.batch_ids += 1
 
     def failed(self, exc: BaseException, total_s: float) -> None:

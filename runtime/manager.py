@@ -46,7 +46,8 @@ PhaseCallback = Callable[[str, dict[str, Any]], None]
 #: Waits between restarts of a model whose runner crashed (the memory ladder's own restarts
 #: have their back-off in the governor).
 CRASH_RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-BATCHER_KEYS = LIVE_KEYS  # the settings a loaded model takes live are the batcher's knobs
+# the settings a loaded model takes live are the batcher's knobs (keep_alive_s is the manager's)
+BATCHER_KEYS = tuple(k for k in LIVE_KEYS if k != "keep_alive_s")
 STALL_RESTART_AFTER = 3  # timeouts in a row with no batch finished before a runner is killed
 SHM_EVENT_EVERY_S = 10.0
 
@@ -190,6 +191,7 @@ class ModelManager:
         self._closing = False
         self.governor = memory if isinstance(memory, MemoryGovernor) else MemoryGovernor(memory, events)
         self.governor.attach(self)  # the governor sees this manager only as a ModelHost (models, unload, restart)
+        self._keep_alive_task: asyncio.Task | None = None
 
     # --- planning -------------------------------------------------------------------------
 
@@ -226,6 +228,8 @@ class ModelManager:
             requested = settings
             settings, est, plan_taken = await self.governor.admit(manifest, settings, backend)
             self.governor.start()
+            if self._keep_alive_task is None or self._keep_alive_task.done():
+                self._keep_alive_task = asyncio.get_running_loop().create_task(self._keep_alive(), name="lastmile-keep-alive")
             # A serving model is replaced without dropping requests when the new runners fit
             # beside the old ones: start them, switch, then drain the old. Else stop it first,
             # and bring it back with its old settings if the new ones fail.
@@ -379,9 +383,31 @@ class ModelManager:
             await asyncio.sleep(0.01)
         await self._teardown(old, reason="replaced by its reload")
 
+    async def _keep_alive(self, every_s: float = 1.0) -> None:
+        """Unload a model idle for longer than its ``keep_alive_s`` (0: never): no request
+        since then and nothing in flight (no batch, no generation stream)."""
+        while not self._closing:
+            await asyncio.sleep(every_s)
+            now = time.time()
+            for model in list(self.models.values()):
+                keep = model.settings.keep_alive_s
+                last = max([model.last_used, *(getattr(r, "last_activity", 0.0) for r in model.runners)])
+                if not keep or model.state != "ready" or now - last < keep:
+                    continue
+                if any(r.busy for r in model.runners) or (model.batcher and model.batcher.stats().get("queue_depth")):
+                    continue
+                try:
+                    await self.unload(model.name, reason=f"unloaded after {keep:g} s idle (keep_alive_s)")
+                except ModelNotLoaded:
+                    pass
+                except Exception:  # noqa: BLE001 - the next tick tries again
+                    logger.exception("keep_alive unload of %s failed", model.name)
+
     async def close(self) -> None:
         """Stop every runner (daemon shutdown); state is kept so the next start restores it."""
         self._closing = True
+        if self._keep_alive_task is not None:
+            self._keep_alive_task.cancel()
         self.governor.close()
         for model in list(self.models.values()):
             await self._teardown(model, "stopped with the daemon")

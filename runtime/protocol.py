@@ -1,7 +1,7 @@
 """The runner protocol: every message between the daemon and a runner process, in one place.
 
 Both sides import these classes, so a message the daemon sends is the message the runner
-reads (the old string tuples had drifted: one side sent ``"error"``, the other ``"err"``).
+reads: the two sides cannot disagree on a message's name or fields.
 Tensors never travel here: they sit in the daemon's shared-memory segments, and a message
 names the segment and the layout of the arrays in it.
 
@@ -25,10 +25,11 @@ Flow control of a stream: the runner sends at most ``window`` chunks beyond the 
 :class:`Credit` (``consumed`` = chunks the consumer has taken); a slow consumer therefore
 pauses that one stream in the runner, not the pipe or the other requests.
 
-The messages are slotted dataclasses, frozen except the four built for every batch or chunk
-(:class:`Run`, :class:`Done`, :class:`Chunk`, :class:`Credit`): treat those as values too.
+The messages are slotted dataclasses, frozen except those built for every batch or chunk
+(:class:`Run`, :class:`Done`, :class:`Chunk`, :class:`Credit`, :class:`Tokens`): treat those
+as values too.
 
-Wire format: a pickled tuple ``(tag, *fields)``, built and read by :func:`encode` and
+Wire format: a pickled pair ``(tag, fields)``, built and read by :func:`encode` and
 :func:`decode`. Why not pickle the objects themselves: pickling a frozen slotted dataclass
 costs ~8 µs each way against ~1 µs for a tuple (measured here), and two messages cross per
 batch on the hot path. The pipe is private between the daemon and its own children, so
@@ -66,9 +67,9 @@ def _message(tag: int, *, frozen: bool = True) -> Callable[[type], type]:
         assert tag not in _TYPES, f"wire tag {tag} used twice"
         get = attrgetter(*names)
         if len(names) == 1:
-            cls._wire = lambda self, _t=tag, _g=get: (_t, _g(self))  # type: ignore[attr-defined]
+            cls._wire = lambda self, _t=tag, _g=get: (_t, (_g(self),))  # type: ignore[attr-defined]
         else:
-            cls._wire = lambda self, _t=tag, _g=get: (_t, *_g(self))  # type: ignore[attr-defined]
+            cls._wire = lambda self, _t=tag, _g=get: (_t, _g(self))  # type: ignore[attr-defined]
         cls.TAG = tag  # type: ignore[attr-defined]
         _TYPES[tag] = cls
         return cls
@@ -299,8 +300,9 @@ def encode(msg: Message) -> bytes:
 def decode(data: bytes) -> Message:
     """The message ``data`` holds (from ``Connection.recv_bytes``). A tag this version does
     not know raises :class:`ValueError`."""
-    wire = loads(data)
-    cls = _TYPES.get(wire[0])
-    if cls is None:
-        raise ValueError(f"unknown runner message tag {wire[0]!r}")
-    return cls(*wire[1:])
+    tag, values = loads(data)
+    try:
+        cls = _TYPES[tag]
+    except KeyError:
+        raise ValueError(f"unknown runner message tag {tag!r}") from None
+    return cls(*values)

@@ -137,7 +137,7 @@ def pack(arrays: Mapping[str, np.ndarray], mem: mmap.mmap | memoryview, layout: 
     for (name, dtype, shape, offset) in layout:
         src = arrays[name]
         dest = np.ndarray(shape, dtype=dtype, buffer=mem, offset=offset)
-        if src.dtype.str != dtype or src.shape != shape:
+        if _dtype_str(src.dtype, name) != dtype or src.shape != shape:
             raise ShmError(f"{name}: array is {src.dtype}{list(src.shape)} but the layout says {dtype}{list(shape)}")
         dest[...] = src
     return layout

@@ -25,6 +25,7 @@ from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.tui.commands import LastmileCommands
 from lastmile.tui.messages import ConnectionChanged, SnapshotArrived
 from lastmile.tui.screens.base import LastmileScreen
+from lastmile.tui.screens.chat import ChatScreen
 from lastmile.tui.screens.dashboard import DashboardScreen
 from lastmile.tui.screens.events import EventsScreen
 from lastmile.tui.screens.help import HelpScreen
@@ -44,9 +45,10 @@ class LastmileApp(App[int]):
         "tune": TuneScreen,
         "playground": PlaygroundScreen,
         "events": EventsScreen,
+        "chat": ChatScreen,
     }
     DEFAULT_MODE = "dashboard"
-    SCREEN_TITLES = {"dashboard": "Dashboard", "models": "Models", "tune": "Tune", "playground": "Playground", "events": "Events"}
+    SCREEN_TITLES = {"dashboard": "Dashboard", "models": "Models", "tune": "Tune", "playground": "Playground", "events": "Events", "chat": "Chat"}
     COMMANDS = App.COMMANDS | {LastmileCommands}
     RATES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
     BINDINGS = [
@@ -55,6 +57,7 @@ class LastmileApp(App[int]):
         Binding("t,f4", "switch_mode('tune')", "Tune", key_display="t"),
         Binding("p,f5", "switch_mode('playground')", "Playground", key_display="p"),
         Binding("e,f6", "switch_mode('events')", "Events", key_display="e"),
+        Binding("c,f7", "switch_mode('chat')", "Chat", key_display="c"),
         Binding("space", "toggle_pause", "Pause"),
         Binding("plus,equals_sign", "faster", "Faster", key_display="+"),
         Binding("minus", "slower", "Slower", key_display="-"),

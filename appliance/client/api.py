@@ -4,10 +4,11 @@ whose text is fit to show an operator as is."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import aiohttp
 import numpy as np
@@ -86,6 +87,41 @@ class LastmileClient:
             raise ClientError(f"request to {self.where} failed: {exc}") from None
         except TimeoutError:
             raise ClientError(f"request to {self.where}{path} timed out after {self.timeout.total} s") from None
+
+    @contextlib.asynccontextmanager
+    async def stream(self, path: str, body: Any, *, read_timeout_s: float = 300.0) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST ``body`` and hand over the response with its body unread, for SSE / NDJSON
+        streams (text generation). No total timeout (a long answer is not a failure); a stream
+        that sends nothing for ``read_timeout_s`` fails. A 4xx/5xx raises :class:`ApiError`,
+        whether its body is Lastmile's ``{"error": str}`` or OpenAI's ``{"error": {"message", "param"}}``."""
+        if self._session is None:
+            await self.__aenter__()
+        assert self._session is not None
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30.0, sock_read=read_timeout_s)
+        try:
+            async with self._session.post(self.base_url + path, json=body, timeout=timeout) as resp:
+                if resp.status >= 400:
+                    payload = await resp.read()
+                    try:
+                        data = json.loads(payload)
+                    except ValueError:
+                        data = {"error": payload.decode(errors="replace")}
+                    error = data.get("error") if isinstance(data, dict) else None
+                    if isinstance(error, dict):  # OpenAI's shape
+                        raise ApiError(resp.status, str(error.get("message")), error.get("param"))
+                    raise ApiError(resp.status, str(error or f"HTTP {resp.status}"), data.get("field") if isinstance(data, dict) else None)
+                yield resp
+        except aiohttp.ClientConnectorError as exc:
+            os_error = getattr(exc, "os_error", None)
+            if isinstance(os_error, PermissionError):
+                raise PermissionDenied(f"permission denied on {self.where}: join the 'lastmile' group (or run as root)") from None
+            raise DaemonNotRunning(f"the daemon is not running on {self.where} (start it with 'lastmile serve')") from None
+        except aiohttp.ServerDisconnectedError:
+            raise DaemonNotRunning(f"the daemon at {self.where} closed the connection") from None
+        except aiohttp.ClientError as exc:
+            raise ClientError(f"request to {self.where}{path} failed: {exc}") from None
+        except TimeoutError:
+            raise ClientError(f"{self.where}{path} sent nothing for {read_timeout_s:g} s") from None
 
     async def request(self, method: str, path: str, body: Any = None) -> Any:
         status, _, payload = await self._raw(method, path, json_body=body)

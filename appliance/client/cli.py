@@ -18,6 +18,7 @@ import numpy as np
 
 from lastmile.appliance import __version__
 from lastmile.appliance.client.api import ClientError, DaemonNotRunning, LastmileClient
+from lastmile.appliance.client.chat import add_chat_commands
 from lastmile.appliance.client.tensors import InputTypeError, conform
 from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.appliance.client.units import MIB, fmt_bytes, fmt_mib, fmt_percent
@@ -114,6 +115,21 @@ def cmd_build_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     built = build_demo(store, force=args.force)
     print(f"built {', '.join(built) or 'nothing (all present; --force rebuilds)'} in {store} ({time.monotonic() - started:.1f} s)")
+    return 0
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    """``models import FILE.gguf --name NAME``: a GGUF (Ollama / llama.cpp) as an HF folder in the store."""
+    from lastmile.models.store import check_name
+    from lastmile.runtime.generation.gguf_import import import_gguf
+
+    store = Path(args.store) if args.store else load_config(args.config).store["models_dir"]
+    name = check_name(args.name)
+    started = time.monotonic()
+    out = import_gguf(args.source, Path(store) / name, precision=args.precision, force=args.force,
+                      on_phase=lambda phase, data: print(f"{phase}...", file=sys.stderr, flush=True))
+    print(f"imported {args.source} as {name} in {out} ({time.monotonic() - started:.1f} s); "
+          f"`lastmile load {name}` serves it (the first load builds the ORT-GenAI {args.precision or 'int4'} model)")
     return 0
 
 
@@ -222,8 +238,15 @@ def _random_input(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
 
 
 def cmd_models_import(args: argparse.Namespace) -> int:
+    if args.source.lower().endswith(".gguf"):
+        if not args.name:
+            raise ClientError("models import FILE.gguf needs --name NAME (the model's name in the store)")
+        return cmd_import_gguf(args)
+    if args.to != "onnx":
+        raise ClientError(f"models import {args.source}: give a FILE.gguf, or a store model NAME with --to onnx")
     from lastmile.appliance.client.text_cli import cmd_models_import as run_import
 
+    args.name = args.source
     return run_import(args, Path(args.store) if args.store else load_config(args.config).store["models_dir"])
 
 
@@ -350,7 +373,7 @@ async def cmd_stop(client: LastmileClient, args: argparse.Namespace) -> int:
     if peer != pid:
         raise ClientError(f"refusing to signal pid {pid}: the process on {client.socket_path} is {peer or 'unknown'} "
                           "(a daemon behind a proxy or in another PID namespace); stop it where it runs")
-    loaded = [n for n, state in (status.get("models") or {}).items()]
+    loaded = list(status.get("models") or {})
     started = time.monotonic()
     try:
         os.kill(pid, signal.SIGTERM)
@@ -599,12 +622,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--store", help="store directory (default: store.models_dir)")
     demo.add_argument("--force", action="store_true", help="rebuild models that exist")
     demo.set_defaults(func=cmd_build_demo)
-    imp = models_sub.add_parser("import", help="export a Hugging Face text model of the store to ONNX (NAME-onnx)", parents=[common])
-    imp.add_argument("name")
-    imp.add_argument("--to", choices=["onnx"], required=True)
-    imp.add_argument("--target", help="name of the new model folder (default NAME-onnx)")
+    imp = models_sub.add_parser(
+        "import", parents=[common],
+        help="a GGUF file (Ollama, llama.cpp) as a chat model in the store, or --to onnx: export a Hugging Face text model of the store to ONNX (NAME-onnx)")
+    imp.add_argument("source", help="FILE.gguf, or the NAME of a Hugging Face text model in the store (with --to onnx)")
+    imp.add_argument("--name", help="GGUF: the new model's name in the store")
+    imp.add_argument("--precision", choices=("int4", "int8", "fp32"), help="GGUF: weights the ORT-GenAI engine serves (default int4)")
+    imp.add_argument("--to", choices=["onnx"], help="export a store model to ONNX")
+    imp.add_argument("--target", help="--to onnx: name of the new model folder (default NAME-onnx)")
     imp.add_argument("--store", help="store directory (default: store.models_dir)")
-    imp.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer fusions")
+    imp.add_argument("--no-optimize", action="store_true", help="--to onnx: skip ONNX Runtime's transformer fusions")
     imp.add_argument("--force", action="store_true", help="replace the target folder")
     imp.add_argument("--json", action="store_true")
     imp.set_defaults(func=cmd_models_import)
@@ -638,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     tui.add_argument("--read-only", action="store_true", help="hide every action that changes the daemon")
     add_memory_commands(sub, common, load)
     add_perf_commands(sub, common)
+    add_chat_commands(sub, common)  # `lastmile chat`, `lastmile generate` (appliance/client/chat.py)
     return parser
 
 

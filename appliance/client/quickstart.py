@@ -16,7 +16,8 @@ import numpy as np
 from lastmile.appliance.client.api import ClientError, DaemonNotRunning, LastmileClient
 from lastmile.appliance.server.config import Config
 
-DEMO_LOADS = ("demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds")
+DEMO_LOADS = ("demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds", "demo-encoder")
+DEMO_TEXTS = ["The pump pressure dropped below the threshold.", "Restart the pump when the pressure drops.", "I love this product."]
 START_TIMEOUT_S = 300.0
 
 
@@ -72,6 +73,11 @@ async def run_demo(client: LastmileClient, config: Config, config_file: str | No
     print()
     for name in DEMO_LOADS:
         meta = await client.metadata(name)
+        if meta["inputs"] and meta["inputs"][0]["datatype"] == "BYTES":  # a text model: send text
+            from lastmile.appliance.client.text_cli import format_text_result, infer_text
+
+            print(f"{name:<12} " + format_text_result(DEMO_TEXTS, await infer_text(client, name, DEMO_TEXTS)).replace("\n", "\n             "))
+            continue
         rng = np.random.default_rng(0)  # the same inputs for both backends of a model: same answers
         inputs, datatypes = {}, {}
         for spec in meta["inputs"]:

@@ -58,12 +58,19 @@ def cmd_models_import(args: argparse.Namespace, store: Path) -> int:
     from lastmile.models.hf_onnx import export_hf_to_onnx
     from lastmile.models.store import check_name
 
-    if args.to != "onnx":
-        raise SystemExit(f"--to {args.to!r}: only onnx is supported")
-    source = store / check_name(args.name)
-    target = store / check_name(args.target or f"{args.name}-onnx")
+    from lastmile.appliance.client.api import ClientError
+
     started = time.monotonic()
-    report = export_hf_to_onnx(source, target, optimize=not args.no_optimize, force=args.force)
+    try:
+        if args.to != "onnx":
+            raise ValueError(f"--to {args.to!r}: only onnx is supported")
+        source = store / check_name(args.name)
+        target = store / check_name(args.target or f"{args.name}-onnx")
+        if not source.is_dir():
+            raise ValueError(f"no model {args.name!r} in the store {store}")
+        report = export_hf_to_onnx(source, target, optimize=not args.no_optimize, force=args.force)
+    except (ValueError, OSError) as exc:  # bad name, not an HF text folder, target exists: one line
+        raise ClientError(f"models import {args.name}: {exc}") from None
     if getattr(args, "json", False):
         print(json.dumps(report.as_dict(), indent=2))
         return 0

@@ -69,6 +69,11 @@ _VIEWER_POSTS = (
     re.compile(r"^/v2/models/[^/]+/infer$"),
     re.compile(r"^/v2/models/[^/]+/versions/[^/]+/infer$"),
     re.compile(r"^/v2/repository/index$"),
+    # OpenAI-, Triton- and Ollama-style inference changes nothing, like V2 infer
+    re.compile(r"^/v1/embeddings$"),
+    re.compile(r"^/v1/(chat/)?completions$"),
+    re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/generate(_stream)?$"),
+    re.compile(r"^/api/(chat|generate)$"),
 )
 _ROLE_ATTR = "__lastmile_role__"
 

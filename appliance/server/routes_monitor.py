@@ -22,7 +22,9 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from lastmile.appliance.server.dataplane import dataplane_of
+from lastmile.appliance.server.generation_metrics import MonitorAnnotator
 from lastmile.appliance.server.http import ApiError
+from lastmile.appliance.server.routes_generate import GENERATION_METRICS
 
 routes = web.RouteTableDef()
 
@@ -57,10 +59,14 @@ async def monitor(request: web.Request) -> web.StreamResponse:
     wake = asyncio.Event()
     reader = asyncio.get_running_loop().create_task(_read_commands(ws, state, wake))
     builder = plane.monitor(since)
+    generation = request.app.get(GENERATION_METRICS)  # tokens/s, TTFT, inter-token of the generation routes
+    annotator = MonitorAnnotator(generation) if generation is not None else None
     try:
         while not ws.closed and not reader.done():
             started = time.monotonic()
             snapshot = await builder.build(state["rate_hz"])
+            if annotator is not None:
+                annotator.annotate(snapshot)
             await ws.send_str(json.dumps(snapshot, default=str))
             deadline = started + 1.0 / state["rate_hz"]
             while not ws.closed and not reader.done():

@@ -31,6 +31,7 @@ from lastmile.appliance.server.metrics import setup_metrics
 from lastmile.appliance.server.routes_memory import routes as memory_routes
 from lastmile.appliance.server.routes_monitor import routes as monitor_routes
 from lastmile.appliance.server.routes_control import routes as v1_routes
+from lastmile.appliance.server.routes_generate import setup_generation
 from lastmile.appliance.server.routes_stats import routes as stats_routes
 from lastmile.appliance.server.routes_openai import routes as openai_routes
 from lastmile.appliance.server.routes_v2 import routes as v2_routes
@@ -72,6 +73,7 @@ def build_app(daemon: Daemon) -> web.Application:
     app.add_routes(memory_routes)
     app.add_routes(openai_routes)
     setup_metrics(app, daemon)
+    setup_generation(app)  # OpenAI / Triton generate routes; joins the metrics registry
     return app
 
 

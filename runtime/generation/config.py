@@ -30,20 +30,12 @@ def is_generation_manifest(manifest: Any) -> bool:
     """A bare HF causal-LM folder (no tensor signature written) is served as a generation model."""
     if getattr(manifest, "format", None) != "hf":
         return False
-    if getattr(manifest, "inputs", ()) and getattr(manifest, "from_manifest_file", False):
+    if getattr(manifest, "from_manifest_file", False) and getattr(manifest, "hf", None) is None \
+            and getattr(manifest, "inputs", ()):
         return False  # the operator described tensors: serve it as a tensor model
-    try:
-        from lastmile.models.hf import describe_hf_folder  # the text engineer's classifier
-    except ImportError:
-        describe_hf_folder = None
-    if describe_hf_folder is not None:
-        try:
-            desc = describe_hf_folder(Path(manifest.artifact))
-            task = getattr(desc, "task", None) or (desc.get("task") if isinstance(desc, dict) else None)
-            if task is not None:
-                return task in ("text-generation", "generate", "causal-lm")
-        except Exception:  # noqa: BLE001 - fall back to the config check below
-            pass
+    hf = getattr(manifest, "hf", None)  # lastmile.models.hf's description of the folder
+    if hf is not None and getattr(hf, "task", None):
+        return hf.task == "generate" and causal_lm_config(Path(manifest.artifact)) is not None
     return causal_lm_config(Path(manifest.artifact)) is not None
 
 
@@ -68,13 +60,16 @@ class GenerationSettings:
             value = getattr(settings, name, None)
             return default if value is None else value
 
-        engine = get("engine", "auto")
-        if engine == "auto":
-            engine = "deepspeed"  # the ORT-GenAI engine becomes the CPU default once it is wired
         device = get("device", "cpu")
+        engine = get("engine", "auto")
+        if engine == "auto":  # ORT-GenAI's int4 kernels on CPU; DeepSpeed where there is an accelerator
+            engine = "ort-genai" if device in ("auto", "cpu") else "deepspeed"
+        precision = get("precision", "auto")
+        if precision == "auto":
+            precision = "int4"
         max_context = int(get("max_context", 0)) or min(2048, model_max_context or 2048)
         return cls(
-            engine=engine, precision=get("precision", "fp32"),
+            engine=engine, precision=precision,
             max_num_seqs=int(get("max_num_seqs", 8)), max_context=max_context,
             max_queue=int(get("max_queue", 64)), prefill_chunk=int(get("prefill_chunk", 256)),
             threads=int(get("threads", 0)), device="cpu" if device == "auto" else device,

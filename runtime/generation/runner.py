@@ -149,6 +149,7 @@ class GenerationRunner(Runner):
         self._keys = itertools.count(1)
         self._sequences: dict[int, GenerationStream] = {}
         self.generation: dict[str, Any] = {}  # the child's latest scheduler stats
+        self.last_activity = time.time()  # last chunk received (keep_alive counts idle from here)
 
     def generate(self, request: GenerationRequest) -> GenerationStream:
         """Start one generation; refusals surface on the stream's first ``__anext__``."""
@@ -176,6 +177,7 @@ class GenerationRunner(Runner):
     def _dispatch(self, msg: ToDaemon) -> None:
         kind = type(msg)
         if kind is Tokens:
+            self.last_activity = time.time()
             for key, chunk in msg.chunks:
                 stream = self._sequences.get(key)
                 if stream is not None:

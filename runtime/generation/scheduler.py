@@ -128,6 +128,9 @@ class GenerationScheduler:
             if key is None:
                 continue
             r = self._reqs[key]
+            if tok < 0:  # the engine ended the sequence itself (an EOS it did not report)
+                out.append((key, self._finish(key, r, "stop", r.stream.flush(), ())))
+                continue
             r.completion += 1
             self.generated_tokens_total += 1
             if r.last_token_at is None:

@@ -30,7 +30,7 @@ from lastmile.runtime.protocol import (NO_SEQ, Accepted, Cancel, Done, EngineSta
 STATS_EVERY_S = 0.25
 
 
-def load(folder: str, gs: Any) -> tuple[Any, Any]:
+def load(folder: str, gs: Any, on_phase: Any = None) -> tuple[Any, Any]:
     """(engine, tokenizer) for an HF causal-LM folder with the given GenerationSettings."""
     from transformers import AutoTokenizer
 
@@ -48,7 +48,8 @@ def load(folder: str, gs: Any) -> tuple[Any, Any]:
         from lastmile.runtime.generation.ort_engine import OrtGenAIEngine
 
         engine = OrtGenAIEngine.from_hf_folder(folder, precision=gs.precision, max_num_seqs=gs.max_num_seqs,
-                                               max_context=gs.max_context, threads=threads)
+                                               max_context=gs.max_context, threads=threads,
+                                               prefill_chunk=gs.prefill_chunk, on_phase=on_phase)
     else:
         raise ValueError(f"engine {gs.engine!r} unknown; known: deepspeed, ort-genai")
     return engine, tokenizer
@@ -73,7 +74,7 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str, factory: An
         folder = str(manifest.artifact)
         cfg = causal_lm_config(manifest.artifact) or {}
         gs = GenerationSettings.from_settings(settings, cfg.get("max_position_embeddings"))
-        engine, tokenizer = load(folder, gs)
+        engine, tokenizer = load(folder, gs, on_phase=lambda name, data: send(Phase(NO_SEQ, name, data)))
         sched = GenerationScheduler(engine, tokenizer, max_queue=gs.max_queue)
         load_s = time.perf_counter() - started
         send(Phase(NO_SEQ, "warming", {"load_s": round(load_s, 4)}))

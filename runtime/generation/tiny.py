@@ -43,8 +43,10 @@ The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor 
 
 
 def build_tiny_lm(path: str | Path, *, vocab_size: int = 512, seed: int = 0,
-                  max_position_embeddings: int = 4096) -> Path:
-    """Write a tiny Llama causal-LM folder (config, safetensors, tokenizer, chat template)."""
+                  max_position_embeddings: int = 4096, hidden_size: int = 64, layers: int = 2,
+                  heads: int = 4, kv_heads: int = 2) -> Path:
+    """Write a tiny Llama causal-LM folder (config, safetensors, tokenizer, chat template).
+    The shape arguments make a variant with a bigger KV cache per token (memory tests)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -74,8 +76,8 @@ def build_tiny_lm(path: str | Path, *, vocab_size: int = 512, seed: int = 0,
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+        vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_position_embeddings,
         initializer_range=0.5, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id, tie_word_embeddings=False, torch_dtype="float32",
     )

@@ -4,9 +4,11 @@ Why our own scheduler: transformers' ``generate`` runs one fixed batch to its en
 continuous batching ran 2.4x slower than a padded static batch on CPU here. This engine keeps
 one left-padded batched KV cache (transformers' ``DynamicCache``) for the running sequences:
 
-* a new sequence is prefilled alone in its own cache, in chunks of at most ``prefill_chunk``
-  tokens per step, *after* the running sequences' decode step, so a 2,000-token prompt costs
-  the running streams one chunk per token instead of the whole prompt;
+* a new sequence is prefilled alone in its own cache, *after* the running sequences' decode
+  step, in chunks of at most ``busy_prefill_chunk`` tokens per step while others decode
+  (``prefill_chunk`` when nothing else runs), so a 2,000-token prompt costs the running
+  streams one small chunk per token instead of the whole prompt (measured: a 256-token chunk
+  made their inter-token latency 10x the steady one);
 * when its prefill ends it is merged into the batch (both sides left-padded to one length,
   with the attention mask marking the padding) and decodes with the others;
 * a sequence that ends or is cancelled is removed from the batch dimension at once and the
@@ -55,7 +57,7 @@ class TorchEngine(GenerationEngine):
 
     def __init__(self, folder: str | Path, *, max_num_seqs: int = 8, max_context: int = 2048,
                  dtype: str = "fp32", device: str = "cpu", prefill_chunk: int = 256,
-                 use_deepspeed: bool = True, threads: int | None = None) -> None:
+                 busy_prefill_chunk: int = 32, use_deepspeed: bool = True, threads: int | None = None) -> None:
         super().__init__(max_num_seqs, max_context)
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -66,6 +68,7 @@ class TorchEngine(GenerationEngine):
         self.device = device
         self.dtype = getattr(torch, _DTYPES.get(dtype, "float32"))
         self.prefill_chunk = max(1, prefill_chunk)
+        self.busy_prefill_chunk = max(1, min(busy_prefill_chunk, self.prefill_chunk))
         config = AutoConfig.from_pretrained(folder)
         self.shape = ModelShape.from_config(config)
         if max_context > self.shape.max_position_embeddings:
@@ -134,7 +137,7 @@ class TorchEngine(GenerationEngine):
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "dtype": str(self.dtype).removeprefix("torch."),
-                "deepspeed_init_inference": self.deepspeed, "prefill_chunk": self.prefill_chunk,
+                "deepspeed_init_inference": self.deepspeed, "prefill_chunk": self.prefill_chunk, "busy_prefill_chunk": self.busy_prefill_chunk,
                 "kv_bytes_per_token": self.shape.kv_bytes_per_token(self._dtype_bytes)}
 
     def close(self) -> None:
@@ -164,7 +167,7 @@ class TorchEngine(GenerationEngine):
         torch = self._torch
         from transformers import DynamicCache
 
-        budget = self.prefill_chunk
+        budget = self.busy_prefill_chunk if self._running else self.prefill_chunk
         out: list[tuple[int, int]] = []
         for s in list(self._prefilling):
             if budget <= 0:

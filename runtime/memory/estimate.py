@@ -209,6 +209,7 @@ class Estimate:
     measured_correction_bytes: int = 0
     source: str = "static"  # "measured" once corrected by a recorded footprint
     artifact_key: str | None = None  # the footprint record this estimate reads and the load writes
+    kind: str = "tensor"  # "generation": KV-cache sizing (runtime/generation/memory.py), held to the limit itself
 
     def corrected(self, delta_bytes: int, note: str) -> "Estimate":
         """This estimate with ``delta_bytes`` added on the host (a recorded footprint's

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from lastmile.models.settings import ModelSettings
 from lastmile.models.spec import Manifest
+from lastmile.runtime.generation.config import is_generation_manifest
+from lastmile.runtime.generation.memory import generation_estimate
 from lastmile.runtime.memory import procfs
 from lastmile.runtime.memory.admission import Admission
 from lastmile.runtime.memory.budget import Budgets
@@ -134,6 +136,10 @@ class MemoryGovernor:
         """The static estimate, corrected by the recorded footprint of the same artifact when
         there is one (the digest is known only once :meth:`admit` computed it, off the loop)."""
         device = self._device_of(settings)
+        if is_generation_manifest(manifest):  # weights + slots x context x KV bytes per token
+            gen = generation_estimate(manifest, settings, device)
+            gen.kind = "generation"
+            return gen
         est = estimate(manifest, settings, backend, device)
         digest = self.footprints.cached_digest(manifest.artifact)
         if digest is None or budget_device(device) != "host":

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -127,7 +126,8 @@ def test_demo_command_from_nothing(tmp_path: Path) -> None:
             assert any(line.startswith(f"loaded {name} ") and backend in line for line in lines), result.stdout
         answers = {line.split()[0]: line.split("argmax")[1].split("]")[0] for line in lines if "argmax" in line}
         assert answers["demo-mlp"] == answers["demo-mlp-ds"] and answers["demo-lm"] == answers["demo-lm-ds"]
-        assert json.loads(status.stdout)["models_loaded"] == 4
+        assert any(line.startswith("demo-encoder ") and "embeddings: shape [3, 32]" in line for line in lines), result.stdout
+        assert json.loads(status.stdout)["models_loaded"] == 5  # 4 tensor demos + demo-encoder (text)
         # 17.9: a second `lastmile demo` leaves the settings an operator changed
         pid = json.loads(status.stdout)["pid"]
         assert lastmile("tune", "demo-mlp", "--batch-sizes", "5", "--delays-ms", "0", "--clients", "2", "--duration-s", "0.3",

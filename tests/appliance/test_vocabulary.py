@@ -80,7 +80,8 @@ def test_one_answer_to_which_keys_reload() -> None:
     the CLI's help all say the same."""
     assert set(vocabulary.LIVE_KEYS) | set(vocabulary.RELOAD_KEYS) == set(vocabulary.BY_NAME)
     assert not set(vocabulary.LIVE_KEYS) & set(vocabulary.RELOAD_KEYS)
-    assert manager.BATCHER_KEYS == vocabulary.LIVE_KEYS
+    # every live key but keep_alive_s (the manager's idle unloader reads it) is a batcher knob
+    assert manager.BATCHER_KEYS + ("keep_alive_s",) == vocabulary.LIVE_KEYS
     assert set(forms.RELOADING_KEYS) == set(vocabulary.RELOAD_KEYS)
     assert set(autotune.LIVE_KEYS) <= set(vocabulary.LIVE_KEYS)
     assert set(autotune.RELOAD_KEYS) <= set(vocabulary.RELOAD_KEYS)

@@ -38,7 +38,7 @@ def store(tiny_lm: Path, demo_store: Path, tmp_path: Path) -> Path:
 async def test_generate_through_the_manager(forkserver, store: Path):
     manager = ModelManager(ModelStore(store), ModelSettings(), EventLog())
     try:
-        model = await manager.load("tiny", {"max_batch_size": 4})
+        model = await manager.load("tiny", {"engine": "deepspeed", "max_batch_size": 4})
         assert model.generation and model.batcher is None
         chunks = [c async for c in manager.generate("tiny", GenerationRequest(
             SamplingParams(max_tokens=8, temperature=0.0),
@@ -74,6 +74,17 @@ async def test_generate_through_the_manager(forkserver, store: Path):
                 await asyncio.sleep(0.1)
         chunks = [c async for c in manager.generate("tiny", GenerationRequest(SamplingParams(max_tokens=3), prompt="Hi"))]
         assert chunks[-1].completion_tokens == 3
+
+        # keep_alive_s (live): unloaded once idle that long, never while a stream runs
+        stream = manager.generate("tiny", GenerationRequest(SamplingParams(max_tokens=1900, temperature=0.0), prompt="Hi"))
+        await stream.__anext__()
+        manager.configure("tiny", {"keep_alive_s": 1.0})
+        await asyncio.sleep(2.5)
+        assert "tiny" in manager.models, "unloaded while a stream was running"
+        await stream.aclose()
+        async with asyncio.timeout(10):
+            while "tiny" in manager.models:
+                await asyncio.sleep(0.1)
     finally:
         await manager.close()
 
@@ -84,7 +95,7 @@ async def test_daemon_restart_restores_the_generation_model(store: Path, tmp_pat
     d = start_daemon(home, store)
     try:
         async with LastmileClient(d.socket) as client:
-            await client.load("tiny", {"max_batch_size": 4})
+            await client.load("tiny", {"engine": "deepspeed", "max_batch_size": 4})
             assert (await client.model("tiny"))["generation"]["engine"] == "deepspeed"
         assert d.stop() == 0
         d = start_daemon(home, store)

@@ -65,4 +65,4 @@ def test_messages_are_slotted_and_frozen_off_the_hot_path(msg):
 
 def test_unknown_tag_is_refused():
     with pytest.raises(ValueError, match="unknown runner message tag 99"):
-        p.decode(pickle.dumps((99, 1)))
+        p.decode(pickle.dumps((99, (1,))))

@@ -67,6 +67,7 @@ def make_app(policy: AuthPolicy) -> web.Application:
     app.router.add_post("/v2/models/{name}/infer", _whoami)
     app.router.add_post("/v2/models/{name}/versions/{v}/infer", _whoami)
     app.router.add_post("/v2/repository/index", _whoami)
+    app.router.add_post("/v1/embeddings", _whoami)  # OpenAI-compatible inference
     app.router.add_post("/v2/repository/models/{name}/load", _whoami)
     app.router.add_post("/v2/repository/models/{name}/unload", _whoami)
     app.router.add_patch("/lm/v1/models/{name}", _whoami)  # tune
@@ -119,6 +120,7 @@ VIEWER_ROUTES = [
     ("POST", "/v2/models/m/infer"),
     ("POST", "/v2/models/m/versions/1/infer"),
     ("POST", "/v2/repository/index"),
+    ("POST", "/v1/embeddings"),
 ]
 
 

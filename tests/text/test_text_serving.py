@@ -294,3 +294,25 @@ def test_cli_infer_text_and_models_derivation(served: tuple[DaemonProc, int], ca
     assert main(["models", "--socket", str(daemon.socket)]) == 0
     out = capsys.readouterr().out
     assert "enc: BertModel -> feature-extraction" in out and "(from 1_Pooling/config.json)" in out
+
+
+async def test_tui_playground_sends_text(served: tuple[DaemonProc, int]) -> None:
+    from textual.widgets import Input, RichLog
+
+    from lastmile.appliance.client.api import LastmileClient
+    from lastmile.tui.app import LastmileApp
+    from tests.tui.conftest import wait_until
+
+    daemon, _ = served
+    app = LastmileApp(LastmileClient(daemon.socket), rate_hz=10)
+    async with app.run_test(size=(160, 48)) as pilot:
+        step = lambda: pilot.pause(0.05)  # noqa: E731
+        await pilot.press("p")
+        screen = app.screen
+        await wait_until(lambda: "enc" in getattr(screen, "_names", ()), step=step, what="enc in the model picker")
+        screen.select_model("enc")
+        screen.query_one("#p-text", Input).value = "hello || the quick brown fox"
+        screen.action_send_text()
+        log = screen.query_one("#p-output", RichLog)
+        shown = lambda: "\n".join(line.text for line in log.lines)  # noqa: E731
+        await wait_until(lambda: "embeddings: shape [2, 32]" in shown(), step=step, what="the embeddings in the log")

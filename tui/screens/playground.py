@@ -1,5 +1,5 @@
-"""The playground: send a request to a loaded model (random input from its spec, or .npy
-files), see the outputs, the latency, and which batch the request rode in. A burst of N
+"""The playground: send a request to a loaded model (random input from its spec, .npy files,
+or text for a text model), see the outputs, the latency, and which batch the request rode in. A burst of N
 concurrent requests shows the dynamic batcher at work."""
 
 from __future__ import annotations
@@ -50,10 +50,13 @@ class PlaygroundScreen(ModelPickerScreen):
                 yield Input("1", id="p-burst", type="integer")
                 yield Label(".npy file(s)")
                 yield Input(placeholder="path.npy  or  name=path.npy,name=path.npy", id="p-files")
+                yield Label("text(s)")
+                yield Input(placeholder="for text models: one text, or several separated by ' || '", id="p-text")
             yield Static("", id="p-spec")
             with Horizontal(id="play-buttons"):
                 yield Button("Send random input", variant="primary", id="b-random")
                 yield Button("Send file input", id="b-file")
+                yield Button("Send text", id="b-text")
             yield Static("", id="p-summary")
             yield RichLog(id="p-output", wrap=True, markup=False, max_lines=400)
 
@@ -136,6 +139,34 @@ class PlaygroundScreen(ModelPickerScreen):
     @on(Button.Pressed, "#b-file")
     def _file_pressed(self) -> None:
         self.action_send_file()
+
+    @on(Button.Pressed, "#b-text")
+    def _text_pressed(self) -> None:
+        self.action_send_text()
+
+    def action_send_text(self) -> None:
+        texts = [t.strip() for t in self.query_one("#p-text", Input).value.split("||") if t.strip()]
+        if self.model_name is None or not texts:
+            self.lm.report_error("pick a loaded text model and type a text first")
+            return
+        self.send_text(self.model_name, texts)
+
+    @work(group="infer", exclusive=True, exit_on_error=False)
+    async def send_text(self, name: str, texts: list[str]) -> None:
+        """A text model's answer (embeddings preview, or labels and scores), as the CLI prints it."""
+        from lastmile.appliance.client.text_cli import format_text_result, infer_text
+
+        summary, log = self.query_one("#p-summary", Static), self.query_one("#p-output", RichLog)
+        try:
+            response = await infer_text(self.lm.client, name, texts)
+        except ClientError as exc:
+            message = exc.message if isinstance(exc, ApiError) else str(exc)
+            summary.update(Text(f"{name}: {message}", style="red"))
+            self.lm.report_error(message)
+            return
+        summary.update(Text(f"{name}: {len(texts)} text(s)", style="bold"))
+        log.clear()
+        log.write(format_text_result(texts, response))
 
     @work(group="infer", exclusive=True, exit_on_error=False)
     async def send(self, name: str, arrays: dict[str, Any], types: dict[str, str], burst: int) -> None:

@@ -1,0 +1,208 @@
+"""Generation figures per model: what clients experience (observed by the generation routes)
+and what the engine holds (read from the model's ``describe()["generation"]`` at scrape time).
+
+- Observed on the hot path, per stream: time to first token (request received -> first token
+  leaves the daemon), the gap between consecutive token chunks (inter-token latency), prompt
+  and generated tokens, requests by outcome. Measured in the daemon rather than taken from the
+  engine so that they include everything a client waits for (the runner pipe, the daemon's
+  event loop, SSE encoding); the engine's own figures, when it reports them, appear beside.
+- Read at scrape time: running and waiting sequences, KV cache used vs reserved, slots and
+  context (gauges; the engine's dict, missing keys skipped).
+
+Prometheus gets histograms and counters (tokens/s is ``rate(lastmile_generation_tokens_total)``);
+the monitor stream gets tokens/s from counter deltas and TTFT / inter-token p50 and p99 over a
+recent window (:meth:`GenerationMetrics.window`), so the TUI needs no PromQL.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+WINDOW = 1024  # recent samples kept per model for the monitor's percentiles
+ENGINE_GAUGES = (
+    ("running", "lastmile_generation_running", "sequences decoding in the model's runner"),
+    ("waiting", "lastmile_generation_waiting", "sequences admitted but waiting for a slot"),
+    ("kv_used_bytes", "lastmile_generation_kv_used_bytes", "KV cache bytes holding tokens now"),
+    ("kv_reserved_bytes", "lastmile_generation_kv_reserved_bytes", "KV cache bytes reserved (slots x context x KV bytes per token)"),
+    ("max_num_seqs", "lastmile_generation_slots", "sequence slots (max_num_seqs)"),
+    ("max_context", "lastmile_generation_max_context_tokens", "tokens one sequence may hold (prompt + generated)"),
+)
+
+
+def _pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+@dataclass
+class _ModelStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    requests: int = 0
+    active: int = 0
+    ttft_s: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+    itl_s: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+
+
+class GenerationMetrics:
+    """One per app. ``stream(model)`` hands a route a :class:`StreamObserver` for one request."""
+
+    def __init__(self, registry: CollectorRegistry | None, daemon: Any) -> None:
+        self.daemon = daemon
+        self._stats: dict[str, _ModelStats] = {}
+        self._prom = registry is not None
+        if registry is None:
+            return
+        self.requests = Counter("lastmile_generation_requests", "generation requests by model, API and outcome",
+                                ["model", "api", "outcome"], registry=registry)
+        self.ttft = Histogram("lastmile_generation_ttft_seconds", "time to first token: request received to first token sent",
+                              ["model"], buckets=TTFT_BUCKETS, registry=registry)
+        self.itl = Histogram("lastmile_generation_inter_token_seconds", "time between consecutive token chunks of a stream",
+                             ["model"], buckets=ITL_BUCKETS, registry=registry)
+        self.prompt = Counter("lastmile_generation_prompt_tokens", "prompt tokens of finished prefills", ["model"], registry=registry)
+        self.generated = Counter("lastmile_generation_tokens", "tokens generated and sent", ["model"], registry=registry)
+        registry.register(_EngineCollector(self))
+
+    def stats(self, model: str) -> _ModelStats:
+        s = self._stats.get(model)
+        if s is None:
+            s = self._stats[model] = _ModelStats()
+        return s
+
+    def stream(self, model: str, api: str, started: float) -> "StreamObserver":
+        return StreamObserver(self, model, api, started)
+
+    def outcome(self, model: str, api: str, outcome: str) -> None:
+        if self._prom:
+            self.requests.labels(model, api, outcome).inc()
+
+    def window(self, model: str) -> dict[str, Any]:
+        """The monitor's view of one model: totals (for deltas) and recent percentiles in ms."""
+        s = self._stats.get(model)
+        if s is None:
+            return {"prompt_tokens_total": 0, "generated_tokens_total": 0, "requests_total": 0, "active_streams": 0,
+                    "ttft_ms": {"p50": None, "p99": None}, "inter_token_ms": {"p50": None, "p99": None}}
+        ttft, itl = list(s.ttft_s), list(s.itl_s)
+
+        def ms(v: float | None) -> float | None:
+            return None if v is None else round(v * 1000, 3)
+
+        return {
+            "prompt_tokens_total": s.prompt_tokens,
+            "generated_tokens_total": s.generated_tokens,
+            "requests_total": s.requests,
+            "active_streams": s.active,
+            "ttft_ms": {"p50": ms(_pct(ttft, 0.5)), "p99": ms(_pct(ttft, 0.99))},
+            "inter_token_ms": {"p50": ms(_pct(itl, 0.5)), "p99": ms(_pct(itl, 0.99))},
+        }
+
+
+class StreamObserver:
+    """Observes one generation: call :meth:`chunk` as each chunk leaves, :meth:`end` once."""
+
+    __slots__ = ("m", "model", "api", "started", "last", "stats", "prompt_seen", "ended", "children")
+
+    def __init__(self, metrics: GenerationMetrics, model: str, api: str, started: float) -> None:
+        self.m, self.model, self.api, self.started = metrics, model, api, started
+        self.last: float | None = None
+        self.stats = metrics.stats(model)
+        self.stats.active += 1
+        self.stats.requests += 1
+        self.prompt_seen = False
+        self.ended = False
+        self.children = (metrics.ttft.labels(model), metrics.itl.labels(model), metrics.prompt.labels(model),
+                         metrics.generated.labels(model)) if metrics._prom else None
+
+    def chunk(self, now: float, prompt_tokens: int, new_tokens: int) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            self.stats.prompt_tokens += prompt_tokens
+            if self.children:
+                self.children[2].inc(prompt_tokens)
+        if new_tokens <= 0:
+            return
+        self.stats.generated_tokens += new_tokens
+        if self.last is None:
+            gap = now - self.started
+            self.stats.ttft_s.append(gap)
+            if self.children:
+                self.children[0].observe(gap)
+        else:
+            gap = now - self.last
+            self.stats.itl_s.append(gap)
+            if self.children:
+                self.children[1].observe(gap)
+        self.last = now
+        if self.children:
+            self.children[3].inc(new_tokens)
+
+    def end(self, outcome: str) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.stats.active -= 1
+        self.m.outcome(self.model, self.api, outcome)
+
+
+class _EngineCollector:
+    """Scrape-time gauges from each loaded generation model's ``describe()["generation"]``,
+    plus the streams open in the daemon per model."""
+
+    def __init__(self, metrics: GenerationMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        families = {key: GaugeMetricFamily(name, text, labels=["model"]) for key, name, text in ENGINE_GAUGES}
+        active = GaugeMetricFamily("lastmile_generation_streams_active", "generation requests open in the daemon", labels=["model"])
+        manager = getattr(self.metrics.daemon, "manager", None)
+        for name, model in list(getattr(manager, "models", {}).items()):
+            try:
+                gen = model.describe().get("generation")
+            except Exception:  # noqa: BLE001 - a scrape must not fail on one model
+                continue
+            if not isinstance(gen, dict):
+                continue
+            for key, family in families.items():
+                value = gen.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    family.add_metric([name], value)
+            active.add_metric([name], self.metrics.stats(name).active)
+        yield from families.values()
+        yield active
+
+
+class MonitorAnnotator:
+    """Adds the generation routes' figures to one monitor stream's snapshots: each generation
+    model's row gets ``generation.api`` = :meth:`GenerationMetrics.window` plus prompt and
+    generated tokens/s from the counter deltas between two snapshots (like requests/s)."""
+
+    def __init__(self, metrics: GenerationMetrics) -> None:
+        self.metrics = metrics
+        self._last: dict[str, tuple[float, int, int]] = {}
+
+    def annotate(self, snapshot: dict[str, Any]) -> dict[str, Any]:
+        now = float(snapshot.get("time") or 0.0)
+        for row in snapshot.get("models") or []:
+            gen = row.get("generation")
+            if not isinstance(gen, dict):
+                continue
+            name = row.get("name", "")
+            window = self.metrics.window(name)
+            totals = (window["prompt_tokens_total"], window["generated_tokens_total"])
+            previous = self._last.get(name)
+            self._last[name] = (now, *totals)
+            rates = [0.0, 0.0]
+            if previous is not None and now > previous[0]:
+                dt = now - previous[0]
+                rates = [round(max(0, t - p) / dt, 2) for t, p in zip(totals, previous[1:])]
+            row["generation"] = {**gen, "api": {**window, "prompt_tokens_per_s": rates[0], "generated_tokens_per_s": rates[1]}}
+        return snapshot

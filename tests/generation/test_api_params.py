@@ -1,0 +1,186 @@
+"""The generation APIs' body parsing (appliance/server/generate_params.py): what each wire
+format accepts, and every bad field refused with its name. Pure functions, no daemon: the
+same refusals over HTTP are checked in test_api_openai.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lastmile.appliance.server.generate_params import (
+    MAX_CONTENT_CHARS, MAX_MESSAGES, MAX_STOP, ParamError, parse_chat, parse_completion, parse_triton,
+)
+from lastmile.runtime.generation.types import SamplingParams
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"model": "m", "prompt": "Once"}
+
+
+def test_chat_defaults_and_every_supported_field() -> None:
+    parsed = parse_chat(CHAT)
+    assert parsed.model == "m" and not parsed.stream and not parsed.include_usage
+    assert parsed.request.messages == ({"role": "user", "content": "hi"},)
+    assert parsed.request.params == SamplingParams()
+    parsed = parse_chat({**CHAT, "max_completion_tokens": 7, "temperature": 0, "top_p": 0.5, "top_k": 3, "seed": 42,
+                         "stop": ["\n", "END", "\n"], "n": 1, "stream": True, "stream_options": {"include_usage": True},
+                         "user": "me", "presence_penalty": 0, "logprobs": False, "timeout_s": 5})
+    p = parsed.request.params
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (7, 0.0, 0.5, 3, 42, ("\n", "END"))
+    assert parsed.stream and parsed.include_usage and parsed.request.deadline_s == 5.0
+
+
+def test_chat_content_parts_developer_role_and_max_tokens_alias() -> None:
+    parsed = parse_chat({"model": "m", "max_tokens": 9, "messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
+    assert parsed.request.messages == ({"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"})
+    assert parsed.request.params.max_tokens == 9
+    both = parse_chat({**CHAT, "max_tokens": 9, "max_completion_tokens": 4})
+    assert both.request.params.max_tokens == 4  # the current name wins over the deprecated one
+
+
+def test_completion_prompt_forms() -> None:
+    assert parse_completion(COMPLETION).request.prompt == "Once"
+    assert parse_completion({**COMPLETION, "prompt": ["Once"]}).request.prompt == "Once"
+    parsed = parse_completion({**COMPLETION, "prompt": [1, 2, 3]})
+    assert parsed.request.prompt is None and parsed.request.prompt_token_ids == (1, 2, 3)
+    assert parse_completion({**COMPLETION, "prompt": [[5, 6]]}).request.prompt_token_ids == (5, 6)
+    assert parse_completion({**COMPLETION, "top_k": -1}).request.params.top_k == 0  # vLLM's "off"
+
+
+BAD_CHAT: list[tuple[dict[str, Any], str]] = [
+    ({"messages": CHAT["messages"]}, "model"),
+    ({**CHAT, "model": ""}, "model"),
+    ({**CHAT, "model": "x" * 300}, "model"),
+    ({**CHAT, "model": 5}, "model"),
+    ({"model": "m"}, "messages"),
+    ({**CHAT, "messages": []}, "messages"),
+    ({**CHAT, "messages": "hi"}, "messages"),
+    ({**CHAT, "messages": [{"role": "user", "content": "x"}] * (MAX_MESSAGES + 1)}, "messages"),
+    ({**CHAT, "messages": [{"role": "user", "content": "x" * (MAX_CONTENT_CHARS + 1)}]}, "messages"),
+    ({**CHAT, "messages": ["hi"]}, "messages[0]"),
+    ({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({**CHAT, "messages": [{"role": "user"}]}, "messages[0].content"),
+    ({**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content[0]"),
+    ({**CHAT, "messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
+    ({**CHAT, "messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name"),
+    ({**CHAT, "max_tokens": 0}, "max_tokens"),
+    ({**CHAT, "max_tokens": -3}, "max_tokens"),
+    ({**CHAT, "max_tokens": 1.5}, "max_tokens"),
+    ({**CHAT, "max_tokens": "10"}, "max_tokens"),
+    ({**CHAT, "max_tokens": True}, "max_tokens"),
+    ({**CHAT, "max_tokens": 10**9}, "max_tokens"),
+    ({**CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ({**CHAT, "temperature": -0.1}, "temperature"),
+    ({**CHAT, "temperature": 2.5}, "temperature"),
+    ({**CHAT, "temperature": "hot"}, "temperature"),
+    ({**CHAT, "temperature": float("nan")}, "temperature"),
+    ({**CHAT, "top_p": 0}, "top_p"),
+    ({**CHAT, "top_p": 1.5}, "top_p"),
+    ({**CHAT, "top_k": -2}, "top_k"),
+    ({**CHAT, "top_k": 0.5}, "top_k"),
+    ({**CHAT, "seed": "s"}, "seed"),
+    ({**CHAT, "seed": 2**70}, "seed"),
+    ({**CHAT, "stop": 5}, "stop"),
+    ({**CHAT, "stop": [""]}, "stop"),
+    ({**CHAT, "stop": ["x" * 257]}, "stop"),
+    ({**CHAT, "stop": [str(i) for i in range(MAX_STOP + 1)]}, "stop"),
+    ({**CHAT, "stop": [1]}, "stop"),
+    ({**CHAT, "n": 2}, "n"),
+    ({**CHAT, "stream": "yes"}, "stream"),
+    ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({**CHAT, "stream": True, "stream_options": []}, "stream_options"),
+    ({**CHAT, "stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+    ({**CHAT, "stream": True, "stream_options": {"other": 1}}, "stream_options.other"),
+    ({**CHAT, "logprobs": True}, "logprobs"),
+    ({**CHAT, "tools": [{"type": "function"}]}, "tools"),
+    ({**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ({**CHAT, "presence_penalty": 0.5}, "presence_penalty"),
+    ({**CHAT, "frequency_penalty": 1}, "frequency_penalty"),
+    ({**CHAT, "logit_bias": {"1": 5}}, "logit_bias"),
+    ({**CHAT, "user": 5}, "user"),
+    ({**CHAT, "timeout_s": 0}, "timeout_s"),
+    ({**CHAT, "timeout_s": 10**9}, "timeout_s"),
+    ({**CHAT, "temperatur": 0.5}, "temperatur"),
+]
+
+
+@pytest.mark.parametrize("body,field", BAD_CHAT, ids=[f"{i}-{f}" for i, (_, f) in enumerate(BAD_CHAT)])
+def test_bad_chat_field_is_named(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(ParamError) as info:
+        parse_chat(body)
+    assert info.value.field == field, info.value.message
+    assert info.value.message.startswith(info.value.field)
+
+
+BAD_COMPLETION: list[tuple[dict[str, Any], str]] = [
+    ({"model": "m"}, "prompt"),
+    ({**COMPLETION, "prompt": ""}, "prompt"),
+    ({**COMPLETION, "prompt": ["a", "b"]}, "prompt"),
+    ({**COMPLETION, "prompt": [1, -1]}, "prompt"),
+    ({**COMPLETION, "prompt": [1, "a"]}, "prompt"),
+    ({**COMPLETION, "prompt": {"text": "a"}}, "prompt"),
+    ({**COMPLETION, "prompt": "x" * (MAX_CONTENT_CHARS + 1)}, "prompt"),
+    ({**COMPLETION, "echo": True}, "echo"),
+    ({**COMPLETION, "best_of": 3}, "best_of"),
+    ({**COMPLETION, "logprobs": 2}, "logprobs"),
+    ({**COMPLETION, "suffix": "end"}, "suffix"),
+    ({**COMPLETION, "messages": []}, "messages"),
+    ({**COMPLETION, "max_completion_tokens": 5}, "max_completion_tokens"),
+]
+
+
+@pytest.mark.parametrize("body,field", BAD_COMPLETION, ids=[f"{i}-{f}" for i, (_, f) in enumerate(BAD_COMPLETION)])
+def test_bad_completion_field_is_named(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(ParamError) as info:
+        parse_completion(body)
+    assert info.value.field == field, info.value.message
+
+
+def test_triton_parameters_top_level_or_nested() -> None:
+    nested = parse_triton({"text_input": "Hi", "parameters": {"max_tokens": 5, "temperature": 0, "stop": ["."]}}, "m", stream=False)
+    top = parse_triton({"text_input": "Hi", "max_tokens": 5, "temperature": 0, "stop_words": ["."], "bad_words": ""}, "m", stream=False)
+    assert nested.request == top.request and nested.request.prompt == "Hi"
+    assert nested.request.params.max_tokens == 5 and nested.request.params.stop == (".",)
+    assert parse_triton({"text_input": "Hi", "id": "r1", "parameters": {"stream": True}}, "m", stream=True).id == "r1"
+
+
+BAD_TRITON: list[tuple[dict[str, Any], str]] = [
+    ({}, "text_input"),
+    ({"text_input": 5}, "text_input"),
+    ({"text_input": "a", "parameters": []}, "parameters"),
+    ({"text_input": "a", "parameters": {"max_tokens": 0}}, "parameters.max_tokens"),
+    ({"text_input": "a", "parameters": {"temperature": -1}}, "parameters.temperature"),
+    ({"text_input": "a", "parameters": {"nope": 1}}, "parameters.nope"),
+    ({"text_input": "a", "parameters": {"stream": True}}, "parameters.stream"),
+    ({"text_input": "a", "max_tokens": 2, "parameters": {"max_tokens": 3}}, "parameters.max_tokens"),
+    ({"text_input": "a", "top_p": 7}, "top_p"),
+    ({"text_input": "a", "bad_words": ["x"]}, "bad_words"),
+    ({"text_input": "a", "stop": ["x"], "stop_words": ["y"]}, "stop_words"),
+    ({"text_input": "a", "id": 5}, "id"),
+    ({"text_input": "a", "inputs": []}, "inputs"),
+]
+
+
+@pytest.mark.parametrize("body,field", BAD_TRITON, ids=[f"{i}-{f}" for i, (_, f) in enumerate(BAD_TRITON)])
+def test_bad_triton_field_is_named(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(ParamError) as info:
+        parse_triton(body, "m", stream=False)
+    assert info.value.field == field, info.value.message
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v2/models/m/generate", "/v2/models/m/generate_stream",
+                                  "/v2/models/m/versions/1/generate", "/v2/models/m/versions/1/generate_stream",
+                                  "/api/chat", "/api/generate"])
+def test_generation_is_viewer_allowed_like_infer(path: str) -> None:
+    """Generating changes nothing in the daemon: viewers may do it (like V2 infer), and it is
+    not audited as a state change; a made-up path next to them still needs an operator."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from lastmile.appliance.server.auth import default_operator_required, default_state_changing
+
+    request = make_mocked_request("POST", path)
+    assert not default_operator_required(request) and not default_state_changing(request)
+    assert default_operator_required(make_mocked_request("POST", path + "/x"))

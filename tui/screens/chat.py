@@ -1,0 +1,203 @@
+"""The chat screen: talk to a loaded generation model; the answer streams in as it is written,
+with its time to first token and tokens/s, and the model's running/waiting sequences and KV
+cache from the monitor stream beside it.
+
+The conversation goes through the same client call as ``lastmile chat``
+(:func:`lastmile.appliance.client.chat.generate`, the OpenAI-compatible API), so what the
+screen shows is what any client gets. Chatting changes nothing in the daemon, so the screen
+stays available in read-only mode. Escape (or Ctrl-C in the field) stops an answer; that closes
+the stream, which frees the sequence's slot in the daemon at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.widgets import Button, Input, Label, RichLog, Select, Static
+
+from lastmile.appliance.client.api import ApiError, ClientError
+from lastmile.appliance.client.chat import Generation, SamplingOptions, generate
+from lastmile.tui.screens.base import ModelPickerScreen
+from lastmile.tui.state import MonitorState
+
+MAX_TURNS = 50  # messages kept in the conversation sent back to the model
+
+
+class ChatText(Message):
+    """A piece of the answer being streamed."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class ChatDone(Message):
+    """The answer ended (``error`` set when it failed; ``result.stopped`` when stopped)."""
+
+    def __init__(self, result: Generation | None, error: str | None) -> None:
+        super().__init__()
+        self.result, self.error = result, error
+
+
+def generation_line(row: dict[str, Any]) -> str:
+    """The model's engine figures from a monitor row (``describe()["generation"]``)."""
+    gen = row.get("generation") or {}
+    api = gen.get("api") or {}
+    parts = []
+    if gen.get("running") is not None:
+        parts.append(f"running {gen.get('running')}/{gen.get('max_num_seqs', '?')}  waiting {gen.get('waiting', 0)}")
+    if gen.get("kv_reserved_bytes"):
+        parts.append(f"KV {gen.get('kv_used_bytes', 0) / 2**20:.1f} / {gen['kv_reserved_bytes'] / 2**20:.1f} MiB")
+    if api.get("generated_tokens_per_s") is not None:
+        parts.append(f"{api['generated_tokens_per_s']:.1f} tokens/s now")
+    if (api.get("ttft_ms") or {}).get("p50") is not None:
+        parts.append(f"TTFT p50 {api['ttft_ms']['p50']:.0f} ms")
+    return "  ".join(parts)
+
+
+class ChatScreen(ModelPickerScreen):
+    PICKER_ID = "c-model"
+    DEFAULT_CSS = """
+    #chat-body { padding: 0 1; }
+    #chat-bar { height: 3; }
+    #c-model { width: 40; }
+    #c-temp, #c-max { width: 14; }
+    #c-engine, #c-stats { height: auto; padding: 0 1; color: $text-muted; }
+    #c-log { height: 1fr; border-top: solid $panel-lighten-2; }
+    #c-answer { height: auto; max-height: 50%; padding: 0 1; }
+    #c-input { dock: bottom; }
+    """
+    BINDINGS = [Binding("escape", "stop", "Stop answer"), Binding("ctrl+l", "clear", "New chat")]
+
+    def compose_body(self) -> ComposeResult:
+        with Vertical(id="chat-body"):
+            with Horizontal(id="chat-bar"):
+                yield Select([], id="c-model", prompt="pick a generation model")
+                yield Label(" temperature ")
+                yield Input("0.7", id="c-temp")
+                yield Label(" max tokens ")
+                yield Input("256", id="c-max", type="integer")
+                yield Button("New chat", id="c-clear")
+            yield Static("", id="c-engine")
+            yield RichLog(id="c-log", wrap=True, markup=False, max_lines=2000)
+            yield Static("", id="c-answer")
+            yield Static("", id="c-stats")
+            yield Input(placeholder="message (Enter sends; Escape stops an answer)", id="c-input")
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.history: list[dict[str, str]] = []
+        self.answer = ""
+        self.busy = False
+        self.last: Generation | None = None
+        if self.lm.state.snapshot is not None:
+            self.refresh_from(self.lm.state)
+
+    def refresh_from(self, state: MonitorState) -> None:
+        rows = [r for r in state.models if "generation" in r and r["state"] in ("ready", "restarting")]
+        self.set_model_names(tuple(r["name"] for r in rows))
+        name = self.model_name
+        row = next((r for r in rows if r["name"] == name), None)
+        self.query_one("#c-engine", Static).update(generation_line(row) if row else "no generation model loaded" if not rows else "")
+
+    def _options(self) -> SamplingOptions | None:
+        try:
+            temperature = float(self.query_one("#c-temp", Input).value or "1")
+            max_tokens = int(self.query_one("#c-max", Input).value or "256")
+        except ValueError:
+            self.lm.report_error("temperature must be a number and max tokens an integer")
+            return None
+        return SamplingOptions(max_tokens=max_tokens, temperature=temperature)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id != "c-input":
+            return
+        text = event.value.strip()
+        if not text or self.busy:
+            return
+        name = self.model_name
+        if name is None:
+            self.lm.report_error("pick a loaded generation model first")
+            return
+        options = self._options()
+        if options is None:
+            return
+        event.input.value = ""
+        self.history.append({"role": "user", "content": text})
+        self.history = self.history[-MAX_TURNS:]
+        log = self.query_one("#c-log", RichLog)
+        log.write(Text(f"you: {text}", style="bold"))
+        self.answer = ""
+        self.busy = True
+        self.query_one("#c-stats", Static).update(f"{name} is writing...")
+        self.ask(name, list(self.history), options)
+
+    @work(group="chat", exclusive=True, exit_on_error=False)
+    async def ask(self, name: str, messages: list[dict[str, str]], options: SamplingOptions) -> None:
+        try:
+            result = await generate(self.lm.client, name, messages=messages, options=options,
+                                    on_text=lambda piece: self.post_message(ChatText(piece)))
+        except ClientError as exc:
+            self.post_message(ChatDone(None, exc.message if isinstance(exc, ApiError) else str(exc)))
+            return
+        self.post_message(ChatDone(result, None))
+
+    def on_chat_text(self, message: ChatText) -> None:
+        self.answer += message.text
+        self.query_one("#c-answer", Static).update(Text(self.answer))
+
+    def on_chat_done(self, message: ChatDone) -> None:
+        self.busy = False
+        answer = self.query_one("#c-answer", Static)
+        stats = self.query_one("#c-stats", Static)
+        log = self.query_one("#c-log", RichLog)
+        name = self.model_name or "model"
+        if message.error:
+            self.history.pop()
+            stats.update(Text(message.error, style="red"))
+            self.lm.report_error(message.error)
+            return
+        result = message.result
+        assert result is not None
+        self.last = result
+        self.history.append({"role": "assistant", "content": result.text})
+        log.write(Text(f"{name}: {result.text}"))
+        answer.update("")
+        stats.update(result.summary())
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "stop" and not getattr(self, "busy", False):
+            return False  # Escape keeps its app-wide meaning (leave the field) when nothing streams
+        return super().check_action(action, parameters)
+
+    def action_stop(self) -> None:
+        """Stop the answer being written (the stream closes; the daemon frees the slot)."""
+        if not self.busy:
+            return
+        for worker in self.workers:
+            if worker.group == "chat":
+                worker.cancel()
+        self.busy = False
+        if self.answer:
+            self.history.append({"role": "assistant", "content": self.answer})
+            self.query_one("#c-log", RichLog).write(Text(f"{self.model_name}: {self.answer} [stopped]"))
+        else:
+            self.history.pop()
+        self.query_one("#c-answer", Static).update("")
+        self.query_one("#c-stats", Static).update("stopped")
+
+    def action_clear(self) -> None:
+        self.action_stop()
+        self.history.clear()
+        self.query_one("#c-log", RichLog).clear()
+        self.query_one("#c-stats", Static).update("new conversation")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "c-clear":
+            self.action_clear()

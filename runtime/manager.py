@@ -29,10 +29,13 @@ from lastmile.runtime.inference_stats import InferenceCounters
 from lastmile.runtime.generation.config import is_generation_manifest
 from lastmile.runtime.generation.runner import GenerationRunner, RefusedStream
 from lastmile.runtime.generation.types import GenerationChunk, GenerationRequest, InvalidGenerationTarget
-from lastmile.runtime.memory import POOL_IDLE_SHARE, MemoryGovernor, MemoryPressure, ModelMemory
+from lastmile.runtime.memory.errors import MemoryPressure
+from lastmile.runtime.memory.estimate import Estimate
+from lastmile.runtime.memory.governor import POOL_IDLE_SHARE, MemoryGovernor
+from lastmile.runtime.memory.records import ModelMemory
+from lastmile.runtime.memory.units import mib
 from lastmile.runtime.precheck import check_load
 from lastmile.runtime.forkserver import call_in_forkserver
-from lastmile.runtime.estimate import Estimate
 from lastmile.runtime.pool import RunnerPool
 from lastmile.runtime.runner import Runner
 from lastmile.runtime.shm import BufferPool, PoolFull
@@ -187,7 +190,7 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False
         self.governor = memory if isinstance(memory, MemoryGovernor) else MemoryGovernor(memory, events)
-        self.governor.manager = self
+        self.governor.attach(self)  # the governor sees this manager only as a ModelHost (models, unload, restart)
         self._keep_alive_task: asyncio.Task | None = None
 
     # --- planning -------------------------------------------------------------------------
@@ -265,7 +268,7 @@ class ModelManager:
         model.generation = is_generation_manifest(manifest)
         model.memory.estimate = est
         model.memory.device = next((d for d in est.per_device if d != "host"), "host")
-        model.memory.limit_bytes = settings.memory_limit_mb * 1024 * 1024 if settings.memory_limit_mb else None
+        model.memory.limit_bytes = mib(settings.memory_limit_mb)
         model.memory.plan_taken = plan_taken
         if model.memory.limit_bytes:
             # idle pool buffers count against the limit: keep at most a quarter of it idle
@@ -285,6 +288,7 @@ class ModelManager:
         started = time.monotonic()
         try:
             await self._start_runners(model, phase)
+            self.governor.check_ready(model)  # 507 when the idle runner already sits where the ladder would act
         except BaseException as exc:
             model.state, model.error = "failed", str(exc)
             await model.runners.stop()
@@ -334,9 +338,9 @@ class ModelManager:
             # joins the pool only once it is ready.
             model.info = await runner.start(on_phase=phase, timeout_s=model.settings.load_timeout_s)
             model.memory.cap = dict(model.info.get("hard_cap") or {})
-            if model.memory.cap.get("error"):
+            if model.memory.cap.get("error"):  # over its limit after warm-up: OverLimitAtReady (a LoadError; 507)
                 await runner.stop()
-                raise LoadError(f"{model.name}: {model.memory.cap['error']}")
+                self.governor.check_ready(model)
             model.runners.add(runner)
         headroom = model.memory.cap.get("headroom_bytes")
         if headroom:
@@ -425,6 +429,7 @@ class ModelManager:
             rows = int(first.shape[0]) if first is not None and getattr(first, "ndim", 0) else 1
             self.governor.check_request(model, rows)
         model.last_used = time.time()
+        self.governor.poke()  # the memory sampler back to its fast pace after a quiet spell
         model.requests += 1
         started = time.perf_counter()
         try:

@@ -490,18 +490,18 @@ class Runner:
         return ModelUnavailable(f"runner for {self.name} is not ready (state {self.state})")
 
     async def memory(self, timeout_s: float = 2.0) -> dict[str, Any]:
-        """``rss``/``uss``/``shared`` of the child (psutil, read here) and ``backend``: what the
+        """``rss``/``uss``/``swap`` of the child (the memory room's /proc reader) and ``backend``: what the
         backend reports (device memory...). A busy child answers after its batch; past
         ``timeout_s`` ``backend`` is None."""
         out: dict[str, Any] = {"pid": self.pid}
         if self.pid is None or not self.alive:
             return out
         try:
-            import psutil
+            from lastmile.runtime.memory.procfs import read_proc_memory
 
-            info = psutil.Process(self.pid).memory_full_info()
-            out.update(rss=info.rss, uss=getattr(info, "uss", None), shared=getattr(info, "shared", None), swap=getattr(info, "swap", None))
-        except Exception as exc:  # noqa: BLE001 - gone or not allowed: say so, don't fail
+            mem = read_proc_memory(self.pid)
+            out.update(rss=mem["rss"], uss=mem["uss"], swap=mem["swap"])
+        except OSError as exc:  # gone or not allowed: say so, don't fail
             out["error"] = str(exc)
         try:
             out["backend"] = await asyncio.wait_for(self._request(MemoryQuery), timeout_s)

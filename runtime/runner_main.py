@@ -32,6 +32,7 @@ import numpy as np
 from lastmile.models.settings import ModelSettings
 from lastmile.models.spec import Manifest
 from lastmile.runtime.backends.base import Backend
+from lastmile.runtime.memory.cap import HardCap
 from lastmile.runtime.protocol import (
     NO_SEQ,
     Cancel,
@@ -135,7 +136,7 @@ def main(rx: Connection, tx: Connection, manifest: Manifest, settings: ModelSett
     # collector: a full collection writes every object's header, copying each shared page
     # into this process (measured: USS 10 -> 113 MB with no new allocation).
     gc.freeze()
-    from lastmile.runtime.memory_cap import tune_allocator
+    from lastmile.runtime.memory.cap import tune_allocator
 
     tune_allocator(bool(settings.memory_limit_mb))  # before the backend starts threads
 
@@ -176,16 +177,16 @@ def main(rx: Connection, tx: Connection, manifest: Manifest, settings: ModelSett
             tx.close()
         return
     warmup_s = time.perf_counter() - warm_started
-    from lastmile.runtime.memory_cap import cap_after_warmup
-
-    cap_after_warmup(backend, getattr(backend, "_kind", "cpu"))  # the hard cap, before "ready"
+    # the hard cap, before "ready": this process owns its state, the backend knows nothing of it
+    cap = HardCap.after_warmup(settings.memory_limit_mb, getattr(backend, "_kind", "cpu"))
     try:
         info = dict(backend.info())
     except Exception as exc:  # noqa: BLE001
         info = {"info_error": describe_error(exc)}
+    info["hard_cap"] = cap.as_dict()
     info.update(load_s=round(load_s, 4), warmup_s=round(warmup_s, 4), warmup_rows=rows_tried)
     send(Ready(NO_SEQ, info))
-    server = _Server(rx, tx, backend)
+    server = _Server(rx, tx, backend, cap)
     try:
         server.serve()
     finally:
@@ -227,11 +228,12 @@ class _OpenStream:
 class _Server:
     """Answers requests until :class:`Stop` or the daemon's end of the pipe closes."""
 
-    def __init__(self, rx: Connection, tx: Connection, backend: Backend) -> None:
+    def __init__(self, rx: Connection, tx: Connection, backend: Backend, cap: HardCap) -> None:
         self._recv_bytes = rx.recv_bytes
         self._poll = rx.poll
         self._send_bytes = tx.send_bytes
         self.backend = backend
+        self.cap = cap  # the memory cap this process owns (redrawn at serve start and each shrink)
         self.segments = SegmentCache()
         self.backlog: deque[ToRunner] = deque()  # messages that arrived while a batch waited for an OutBuffer
         self.streams: dict[int, _OpenStream] = {}
@@ -256,9 +258,7 @@ class _Server:
             raise _PipeClosed from None
 
     def serve(self) -> None:
-        from lastmile.runtime.memory_cap import recap
-
-        recap(self.backend)  # the memory cap, from what is mapped now that serving starts
+        self.cap.recap()  # the memory cap, from what is mapped now that serving starts
         handlers = self._handlers
         try:
             while True:
@@ -330,13 +330,11 @@ class _Server:
         return False
 
     def _shrink(self, msg: Shrink) -> bool:
-        from lastmile.runtime.memory_cap import recap
-
         try:
             self.segments.drop(msg.unmapped)
             self.backend.shrink()
             gc.collect()
-            recap(self.backend)  # before the trim: its holes refill without new address space
+            self.cap.recap()  # before the trim: its holes refill without new address space
             _malloc_trim()
             self.send(Done(msg.seq, None))
         except Exception as exc:  # noqa: BLE001

@@ -47,6 +47,8 @@ class Daemon:
         self.signatures = SignatureReader(signature_in_forkserver)
         self.store = ModelStore(config.store["models_dir"], read_signature=self.signatures)
         self.manager = ModelManager(self.store, config.defaults, self.events, on_change=self.save_state, memory=dict(config.memory))
+        # measured footprints per artifact, kept beside the state file for the next admission
+        self.manager.governor.footprints.open(Path(config.store["state_file"]).with_name("footprints.json"))
         self.ready = False
         self.status = "starting"
         self._system: dict[str, Any] | None = None

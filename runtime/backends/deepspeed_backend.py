@@ -42,7 +42,7 @@ from lastmile.runtime.accelerators import ensure_ds_accelerator, resolve_device,
 from lastmile.runtime.backends.base import Backend, BackendError
 from lastmile.runtime.backends.threads import resolve_threads
 from lastmile.runtime.fusion import TorchFusionPlan, torch_fusion_plan
-from lastmile.runtime.memory_cap import cap_after_warmup
+from lastmile.runtime.memory.units import mib
 
 __all__ = ["DeepSpeedBackend", "zero_env"]
 
@@ -146,7 +146,7 @@ class DeepSpeedBackend(Backend):
             torch.cuda.set_device(self._index)  # DeepSpeed places the module on the current device
             if settings.memory_limit_mb:
                 total = torch.cuda.get_device_properties(self._index).total_memory
-                fraction = min(1.0, settings.memory_limit_mb * 1024 * 1024 / total)
+                fraction = min(1.0, mib(settings.memory_limit_mb) / total)
                 torch.cuda.set_per_process_memory_fraction(fraction, self._index)
                 self._notes.append(f"CUDA caching allocator capped at {fraction:.3f} of device memory")
 
@@ -445,7 +445,6 @@ class DeepSpeedBackend(Backend):
             "input_copy": self._input_copy,
             "threads": self._torch.get_num_threads(),
             "notes": list(self._notes),
-            "hard_cap": cap_after_warmup(self, self._kind),
         }
 
     def close(self) -> None:

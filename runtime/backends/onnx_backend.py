@@ -28,7 +28,7 @@ from lastmile.runtime.accelerators import resolve_device, split_device
 from lastmile.runtime.backends.base import Backend, BackendError
 from lastmile.runtime.backends.threads import resolve_threads
 from lastmile.runtime.fusion import ORT_LEVEL_NAMES, ort_optimization_level
-from lastmile.runtime.memory_cap import cap_after_warmup
+from lastmile.runtime.memory.units import mib
 
 __all__ = ["OnnxBackend", "ORT_TYPES"]
 
@@ -126,7 +126,7 @@ class OnnxBackend(Backend):
         options.enable_mem_pattern = True
 
         provider_options: dict[str, Any] = {}
-        limit = settings.memory_limit_mb * 1024 * 1024 if settings.memory_limit_mb else None
+        limit = mib(settings.memory_limit_mb)
         if kind == "cuda":
             provider_options = {"device_id": self._index, "arena_extend_strategy": "kSameAsRequested"}
             if limit:
@@ -279,7 +279,6 @@ class OnnxBackend(Backend):
             "graph_dtype": self.graph_dtype,
             "fp16_converted": self.fp16_converted,
             "cpu_mem_arena": True,
-            "hard_cap": cap_after_warmup(self, self._kind),
         }
 
     def close(self) -> None:

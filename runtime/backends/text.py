@@ -239,8 +239,6 @@ class TextBackend(Backend):
         self.inner.shrink()
 
     def info(self) -> dict[str, Any]:
-        if hasattr(self, "_hard_cap"):  # the runner capped this backend: the inner one must not cap again
-            self.inner._hard_cap = self._hard_cap  # type: ignore[attr-defined]
         info = dict(self.inner.info())
         info["text"] = {"task": self.hf.task, "max_length": self.max_length,
                         "tokenizer": "tokenizers" if self.tokenizer is not None else None,

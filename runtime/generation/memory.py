@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lastmile.runtime.estimate import MB, Estimate, artifact_weights, budget_device
+from lastmile.runtime.memory.estimate import Estimate, artifact_weights, budget_device
+from lastmile.runtime.memory.units import MiB as MB
 from lastmile.runtime.generation.config import GenerationSettings, causal_lm_config
 from lastmile.runtime.generation.engine import ModelShape
 

@@ -10,7 +10,7 @@ import pytest
 
 from lastmile.models.settings import ModelSettings
 from lastmile.models.store import ModelStore
-from lastmile.runtime.estimate import MB
+from lastmile.runtime.memory.units import MiB as MB
 from lastmile.runtime.events import EventLog
 from lastmile.runtime.generation.engine import ModelShape
 from lastmile.runtime.manager import ModelManager

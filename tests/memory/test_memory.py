@@ -1,4 +1,4 @@
-"""The memory-pool manager against a real daemon with the demo models: estimates vs measured
+"""The memory governor against a real daemon with the demo models: estimates vs measured
 usage, admission (refusal with numbers and options, plan = "auto", LRU eviction), the
 mitigation ladder under a load past the limit with the runner's hard cap, run-time budget
 changes, the buffer pool, and unload giving memory back. Every answer is checked against the
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from lastmile.models.demo import example_inputs
-from lastmile.runtime.measure_memory import forkserver_pids, pss
+from lastmile.runtime.memory.procfs import forkserver_pids, pss
 from lastmile.runtime.memory import FootprintWatch, read_proc_memory
 from tests.appliance.test_api import call
 from tests.conftest import DaemonProc, start_daemon
@@ -128,7 +128,7 @@ async def test_refusal_with_numbers_and_options_then_auto_plan(daemon: DaemonPro
     kinds = {o["option"]: o for o in mem["options"]}
     assert "smaller_batch" in kinds and kinds["smaller_batch"]["estimate_bytes"] <= 40 * MB
     assert kinds["smaller_batch"]["settings"]["max_batch_size"] < 4096
-    assert "MB" in body["error"] and "would fit" in body["error"]
+    assert "MiB" in body["error"] and "would fit" in body["error"]
     assert [e["kind"] for e in await events_since(daemon, seq)] == ["load_refused"]
     _, models, _ = await api(daemon, "GET", "/lm/v1/models")
     assert models["loaded"] == []  # nothing was started

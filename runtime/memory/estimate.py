@@ -15,7 +15,14 @@ An estimate is the sum of four parts, each shown to the operator (``lastmile loa
 - ``pool``: the shared-memory buffers of one batch in and out (power-of-two size classes), two
   of each per instance (the batcher fills one while the runner answers another).
 - ``overhead``: what a runner process costs on top of that, per backend, *measured* on this
-  appliance (``python -m lastmile.runtime.measure_overhead``; figures and method in docs/memory.md).
+  appliance (``python -m lastmile.runtime.memory.measure_overhead``; figures and method in
+  docs/memory.md).
+- ``limit_machinery``: what the hard cap's own machinery costs a runner with a
+  ``memory_limit_mb`` (one malloc arena and a fixed mmap threshold; measured per backend,
+  :data:`LIMIT_MACHINERY_BYTES`).
+- ``measured_correction``: once a model has been loaded, what its runners really used minus
+  what this module estimated for the same artifact (content hash) and settings
+  (:mod:`lastmile.runtime.memory.footprints`); 0 for an artifact never loaded here.
   The factor :data:`WEIGHT_FACTOR` covers what a backend holds beyond one copy of the weights
   (ORT keeps the graph proto and prepacked MatMul weights; torch.export keeps the archive's
   buffers while building the module).
@@ -35,29 +42,35 @@ from typing import Any
 
 from lastmile.models.settings import ModelSettings
 from lastmile.models.spec import Manifest
+from lastmile.runtime.memory.units import MiB
 from lastmile.runtime.shm import size_class
 
-MB = 1024 * 1024
 
-# Measured with ``python -m lastmile.runtime.measure_overhead`` on the development appliance (2-core
+
+# Measured with ``python -m lastmile.runtime.memory.measure_overhead`` on the development appliance (2-core
 # x86-64, torch 2.13 CPU, onnxruntime 1.32, deepspeed 0.19.8): the runner's USS at "ready"
-# minus its weights, over the demo models and a 64 MB synthetic MLP (see docs/memory.md).
+# minus its weights, over the demo models and a 64 MiB synthetic MLP (see docs/memory.md).
 BACKEND_OVERHEAD_BYTES: dict[tuple[str, str], int] = {
-    ("onnxruntime", "onnx"): 10 * MB,  # measured 8.5-9.1 MB in the daemon
-    ("deepspeed", "torch_export"): 36 * MB,  # measured 30.8-37.2 MB
-    ("deepspeed", "torchscript"): 14 * MB,  # measured 13.6 MB
-    ("deepspeed", "hf"): 60 * MB,  # not measured here (no transformers installed): assumed
-    ("deepspeed", "torch_pickle"): 40 * MB,  # same code path as torch_export after loading
+    ("onnxruntime", "onnx"): 10 * MiB,  # measured 8.5-9.1 MiB in the daemon
+    ("deepspeed", "torch_export"): 36 * MiB,  # measured 30.8-37.2 MiB
+    ("deepspeed", "torchscript"): 14 * MiB,  # measured 13.6 MiB
+    ("deepspeed", "hf"): 60 * MiB,  # not measured here (no transformers installed): assumed
+    ("deepspeed", "torch_pickle"): 40 * MiB,  # same code path as torch_export after loading
 }
-# Resident bytes per weight byte once ready (measured as above on the 64 MB MLP).
+# USS with a memory_limit_mb minus without one, same model: measure_overhead --limit-mb 1000 at
+# "ready" -0.4 to +0.1 MiB over the five demo models; in the daemon after 20 mixed requests,
+# demo-lm 11.9 MiB limited vs 12.3 unlimited. The cap itself (gc.freeze, one malloc arena) costs
+# less than the noise here; 1 MiB keeps a margin for the mmap threshold under concurrent batches.
+LIMIT_MACHINERY_BYTES: dict[str, int] = {"onnxruntime": 1 * MiB, "deepspeed": 1 * MiB}
+# Resident bytes per weight byte once ready (measured as above on the 64 MiB MLP).
 # ONNX Runtime keeps the graph's initializers *and* its own (prepacked) copies: 1.96 measured.
 WEIGHT_FACTOR: dict[str, float] = {"onnxruntime": 2.0, "deepspeed": 1.04}
 # Activation bytes per input+output byte of a batch: demo-lm under ONNX Runtime at batch
-# 256 x 64 tokens grew 86 MB past "ready" for 16.9 MB of inputs+outputs (5.1x).
+# 256 x 64 tokens grew 86 MiB past "ready" for 16.9 MiB of inputs+outputs (5.1x).
 WORKSPACE_FACTOR = 5.0
 # A CUDA context and the kernels' workspace per process: not measurable on this CPU-only
 # appliance; the figure commonly seen for torch 2.x on recent GPUs, documented as assumed.
-DEVICE_CONTEXT_BYTES = 500 * MB
+DEVICE_CONTEXT_BYTES = 500 * MiB
 # ZeRO-Inference offload keeps every parameter on the host and fetches one layer at a time
 # to the device: the device part of the weights is about the largest layer's share.
 ZERO_DEVICE_WEIGHT_SHARE = 0.1
@@ -192,6 +205,26 @@ class Estimate:
     overhead_bytes: int
     per_device: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    limit_machinery_bytes: int = 0
+    measured_correction_bytes: int = 0
+    source: str = "static"  # "measured" once corrected by a recorded footprint
+    artifact_key: str | None = None  # the footprint record this estimate reads and the load writes
+    kind: str = "tensor"  # "generation": KV-cache sizing (runtime/generation/memory.py), held to the limit itself
+
+    def corrected(self, delta_bytes: int, note: str) -> "Estimate":
+        """This estimate with ``delta_bytes`` added on the host (a recorded footprint's
+        error), never below the parts that are certain to be there (pool + limit machinery)."""
+        host = self.per_device.get("host", 0)
+        floor = self.pool_bytes + self.limit_machinery_bytes
+        delta = max(delta_bytes, floor - host)
+        return Estimate(
+            model=self.model, backend=self.backend, device=self.device, settings=self.settings,
+            weights_bytes=self.weights_bytes, workspace_bytes=self.workspace_bytes, pool_bytes=self.pool_bytes,
+            overhead_bytes=self.overhead_bytes, per_device={**self.per_device, "host": host + delta},
+            notes=[*self.notes, note], limit_machinery_bytes=self.limit_machinery_bytes,
+            measured_correction_bytes=self.measured_correction_bytes + delta, source="measured",
+            artifact_key=self.artifact_key,
+        )
 
     @property
     def total_bytes(self) -> int:
@@ -208,11 +241,14 @@ class Estimate:
             "device": self.device,
             "settings": self.settings,
             "total_bytes": self.total_bytes,
+            "source": self.source,
             "parts": {
                 "weights_bytes": self.weights_bytes,
                 "workspace_bytes": self.workspace_bytes,
                 "pool_bytes": self.pool_bytes,
                 "overhead_bytes": self.overhead_bytes,
+                "limit_machinery_bytes": self.limit_machinery_bytes,
+                "measured_correction_bytes": self.measured_correction_bytes,
             },
             "per_device": dict(self.per_device),
             "notes": list(self.notes),
@@ -241,14 +277,18 @@ def estimate(manifest: Manifest, settings: ModelSettings, backend: str, device: 
     else:
         workspace = int(batch * (in_row + out_row) * WORKSPACE_FACTOR)
     pool = settings.instances * 2 * (size_class(batch * in_row + 64) + size_class(batch * out_row + 64))
-    overhead = BACKEND_OVERHEAD_BYTES.get((backend, manifest.format), 40 * MB) * settings.instances
+    overhead = BACKEND_OVERHEAD_BYTES.get((backend, manifest.format), 40 * MiB) * settings.instances
     notes = [f"weights from {weights.source}, served as {dtype}"]
     if any(d < 0 for s in (*manifest.inputs, *manifest.outputs) for d in s.shape[1:]):
         notes.append("variable non-batch dims counted as 1: longer requests need more workspace")
     target = budget_device(device)
     per_device: dict[str, int] = {}
+    machinery = 0
+    if target == "host" and settings.memory_limit_mb:
+        machinery = LIMIT_MACHINERY_BYTES.get(backend, 1 * MiB) * settings.instances
+        notes.append(f"memory_limit_mb set: {machinery / MiB:g} MiB for the hard cap's allocator settings (measured)")
     if target == "host":
-        per_device["host"] = w_bytes * settings.instances + workspace * settings.instances + pool + overhead
+        per_device["host"] = w_bytes * settings.instances + workspace * settings.instances + pool + overhead + machinery
     else:
         on_device = w_bytes
         host_weights = 0
@@ -258,9 +298,9 @@ def estimate(manifest: Manifest, settings: ModelSettings, backend: str, device: 
             notes.append("ZeRO-Inference offload: weights kept in host memory, one layer at a time on the device")
         per_device[target] = (on_device + workspace + DEVICE_CONTEXT_BYTES) * settings.instances
         per_device["host"] = (host_weights * settings.instances) + pool + overhead
-        notes.append(f"device context {DEVICE_CONTEXT_BYTES // MB} MB assumed (not measurable on a CPU-only box)")
+        notes.append(f"device context {DEVICE_CONTEXT_BYTES // MiB} MiB assumed (not measurable on a CPU-only box)")
     return Estimate(
         model=manifest.name, backend=backend, device=device, settings=settings.as_dict(),
         weights_bytes=w_bytes * settings.instances, workspace_bytes=workspace * settings.instances,
-        pool_bytes=pool, overhead_bytes=overhead, per_device=per_device, notes=notes,
+        pool_bytes=pool, overhead_bytes=overhead, per_device=per_device, notes=notes, limit_machinery_bytes=machinery,
     )

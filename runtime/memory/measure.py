@@ -1,12 +1,12 @@
-"""Benchmark of the memory-pool manager on the demo transformer (not a timed test).
+"""Benchmark of the memory governor on the demo transformer (not a timed test).
 
-``python -m lastmile.runtime.measure_memory [--seconds 8] [--fusion-seconds 4]`` builds the demo models
+``python -m lastmile.runtime.memory.measure [--seconds 8] [--fusion-seconds 4]`` builds the demo models
 in a temporary store and drives a real :class:`lastmile.runtime.manager.ModelManager` (governor,
 forkserver runners, batcher, shared-memory pool; no HTTP) to print three tables:
 
 1. **peak vs limit**: ``demo-lm`` (ONNX Runtime) with ``memory_limit_mb = 60`` under
-   concurrent 128-row x 64-token requests (one alone needs ~61 MB past "ready"). Peak is the
-   model's footprint sampled every 20 ms (:func:`lastmile.runtime.memory.footprint`: the runner's
+   concurrent 128-row x 64-token requests (one alone needs ~61 MiB past "ready"). Peak is the
+   model's footprint sampled every 20 ms (:func:`lastmile.runtime.memory.procfs.footprint`: the runner's
    private memory outside shared memory + the model's pool segments, each page once), with
    the ladder steps and answers seen.
 2. **memory before load / after load / after unload**: PSS of this process + the forkserver
@@ -27,29 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lastmile.runtime.memory import FootprintWatch
-
-MB = 1024 * 1024
-
-
-def pss(pids: list[int]) -> int:
-    """PSS summed over ``pids`` (gone ones count 0): unlike USS it adds up across fork
-    sharing (a fork turns the forkserver's private pages into shared ones)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            pass
-    return total
+from lastmile.runtime.memory.procfs import FootprintWatch, forkserver_pids, pss
+from lastmile.runtime.memory.units import MiB
 
 
-def forkserver_pids(parent: int | None = None) -> list[int]:
-    """The multiprocessing forkserver(s) among the children of ``parent`` (default: this process)."""
-    import psutil
-
-    return [c.pid for c in psutil.Process(parent).children() if "forkserver" in " ".join(c.cmdline())]
 
 
 async def _manager(store: Path) -> Any:
@@ -108,7 +89,7 @@ async def load_unload(store: Path, name: str) -> dict[str, float]:
         await mm.unload(name)
         await asyncio.sleep(0.5)
         after = pss(base)
-        return {"before_mb": before / MB, "loaded_mb": loaded / MB, "after_mb": after / MB}
+        return {"before_mb": before / MiB, "loaded_mb": loaded / MiB, "after_mb": after / MiB}
     finally:
         await mm.close()
 
@@ -152,12 +133,12 @@ async def main(seconds: float, fusion_seconds: float) -> None:
         r = await peak_vs_limit(store, seconds)
         p = r["peak"]
         print("1. peak under a limit-exceeding load (demo-lm, ONNX Runtime, memory_limit_mb 60, 3 x 128x64 concurrent)")
-        print(f"   peak footprint {p['total_bytes'] / MB:.1f} MB = private {p['private_bytes'] / MB:.1f} + pool "
-              f"{p['pool_bytes'] / MB:.1f}  -> {p['total_bytes'] / (r['limit_mb'] * MB):.1%} of the limit "
+        print(f"   peak footprint {p['total_bytes'] / MiB:.1f} MiB = private {p['private_bytes'] / MiB:.1f} + pool "
+              f"{p['pool_bytes'] / MiB:.1f}  -> {p['total_bytes'] / (r['limit_mb'] * MiB):.1%} of the limit "
               f"({r['samples']} samples); answers {r['answers']}; cap hits {r['cap_hits']}; ladder {r['steps']}; "
               f"runner alive {r['runner_alive']}")
         print("2. memory (PSS of daemon-side process + forkserver [+ runner])")
-        print(f"   {'model':12} {'before MB':>10} {'loaded MB':>10} {'after MB':>10} {'after-before':>13}")
+        print(f"   {'model':12} {'before MiB':>10} {'loaded MiB':>10} {'after MiB':>10} {'after-before':>13}")
         for name in ("demo-lm", "demo-lm-ds"):
             m = await load_unload(store, name)
             print(f"   {name:12} {m['before_mb']:10.1f} {m['loaded_mb']:10.1f} {m['after_mb']:10.1f} "

@@ -1,11 +1,11 @@
 """Measure what a runner costs beyond its weights, per backend, on this machine.
 
-``python -m lastmile.runtime.measure_overhead [--mb 64]`` builds the demo models and a synthetic MLP of
+``python -m lastmile.runtime.memory.measure_overhead [--mb 64]`` builds the demo models and a synthetic MLP of
 about ``--mb`` MB (ONNX and torch.export) in a temporary store, starts a real runner for each
 (from the same forkserver the daemon uses), and prints, at "ready": the runner's USS (what
 unloading gives back), RSS, VM size, the weights the estimator reads from the artifact, and
 ``overhead = USS - weights`` and ``factor = (USS_big - USS_small) / (weights_big - weights_small)``.
-Those figures are what :mod:`lastmile.runtime.estimate` uses (docs/memory.md records a run).
+Those figures are what :mod:`lastmile.runtime.memory.estimate` uses (docs/memory.md records a run).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 from lastmile.models.manifest import write_manifest
 from lastmile.models.spec import Manifest, TensorSpec
-
-MB = 1024 * 1024
+from lastmile.runtime.memory import procfs
+from lastmile.runtime.memory.units import MiB as MB
 
 
 def build_big_mlp(store: Path, name: str, mb: int, fmt: str = "onnx") -> Path:
@@ -60,28 +60,11 @@ def build_big_mlp(store: Path, name: str, mb: int, fmt: str = "onnx") -> Path:
     return folder
 
 
-def proc_memory(pid: int) -> dict[str, int]:
-    """USS/RSS/VM/peak RSS of ``pid`` from ``/proc`` (smaps_rollup and status)."""
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("Rss", "Private_Clean", "Private_Dirty", "Swap"):
-                out[key] = int(rest.split()[0]) * 1024
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmSize", "VmHWM", "VmRSS"):
-                out[key] = int(rest.split()[0]) * 1024
-    out["uss"] = out.get("Private_Clean", 0) + out.get("Private_Dirty", 0)
-    return out
-
-
-async def _measure(store: Path, names: list[str]) -> list[dict[str, Any]]:
+async def _measure(store: Path, names: list[str], limit_mb: int | None = None) -> list[dict[str, Any]]:
     from lastmile.models.settings import ModelSettings
     from lastmile.models.store import ModelStore
     from lastmile.runtime.backends import resolve_backend
-    from lastmile.runtime.estimate import artifact_weights
+    from lastmile.runtime.memory.estimate import artifact_weights
     from lastmile.runtime.forkserver import warm_up
     from lastmile.runtime.runner import Runner
     from lastmile.runtime.shm import BufferPool
@@ -93,21 +76,30 @@ async def _measure(store: Path, names: list[str]) -> list[dict[str, Any]]:
         manifest = st.get(name)
         settings = ModelSettings().overlay(manifest.settings).overlay({"backend": manifest.backend})
         backend = resolve_backend(manifest, settings)
-        pool = BufferPool(f"lastmile-{os.getpid()}-m-{name}-")
-        runner = Runner(manifest, settings, pool=pool)
-        await runner.start()
-        mem = proc_memory(runner.pid)
-        weights = artifact_weights(manifest).at(settings.dtype)
-        rows.append({"model": name, "backend": backend, "format": manifest.format, "weights": weights,
-                     "uss": mem["uss"], "rss": mem["Rss"], "vm": mem["VmSize"], "overhead": mem["uss"] - weights})
-        await runner.stop()
-        pool.close()
+        row: dict[str, Any] = {"model": name, "backend": backend, "format": manifest.format}
+        for limited in ((False, True) if limit_mb else (False,)):
+            run_settings = settings.overlay({"memory_limit_mb": limit_mb}) if limited else settings
+            pool = BufferPool(f"lastmile-{os.getpid()}-m-{name}-")
+            runner = Runner(manifest, run_settings, pool=pool)
+            await runner.start()
+            mem = procfs.read_proc_memory(runner.pid)
+            await runner.stop()
+            pool.close()
+            if limited:
+                row["uss_limited"] = mem["uss"]
+                continue
+            weights = artifact_weights(manifest).at(settings.dtype)
+            row.update(weights=weights, uss=mem["uss"], rss=mem["rss"], vm=mem["vm"], overhead=mem["uss"] - weights)
+        rows.append(row)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mb", type=int, default=64, help="size of the synthetic MLP (MB of fp32 weights)")
+    parser.add_argument("--mb", type=int, default=64, help="size of the synthetic MLP (MiB of fp32 weights)")
+    parser.add_argument("--limit-mb", type=int, default=0,
+                        help="also start each model with this memory_limit_mb: the cost of the limit's machinery")
+    parser.add_argument("--models", default="", help="comma-separated subset of the models")
     args = parser.parse_args(argv)
     from lastmile.models.demo import build_demo
 
@@ -116,13 +108,20 @@ def main(argv: list[str] | None = None) -> int:
         build_demo(store)
         build_big_mlp(store, "big-onnx", args.mb, "onnx")
         build_big_mlp(store, "big-ds", args.mb, "torch_export")
-        rows = asyncio.run(_measure(store, ["demo-mlp", "demo-lm", "big-onnx", "demo-mlp-ds", "demo-lm-ds", "demo-mlp-ts", "big-ds"]))
-    print(f"{'model':<12} {'backend':<12} {'format':<13} {'weights MB':>10} {'USS MB':>8} {'RSS MB':>8} {'VM MB':>8} {'overhead MB':>11}")
+        names = [n for n in args.models.split(",") if n] or ["demo-mlp", "demo-lm", "big-onnx", "demo-mlp-ds", "demo-lm-ds", "demo-mlp-ts", "big-ds"]
+        rows = asyncio.run(_measure(store, names, args.limit_mb or None))
+    print(f"{'model':<12} {'backend':<12} {'format':<13} {'weights MiB':>11} {'USS MiB':>8} {'RSS MiB':>8} {'VM MiB':>8} "
+          f"{'overhead MiB':>12}" + (f" {'USS limited':>11} {'machinery':>9}" if args.limit_mb else ""))
     for r in rows:
-        print(f"{r['model']:<12} {r['backend']:<12} {r['format']:<13} {r['weights'] / MB:>10.2f} {r['uss'] / MB:>8.1f} "
-              f"{r['rss'] / MB:>8.1f} {r['vm'] / MB:>8.1f} {r['overhead'] / MB:>11.1f}")
+        line = (f"{r['model']:<12} {r['backend']:<12} {r['format']:<13} {r['weights'] / MB:>11.2f} {r['uss'] / MB:>8.1f} "
+                f"{r['rss'] / MB:>8.1f} {r['vm'] / MB:>8.1f} {r['overhead'] / MB:>12.1f}")
+        if "uss_limited" in r:
+            line += f" {r['uss_limited'] / MB:>11.1f} {(r['uss_limited'] - r['uss']) / MB:>+9.1f}"
+        print(line)
     by = {r["model"]: r for r in rows}
     for small, big in (("demo-mlp", "big-onnx"), ("demo-mlp-ds", "big-ds")):
+        if small not in by or big not in by:
+            continue
         dw = by[big]["weights"] - by[small]["weights"]
         du = by[big]["uss"] - by[small]["uss"]
         print(f"weight factor {by[big]['backend']}: {du / dw:.3f} resident bytes per weight byte ({big} vs {small})")

@@ -15,16 +15,16 @@ never private). So the cap is set *after* load and warm-up, relative to that mom
 Every byte the runner can still add to its private memory (USS) or map from the pool needs
 address space first, so ``USS + pool`` stays at or under ``limit`` (page copy-on-write of
 pages shared with the forkserver is the only growth that needs no new address space: a few
-MB, measured in tests/memory). Untouched reservations (an arena's spare chunk, a new thread's
+MiB, measured in tests/memory). Untouched reservations (an arena's spare chunk, a new thread's
 stack) make the cap bite a little early, never late. Loading itself is not under the cap:
 admission checks the estimate first, and a model whose USS after warm-up is already past its
 limit is refused with that number.
 
 Why the runner's C allocator is tuned first (:func:`tune_allocator`, before the model loads):
 the rule above holds only if growth needs new address space. glibc gives each thread that
-allocates its own arena, a 64 MB reservation counted in ``VmSize`` at once and filled later
-without asking for more: with ONNX Runtime's worker threads a runner at a 60 MB limit grew
-from 10 to 150 MB of USS with ``VmSize`` flat (measured, tests/memory). With one arena and a
+allocates its own arena, a 64 MiB reservation counted in ``VmSize`` at once and filled later
+without asking for more: with ONNX Runtime's worker threads a runner at a 60 MiB limit grew
+from 10 to 150 MiB of USS with ``VmSize`` flat (measured, tests/memory). With one arena and a
 fixed mmap threshold every large block is its own ``mmap`` (checked against the cap, given
 back on ``free``) and the heap grows only through ``brk`` (also checked).
 
@@ -40,7 +40,8 @@ import os
 import resource
 from typing import Any
 
-MB = 1024 * 1024
+from lastmile.runtime.memory import procfs
+from lastmile.runtime.memory.units import MiB, human, mib
 
 
 # mallopt(3) parameters (glibc's malloc.h)
@@ -48,7 +49,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 256 * 1024  # blocks from here up are mmapped (and unmapped on free)
-TRIM_THRESHOLD_BYTES = 1 * MB  # free heap top past this goes back to the OS
+TRIM_THRESHOLD_BYTES = 1 * MiB  # free heap top past this goes back to the OS
 
 
 def _mallopt() -> Any:
@@ -100,7 +101,7 @@ def malloc_free_bytes() -> int:
     """Bytes glibc's malloc holds free in its heaps (``mallinfo2().fordblks``, all arenas):
     address space already counted that an allocation can reuse without asking the kernel.
     In a forked runner much of it is the forkserver's free space, shared until written: each
-    reuse turns a shared page into a private one with no new address space (measured: 30 MB
+    reuse turns a shared page into a private one with no new address space (measured: 30 MiB
     of such growth for demo-lm). 0 when unknown (not glibc >= 2.33)."""
     try:
         fn = ctypes.CDLL("libc.so.6").mallinfo2
@@ -115,38 +116,8 @@ class OverLimit(RuntimeError):
 
 
 def _proc_self() -> tuple[int, int]:
-    vm = uss = 0
-    with open("/proc/self/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"VmSize:"):
-                vm = int(line.split()[1]) * 1024
-    with open("/proc/self/smaps_rollup", "rb") as f:
-        for line in f:
-            if line.startswith((b"Private_Clean:", b"Private_Dirty:")):
-                uss += int(line.split()[1]) * 1024
-    return vm, uss
-
-
-def apply_hard_cap(limit_mb: int | None, device_kind: str = "cpu") -> dict[str, Any]:
-    """Set ``RLIMIT_AS`` for this process from ``limit_mb`` (see the module docstring);
-    returns what was done, for ``info()["hard_cap"]``. ``{}`` when there is no limit."""
-    if not limit_mb:
-        return {}
-    if device_kind != "cpu":
-        return {"kind": "device_allocator", "limit_bytes": limit_mb * MB,
-                "note": "device memory capped by the backend (set_per_process_memory_fraction / gpu_mem_limit)"}
-    limit = limit_mb * MB
-    vm, uss = _proc_self()
-    if uss >= limit:
-        raise OverLimit(
-            f"after load and warm-up the model uses {uss / MB:.1f} MB of private memory, more than its "
-            f"memory_limit_mb ({limit_mb} MB); raise memory_limit_mb or lower max_batch_size/dtype"
-        )
-    slack = malloc_free_bytes()
-    cap = _set_rlimit_as(vm + max(0, limit - uss - slack))
-    return {"kind": "rlimit_as", "limit_bytes": limit, "rlimit_as_bytes": cap, "vm_at_cap_bytes": vm,
-            "uss_at_cap_bytes": uss, "malloc_free_bytes": slack, "headroom_bytes": max(0, limit - uss - slack),
-            "allocator": dict(_TUNED)}
+    """(VmSize, USS) of this process, through the room's one /proc reader."""
+    return procfs.status()["vm"], procfs.rollup()["uss"]
 
 
 def _set_rlimit_as(cap: int) -> int:
@@ -157,39 +128,64 @@ def _set_rlimit_as(cap: int) -> int:
     return cap
 
 
-def recap(backend: Any) -> dict[str, Any] | None:
-    """Draw the line again from the present (same rule as :func:`apply_hard_cap`)
-    (never above the present size when already over the limit). The rule holds only while
-    address space that is counted but not private (reserved, shared) stays: the runner calls
-    this when it starts serving (reservations released after warm-up would otherwise loosen
-    the cap: 35-52 MB measured for ONNX Runtime) and on every shrink *before* ``malloc_trim``
-    (whose holes are refilled without new address space). Returns the updated cap, or None
-    when this process has no ``RLIMIT_AS`` cap."""
-    cap = getattr(backend, "_hard_cap", None)
-    if not cap or cap.get("kind") != "rlimit_as":
-        return None
-    try:
-        vm, uss = _proc_self()
-        slack = malloc_free_bytes()
-        new = _set_rlimit_as(vm + max(0, int(cap["limit_bytes"]) - uss - slack))
-    except (OSError, ValueError):
-        return cap
-    cap.update(rlimit_as_bytes=new, vm_at_cap_bytes=vm, uss_at_cap_bytes=uss, malloc_free_bytes=slack,
-               recaps=int(cap.get("recaps", 0)) + 1)
-    return cap
+class HardCap:
+    """The runner's cap state: created by the runner (:mod:`lastmile.runtime.runner_main`)
+    right after warm-up, redrawn by it when serving starts and on every shrink, and shown in
+    the runner's ``info()["hard_cap"]``. The backend knows nothing of it."""
 
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
 
-def cap_after_warmup(backend: Any, device_kind: str) -> dict[str, Any]:
-    """Apply the cap once per backend: :mod:`lastmile.runtime.runner_main` calls this right after
-    warm-up, before "ready" (the backends' ``info()`` call it too and get the same answer).
-    A model already over its limit reports ``error`` and the manager refuses the load."""
-    cap = getattr(backend, "_hard_cap", None)
-    if cap is None:
+    @classmethod
+    def after_warmup(cls, limit_mb: int | None, device_kind: str = "cpu") -> "HardCap":
+        """Set ``RLIMIT_AS`` for this process from ``limit_mb`` (see the module docstring).
+        A model already over its limit gets ``state["error"]`` (the manager refuses the load
+        with 507 and that number); no limit: an empty state."""
         try:
-            cap = apply_hard_cap(backend.settings.memory_limit_mb, device_kind)
+            return cls(cls._apply(limit_mb, device_kind))
         except OverLimit as exc:
-            cap = {"kind": "none", "error": str(exc)}
+            return cls({"kind": "none", "error": str(exc), "uss_at_cap_bytes": exc.args[1] if len(exc.args) > 1 else None})
         except (OSError, ValueError) as exc:  # no /proc, or a hard limit we may not raise
-            cap = {"kind": "none", "note": f"no address-space cap: {exc}"} if backend.settings.memory_limit_mb else {}
-        backend._hard_cap = cap
-    return cap
+            return cls({"kind": "none", "note": f"no address-space cap: {exc}"} if limit_mb else {})
+
+    @staticmethod
+    def _apply(limit_mb: int | None, device_kind: str) -> dict[str, Any]:
+        limit = mib(limit_mb)
+        if limit is None:
+            return {}
+        if device_kind != "cpu":
+            return {"kind": "device_allocator", "limit_bytes": limit,
+                    "note": "device memory capped by the backend (set_per_process_memory_fraction / gpu_mem_limit)"}
+        vm, uss = _proc_self()
+        if uss >= limit:
+            raise OverLimit(
+                f"after load and warm-up the model uses {human(uss)} of private memory, more than its "
+                f"memory_limit_mb ({limit_mb} MiB); raise memory_limit_mb or lower max_batch_size/dtype", uss)
+        slack = malloc_free_bytes()
+        cap = _set_rlimit_as(vm + max(0, limit - uss - slack))
+        return {"kind": "rlimit_as", "limit_bytes": limit, "rlimit_as_bytes": cap, "vm_at_cap_bytes": vm,
+                "uss_at_cap_bytes": uss, "malloc_free_bytes": slack, "headroom_bytes": max(0, limit - uss - slack),
+                "allocator": dict(_TUNED)}
+
+    def recap(self) -> dict[str, Any] | None:
+        """Draw the line again from the present (same rule), never above the present size
+        when already over the limit. The rule holds only while address space that is counted
+        but not private (reserved, shared) stays: the runner calls this when it starts
+        serving (reservations released after warm-up would otherwise loosen the cap: 35-52 MiB
+        measured for ONNX Runtime) and on every shrink *before* ``malloc_trim`` (whose holes
+        are refilled without new address space). None when there is no ``RLIMIT_AS`` cap."""
+        cap = self.state
+        if cap.get("kind") != "rlimit_as":
+            return None
+        try:
+            vm, uss = _proc_self()
+            slack = malloc_free_bytes()
+            new = _set_rlimit_as(vm + max(0, int(cap["limit_bytes"]) - uss - slack))
+        except (OSError, ValueError):
+            return cap
+        cap.update(rlimit_as_bytes=new, vm_at_cap_bytes=vm, uss_at_cap_bytes=uss, malloc_free_bytes=slack,
+                   recaps=int(cap.get("recaps", 0)) + 1)
+        return cap
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.state)

@@ -1,0 +1,68 @@
+"""Budgets per device: ``host`` and each accelerator (``cuda:0``...), from ``[memory]``."""
+
+from __future__ import annotations
+
+import glob
+import logging
+from typing import Any
+
+from lastmile.runtime.memory import procfs
+from lastmile.runtime.memory.units import mib
+
+logger = logging.getLogger("lastmile.memory")
+
+# Device nodes that mean an accelerator may be there (torch is asked only when one exists).
+ACCELERATOR_NODES = ("/dev/nvidia[0-9]*", "/dev/davinci[0-9]*")
+
+
+def accelerator_memory() -> dict[str, int]:
+    """Total memory of each accelerator (``cuda:0`` -> bytes), asked only when device nodes
+    exist (so a CPU-only daemon never imports torch for this)."""
+    if not any(glob.glob(pattern) for pattern in ACCELERATOR_NODES):
+        return {}
+    try:
+        from lastmile.runtime.accelerators import detect
+
+        devices = detect()["accelerators"]["deepspeed"].get("devices", [])
+        return {d["device"]: int(d["total_memory_bytes"]) for d in devices if d.get("total_memory_bytes")}
+    except Exception as exc:  # noqa: BLE001 - no device budgets rather than no daemon
+        logger.warning("could not read accelerator memory: %s", exc)
+        return {}
+
+
+class Budgets:
+    """What each device may hold. ``config`` is the governor's live ``[memory]`` dict (changed
+    in place by ``PUT /lm/v1/memory``)."""
+
+    def __init__(self, config: dict[str, Any], accelerators: dict[str, int] | None = None) -> None:
+        self.config = config
+        self._accelerators = accelerators
+        self._host_total: int | None = None  # RAM does not change under a running daemon
+
+    @property
+    def accelerators(self) -> dict[str, int]:
+        if self._accelerators is None:
+            self._accelerators = accelerator_memory()
+        return self._accelerators
+
+    def host_total(self) -> int:
+        if self._host_total is None:
+            self._host_total = procfs.meminfo()["total"]
+        return self._host_total
+
+    def budget(self, device: str) -> dict[str, Any]:
+        """``total_bytes`` (what the device has), ``limit_bytes`` and where it came from."""
+        cfg = self.config
+        if device == "host":
+            total = self.host_total()
+            mb, fraction, key = cfg["host_limit_mb"], cfg["host_limit_fraction"], "host"
+        else:
+            total = self.accelerators.get(device, 0)
+            mb, fraction, key = cfg["device_limit_mb"], cfg["device_limit_fraction"], "device"
+        limit = mib(mb)
+        if limit:
+            return {"total_bytes": total, "limit_bytes": limit, "source": f"{key}_limit_mb"}
+        return {"total_bytes": total, "limit_bytes": int(total * fraction), "source": f"{key}_limit_fraction"}
+
+    def devices(self) -> list[str]:
+        return ["host", *sorted(self.accelerators)]

@@ -2,9 +2,16 @@
 
 Requests are grouped by *signature* (input names, dtypes and every dim but dim 0), because
 only those can be concatenated: LM requests of different sequence lengths wait in different
-groups. A group's batch closes when it holds ``max_batch_size`` rows or ``max_delay_ms``
-after its oldest request arrived; when several groups are ready, the one whose oldest
-request is oldest goes first, so no signature starves another. Up to ``concurrency``
+groups. Batching adapts to load instead of waiting on a clock: a request that finds a runner
+free goes at once (one client gets the latency of no batching), and rows accumulate only
+while every runner is busy (the queue is cut into a batch the moment one frees, so many
+clients get big batches). One exception, bounded by ``max_delay_ms`` (a ceiling, never a
+fixed wait): when a batch has just been answered, its clients are probably about to send
+their next request, so a runner that frees with a *partial* batch queued waits for them
+until they are all back, the batch is full, or ``max_delay_ms`` has passed since the answer.
+Without that, closed-loop clients split into two half-size cohorts that alternate forever.
+When several groups are ready, the one whose oldest request is oldest goes first, so no
+signature starves another. Up to ``concurrency``
 batches run at once (one per runner instance: ``run_batch``, the model's
 :meth:`lastmile.runtime.pool.RunnerPool.run`, picks a free one), and while all
 are busy one more *full* batch per runner may be sent ahead (it waits in the runner's pipe,
@@ -173,6 +180,10 @@ class Batcher:
         self._cancelled = 0
         self._errors = 0
         self._ema_compute_s: float | None = None
+        # Requests answered within the last ``max_delay_ms`` whose clients have not sent
+        # another one yet (see the module doc), and when the last batch was answered.
+        self._owed = 0
+        self._answered_at = -math.inf
 
     # --- the caller's side ------------------------------------------------------------------
 
@@ -200,7 +211,9 @@ class Batcher:
         group.rows += rows
         self._queued += 1
         self._queued_rows += rows
-        if self._queued == 1 and self._in_flight < self.concurrency and (self._delay_s == 0 or rows >= self.max_batch_size):
+        if self._owed:
+            self._owed -= 1
+        if self._queued == 1 and self._in_flight < self.concurrency and (rows >= self.max_batch_size or not self._expecting(now)):
             # Alone, due now and a runner is free: this request's own task runs its batch (no
             # batch task, no extra event-loop turn to start it and another to hand the result
             # back) - what sets the latency of a lightly loaded server.
@@ -400,9 +413,15 @@ class Batcher:
         self._timer_at = math.inf
         self._kick()
 
+    def _expecting(self, now: float) -> bool:
+        """Whether clients of a just-answered batch are probably about to send more rows
+        (then a partial batch waits for them, until ``max_delay_ms`` after the answer)."""
+        return self._owed > 0 and now < self._answered_at + self._delay_s
+
     def _kick(self) -> None:
-        """Cut and launch every batch that is due while runners are free (and full batches
-        ahead of busy ones); otherwise arm one timer for the earliest group deadline."""
+        """Cut and launch a batch whenever a runner is free (a partial one waits only for
+        clients about to return, see :meth:`_expecting`), and full batches ahead of busy
+        runners; otherwise arm one timer for when the wait for returning clients ends."""
         loop = self._loop
         if loop is None or self._closed is not None:
             return
@@ -414,6 +433,7 @@ class Batcher:
             else:
                 return
             now = loop.time()
+            partial_ok = not full_only and not self._expecting(now)
             best: _Group | None = None
             best_t = math.inf
             wake = math.inf
@@ -422,11 +442,11 @@ class Batcher:
                 if head is None:
                     del self._groups[key]
                     continue
-                if group.rows >= self.max_batch_size or (not full_only and now >= head.enqueued + self._delay_s):
+                if group.rows >= self.max_batch_size or partial_ok:
                     if head.enqueued < best_t:
                         best, best_t = group, head.enqueued
                 else:
-                    wake = min(wake, head.enqueued + self._delay_s)
+                    wake = self._answered_at + self._delay_s
             if best is None:
                 if wake < self._timer_at and not full_only:  # a finishing batch kicks again
                     if self._timer is not None:
@@ -505,6 +525,8 @@ class Batcher:
             self._rows += rows
             ema = self._ema_compute_s
             self._ema_compute_s = compute_s if ema is None else ema + 0.2 * (compute_s - ema)
+            self._owed = len(live) if loop.time() >= self._answered_at + self._delay_s else self._owed + len(live)
+            self._answered_at = loop.time()
             offset = 0
             n = len(live)
             for r in live:

@@ -62,12 +62,19 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(demo_store: Path
     d = start_daemon(tmp_path / "d", demo_store)
     try:
         async with LastmileClient(d.socket) as client:
-            await client.load("demo-mlp", {"max_delay_ms": 300.0, "max_batch_size": 64})
+            await client.load("demo-mlp", {"max_batch_size": 64})
             x = np.ones((1, 64), np.float32)
-            # Requests wait in the batcher for max_delay_ms: SIGTERM arrives while they are in flight.
-            pending = [asyncio.create_task(client.infer("demo-mlp", {"input": x}, {"input": "FP32"})) for _ in range(4)]
-            await asyncio.sleep(0.1)
-            d.proc.send_signal(signal.SIGTERM)
+            # The runner is stopped: SIGTERM arrives while the requests are in flight.
+            runner = (await client.model("demo-mlp"))["runners"][0]["pid"]
+            os.kill(runner, signal.SIGSTOP)
+            try:
+                pending = [asyncio.create_task(client.infer("demo-mlp", {"input": x}, {"input": "FP32"})) for _ in range(4)]
+                await asyncio.sleep(0.1)
+                d.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                assert not any(t.done() for t in pending)
+            finally:
+                os.kill(runner, signal.SIGCONT)
             results = await asyncio.gather(*pending)
         assert all(out["logits"].shape == (1, 10) for out, _ in results)
         assert await asyncio.get_running_loop().run_in_executor(None, d.proc.wait, 30) == 0

@@ -5,15 +5,39 @@ a full queue answers 503 with Retry-After."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from lastmile.appliance.client.api import ApiError, LastmileClient
 from tests.conftest import start_daemon
+
+
+async def _runner_pid(client: LastmileClient) -> int:
+    return (await client.model("demo-mlp"))["runners"][0]["pid"]
+
+
+@contextlib.contextmanager
+def _runner_stopped(pid: int) -> Iterator[None]:
+    """Keep the runner busy for as long as the block runs (batching no longer holds requests
+    back on a clock, so a stopped runner is what keeps them queued)."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def _until(done: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
 
 
 async def _traffic(client: LastmileClient, stop: asyncio.Event, outcomes: list[str]) -> None:
@@ -70,13 +94,15 @@ async def test_queue_full_is_503_with_retry_after(demo_store: Path, tmp_path: Pa
     d = start_daemon(tmp_path / "q", demo_store)
     try:
         async with LastmileClient(d.socket) as client:
-            await client.load("demo-mlp", {"max_queue": 2, "max_batch_size": 64, "max_delay_ms": 500.0})
+            await client.load("demo-mlp", {"max_queue": 2, "max_batch_size": 64})
             x = np.ones((1, 64), np.float32)
-            tasks = [asyncio.create_task(client._raw("POST", "/v2/models/demo-mlp/infer", json_body={
-                "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": x.reshape(-1).tolist()}]})) for _ in range(6)]
+            with _runner_stopped(await _runner_pid(client)):  # the first request holds the runner; two queue
+                tasks = [asyncio.create_task(client._raw("POST", "/v2/models/demo-mlp/infer", json_body={
+                    "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": x.reshape(-1).tolist()}]})) for _ in range(6)]
+                await _until(lambda: sum(t.done() for t in tasks) >= 3)
             results = await asyncio.gather(*tasks)
         statuses = sorted(status for status, _, _ in results)
-        assert statuses.count(200) == 2 and statuses.count(503) == 4, statuses
+        assert statuses.count(200) == 3 and statuses.count(503) == 3, statuses  # one at the runner, two queued
         rejected = next(r for r in results if r[0] == 503)
         assert int(rejected[1]["Retry-After"]) >= 1
         assert b"queue full" in rejected[2]
@@ -88,9 +114,12 @@ async def test_concurrent_request_limit_and_huge_headers(demo_store: Path, tmp_p
     d = start_daemon(tmp_path / "c", demo_store, server_extra="max_concurrent_requests = 2")
     try:
         async with LastmileClient(d.socket) as client:
-            await client.load("demo-mlp", {"max_batch_size": 64, "max_delay_ms": 400.0})
+            await client.load("demo-mlp", {"max_batch_size": 64})
             body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
-            results = await asyncio.gather(*(client._raw("POST", "/v2/models/demo-mlp/infer", json_body=body) for _ in range(5)))
+            with _runner_stopped(await _runner_pid(client)):  # the two admitted requests stay in flight
+                tasks = [asyncio.create_task(client._raw("POST", "/v2/models/demo-mlp/infer", json_body=body)) for _ in range(5)]
+                await _until(lambda: sum(t.done() for t in tasks) >= 3)
+            results = await asyncio.gather(*tasks)
             statuses = sorted(r[0] for r in results)
             assert statuses == [200, 200, 503, 503, 503], statuses
             refused = next(r for r in results if r[0] == 503)

@@ -169,24 +169,59 @@ async def test_different_trailing_shapes_batch_separately_and_neither_starves():
     assert any(s[0] > 1 for s in seen if s[1] == 8)
 
 
-async def test_max_delay_is_respected():
+async def test_a_lone_request_is_not_held_back_by_max_delay():
     model = Model()
-    b = make(model, max_batch_size=8, max_delay_ms=60.0)
+    b = make(model, max_batch_size=8, max_delay_ms=200.0)
+    for i in range(3):  # a closed-loop client: each request finds the runner free
+        t0 = time.perf_counter()
+        out, info = await b.submit(request(1, i + 1))
+        assert time.perf_counter() - t0 < 0.1, "a lone request waited for company that was not coming"
+        assert info.batch_size == 1 and info.queue_s < 0.05
+        assert (out["row_id"] == i + 1).all()
+    # A full batch does not wait either.
     t0 = time.perf_counter()
-    out, info = await b.submit(request(1, 1))
-    waited = time.perf_counter() - t0
-    assert 0.055 <= waited < 0.2, waited
-    assert info.queue_s == pytest.approx(0.06, abs=0.02)
-    # A full batch does not wait for the delay.
-    t0 = time.perf_counter()
-    res = await asyncio.gather(*(b.submit(request(2, i)) for i in range(4)))
-    assert time.perf_counter() - t0 < 0.04
+    res = await asyncio.gather(*(b.submit(request(8, i)) for i in range(4)))
+    assert time.perf_counter() - t0 < 0.1
     assert {info.batch_size for _, info in res} == {8}
-    # max_delay_ms = 0: no waiting at all.
-    b.configure(max_delay_ms=0)
+
+
+async def test_rows_accumulate_while_the_runner_is_busy_and_returning_clients_are_awaited():
+    model = Model(delay_s=0.01)
+    b = make(model, max_batch_size=8, max_delay_ms=100.0)
+
+    async def client(marker: int, n: int) -> None:
+        for _ in range(n):
+            out, _ = await b.submit(request(1, marker))
+            assert (out["row_id"] == marker).all()
+
+    await asyncio.gather(*(client(i + 1, 6) for i in range(8)))
+    sizes = [len(x) for x in model.batches]
+    # The first request runs alone; the other seven gather behind it and, once it is answered,
+    # wait (up to max_delay_ms) for its client to come back instead of splitting in two cohorts.
+    assert sizes[0] == 1 and sizes.count(8) >= 5, sizes
+    assert sum(sizes) == 48
+
+
+async def test_max_delay_is_a_ceiling_on_waiting_for_returning_clients():
+    model = Model(delay_s=0.01)
+    b = make(model, max_batch_size=8, max_delay_ms=30.0)
+    first = asyncio.ensure_future(b.submit(request(1, 1)))
+    await asyncio.sleep(0.001)
+    second = asyncio.ensure_future(b.submit(request(1, 2)))  # queued behind the busy runner
+    await first  # answered: its client "might come back", but never does
     t0 = time.perf_counter()
-    await b.submit(request(1, 9))
-    assert time.perf_counter() - t0 < 0.02
+    _, info = await second
+    waited = time.perf_counter() - t0
+    assert 0.02 <= waited < 0.2, waited
+    assert info.batch_size == 1
+    b.configure(max_delay_ms=0)  # 0: never wait for anyone
+    first = asyncio.ensure_future(b.submit(request(1, 3)))
+    await asyncio.sleep(0.001)
+    second = asyncio.ensure_future(b.submit(request(1, 4)))
+    await first
+    t0 = time.perf_counter()
+    await second
+    assert time.perf_counter() - t0 < 0.02 + 0.05
 
 
 async def test_queue_full_with_retry_after():
@@ -313,15 +348,25 @@ async def test_configure_live():
 async def test_run_batch_error_reaches_every_request_and_batcher_continues():
     calls = 0
 
+    gate = asyncio.Event()
+
     async def flaky(inputs):
         nonlocal calls
         calls += 1
         if calls == 1:
+            await gate.wait()  # the runner is busy: the next three queue up as one batch
+        if calls == 2:
             raise RuntimeError("boom in the backend")
         return {"y": inputs["x"] * 2}
 
-    b = make(flaky, max_delay_ms=50.0)  # room for all three to share the first batch on a loaded CI box
-    res = await asyncio.gather(*(b.submit(request(1, i)) for i in range(3)), return_exceptions=True)
+    b = make(flaky, max_delay_ms=0.0)
+    blocker = asyncio.ensure_future(b.submit(request(1, 9)))
+    await asyncio.sleep(0.01)
+    batch = asyncio.gather(*(b.submit(request(1, i)) for i in range(3)), return_exceptions=True)
+    await asyncio.sleep(0.01)
+    gate.set()
+    await blocker
+    res = await batch
     assert all(isinstance(r, RuntimeError) and "boom" in str(r) for r in res)
     out, _ = await b.submit(request(1, 7))
     assert (out["y"][:, 0] == 14).all()

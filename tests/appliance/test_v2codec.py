@@ -139,3 +139,40 @@ def test_json_response_shape() -> None:
     data = json.loads(body)
     assert headers["Content-Type"] == "application/json"
     assert data == {"model_name": "m", "model_version": "1", "id": "abc", "outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 1.0]}]}
+
+
+def _json_response(outputs: dict[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> dict:
+    request = InferRequest(id="r", inputs={}, parameters={}, requested_outputs=None)
+    body, headers = encode_response("m", request, outputs, specs, {"batch_size": 1})
+    assert headers["Content-Type"] == "application/json"
+    return json.loads(body)
+
+
+def test_json_floats_are_the_shortest_text_of_their_own_type() -> None:
+    """orjson writes float32 as the shortest text that reads back to the same float32 (no
+    float64 widening): fewer bytes, same bits for a client reading the declared type."""
+    values = np.array([0.1, -0.0, 1e-7, 3.4e38, 1 / 3], np.float32)
+    request = InferRequest(id=None, inputs={}, parameters={}, requested_outputs=None)
+    body, _ = encode_response("m", request, {"y": values}, (TensorSpec("y", "FP32", (-1,)),), {})
+    assert b'"data":[0.1,-0.0,1e-7,3.4e+38,0.33333334]' in body
+    back = np.asarray(json.loads(body)["outputs"][0]["data"], np.float32)
+    assert back.tobytes() == values.tobytes()
+
+
+def test_non_finite_outputs_keep_their_names_not_null() -> None:
+    """NaN and infinities are written as the json module did (NaN, Infinity), not as null."""
+    values = np.array([[np.nan, np.inf], [-np.inf, 1.5]], np.float32)
+    answer = _json_response({"y": values}, (TensorSpec("y", "FP32", (-1, 2)),))
+    got = np.asarray(answer["outputs"][0]["data"], np.float32).reshape(2, 2)
+    assert np.isnan(got[0, 0]) and got[0, 1] == np.inf and got[1, 0] == -np.inf and got[1, 1] == 1.5
+
+
+def test_json_request_orjson_refuses_falls_back_with_the_same_errors() -> None:
+    """A NaN literal parses as before; an integer past 64 bits is a 400 naming its field."""
+    header, _ = split_body(b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [NaN, 1, 2, 3]}]}', None)
+    assert np.isnan(header["inputs"][0]["data"][0])
+    specs = (TensorSpec("ids", "UINT64", (-1,)),)
+    header, rest = split_body(b'{"inputs": [{"name": "ids", "datatype": "UINT64", "shape": [1], "data": [18446744073709551616]}]}', None)
+    with pytest.raises(BadRequest) as info:
+        decode_request(header, rest, specs, OUTS)
+    assert info.value.field == "inputs[0].data"

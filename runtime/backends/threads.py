@@ -10,6 +10,10 @@ them is always waiting for a time slice. Two fixes, both here:
 - ``threads = 0`` ("auto") resolves to the usable cores minus one (at least 1): the daemon's
   event loop needs a core to itself under load, or every request waits behind the model's
   threads. An explicit ``threads`` is kept as given (``lastmile tune`` sweeps it).
+  Giving a lone request every core was measured and lost (docs/performance.md): on a
+  memory-bound 100 MB MLP one row takes 5.7 ms with 1 thread and 5.5 ms with 2, while under
+  64 clients 2 threads served 15% fewer rows/s than 1 (the second thread and the daemon's
+  loop share a core). Per-call thread counts or a second session would win ~0.2 ms at most.
 - Idle threads sleep instead of spinning: ``OMP_WAIT_POLICY=PASSIVE`` for torch's OpenMP
   (read once when libgomp loads, so it is set before the forkserver imports torch) and
   ``session.intra_op.allow_spinning = 0`` for ONNX Runtime. Spinning wins a few µs on an idle

@@ -73,7 +73,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("memory_limit_mb", "int", None, False, "memory the model may use, in MB (unset: no limit)",
             low=16, high=16 * 1024 * 1024, optional=True),
     Setting("max_batch_size", "int", 8, True, "most rows batched into one model call", low=1, high=4096),
-    Setting("max_delay_ms", "float", 2.0, True, "longest wait for a batch to fill, in ms", low=0.0, high=10_000.0),
+    Setting("max_delay_ms", "float", 2.0, True, "ceiling on a partial batch's wait for just-answered clients, in ms (a request finding a runner free never waits)", low=0.0, high=10_000.0),
     Setting("max_queue", "int", 256, True, "requests waiting beyond this get 503", low=1, high=1_000_000),
     Setting("instances", "int", 1, False, "runner processes serving the model", low=1, high=64),
     Setting("tp_size", "int", 1, False, "tensor-parallel ranks (DeepSpeed)", low=1, high=64),

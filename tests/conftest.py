@@ -102,6 +102,25 @@ def start_daemon(
     return daemon
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_tcp_daemon(home: Path, store: Path, token: str, server_extra: str = "", **kwargs) -> tuple[DaemonProc, int]:
+    """A daemon that also listens on TCP (127.0.0.1 unless ``server_extra`` sets ``tcp_host``)
+    with ``token`` as its bearer token (written 0600, as the daemon insists); its TCP port."""
+    home.mkdir(parents=True, exist_ok=True)
+    token_file = home / "token"
+    token_file.write_text(token + "\n")
+    os.chmod(token_file, 0o600)
+    port = free_port()
+    daemon = start_daemon(home, store, server_extra=f'tcp_port = {port}\ntoken_file = "{token_file}"\n{server_extra}', **kwargs)
+    return daemon, port
+
+
 @pytest.fixture(scope="session")
 def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo models, built once; tests that change the store copy it first."""

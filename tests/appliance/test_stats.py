@@ -4,15 +4,13 @@ failures count as ``fail``, and the shape is Triton's."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
 
-from tests.appliance.test_tcp_v2_client import free_port
-from tests.conftest import DaemonProc, start_daemon
+from tests.conftest import DaemonProc, start_tcp_daemon
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -24,12 +22,7 @@ DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "comp
 
 @pytest.fixture(scope="module")
 def stats_daemon(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc, int]]:
-    home = tmp_path_factory.mktemp("stats")
-    token = home / "token"
-    token.write_text(TOKEN + "\n")
-    os.chmod(token, 0o600)
-    port = free_port()
-    d = start_daemon(home, demo_store, server_extra=f'tcp_port = {port}\ntoken_file = "{token}"')
+    d, port = start_tcp_daemon(tmp_path_factory.mktemp("stats"), demo_store, TOKEN)
     yield d, port
     d.stop()
 

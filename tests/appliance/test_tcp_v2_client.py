@@ -3,8 +3,6 @@ bearer token: the protocol is the real one, not our own reading of it."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -12,26 +10,15 @@ import numpy as np
 import pytest
 
 from lastmile.models.demo import example_inputs, reference_module
-from tests.conftest import DaemonProc, start_daemon
+from tests.conftest import DaemonProc, start_tcp_daemon
 
 httpclient = pytest.importorskip("tritonclient.http")
 TOKEN = "s3cret-token-for-tests"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tcp_daemon(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc, int]]:
-    home = tmp_path_factory.mktemp("tcp")
-    token = home / "token"
-    token.write_text(TOKEN + "\n")
-    os.chmod(token, 0o600)
-    port = free_port()
-    d = start_daemon(home, demo_store, server_extra=f'tcp_port = {port}\ntoken_file = "{token}"')
+    d, port = start_tcp_daemon(tmp_path_factory.mktemp("tcp"), demo_store, TOKEN)
     yield d, port
     d.stop()
 

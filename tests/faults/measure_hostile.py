@@ -2,12 +2,12 @@
 whatever code is installed (run it on the old code and on the new one).
 usage: python tests/faults/measure_hostile.py LABEL STORE OUTDIR
 (STORE: a demo store, e.g. built by `python -m lastmile.models.demo STORE`)."""
-import asyncio, json, os, shutil, socket, sys, time
+import asyncio, json, shutil, sys, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import aiohttp
-from tests.conftest import start_daemon
+from tests.conftest import start_tcp_daemon
 from lastmile.appliance.client.api import LastmileClient
 
 label, store_src, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
@@ -17,10 +17,7 @@ store = home / "store"
 shutil.copytree(store_src, store)
 (store / "bare-pt2").mkdir()
 shutil.copy(store / "demo-mlp-ds" / "model.pt2", store / "bare-pt2" / "model.pt2")
-token = home / "token"; token.write_text("t" * 32); os.chmod(token, 0o600)
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-d = start_daemon(home, store, server_extra=f'max_concurrent_requests = 100\ntcp_port = {port}\ntoken_file = "{token}"')
+d, port = start_tcp_daemon(home, store, "t" * 32, server_extra="max_concurrent_requests = 100")
 pid = d.proc.pid
 res = {}
 

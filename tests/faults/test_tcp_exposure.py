@@ -1,43 +1,24 @@
-"""Issue 12, item 6: the TCP listener. Plain HTTP on an address other hosts can reach is
+"""The TCP listener. Plain HTTP on an address other hosts can reach is
 refused unless the config says so, and token guessing is slowed per peer with one log line
 per peer instead of one per guess. Real daemons, real TCP sockets."""
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import start_daemon
+from tests.conftest import start_tcp_daemon
 
 pytestmark = pytest.mark.faults
 TOKEN = "the-right-token-0123456789"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _token_file(home: Path) -> Path:
-    home.mkdir(parents=True, exist_ok=True)
-    token = home / "token"
-    token.write_text(TOKEN + "\n")
-    os.chmod(token, 0o600)
-    return token
-
-
 def test_plain_tcp_off_loopback_is_refused(demo_store: Path, tmp_path: Path) -> None:
     """(Was: started silently on 0.0.0.0 without TLS, the token then crossing the network in clear.)"""
-    home = tmp_path / "d"
-    token = _token_file(home)
-    d = start_daemon(home, demo_store, wait_ready=False,
-                     server_extra=f'tcp_host = "0.0.0.0"\ntcp_port = {_free_port()}\ntoken_file = "{token}"')
+    d, _ = start_tcp_daemon(tmp_path / "d", demo_store, TOKEN, server_extra='tcp_host = "0.0.0.0"', wait_ready=False)
     try:
         code = d.proc.wait(60)
     finally:
@@ -48,11 +29,7 @@ def test_plain_tcp_off_loopback_is_refused(demo_store: Path, tmp_path: Path) -> 
 
 
 async def test_token_guessing_is_slowed_and_logged_once_per_peer(demo_store: Path, tmp_path: Path) -> None:
-    home = tmp_path / "d"
-    token = _token_file(home)
-    port = _free_port()
-    d = start_daemon(home, demo_store, server_extra=f'tcp_host = "0.0.0.0"\ntcp_port = {port}\ntoken_file = "{token}"\n'
-                                                     "allow_insecure_tcp = true")
+    d, port = start_tcp_daemon(tmp_path / "d", demo_store, TOKEN, server_extra='tcp_host = "0.0.0.0"\nallow_insecure_tcp = true')
     try:
         assert "allow_insecure_tcp" in d.log_text() and "level=warning" in d.log_text()
         url = f"http://127.0.0.1:{port}/lm/v1/status"

@@ -18,7 +18,6 @@ import asyncio
 import copy
 import os
 import secrets
-import socket
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -32,7 +31,7 @@ from schemathesis import GenerationMode
 
 from lastmile.appliance.client.api import LastmileClient
 from tests.appliance.test_api import SPEC, _template, check_against_spec
-from tests.conftest import DaemonProc, start_daemon
+from tests.conftest import DaemonProc, start_tcp_daemon
 from tests.fuzz._util import LONG, SCALE, run_property
 
 pytestmark = pytest.mark.fuzz
@@ -45,15 +44,8 @@ DESIGNED_5XX = {507}
 
 @pytest.fixture(scope="module")
 def tcp_daemon(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc, str, str]]:
-    home = tmp_path_factory.mktemp("apifuzz")
     token = secrets.token_hex(32)
-    token_file = home / "token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    d = start_daemon(home, demo_store, server_extra=f'tcp_port = {port}\ntoken_file = "{token_file}"\n')
+    d, port = start_tcp_daemon(tmp_path_factory.mktemp("apifuzz"), demo_store, token)
 
     async def load() -> None:
         async with LastmileClient(d.socket) as client:

@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import openai
 import pytest
 
 from tests.appliance.test_api import check_against_spec
-from tests.conftest import ROOT, DaemonProc, start_daemon
+from tests.conftest import ROOT, DaemonProc, start_tcp_daemon
 
 MODEL = "tiny"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -40,13 +39,7 @@ def served(tiny_lm: Path, demo_store: Path, tmp_path_factory: pytest.TempPathFac
     shutil.copytree(demo_store, store)
     shutil.copytree(tiny_lm, store / MODEL)
     token = secrets.token_hex(24)
-    token_file = home / "token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    daemon = start_daemon(home / "d", store, server_extra=f'tcp_port = {port}\ntoken_file = "{token_file}"\n')
+    daemon, port = start_tcp_daemon(home / "d", store, token)
     try:
         # the DeepSpeed/torch engine at fp32: the correctness reference (ORT-GenAI int4, the CPU
         # default, is measured in the benchmark, not compared token for token)

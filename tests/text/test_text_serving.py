@@ -7,9 +7,7 @@ bad inputs are 400s naming the field; the derived spec survives a daemon restart
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import struct
 import time
 from pathlib import Path
@@ -19,17 +17,11 @@ import httpx2 as httpx  # the HTTP client the openai package is built on (httpx2
 import numpy as np
 import pytest
 
-from tests.conftest import DaemonProc, start_daemon
+from tests.conftest import DaemonProc, start_daemon, start_tcp_daemon
 
 openai = pytest.importorskip("openai")
 TOKEN = "text-tests-token"
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "hello", "Memory limits must hold, and unload must free memory."]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +38,7 @@ def text_store(encoder_folder: Path, classifier_folder: Path, tmp_path_factory: 
 
 @pytest.fixture(scope="module")
 def served(text_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc, int]]:
-    home = tmp_path_factory.mktemp("textd")
-    token = home / "token"
-    token.write_text(TOKEN + "\n")
-    os.chmod(token, 0o600)
-    port = free_port()
-    daemon = start_daemon(home, text_store, server_extra=f'tcp_port = {port}\ntoken_file = "{token}"')
+    daemon, port = start_tcp_daemon(tmp_path_factory.mktemp("textd"), text_store, TOKEN)
     with _client(daemon) as http:
         for name in ("enc", "clf", "enc-onnx"):
             r = http.post(f"/v2/repository/models/{name}/load", json={"parameters": {"max_batch_size": 8}}, timeout=120)

@@ -12,9 +12,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
+
+if TYPE_CHECKING:
+    from lastmile.runtime.shm import BufferPool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,6 +122,25 @@ def start_tcp_daemon(home: Path, store: Path, token: str, server_extra: str = ""
     port = free_port()
     daemon = start_daemon(home, store, server_extra=f'tcp_port = {port}\ntoken_file = "{token_file}"\n{server_extra}', **kwargs)
     return daemon, port
+
+
+@pytest.fixture(scope="session")
+def forkserver() -> float:
+    """The preloaded forkserver (torch, deepspeed, onnxruntime imported there), started once."""
+    from lastmile.runtime.forkserver import warm_up
+
+    return warm_up()
+
+
+@pytest.fixture
+def shm_pool(request: pytest.FixtureRequest) -> Iterator["BufferPool"]:
+    """A shared-memory buffer pool per test; afterwards nothing of it may be left in /dev/shm."""
+    from lastmile.runtime.shm import BufferPool, count_segments
+
+    pool = BufferPool(f"lastmile-{os.getpid()}-{request.node.name[:40]}-")
+    yield pool
+    pool.close()
+    assert count_segments(pool.prefix) == 0
 
 
 @pytest.fixture(scope="session")

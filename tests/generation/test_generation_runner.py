@@ -19,20 +19,12 @@ from lastmile.models.settings import ModelSettings
 from lastmile.runtime.errors import RunnerDied
 from lastmile.runtime.generation.runner import GenerationRunner
 from lastmile.runtime.generation.types import ContextOverflow, GenerationRequest, SamplingParams
-from lastmile.runtime.forkserver import warm_up
 from lastmile.runtime.shm import BufferPool
 
 
-@pytest.fixture(scope="module")
-def forkserver() -> float:
-    return warm_up()
-
-
 @pytest.fixture
-def pool(request):
-    p = BufferPool(f"lastmile-{os.getpid()}-{request.node.name[:40]}-")
-    yield p
-    p.close()
+def pool(shm_pool):
+    return shm_pool
 
 
 async def start(folder: Path, pool: BufferPool, **settings) -> GenerationRunner:

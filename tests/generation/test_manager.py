@@ -18,13 +18,7 @@ from lastmile.runtime.errors import ModelUnavailable, RunnerDied
 from lastmile.runtime.events import EventLog
 from lastmile.runtime.generation.types import (GenerationRequest, InvalidGenerationTarget, SamplingParams)
 from lastmile.runtime.manager import ModelManager, ModelNotLoaded
-from lastmile.runtime.forkserver import warm_up
 from tests.conftest import start_daemon
-
-
-@pytest.fixture(scope="module")
-def forkserver() -> float:
-    return warm_up()
 
 
 @pytest.fixture

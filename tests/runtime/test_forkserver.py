@@ -11,12 +11,7 @@ import sys
 import pytest
 
 from lastmile.runtime.errors import LoadError
-from lastmile.runtime.forkserver import call_in_forkserver, warm_up
-
-
-@pytest.fixture(scope="module")
-def forkserver() -> float:
-    return warm_up()
+from lastmile.runtime.forkserver import call_in_forkserver
 
 
 def test_a_call_runs_in_a_child_and_returns_its_value(forkserver):

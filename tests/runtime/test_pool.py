@@ -5,7 +5,6 @@ least busy runner, stop and shrink reach every runner. Nothing is mocked."""
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +15,13 @@ from lastmile.models.settings import ModelSettings
 from lastmile.models.spec import Manifest
 from lastmile.runtime.batcher import Batcher
 from lastmile.runtime.errors import ModelUnavailable
-from lastmile.runtime.forkserver import warm_up
 from lastmile.runtime.pool import RunnerPool
 from lastmile.runtime.runner import PIPELINE_DEPTH, Runner
-from lastmile.runtime.shm import BufferPool, count_segments
-
-
-@pytest.fixture(scope="module")
-def forkserver() -> float:
-    return warm_up()
 
 
 @pytest.fixture
-def shm(request):
-    p = BufferPool(f"lastmile-{os.getpid()}-{request.node.name[:40]}-")
-    yield p
-    p.close()
-    assert count_segments(p.prefix) == 0
+def shm(shm_pool):
+    return shm_pool
 
 
 @pytest.fixture

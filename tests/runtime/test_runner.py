@@ -23,18 +23,11 @@ from lastmile.models.store import ModelStore
 from lastmile.runtime.batcher import Batcher
 from lastmile.runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavailable, RunnerDied
 from lastmile.runtime.errors import describe_exit
-from lastmile.runtime.forkserver import warm_up
 from lastmile.runtime.pool import RunnerPool
 from lastmile.runtime.runner import PIPELINE_DEPTH, Runner
-from lastmile.runtime.shm import BufferPool, cleanup_stale, count_segments
+from lastmile.runtime.shm import cleanup_stale, count_segments
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def forkserver() -> float:
-    """Start the preloaded forkserver once (torch, deepspeed, onnxruntime imported there)."""
-    return warm_up()
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +36,8 @@ def store(demo_store: Path) -> ModelStore:
 
 
 @pytest.fixture
-def pool(request):
-    """A pool per test; afterwards nothing of it may be left in /dev/shm."""
-    p = BufferPool(f"lastmile-{os.getpid()}-{request.node.name[:40]}-")
-    yield p
-    p.close()
-    assert count_segments(p.prefix) == 0
+def pool(shm_pool):
+    return shm_pool
 
 
 def settings_for(manifest, **changes) -> ModelSettings:

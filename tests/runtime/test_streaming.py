@@ -18,23 +18,14 @@ from stream_backend import CountingBackend
 from lastmile.models.settings import ModelSettings
 from lastmile.models.spec import Manifest
 from lastmile.runtime.errors import InferenceError, RunnerDied
-from lastmile.runtime.forkserver import warm_up
 from lastmile.runtime.protocol import Chunk, Done
 from lastmile.runtime.runner import Runner
-from lastmile.runtime.shm import BufferPool, count_segments
-
-
-@pytest.fixture(scope="module")
-def forkserver() -> float:
-    return warm_up()
+from lastmile.runtime.shm import BufferPool
 
 
 @pytest.fixture
-def pool(request):
-    p = BufferPool(f"lastmile-{os.getpid()}-{request.node.name[:40]}-")
-    yield p
-    p.close()
-    assert count_segments(p.prefix) == 0
+def pool(shm_pool):
+    return shm_pool
 
 
 @pytest.fixture

@@ -120,6 +120,17 @@ class _Call:
             except ShmError:
                 pass
 
+    def answered(self, pool: BufferPool) -> bool:
+        """Mark the child's answer (or death) as come; an abandoned call's buffers and slot
+        are freed here, and True says there is no caller left to tell."""
+        self.finished = True
+        if not self.abandoned:
+            return False
+        self.release(pool)
+        if self.on_answer is not None:
+            self.on_answer()
+        return True
+
 
 class _StreamState:
     """What the runner keeps of an open stream: the answers not yet taken. Apart from the
@@ -649,12 +660,7 @@ class Runner:
                 if msg.seq in self._streams:
                     self._end_stream(msg.seq, msg if kind is Done else InferenceError(f"{self.name}: {msg.error}"))
                 return
-            call.finished = True
-            if call.abandoned:
-                call.release(self.pool)
-                if call.on_answer is not None:
-                    call.on_answer()
-            elif not call.fut.done():
+            if not call.answered(self.pool) and not call.fut.done():
                 if kind is Done:
                     if msg.backend_s:  # a batch (memory and shrink answers carry none)
                         self.last_backend_s = msg.backend_s
@@ -732,12 +738,7 @@ class Runner:
         self.state = "stopped" if expected else "dead"
         calls, self._calls = self._calls, {}
         for call in calls.values():
-            call.finished = True
-            if call.abandoned:
-                call.release(self.pool)
-                if call.on_answer is not None:
-                    call.on_answer()
-            elif not call.fut.done():
+            if not call.answered(self.pool) and not call.fut.done():
                 if expected:
                     call.fut.set_exception(ModelUnavailable(f"runner for {self.name} was stopped"))
                 else:

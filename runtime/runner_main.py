@@ -33,29 +33,7 @@ from lastmile.models.settings import ModelSettings
 from lastmile.models.spec import Manifest
 from lastmile.runtime.backends.base import Backend
 from lastmile.runtime.memory.cap import HardCap
-from lastmile.runtime.protocol import (
-    NO_SEQ,
-    Cancel,
-    Cancelled,
-    Chunk,
-    Credit,
-    Done,
-    Failed,
-    LoadFailed,
-    MemoryQuery,
-    Message,
-    Need,
-    OutBuffer,
-    Phase,
-    Ready,
-    Run,
-    Shrink,
-    Stop,
-    Stream,
-    ToRunner,
-    decode,
-    encode,
-)
+from lastmile.runtime import protocol as proto
 from lastmile.runtime.shm import SegmentCache, layout_of, pack, views
 
 PR_SET_NAME = 15
@@ -140,10 +118,10 @@ def main(rx: Connection, tx: Connection, manifest: Manifest, settings: ModelSett
 
     tune_allocator(bool(settings.memory_limit_mb))  # before the backend starts threads
 
-    def send(msg: Message) -> None:
-        tx.send_bytes(encode(msg))
+    def send(msg: proto.Message) -> None:
+        tx.send_bytes(proto.encode(msg))
 
-    send(Phase(NO_SEQ, "loading", {"pid": os.getpid()}))
+    send(proto.Phase(proto.NO_SEQ, "loading", {"pid": os.getpid()}))
     started = time.perf_counter()
     try:
         if factory is None:
@@ -153,12 +131,12 @@ def main(rx: Connection, tx: Connection, manifest: Manifest, settings: ModelSett
         backend = factory(manifest, settings)
     except BaseException as exc:  # noqa: BLE001 - everything becomes the load error text
         traceback.print_exc(file=sys.stderr)
-        send(LoadFailed(NO_SEQ, describe_error(exc)))
+        send(proto.LoadFailed(proto.NO_SEQ, describe_error(exc)))
         tx.close()
         return
     load_s = time.perf_counter() - started
 
-    send(Phase(NO_SEQ, "warming", {"load_s": round(load_s, 4)}))
+    send(proto.Phase(proto.NO_SEQ, "warming", {"load_s": round(load_s, 4)}))
     warm_started = time.perf_counter()
     rows_tried = []
     try:
@@ -170,7 +148,7 @@ def main(rx: Connection, tx: Connection, manifest: Manifest, settings: ModelSett
             _as_arrays(backend.run(inputs))
     except BaseException as exc:  # noqa: BLE001
         traceback.print_exc(file=sys.stderr)
-        send(LoadFailed(NO_SEQ, f"warm-up batch of {rows_tried[-1]} rows failed: {describe_error(exc)}"))
+        send(proto.LoadFailed(proto.NO_SEQ, f"warm-up batch of {rows_tried[-1]} rows failed: {describe_error(exc)}"))
         try:
             backend.close()
         finally:
@@ -185,7 +163,7 @@ def main(rx: Connection, tx: Connection, manifest: Manifest, settings: ModelSett
         info = {"info_error": describe_error(exc)}
     info["hard_cap"] = cap.as_dict()
     info.update(load_s=round(load_s, 4), warmup_s=round(warmup_s, 4), warmup_rows=rows_tried)
-    send(Ready(NO_SEQ, info))
+    send(proto.Ready(proto.NO_SEQ, info))
     server = _Server(rx, tx, backend, cap)
     try:
         server.serve()
@@ -235,25 +213,25 @@ class _Server:
         self.backend = backend
         self.cap = cap  # the memory cap this process owns (redrawn at serve start and each shrink)
         self.segments = SegmentCache()
-        self.backlog: deque[ToRunner] = deque()  # messages that arrived while a batch waited for an OutBuffer
+        self.backlog: deque[proto.ToRunner] = deque()  # messages that arrived while a batch waited for an OutBuffer
         self.streams: dict[int, _OpenStream] = {}
         self._handlers: dict[type, Callable[[Any], bool]] = {
-            Run: self._run,
-            MemoryQuery: self._memory,
-            Shrink: self._shrink,
-            Stream: self._open_stream,
-            Credit: self._credit,
-            Cancel: self._cancel,
-            Stop: self._stop,
-            OutBuffer: lambda msg: False,  # late answer for a batch that already failed
+            proto.Run: self._run,
+            proto.MemoryQuery: self._memory,
+            proto.Shrink: self._shrink,
+            proto.Stream: self._open_stream,
+            proto.Credit: self._credit,
+            proto.Cancel: self._cancel,
+            proto.Stop: self._stop,
+            proto.OutBuffer: lambda msg: False,  # late answer for a batch that already failed
         }
 
-    def send(self, msg: Message) -> None:
-        self._send_bytes(encode(msg))  # plain pickle: several µs less than Connection.send
+    def send(self, msg: proto.Message) -> None:
+        self._send_bytes(proto.encode(msg))  # plain pickle: several µs less than Connection.send
 
-    def _read(self) -> ToRunner:
+    def _read(self) -> proto.ToRunner:
         try:
-            return decode(self._recv_bytes())  # type: ignore[return-value]
+            return proto.decode(self._recv_bytes())  # type: ignore[return-value]
         except (EOFError, OSError):
             raise _PipeClosed from None
 
@@ -263,7 +241,7 @@ class _Server:
         try:
             while True:
                 if self.backlog:
-                    msg: ToRunner | None = self.backlog.popleft()
+                    msg: proto.ToRunner | None = self.backlog.popleft()
                 elif not self.streams or self._poll():
                     msg = self._read()  # blocks only when no stream can advance
                 elif any(s.runnable for s in self.streams.values()):
@@ -273,7 +251,7 @@ class _Server:
                 if msg is not None:
                     handler = handlers.get(type(msg))
                     if handler is None:
-                        self.send(Failed(msg.seq, f"unknown runner message {type(msg).__name__}"))
+                        self.send(proto.Failed(msg.seq, f"unknown runner message {type(msg).__name__}"))
                     elif handler(msg):
                         return
                 if self.streams:
@@ -283,7 +261,7 @@ class _Server:
 
     # --- one batch ------------------------------------------------------------------------
 
-    def _run(self, msg: Run) -> bool:
+    def _run(self, msg: proto.Run) -> bool:
         seq = msg.seq
         segments = self.segments
         if msg.unmapped is None or msg.unmapped:
@@ -303,18 +281,18 @@ class _Server:
         except _PipeClosed:
             raise
         except Exception as exc:  # noqa: BLE001 - reported for this batch; keep serving
-            self.send(Failed(seq, describe_error(exc)))
+            self.send(proto.Failed(seq, describe_error(exc)))
             return False
-        self.send(Done(seq, layout, backend_s))
+        self.send(proto.Done(seq, layout, backend_s))
         return False
 
     def _bigger_buffer(self, seq: int, nbytes: int) -> str:
         """Ask for an output buffer of ``nbytes`` and wait for it; what else arrives meanwhile
         waits in the backlog."""
-        self.send(Need(seq, nbytes))
+        self.send(proto.Need(seq, nbytes))
         while True:
             reply = self._read()
-            if isinstance(reply, OutBuffer) and reply.seq == seq:
+            if isinstance(reply, proto.OutBuffer) and reply.seq == seq:
                 if reply.segment is None:
                     raise RuntimeError(f"no output buffer of {nbytes} bytes: {reply.error}")
                 return reply.segment
@@ -322,51 +300,51 @@ class _Server:
 
     # --- control --------------------------------------------------------------------------
 
-    def _memory(self, msg: MemoryQuery) -> bool:
+    def _memory(self, msg: proto.MemoryQuery) -> bool:
         try:
-            self.send(Done(msg.seq, dict(self.backend.memory())))
+            self.send(proto.Done(msg.seq, dict(self.backend.memory())))
         except Exception as exc:  # noqa: BLE001
-            self.send(Failed(msg.seq, describe_error(exc)))
+            self.send(proto.Failed(msg.seq, describe_error(exc)))
         return False
 
-    def _shrink(self, msg: Shrink) -> bool:
+    def _shrink(self, msg: proto.Shrink) -> bool:
         try:
             self.segments.drop(msg.unmapped)
             self.backend.shrink()
             gc.collect()
             self.cap.recap()  # before the trim: its holes refill without new address space
             _malloc_trim()
-            self.send(Done(msg.seq, None))
+            self.send(proto.Done(msg.seq, None))
         except Exception as exc:  # noqa: BLE001
-            self.send(Failed(msg.seq, describe_error(exc)))
+            self.send(proto.Failed(msg.seq, describe_error(exc)))
         return False
 
-    def _stop(self, msg: Stop) -> bool:
+    def _stop(self, msg: proto.Stop) -> bool:
         self.segments.drop(None)
         return True
 
     # --- streams --------------------------------------------------------------------------
 
-    def _open_stream(self, msg: Stream) -> bool:
+    def _open_stream(self, msg: proto.Stream) -> bool:
         try:
             chunks = iter(self.backend.stream(msg.kind, msg.payload))
         except Exception as exc:  # noqa: BLE001 - this request's failure; keep serving
-            self.send(Failed(msg.seq, describe_error(exc)))
+            self.send(proto.Failed(msg.seq, describe_error(exc)))
             return False
         self.streams[msg.seq] = _OpenStream(chunks, max(1, int(msg.window)))
         return False
 
-    def _credit(self, msg: Credit) -> bool:
+    def _credit(self, msg: proto.Credit) -> bool:
         stream = self.streams.get(msg.seq)
         if stream is not None and msg.consumed > stream.acked:
             stream.acked = msg.consumed
         return False
 
-    def _cancel(self, msg: Cancel) -> bool:
+    def _cancel(self, msg: proto.Cancel) -> bool:
         stream = self.streams.pop(msg.seq, None)
         if stream is not None:  # else it already ended (its terminal message is on the way)
             stream.close()
-            self.send(Cancelled(msg.seq, stream.sent))
+            self.send(proto.Cancelled(msg.seq, stream.sent))
         return False
 
     def _step_streams(self) -> None:
@@ -379,15 +357,15 @@ class _Server:
                 payload = next(stream.chunks)
             except StopIteration as end:
                 del self.streams[seq]
-                self.send(Done(seq, end.value, stream.backend_s + time.perf_counter() - t0))
+                self.send(proto.Done(seq, end.value, stream.backend_s + time.perf_counter() - t0))
                 continue
             except Exception as exc:  # noqa: BLE001 - this stream's failure; keep serving
                 del self.streams[seq]
-                self.send(Failed(seq, describe_error(exc)))
+                self.send(proto.Failed(seq, describe_error(exc)))
                 continue
             stream.backend_s += time.perf_counter() - t0
             stream.sent += 1
-            self.send(Chunk(seq, payload))
+            self.send(proto.Chunk(seq, payload))
 
     def close_streams(self) -> None:
         """Close what is still open (stop, or the daemon went away)."""

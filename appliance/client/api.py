@@ -8,7 +8,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import aiohttp
 import numpy as np
@@ -71,9 +71,15 @@ class LastmileClient:
         if self._session is None:
             await self.__aenter__()
         assert self._session is not None
-        try:
+        with self._transport_errors(path, f"request to {self.where}{path} timed out after {self.timeout.total} s"):
             async with self._session.request(method, self.base_url + path, json=json_body, data=data, headers=headers) as resp:
                 return resp.status, dict(resp.headers), await resp.read()
+
+    @contextlib.contextmanager
+    def _transport_errors(self, path: str, timeout_message: str) -> Iterator[None]:
+        """aiohttp's connection failures as the errors the CLI and TUI explain to a person."""
+        try:
+            yield
         except aiohttp.ClientConnectorError as exc:
             os_error = getattr(exc, "os_error", None)
             if isinstance(os_error, PermissionError):
@@ -84,9 +90,9 @@ class LastmileClient:
         except aiohttp.ServerDisconnectedError:
             raise DaemonNotRunning(f"the daemon at {self.where} closed the connection") from None
         except aiohttp.ClientError as exc:
-            raise ClientError(f"request to {self.where} failed: {exc}") from None
+            raise ClientError(f"request to {self.where}{path} failed: {exc}") from None
         except TimeoutError:
-            raise ClientError(f"request to {self.where}{path} timed out after {self.timeout.total} s") from None
+            raise ClientError(timeout_message) from None
 
     @contextlib.asynccontextmanager
     async def stream(self, path: str, body: Any, *, read_timeout_s: float = 300.0) -> AsyncIterator[aiohttp.ClientResponse]:
@@ -98,7 +104,7 @@ class LastmileClient:
             await self.__aenter__()
         assert self._session is not None
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30.0, sock_read=read_timeout_s)
-        try:
+        with self._transport_errors(path, f"{self.where}{path} sent nothing for {read_timeout_s:g} s"):
             async with self._session.post(self.base_url + path, json=body, timeout=timeout) as resp:
                 if resp.status >= 400:
                     payload = await resp.read()
@@ -111,17 +117,6 @@ class LastmileClient:
                         raise ApiError(resp.status, str(error.get("message")), error.get("param"))
                     raise ApiError(resp.status, str(error or f"HTTP {resp.status}"), data.get("field") if isinstance(data, dict) else None)
                 yield resp
-        except aiohttp.ClientConnectorError as exc:
-            os_error = getattr(exc, "os_error", None)
-            if isinstance(os_error, PermissionError):
-                raise PermissionDenied(f"permission denied on {self.where}: join the 'lastmile' group (or run as root)") from None
-            raise DaemonNotRunning(f"the daemon is not running on {self.where} (start it with 'lastmile serve')") from None
-        except aiohttp.ServerDisconnectedError:
-            raise DaemonNotRunning(f"the daemon at {self.where} closed the connection") from None
-        except aiohttp.ClientError as exc:
-            raise ClientError(f"request to {self.where}{path} failed: {exc}") from None
-        except TimeoutError:
-            raise ClientError(f"{self.where}{path} sent nothing for {read_timeout_s:g} s") from None
 
     async def request(self, method: str, path: str, body: Any = None) -> Any:
         status, _, payload = await self._raw(method, path, json_body=body)

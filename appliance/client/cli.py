@@ -46,6 +46,13 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
+def _json_out(args: argparse.Namespace, data: Any) -> bool:
+    """With ``--json``: ``data`` printed as JSON, and True (the command is done)."""
+    if args.json:
+        _print_json(data)
+    return bool(args.json)
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
@@ -81,8 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    if args.json:
-        _print_json({"file": config.file, "values": config.as_dict(), "sources": config.sources})
+    if _json_out(args, {"file": config.file, "values": config.as_dict(), "sources": config.sources}):
         return 0
     print(f"# config file: {config.file or '(none: built-in defaults)'}; mode: {'system' if config.system_mode else 'user'}")
     print("# valid TOML: save it as a config file; unset keys are commented out")
@@ -135,8 +141,7 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
 
 async def cmd_status(client: LastmileClient, args: argparse.Namespace) -> int:
     status = await client.status()
-    if args.json:
-        _print_json(status)
+    if _json_out(args, status):
         return 0
     supervisor = f"  (under {status['supervisor']})" if status.get("supervisor") else ""
     print(f"lastmile {status['version']}  pid {status['pid']}{supervisor}  {'ready' if status['ready'] else 'not ready'} ({status['status']})  up {status['uptime_s']:.0f} s")
@@ -170,8 +175,7 @@ def _print_last_errors(models: list[dict[str, Any]]) -> None:
 
 async def cmd_system(client: LastmileClient, args: argparse.Namespace) -> int:
     facts = await client.system()
-    if args.json:
-        _print_json(facts)
+    if _json_out(args, facts):
         return 0
     cpu, ram, acc = facts["cpu"], facts["ram"], facts["accelerators"]
     print(f"cpu: {cpu.get('model')} ({cpu.get('physical_cores')} cores, {cpu.get('logical_cores')} threads, {cpu.get('usable_cores')} usable)")
@@ -188,8 +192,7 @@ async def cmd_system(client: LastmileClient, args: argparse.Namespace) -> int:
 
 async def cmd_models(client: LastmileClient, args: argparse.Namespace) -> int:
     data = await client.models()
-    if args.json:
-        _print_json(data)
+    if _json_out(args, data):
         return 0
     loaded = {m["name"]: m for m in data["loaded"]}
     rows = []
@@ -434,8 +437,7 @@ def _mb(value: Any) -> str:
 
 async def cmd_memory(client: LastmileClient, args: argparse.Namespace) -> int:
     data = await client.request("GET", "/lm/v1/memory")
-    if args.json:
-        _print_json(data)
+    if _json_out(args, data):
         return 0
     rows = [[d, _mb(v.get("limit_bytes")), v.get("source"), _mb(v.get("used_bytes")), _mb(v.get("committed_bytes")),
              _mb(v.get("free_bytes")), _mb(v.get("total_bytes"))] for d, v in data["devices"].items()]

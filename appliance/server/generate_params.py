@@ -224,6 +224,16 @@ def messages(body: dict[str, Any], field: str = "messages") -> tuple[dict[str, s
     return tuple(out)
 
 
+def required_text(body: dict[str, Any], field: str) -> str:
+    """A required non-empty string field, bounded like every text the daemon tokenizes."""
+    value = body.get(field)
+    if not isinstance(value, str) or not value:
+        raise ParamError(field, "required: a non-empty string")
+    if len(value) > MAX_CONTENT_CHARS:
+        raise ParamError(field, f"at most {MAX_CONTENT_CHARS} characters")
+    return value
+
+
 def prompt_of(body: dict[str, Any], field: str = "prompt") -> tuple[str | None, tuple[int, ...] | None]:
     """OpenAI's ``prompt``: a string, a list of one string, or a list of token ids (one prompt:
     ``n``/batched prompts are not served, see the README)."""
@@ -327,11 +337,7 @@ def parse_triton(body: dict[str, Any], model: str, *, stream: bool) -> ParsedReq
     """``POST /v2/models/{name}/generate[_stream]``: ``text_input`` plus sampling parameters,
     either in ``parameters`` or at the top level (TensorRT-LLM's examples put them there)."""
     refuse_unknown(body, frozenset({"id", "text_input", "parameters"}) | _TRITON_PARAMETERS)
-    text = body.get("text_input")
-    if not isinstance(text, str) or not text:
-        raise ParamError("text_input", "required: a non-empty string")
-    if len(text) > MAX_CONTENT_CHARS:
-        raise ParamError("text_input", f"at most {MAX_CONTENT_CHARS} characters")
+    text = required_text(body, "text_input")
     request_id = body.get("id")
     if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_MODEL_NAME):
         raise ParamError("id", f"must be a string of at most {MAX_MODEL_NAME} characters")
@@ -428,11 +434,7 @@ def parse_ollama_generate(body: dict[str, Any]) -> ParsedRequest:
     only_default(body, "template", (None, ""), "the model folder's chat template is used")
     only_default(body, "context", (None, []), "send the conversation as /api/chat messages instead")
     only_default(body, "images", (None, []), "images are not supported (text models only)")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise ParamError("prompt", "required: a non-empty string")
-    if len(prompt) > MAX_CONTENT_CHARS:
-        raise ParamError("prompt", f"at most {MAX_CONTENT_CHARS} characters")
+    prompt = required_text(body, "prompt")
     system = body.get("system")
     if system is not None and (not isinstance(system, str) or len(system) > MAX_CONTENT_CHARS):
         raise ParamError("system", f"must be a string of at most {MAX_CONTENT_CHARS} characters")

@@ -288,7 +288,10 @@ async def test_over_limit_load_peak_stays_within_5_percent_and_ladder_runs(daemo
     print(f"\npeak footprint {peak['total_bytes'] / MB:.1f} MB (private {peak['private_bytes'] / MB:.1f} + pool "
           f"{peak['pool_bytes'] / MB:.1f}) for a {limit / MB:.0f} MB limit, {watch.samples} samples, statuses "
           f"{ {s: statuses.count(s) for s in set(statuses)} }, steps {steps}")
-    assert peak["total_bytes"] > 0.8 * limit  # the load really pressed against the limit
+    # the load really pressed against the limit: the sampled peak came near it, or (when every
+    # batch was refused faster than the 20 ms watch samples) an allocation hit the cap
+    hard_cap_hits = [e for e in events if e["kind"] == "memory_cap_hit" and e["data"].get("step") == "hard_cap"]
+    assert peak["total_bytes"] > 0.8 * limit or hard_cap_hits, [(e["kind"], e["message"]) for e in events]
     assert daemon.proc.poll() is None
     _, model, _ = await api(daemon, "GET", "/lm/v1/models/demo-lm")
     assert model["runners"][0]["pid"] == pid and model["runners"][0]["alive"]  # the cap, not a kill, held the line

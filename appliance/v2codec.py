@@ -430,8 +430,12 @@ def decode_response(payload: bytes, header_length: str | None) -> tuple[dict[str
         if size is not None:
             outputs[out["name"]] = np.frombuffer(payload, dtype=dtype, count=size // dtype.itemsize, offset=offset).reshape(out["shape"])
             offset += size
+        elif out["datatype"] == "BF16":  # JSON carries bfloat16 as numbers; the array holds its bits
+            outputs[out["name"]] = _bf16_from_float(np.asarray(out["data"], np.float32)).reshape(out["shape"])
         else:
             outputs[out["name"]] = np.asarray(out["data"], dtype=dtype).reshape(out["shape"])
+    if offset != len(payload):
+        raise ValueError(f"the response has {len(payload) - offset} bytes after its last binary output")
     return outputs, dict(body.get("parameters") or {})
 
 

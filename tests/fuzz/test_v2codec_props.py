@@ -26,7 +26,8 @@ import pytest
 from hypothesis import strategies as st
 
 from lastmile.appliance.v2codec import (
-    HEADER_LENGTH, BadRequest, InferRequest, ResponseTooLarge, bf16_to_float, decode_request, encode_response, response_bound, split_body,
+    HEADER_LENGTH, BadRequest, InferRequest, ResponseTooLarge, bf16_to_float, decode_request, decode_response, encode_response,
+    response_bound, split_body,
 )
 from lastmile.models.spec import V2_TO_NUMPY, TensorSpec
 from tests.fuzz._util import LONG, examples, run_property
@@ -137,25 +138,6 @@ def prop_round_trip(case: Case) -> None:
     assert decoded.requested_outputs is None and decoded.binary_outputs == set()
 
 
-def parse_response(body: bytes, headers: dict[str, str]) -> dict[str, np.ndarray]:
-    """A client's reading of a response (binary chunks follow the JSON header in order)."""
-    split = int(headers.get(HEADER_LENGTH, len(body)))
-    answer = json.loads(body[:split])
-    out, offset = {}, split
-    for tensor in answer["outputs"]:
-        dtype = V2_TO_NUMPY[tensor["datatype"]]
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            out[tensor["name"]] = np.frombuffer(body, dtype=dtype, count=size // dtype.itemsize, offset=offset).reshape(tensor["shape"])
-            offset += size
-        elif tensor["datatype"] == "BF16":
-            out[tensor["name"]] = (np.asarray(tensor["data"], np.float32).view(np.uint32) >> 16).astype(np.uint16).reshape(tensor["shape"])
-        else:
-            out[tensor["name"]] = np.asarray(tensor["data"], dtype=dtype).reshape(tensor["shape"])
-    assert offset == len(body), "every binary byte belongs to an output"
-    return out
-
-
 def prop_response_round_trip(args: tuple[Case, list[bool], bool]) -> None:
     case, binary_flags, all_binary = args
     outputs = {s.name: case.arrays[s.name] for s in case.specs}
@@ -163,7 +145,7 @@ def prop_response_round_trip(args: tuple[Case, list[bool], bool]) -> None:
     request = InferRequest(id="r", inputs={}, parameters={}, requested_outputs=list(case.order), binary_outputs=set(case.order) if all_binary else binary)
     body, headers = encode_response("m", request, outputs, case.specs, {"batch_size": 1})
     assert (HEADER_LENGTH in headers) == bool(request.binary_outputs)
-    got = parse_response(body, headers)
+    got, _ = decode_response(body, headers.get(HEADER_LENGTH))  # what the lastmile client reads
     assert list(got) == case.order
     for name in case.order:
         assert_same(got[name], outputs[name])

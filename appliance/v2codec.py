@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import orjson
@@ -177,6 +177,37 @@ def _check_shape(spec: TensorSpec, shape: Any, where: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def input_tensors(
+    header: dict[str, Any], specs: Iterable[TensorSpec], known: str
+) -> Iterator[tuple[str, TensorSpec, dict[str, Any], dict[str, Any]]]:
+    """Each tensor of a V2 request's ``inputs`` as ``(where, spec, tensor, parameters)``, after
+    the checks every decoder makes first: a non-empty list of objects, each naming a known input
+    (``known`` introduces the list of names in the refusal) once, with the model's datatype."""
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("'inputs' must be a non-empty list of tensors", "inputs")
+    by_name = {s.name: s for s in specs}
+    seen: set[str] = set()
+    for i, tensor in enumerate(inputs):
+        where = f"inputs[{i}]"
+        if not isinstance(tensor, dict):
+            raise BadRequest("each input must be a JSON object", where)
+        name = tensor.get("name")
+        spec = by_name.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise BadRequest(f"unknown input {name!r}; {known} {sorted(by_name)}", f"{where}.name")
+        if name in seen:
+            raise BadRequest(f"input {name!r} given twice", f"{where}.name")
+        seen.add(name)
+        datatype = tensor.get("datatype")
+        if datatype != spec.datatype:
+            raise BadRequest(f"datatype {datatype!r} does not match the model's {spec.datatype} for {name!r}", f"{where}.datatype")
+        params = tensor.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("parameters must be an object", f"{where}.parameters")
+        yield where, spec, tensor, params
+
+
 def decode_request(
     header: dict[str, Any], binary: memoryview, specs: tuple[TensorSpec, ...], output_names: list[str]
 ) -> InferRequest:
@@ -185,31 +216,13 @@ def decode_request(
     Binary tensors are viewed in place in the request body (no copy); JSON data is converted
     once with NumPy.
     """
-    inputs = header.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise BadRequest("'inputs' must be a non-empty list of tensors", "inputs")
-    by_name = {s.name: s for s in specs}
     arrays: dict[str, np.ndarray] = {}
     offset = 0
-    for i, tensor in enumerate(inputs):
-        where = f"inputs[{i}]"
-        if not isinstance(tensor, dict):
-            raise BadRequest("each input must be a JSON object", where)
-        name = tensor.get("name")
-        spec = by_name.get(name) if isinstance(name, str) else None
-        if spec is None:
-            raise BadRequest(f"unknown input {name!r}; the model's inputs are {sorted(by_name)}", f"{where}.name")
-        if name in arrays:
-            raise BadRequest(f"input {name!r} given twice", f"{where}.name")
-        datatype = tensor.get("datatype")
-        if datatype != spec.datatype:
-            raise BadRequest(f"datatype {datatype!r} does not match the model's {spec.datatype} for {name!r}", f"{where}.datatype")
+    for where, spec, tensor, params in input_tensors(header, specs, "the model's inputs are"):
+        name, datatype = spec.name, spec.datatype
         shape = _check_shape(spec, tensor.get("shape"), where)
         count = math.prod(shape)
         dtype = V2_TO_NUMPY[datatype]
-        params = tensor.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise BadRequest("parameters must be an object", f"{where}.parameters")
         size = params.get("binary_data_size")
         if size is not None:
             if "data" in tensor:

@@ -32,7 +32,7 @@ import logging
 import secrets
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import orjson
 from aiohttp import web
@@ -430,16 +430,20 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _openai(request, parse_completion, _Completion)
 
 
+def _parsed(parse: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A body parsed by one of generate_params' parsers, its refusal as the API's 4xx."""
+    try:
+        return parse(*args, **kwargs)
+    except ParamError as exc:
+        raise _mapped(exc) from None
+
+
 async def _triton(request: web.Request, *, stream: bool) -> web.StreamResponse:
     version = request.match_info.get("version")
     name = request.match_info["name"]
     if version is not None and version != "1":
         raise ApiError(404, f"model {name!r} has no version {version!r} (only version 1 is served)")
-    try:
-        parsed = parse_triton(await read_json(request), name, stream=stream)
-    except ParamError as exc:
-        raise _mapped(exc) from None
-    return await _serve(request, parsed, _Triton)
+    return await _serve(request, _parsed(parse_triton, await read_json(request), name, stream=stream), _Triton)
 
 
 @routes.post("/v2/models/{name}/generate")
@@ -459,11 +463,7 @@ async def triton_generate_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _ollama(request: web.Request, parse: Any, fmt_class: type[_Format]) -> web.StreamResponse:
-    try:
-        parsed = parse(await read_json(request))
-    except ParamError as exc:
-        raise _mapped(exc) from None
-    return await _serve(request, parsed, fmt_class)
+    return await _serve(request, _parsed(parse, await read_json(request)), fmt_class)
 
 
 @routes.post("/api/chat")

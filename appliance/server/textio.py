@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lastmile.appliance.v2codec import HEADER_LENGTH, BadRequest
+from lastmile.appliance.v2codec import HEADER_LENGTH, BadRequest, input_tensors
 from lastmile.models.hf import HfFolder, api_inputs, api_outputs
 from lastmile.models.spec import Manifest, TensorSpec
 
@@ -178,26 +178,9 @@ def decode_v2_text(header: dict[str, Any], binary: memoryview, manifest: Manifes
     hf: HfFolder = manifest.hf
     hint = "parameters.truncate = true"
     truncate = _truncate_param(header)
-    inputs = header.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise BadRequest("'inputs' must be a non-empty list of tensors", "inputs")
-    allowed = {s.name: s for s in api_inputs(hf)}
-    tensors: dict[str, tuple[int, dict[str, Any], memoryview | None]] = {}
+    tensors: dict[str, tuple[str, dict[str, Any], memoryview | None]] = {}
     offset = 0
-    for i, tensor in enumerate(inputs):
-        where = f"inputs[{i}]"
-        if not isinstance(tensor, dict):
-            raise BadRequest("each input must be a JSON object", where)
-        name = tensor.get("name")
-        if name not in allowed:
-            raise BadRequest(f"unknown input {name!r}; this text model takes {sorted(allowed)} (text, or token ids)", f"{where}.name")
-        if name in tensors:
-            raise BadRequest(f"input {name!r} given twice", f"{where}.name")
-        if tensor.get("datatype") != allowed[name].datatype:
-            raise BadRequest(f"datatype {tensor.get('datatype')!r} does not match {allowed[name].datatype} for {name!r}", f"{where}.datatype")
-        params = tensor.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise BadRequest("parameters must be an object", f"{where}.parameters")
+    for where, spec, tensor, params in input_tensors(header, api_inputs(hf), "this text model takes text or token ids:"):
         size = params.get("binary_data_size")
         chunk = None
         if size is not None:
@@ -207,15 +190,14 @@ def decode_v2_text(header: dict[str, Any], binary: memoryview, manifest: Manifes
             offset += size
         elif "data" not in tensor:
             raise BadRequest("tensor has no 'data' (and no binary_data_size)", f"{where}.data")
-        tensors[name] = (i, tensor, chunk)
+        tensors[spec.name] = (where, tensor, chunk)
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any input", HEADER_LENGTH)
     if ("text" in tensors) == ("input_ids" in tensors):
         raise BadRequest("send either 'text' (BYTES strings) or 'input_ids' (INT64 token ids), one of them", "inputs")
 
     if "text" in tensors:
-        i, tensor, chunk = tensors["text"]
-        where = f"inputs[{i}]"
+        where, tensor, chunk = tensors["text"]
         shape = tensor.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) \
                 or len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
@@ -255,21 +237,20 @@ def decode_v2_text(header: dict[str, Any], binary: memoryview, manifest: Manifes
         mask_arr = _ids_tensor(tensors["attention_mask"]) if "attention_mask" in tensors else None
         if mask_arr is not None and mask_arr.shape != rows_arr.shape:
             raise BadRequest(f"attention_mask shape {list(mask_arr.shape)} differs from input_ids {list(rows_arr.shape)}",
-                             f"inputs[{tensors['attention_mask'][0]}].shape")
-        where = f"inputs[{tensors['input_ids'][0]}]"
+                             f"{tensors['attention_mask'][0]}.shape")
+        where = tensors["input_ids"][0]
         fields = [f"{where}.data[{j}]" for j in range(rows_arr.shape[0])]
         rows = [r.tolist() for r in rows_arr]
         if mask_arr is not None and ((mask_arr != 0) & (mask_arr != 1)).any():
-            raise BadRequest("attention_mask must hold 0 and 1", f"inputs[{tensors['attention_mask'][0]}].data")
+            raise BadRequest("attention_mask must hold 0 and 1", f"{tensors['attention_mask'][0]}.data")
         batch = ids_to_wire(rows, [m.tolist() for m in mask_arr] if mask_arr is not None else None, hf, fields, truncate, hint)
     requested, binary_out = _requested(header, manifest)
     batch.hidden = requested is not None and "last_hidden_state" in requested
     return batch, requested, binary_out
 
 
-def _ids_tensor(entry: tuple[int, dict[str, Any], memoryview | None]) -> np.ndarray:
-    i, tensor, chunk = entry
-    where = f"inputs[{i}]"
+def _ids_tensor(entry: tuple[str, dict[str, Any], memoryview | None]) -> np.ndarray:
+    where, tensor, chunk = entry
     shape = tensor.get("shape")
     if not isinstance(shape, list) or len(shape) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise BadRequest(f"shape must be [n, length] with both > 0, got {shape!r}", f"{where}.shape")

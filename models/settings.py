@@ -44,24 +44,16 @@ def _choice(allowed: tuple[str, ...]) -> Callable[[str, Any], str]:
     return check
 
 
-def _int_range(setting: Setting) -> Callable[[str, Any], int]:
-    low, high = int(setting.low or 0), int(setting.high or 0)
+def _in_range(setting: Setting, number: type[int] | type[float]) -> Callable[[str, Any], Any]:
+    """An int setting takes ints only; a number setting takes ints and floats (as float). Booleans
+    are refused although Python counts them as ints."""
+    low, high = number(setting.low or 0), number(setting.high or 0)
+    accepted = (int,) if number is int else (int, float)
 
-    def check(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    def check(key: str, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, accepted) or not low <= value <= high:
             raise SettingError(key, f"got {value!r}; allowed: {setting.allowed()}")
-        return value
-
-    return check
-
-
-def _number_range(setting: Setting) -> Callable[[str, Any], float]:
-    low, high = float(setting.low or 0.0), float(setting.high or 0.0)
-
-    def check(key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise SettingError(key, f"got {value!r}; allowed: {setting.allowed()}")
-        return float(value)
+        return number(value)
 
     return check
 
@@ -132,10 +124,8 @@ def _validator(setting: Setting) -> Callable[[str, Any], Any]:
         check = _choice(setting.choices)
     elif setting.kind == "device":
         check = _device
-    elif setting.kind == "int":
-        check = _int_range(setting)
     else:
-        check = _number_range(setting)
+        check = _in_range(setting, int if setting.kind == "int" else float)
     return _optional(check) if setting.optional else check
 
 

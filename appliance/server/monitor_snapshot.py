@@ -10,7 +10,6 @@ tick says, so the figures are computed where the counters live.
 from __future__ import annotations
 
 import asyncio
-import glob
 import logging
 import time
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import psutil
 
 from lastmile.appliance.server.daemon import Daemon
+from lastmile.runtime.accelerators import device_nodes
 
 logger = logging.getLogger("lastmile.monitor")
 
@@ -52,15 +52,6 @@ def _rss(pids: list[int]) -> int | None:
     return total if seen else None
 
 
-ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/davinci[0-9]*", "/dev/accel/accel[0-9]*")
-
-
-def host_may_have_accelerators() -> bool:
-    """A device node of a GPU/NPU driver exists. Without one there is nothing to probe, and the
-    daemon is spared importing torch and DeepSpeed (seconds of CPU, 100+ MB) for the monitor."""
-    return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES)
-
-
 class _Accelerators:
     """Per-accelerator utilisation and memory. The device list comes from the daemon's host
     facts (torch/DeepSpeed probing, done once in a thread, only on a host with accelerator
@@ -71,7 +62,8 @@ class _Accelerators:
         self._daemon = daemon
         self._facts_task: asyncio.Task | None = None
         cached = getattr(daemon, "_system", None)
-        self._devices: list[dict[str, Any]] | None = None if cached is not None or host_may_have_accelerators() else []
+        # no accelerator device node: nothing to probe, and torch/DeepSpeed are never imported for the monitor
+        self._devices: list[dict[str, Any]] | None = None if cached is not None or device_nodes() else []
 
     def _device_list(self) -> list[dict[str, Any]] | None:
         if self._devices is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 from typing import Any
 
@@ -11,17 +10,14 @@ from lastmile.runtime.memory.units import mib
 
 logger = logging.getLogger("lastmile.memory")
 
-# Device nodes that mean an accelerator may be there (torch is asked only when one exists).
-ACCELERATOR_NODES = ("/dev/nvidia[0-9]*", "/dev/davinci[0-9]*")
-
-
 def accelerator_memory() -> dict[str, int]:
     """Total memory of each accelerator (``cuda:0`` -> bytes), asked only when device nodes
     exist (so a CPU-only daemon never imports torch for this)."""
-    if not any(glob.glob(pattern) for pattern in ACCELERATOR_NODES):
+    from lastmile.runtime.accelerators import detect, device_nodes
+
+    if not device_nodes("cuda", "npu"):  # the kinds whose memory DeepSpeed's probe reports
         return {}
     try:
-        from lastmile.runtime.accelerators import detect
 
         devices = detect()["accelerators"]["deepspeed"].get("devices", [])
         return {d["device"]: int(d["total_memory_bytes"]) for d in devices if d.get("total_memory_bytes")}

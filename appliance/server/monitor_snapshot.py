@@ -25,7 +25,7 @@ FIRST_EVENTS = 200  # history sent with the first snapshot of a fresh connection
 EVENTS_PER_TICK = 500
 
 
-class _CpuMeter:
+class _HostCpuPercent:
     """Host CPU % between two calls, per stream (``psutil.cpu_percent`` keeps one global last
     sample, so two monitors would halve each other's interval)."""
 
@@ -126,7 +126,7 @@ class SnapshotBuilder:
         self.daemon = daemon
         self.seq = 0
         self.event_seq = since
-        self.cpu = _CpuMeter()
+        self.cpu = _HostCpuPercent()
         self.accelerators = _Accelerators(daemon)
         self._last_time: float | None = None
         self._last_counts: dict[str, tuple[int, int]] = {}

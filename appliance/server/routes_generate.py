@@ -189,6 +189,15 @@ class _OpenAI(_Format):
         return _json(openai_error_body(api), api.status, api.headers)
 
 
+def _openai_finish(reason: str | None) -> dict[str, Any]:
+    """OpenAI's ``finish_reason`` admits only its own values, so a generation cut by Lastmile's
+    ``timeout_s`` deadline is ``"length"`` (cut short by a limit, as clients already handle)
+    and says which limit in ``lastmile_finish_reason``."""
+    if reason == "timeout":
+        return {"finish_reason": "length", "lastmile_finish_reason": "timeout"}
+    return {"finish_reason": reason}
+
+
 class _Chat(_OpenAI):
     api, prefix, obj = "chat", "chatcmpl", "chat.completion"
 
@@ -200,12 +209,12 @@ class _Chat(_OpenAI):
         if not chunk.text and chunk.finish_reason is None:
             return None
         delta = {"content": chunk.text} if chunk.text else {}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}
+        choice = {"index": 0, "delta": delta, "logprobs": None, **_openai_finish(chunk.finish_reason)}
         return self.sse({**self.envelope([choice], "chat.completion.chunk"), **self.usage_key})
 
     def whole(self, text: str, last: GenerationChunk) -> dict[str, Any]:
         choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                  "logprobs": None, "finish_reason": last.finish_reason}
+                  "logprobs": None, **_openai_finish(last.finish_reason)}
         return {**self.envelope([choice], "chat.completion"), "usage": _usage(last)}
 
 
@@ -215,11 +224,11 @@ class _Completion(_OpenAI):
     def chunk(self, chunk: GenerationChunk) -> bytes | None:
         if not chunk.text and chunk.finish_reason is None:
             return None
-        choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": chunk.finish_reason}
+        choice = {"index": 0, "text": chunk.text, "logprobs": None, **_openai_finish(chunk.finish_reason)}
         return self.sse({**self.envelope([choice], "text_completion"), **self.usage_key})
 
     def whole(self, text: str, last: GenerationChunk) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": None, **_openai_finish(last.finish_reason)}
         return {**self.envelope([choice], "text_completion"), "usage": _usage(last)}
 
 

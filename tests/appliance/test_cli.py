@@ -117,7 +117,7 @@ def test_demo_command_from_nothing(tmp_path: Path) -> None:
     """The README's main command on an empty home: starts the daemon, builds and loads the demo
     models on both backends, serves requests; both backends of a model give the same answer."""
     env = {"XDG_RUNTIME_DIR": str(tmp_path / "run"), "XDG_STATE_HOME": str(tmp_path / "state")}
-    result = lastmile("demo", "--no-tui", home=tmp_path, env=env, timeout=300)
+    result = lastmile("demo", "--no-tui", "--no-chat", home=tmp_path, env=env, timeout=300)
     status = lastmile("status", "--json", home=tmp_path, env=env)
     try:
         assert result.returncode == 0, result.stderr + result.stdout
@@ -132,7 +132,7 @@ def test_demo_command_from_nothing(tmp_path: Path) -> None:
         pid = json.loads(status.stdout)["pid"]
         assert lastmile("tune", "demo-mlp", "--batch-sizes", "5", "--delays-ms", "0", "--clients", "2", "--duration-s", "0.3",
                         "--apply", home=tmp_path, env=env).returncode == 0
-        again = lastmile("demo", "--no-tui", home=tmp_path, env=env, timeout=300)
+        again = lastmile("demo", "--no-tui", "--no-chat", home=tmp_path, env=env, timeout=300)
         assert again.returncode == 0, again.stderr
         assert any(line.startswith("kept   demo-mlp ") and "settings are left" in line for line in again.stdout.splitlines()), again.stdout
         model = json.loads(lastmile("status", "--json", home=tmp_path, env=env).stdout)

@@ -158,6 +158,21 @@ def test_stop_sequences_cut_the_text(served, reference) -> None:
     assert "".join(c.choices[0].text for c in streamed if c.choices) == cut
 
 
+def test_a_deadline_cut_is_an_openai_finish_reason(served) -> None:
+    """``timeout_s`` cuts the answer; OpenAI's clients get one of their own finish reasons
+    ("length": cut short by a limit) and Lastmile's extra key says which limit."""
+    client = _tcp_client(served)
+    reply = client.completions.create(model=MODEL, prompt="Count: one two", max_tokens=400, temperature=0,
+                                      extra_body={"timeout_s": 0.001})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length" and choice.model_extra["lastmile_finish_reason"] == "timeout"
+    assert reply.usage.completion_tokens < 400
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=400, temperature=0, stream=True,
+                                            extra_body={"timeout_s": 0.001})
+    last = [c.choices[0] for c in stream if c.choices and c.choices[0].finish_reason][-1]
+    assert last.finish_reason == "length" and last.model_extra["lastmile_finish_reason"] == "timeout"
+
+
 def test_context_overflow_is_400_with_the_counts(served) -> None:
     client = _tcp_client(served)
     with pytest.raises(openai.BadRequestError) as info:

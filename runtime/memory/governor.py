@@ -28,7 +28,7 @@ from lastmile.models.settings import ModelSettings
 from lastmile.models.spec import Manifest
 from lastmile.runtime.generation.config import is_generation_manifest
 from lastmile.runtime.generation.memory import generation_estimate
-from lastmile.runtime.memory import procfs
+from lastmile.runtime.memory import cgroup, procfs
 from lastmile.runtime.memory.admission import Admission
 from lastmile.runtime.memory.budget import Budgets
 from lastmile.runtime.memory.errors import OverLimitAtReady
@@ -106,7 +106,7 @@ class MemoryGovernor:
             # Room the OS has, minus what admitted models may still grow into.
             promised = sum(max(0, m.memory.committed_on("host") - m.memory.used_on("host"))
                            for m in self.models() if m.name != exclude)
-            free = min(free, procfs.meminfo()["available"] - promised)
+            free = min(free, self.budgets.host_available() - promised)
         return free
 
     def configure(self, changes: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +285,9 @@ class MemoryGovernor:
         devices["host"]["lastmile_own_bytes"] = self.own_bytes
         devices["host"]["lastmile_own_measure"] = "anonymous"
         try:
-            devices["host"]["available_bytes"] = procfs.meminfo()["available"]
+            devices["host"]["available_bytes"] = self.budgets.host_available()
+            group = cgroup.read()
+            devices["host"]["cgroup"] = group.as_dict() if group else None
         except OSError:
             pass
         models = {}

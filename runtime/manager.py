@@ -536,6 +536,10 @@ class ModelManager:
                 "generation needs a causal-LM folder"))
         if model.state != "ready" or not model.runners:
             return RefusedStream(ModelUnavailable(f"model {name!r} is {model.state}" + (f": {model.error}" if model.error else "")))
+        try:
+            self.governor.check_request(model, 1)  # the ladder's shed step: 503 + Retry-After
+        except MemoryPressure as exc:
+            return RefusedStream(exc)
         model.last_used = time.time()
         model.requests += 1
         return model.runners[0].generate(request)

@@ -36,6 +36,7 @@ class RunnerPool(Sequence[Runner]):
         self._runners: list[Runner] = []
         self._idle: asyncio.Queue[Runner] = asyncio.Queue()
         self._refusing: str | None = None
+        self._slot_limit: int | None = None  # a generation model's lowered sequence limit, for runners added later
 
     # --- the sequence view ------------------------------------------------------------------
 
@@ -64,6 +65,8 @@ class RunnerPool(Sequence[Runner]):
         self._runners.append(runner)
         for _ in range(PIPELINE_DEPTH):
             self._idle.put_nowait(runner)
+        if self._slot_limit is not None:
+            self._apply_slots(runner)
 
     async def stop(self) -> None:
         """Stop every runner (their ``on_exit`` hooks detached first: this is no crash) and
@@ -116,6 +119,18 @@ class RunnerPool(Sequence[Runner]):
                 logger.debug("shrink of %r skipped: %s", runner, exc)
 
         await asyncio.gather(*(one(r) for r in self._runners))
+
+    def set_slots(self, limit: int | None) -> None:
+        """A generation model's sequence limit on every runner, now and on runners that join
+        later (a restarted runner keeps the ladder's step); None: the configured max_num_seqs."""
+        self._slot_limit = limit
+        for runner in self._runners:
+            self._apply_slots(runner)
+
+    def _apply_slots(self, runner: Runner) -> None:
+        set_slots = getattr(runner, "set_slots", None)  # generation runners only
+        if set_slots is not None:
+            set_slots(self._slot_limit or 1 << 30)  # the scheduler clamps to max_num_seqs
 
     def describe(self) -> list[dict[str, Any]]:
         """One row per runner, for ``GET /lm/v1/models``."""

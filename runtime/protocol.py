@@ -286,7 +286,17 @@ class EngineStats(_Wire):
     data: dict
 
 
-ToRunner = Union[Run, OutBuffer, MemoryQuery, Shrink, Stream, Credit, Cancel, Stop, Generate]
+@_message(45)
+class Slots(_Wire):
+    """daemon -> runner: run at most ``limit`` sequences at once (the memory ladder's fewer
+    slots); the newest beyond it are preempted and later recomputed. No answer: the next
+    :class:`EngineStats` shows ``slot_limit``."""
+
+    seq: int
+    limit: int
+
+
+ToRunner = Union[Run, OutBuffer, MemoryQuery, Shrink, Stream, Credit, Cancel, Stop, Generate, Slots]
 ToDaemon = Union[Phase, Ready, LoadFailed, Need, Chunk, Done, Failed, Cancelled, Accepted, Refused, Tokens, EngineStats]
 Message = Union[ToRunner, ToDaemon]
 TERMINAL = (Done, Failed, Cancelled)

@@ -24,7 +24,7 @@ from lastmile.runtime.errors import InferenceError, ModelUnavailable, QueueFull,
 from lastmile.runtime.generation import serve
 from lastmile.runtime.generation.types import (ContextOverflow, GenerationChunk, GenerationRequest,
                                                InvalidSamplingParams)
-from lastmile.runtime.protocol import Accepted, Cancel, EngineStats, Generate, Refused, ToDaemon, Tokens, encode
+from lastmile.runtime.protocol import NO_SEQ, Accepted, Cancel, EngineStats, Generate, Refused, Slots, ToDaemon, Tokens, encode
 from lastmile.runtime.runner import Runner
 
 logger = logging.getLogger("lastmile.generation")
@@ -165,6 +165,11 @@ class GenerationRunner(Runner):
             self._sequences.pop(key, None)
             stream._fail(self._unavailable())
         return stream
+
+    def set_slots(self, limit: int) -> None:
+        """The memory ladder's fewer (or again more) slots; see ``GenerationScheduler.set_slots``."""
+        if self.state == "ready":
+            self._send_quiet(Slots(NO_SEQ, limit))
 
     def _cancel(self, key: int) -> None:
         if self._sequences.pop(key, None) is not None and self.state == "ready":

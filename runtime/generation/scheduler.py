@@ -5,11 +5,20 @@ with the folder's chat template, counts prompt tokens, refuses what can never fi
 (``ContextOverflow``) or what would queue without bound (``QueueFull``), detokenizes
 incrementally, cuts at stop strings, ends sequences on EOS / max_tokens / deadline, and keeps
 the counters the daemon exports (tokens, time to first token, inter-token latency).
+
+Under memory pressure the daemon's ladder lowers the **slot limit** (:meth:`set_slots`): the
+newest sequences beyond it are **preempted**: the engine drops them (their KV cache is freed at
+once) and they wait at the head of the queue; when a slot frees they are **recomputed**: the
+prompt plus the tokens already generated go in as a new prompt, and the stream goes on where
+it stopped. Greedy output is unchanged by this (the same tokens in give the same next token);
+a sampled stream's random generator starts again, so a seeded sample is reproducible only
+without preemption. The client sees a pause, never an error.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Hashable
@@ -31,8 +40,11 @@ class _Req:
     stream: TextStream
     submitted: float
     deadline: float | None
+    prompt_ids: list[int]
+    generated: list[int]
     completion: int = 0
     last_token_at: float | None = None
+    in_engine: bool = True  # False while preempted (or held under a lowered slot limit)
 
 
 class GenerationScheduler:
@@ -45,6 +57,9 @@ class GenerationScheduler:
         self._reqs: dict[Hashable, _Req] = {}
         self._by_seq: dict[int, Hashable] = {}
         self._next_seq = 0
+        self.slot_limit = engine.max_num_seqs  # lowered by the memory ladder (set_slots)
+        self._held: collections.deque[Hashable] = collections.deque()  # waiting for a slot under the limit
+        self.preempted_total = 0
         self.prompt_tokens_total = 0
         self.generated_tokens_total = 0
         self.requests_total = 0
@@ -82,29 +97,69 @@ class GenerationScheduler:
             raise _invalid(field, "the prompt is empty")
         if n + mt > ctx:
             raise ContextOverflow(n, mt, ctx, "max_tokens" if n < ctx else field)
-        waiting = self.engine.stats()["waiting"]
+        waiting = self.engine.stats()["waiting"] + len(self._held)
         if waiting >= self.max_queue:
             raise QueueFull(waiting, self.max_queue, retry_after_s=max(1.0, 0.1 * waiting))
         if key in self._reqs:
             raise _invalid("id", f"request {key!r} is already running")
         now = time.monotonic() if now is None else now
-        seq = self._next_seq
-        self._next_seq += 1
-        self.engine.add(seq, ids, request.params)
-        self._reqs[key] = _Req(seq, request, n, TextStream(self.tokenizer, request.params.stop), now,
-                               None if request.deadline_s is None else now + request.deadline_s)
-        self._by_seq[seq] = key
+        r = _Req(-1, request, n, TextStream(self.tokenizer, request.params.stop), now,
+                 None if request.deadline_s is None else now + request.deadline_s, ids, [], in_engine=False)
+        held = bool(self._held) or (self.slot_limit < self.engine.max_num_seqs and self._in_engine() >= self.slot_limit)
+        self._reqs[key] = r
+        if held:
+            self._held.append(key)
+        else:
+            self._start(key, r)
         self.prompt_tokens_total += n
         self.requests_total += 1
         return n
+
+    def _start(self, key: Hashable, r: _Req) -> None:
+        """Hand ``r`` to the engine: its prompt, plus what it generated before a preemption."""
+        seq = self._next_seq
+        self._next_seq += 1
+        params = r.request.params
+        if r.generated:
+            params = dataclasses.replace(params, max_tokens=params.max_tokens - r.completion)
+        self.engine.add(seq, r.prompt_ids + r.generated, params)
+        r.seq_id, r.in_engine = seq, True
+        self._by_seq[seq] = key
+
+    def _in_engine(self) -> int:
+        return len(self._reqs) - len(self._held)
+
+    def set_slots(self, limit: int) -> int:
+        """At most ``limit`` sequences in the engine (clamped to [1, max_num_seqs]); the newest
+        beyond it are preempted now (KV freed) and resumed by recompute when slots free.
+        Returns how many were preempted."""
+        self.slot_limit = max(1, min(int(limit), self.engine.max_num_seqs))
+        running = [key for key, r in self._reqs.items() if r.in_engine]  # submission order
+        victims = running[self.slot_limit:]
+        for key in reversed(victims):  # newest first to the queue's head: they resume oldest first
+            r = self._reqs[key]
+            self.engine.cancel(r.seq_id)
+            self._by_seq.pop(r.seq_id, None)
+            r.in_engine = False
+            self._held.appendleft(key)
+        self.preempted_total += len(victims)
+        return len(victims)
+
+    def _admit_held(self) -> None:
+        while self._held and (self._in_engine() < self.slot_limit or self.slot_limit >= self.engine.max_num_seqs):
+            key = self._held.popleft()
+            self._start(key, self._reqs[key])
 
     def cancel(self, key: Hashable) -> bool:
         """Drop a request (the client went away): its slot and KV are freed now."""
         r = self._reqs.pop(key, None)
         if r is None:
             return False
-        self._by_seq.pop(r.seq_id, None)
-        self.engine.cancel(r.seq_id)
+        if r.in_engine:
+            self._by_seq.pop(r.seq_id, None)
+            self.engine.cancel(r.seq_id)
+        else:
+            self._held.remove(key)
         return True
 
     def has_work(self) -> bool:
@@ -121,6 +176,7 @@ class GenerationScheduler:
                 out.append((key, self._finish(key, r, "timeout", r.stream.flush(), ())))
         if not self._reqs:
             return out
+        self._admit_held()
         produced = self.engine.step()
         now = time.monotonic()
         for seq, tok in produced:
@@ -132,6 +188,7 @@ class GenerationScheduler:
                 out.append((key, self._finish(key, r, "stop", r.stream.flush(), ())))
                 continue
             r.completion += 1
+            r.generated.append(tok)
             self.generated_tokens_total += 1
             if r.last_token_at is None:
                 self.ttft_s.append(now - r.submitted)
@@ -158,6 +215,8 @@ class GenerationScheduler:
         """The ``generation`` dict of a model's description."""
         return {
             **self.engine.info(), **self.engine.stats(), "max_queue": self.max_queue,
+            "waiting": self.engine.stats()["waiting"] + len(self._held),
+            "slot_limit": self.slot_limit, "preempted_total": self.preempted_total,
             "requests_total": self.requests_total,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generated_tokens_total": self.generated_tokens_total,

@@ -8,7 +8,7 @@ of that iteration in one message; when idle it blocks on the pipe.
 Messages (:mod:`lastmile.runtime.protocol`):
 
 daemon -> child
-    :class:`Generate`, :class:`Cancel`, :class:`MemoryQuery`, :class:`Shrink`, :class:`Stop`
+    :class:`Generate`, :class:`Cancel`, :class:`Slots`, :class:`MemoryQuery`, :class:`Shrink`, :class:`Stop`
 child -> daemon
     :class:`Phase`, :class:`Ready`, :class:`LoadFailed` (start-up); :class:`Accepted` or
     :class:`Refused` per sequence, :class:`Tokens` per engine iteration, :class:`EngineStats`;
@@ -25,7 +25,7 @@ import traceback
 from typing import Any
 
 from lastmile.runtime.protocol import (NO_SEQ, Accepted, Cancel, Done, EngineStats, Generate, LoadFailed, MemoryQuery, Phase,
-                                       Ready, Refused, Shrink, Stop, ToDaemon, ToRunner, Tokens, decode, encode)
+                                       Ready, Refused, Shrink, Slots, Stop, ToDaemon, ToRunner, Tokens, decode, encode)
 
 STATS_EVERY_S = 0.25
 
@@ -139,6 +139,9 @@ def serve(rx: Any, tx: Any, sched: Any) -> None:
                 send(Accepted(msg.seq, n))
         elif kind is Cancel:
             sched.cancel(msg.seq)
+        elif kind is Slots:
+            sched.set_slots(msg.limit)
+            send(EngineStats(NO_SEQ, sched.stats()))
         elif kind is MemoryQuery:
             send(Done(msg.seq, {"generation": sched.stats()}))
         elif kind is Shrink:

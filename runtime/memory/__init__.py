@@ -13,7 +13,7 @@ module               one job
 ``budget``           what each device may hold
 ``admission``        fits or not, the options, ``plan``/``evict_idle``
 ``sampler``          reads usage at a pace that follows activity
-``ladder``           shrink -> lower_batch -> shed -> restart, and recovery
+``ladder``           shrink -> lower_batch (fewer_slots for generation) -> shed -> restart, and recovery
 ``governor``         :class:`MemoryGovernor`: the one object the manager and routes use
 ``protocol``         what the governor needs of the model manager (no import of it)
 ``cap``              the hard cap inside a runner (``RLIMIT_AS``, allocator tuning)

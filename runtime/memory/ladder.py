@@ -107,7 +107,10 @@ class Ladder:
         # Step 1 stays in force: segments the pool unlinked since are still mapped by the
         # runner (and count as its private memory) until it is told to drop them.
         await self.shrink_runners(model)
-        if mem.ladder_step < 2 or (mem.ladder_step == 2 and effective > 1):
+        if getattr(model, "generation", False):
+            if self._fewer_slots(model, used, limit, why):
+                return
+        elif mem.ladder_step < 2 or (mem.ladder_step == 2 and effective > 1):
             mem.ladder_step = 2
             if effective > 1:
                 new = max(1, effective // 2)
@@ -145,6 +148,23 @@ class Ladder:
             self._restarts.add(task)
             task.add_done_callback(self._restarts.discard)
 
+    def _fewer_slots(self, model: Any, used: int, limit: int, why: str) -> bool:
+        """Step 2 for a generation model: halve the sequences it runs at once (its KV cache is
+        what grows); the newest beyond the new limit are preempted, their KV freed now, and
+        recomputed when a slot frees. False once at one slot: the next step follows."""
+        mem = model.memory
+        configured = int(model.info.get("max_num_seqs") or 1)
+        effective = mem.effective_slots or configured
+        if mem.ladder_step > 2 or effective <= 1:
+            return False
+        mem.ladder_step = 2
+        new = max(1, effective // 2)
+        mem.effective_slots = new
+        model.runners.set_slots(new)
+        self._event(model, "fewer_slots", f"max_num_seqs {effective} -> {new} (the newest sequences beyond it are preempted "
+                    "and recomputed later)", used, limit, why, max_num_seqs=new, configured_max_num_seqs=configured)
+        return True
+
     def note_cap_hit(self, model: Any) -> None:
         """The runner's hard cap refused a batch (its usage reached the limit between two
         samples): the next round treats the model as over its high watermark."""
@@ -168,6 +188,15 @@ class Ladder:
                                    "accepting requests again", model=model.name, step="shed_end", used_bytes=mem.used_bytes,
                                    limit_bytes=mem.limit_bytes)
         if now - mem.under_since < RECOVER_AFTER_S:
+            return
+        if mem.effective_slots:
+            configured_slots = int(model.info.get("max_num_seqs") or 1)
+            new = min(configured_slots, mem.effective_slots * 2)
+            mem.effective_slots = None if new == configured_slots else new
+            model.runners.set_slots(mem.effective_slots)
+            mem.under_since = now
+            self.gov.events.record("memory_recovered", f"{model.name}: max_num_seqs back to {new}", model=model.name,
+                                   step="raise_slots", max_num_seqs=new, used_bytes=mem.used_bytes)
             return
         configured = model.settings.max_batch_size
         if mem.effective_max_batch and mem.effective_max_batch < configured:

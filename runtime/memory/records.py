@@ -27,6 +27,7 @@ class ModelMemory:
     sampled_at: float | None = None
     ladder_step: int = 0  # index into LADDER_STEPS
     effective_max_batch: int | None = None
+    effective_slots: int | None = None  # a generation model's max_num_seqs under the ladder
     shedding: bool = False
     under_since: float | None = None
     memory_restarts: int = 0
@@ -72,8 +73,10 @@ class ModelMemory:
             "peak_bytes": self.peak_bytes,
             "ready_bytes": self.ready_bytes,
             "sampled_at": self.sampled_at,
-            "ladder_step": LADDER_STEPS[self.ladder_step],
+            # step 2 is "fewer_slots" for a generation model (its sequences, not its batch, shrink)
+            "ladder_step": "fewer_slots" if self.ladder_step == 2 and self.effective_slots else LADDER_STEPS[self.ladder_step],
             "effective_max_batch_size": self.effective_max_batch,
+            "effective_max_num_seqs": self.effective_slots,
             "shedding": self.shedding,
             "memory_restarts": self.memory_restarts,
             "cap_hits": self.cap_hits,

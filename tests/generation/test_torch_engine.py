@@ -172,6 +172,34 @@ def test_cancel_frees_the_slot_and_kv_at_once(sched, engine):
     assert engine.stats()["kv_used_bytes"] == 0 and not sched.has_work()
 
 
+def test_fewer_slots_preempt_the_newest_and_recompute_gives_the_same_tokens(sched, hf, engine):
+    """The memory ladder's "fewer slots": 6 greedy streams decode, the limit drops to 2. The 4
+    newest leave the engine at once (their KV freed), wait, resume by recompute; every stream
+    still equals transformers.generate token for token and nothing in it repeats or goes missing."""
+    reqs = {i: GenerationRequest(greedy(20), prompt=p) for i, p in enumerate(PROMPTS[:6])}
+    got = {k: [] for k in reqs}
+    for key, req in reqs.items():
+        sched.submit(key, req)
+    for _ in range(6):
+        for key, c in sched.step():
+            got[key] += c.token_ids
+    before = engine.stats()["kv_used_bytes"]
+    assert sched.set_slots(2) == 4
+    assert engine.stats()["kv_used_bytes"] < before / 2 and engine.stats()["running"] + engine.stats()["waiting"] == 2
+    stats = sched.stats()
+    assert stats["slot_limit"] == 2 and stats["preempted_total"] == 4 and stats["waiting"] == 4
+    peak = 0
+    while sched.has_work():
+        for key, c in sched.step():
+            got[key] += c.token_ids
+        peak = max(peak, engine.stats()["running"])
+    assert peak == 2
+    for i, p in enumerate(PROMPTS[:6]):
+        assert got[i] == reference(hf, hf[0](p)["input_ids"], 20), i
+    sched.set_slots(100)
+    assert sched.slot_limit == engine.max_num_seqs
+
+
 def test_deadline_ends_with_timeout(sched):
     sched.submit("d", GenerationRequest(greedy(500), prompt="Hi", deadline_s=0.2))
     last = None

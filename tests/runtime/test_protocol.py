@@ -34,6 +34,7 @@ SAMPLES = [
     p.Refused(9, "context_overflow", (10, 20, 16, "max_tokens")),
     p.Tokens(p.NO_SEQ, [(8, "chunk")]),
     p.EngineStats(p.NO_SEQ, {"running": 1}),
+    p.Slots(p.NO_SEQ, 2),
 ]
 
 

@@ -95,7 +95,8 @@ async def chat_once(client: LastmileClient) -> None:
         print(f"loading {DEMO_CHAT} (the first load builds its ONNX Runtime GenAI int4 model, ~15 s)...")
         started = time.monotonic()
         model = await client.load(DEMO_CHAT)
-        print(f"loaded {DEMO_CHAT:<12} {model['backend']:<12} {model['device']:<5} in {time.monotonic() - started:5.2f} s")
+        engine = f"{model['generation']['engine']} {model['generation']['precision']}" if model.get("generation") else model["backend"]
+        print(f"loaded {DEMO_CHAT:<12} {engine:<12} {model['device']:<5} in {time.monotonic() - started:5.2f} s")
     print(f"{DEMO_CHAT:<12} > {CHAT_PROMPT}")
     print(f"{'':<12} ", end="", flush=True)
     result = await generate(client, DEMO_CHAT, messages=[{"role": "user", "content": CHAT_PROMPT}],

@@ -86,9 +86,9 @@ class ModelsScreen(LastmileScreen):
                     yield Input(placeholder="default", id="f-max_queue", type="integer")
                 yield Static(ESTIMATE_TEXT, id="estimate")
                 with Horizontal(id="load-buttons"):
-                    yield Button("Load", variant="success", id="b-load")
-                    yield Button("Unload", variant="error", id="b-unload")
-                    yield Button("Reload", variant="warning", id="b-reload")
+                    yield Button("Load", variant="success", id="b-load", action="screen.load")
+                    yield Button("Unload", variant="error", id="b-unload", action="screen.unload")
+                    yield Button("Reload", variant="warning", id="b-reload", action="screen.reload")
                 with Horizontal(id="load-status"):
                     yield Label("", id="load-phase")
                     yield ProgressBar(total=len(PHASES) - 1, show_eta=False, id="load-progress")
@@ -330,18 +330,6 @@ class ModelsScreen(LastmileScreen):
 
     def action_refresh_store(self) -> None:
         self.fetch_store()
-
-    @on(Button.Pressed, "#b-load")
-    def _load_pressed(self) -> None:
-        self.action_load()
-
-    @on(Button.Pressed, "#b-unload")
-    def _unload_pressed(self) -> None:
-        self.action_unload()
-
-    @on(Button.Pressed, "#b-reload")
-    def _reload_pressed(self) -> None:
-        self.action_reload()
 
     @on(DataTable.RowSelected, "#store")
     def _store_row_chosen(self, event: DataTable.RowSelected) -> None:

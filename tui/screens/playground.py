@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from rich.text import Text
-from textual import on, work
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
@@ -54,9 +54,9 @@ class PlaygroundScreen(ModelPickerScreen):
                 yield Input(placeholder="for text models: one text, or several separated by ' || '", id="p-text")
             yield Static("", id="p-spec")
             with Horizontal(id="play-buttons"):
-                yield Button("Send random input", variant="primary", id="b-random")
-                yield Button("Send file input", id="b-file")
-                yield Button("Send text", id="b-text")
+                yield Button("Send random input", variant="primary", id="b-random", action="screen.send_random")
+                yield Button("Send file input", id="b-file", action="screen.send_file")
+                yield Button("Send text", id="b-text", action="screen.send_text")
             yield Static("", id="p-summary")
             yield RichLog(id="p-output", wrap=True, markup=False, max_lines=400)
 
@@ -131,18 +131,6 @@ class PlaygroundScreen(ModelPickerScreen):
         prepared = self._prepare("file")
         if prepared:
             self.send(*prepared)
-
-    @on(Button.Pressed, "#b-random")
-    def _random_pressed(self) -> None:
-        self.action_send_random()
-
-    @on(Button.Pressed, "#b-file")
-    def _file_pressed(self) -> None:
-        self.action_send_file()
-
-    @on(Button.Pressed, "#b-text")
-    def _text_pressed(self) -> None:
-        self.action_send_text()
 
     def action_send_text(self) -> None:
         texts = [t.strip() for t in self.query_one("#p-text", Input).value.split("||") if t.strip()]

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.markup import escape
 from rich.text import Text
-from textual import on, work
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
@@ -62,9 +62,9 @@ class TuneScreen(ModelPickerScreen):
                     yield Input(id="t-memory_limit_mb", type="integer", placeholder="none")
                 yield Static(RELOAD_NOTE, id="tune-note")
                 with Horizontal(id="tune-buttons", classes="mutating"):
-                    yield Button("Apply", variant="success", id="b-apply")
-                    yield Button("Revert", id="b-revert")
-                    yield Button("Auto-tune (o)", id="b-autotune")
+                    yield Button("Apply", variant="success", id="b-apply", action="screen.apply")
+                    yield Button("Revert", id="b-revert", action="screen.revert")
+                    yield Button("Auto-tune (o)", id="b-autotune", action="screen.autotune")
                 yield Static("", id="tune-result")
             with Vertical(id="tune-live"):
                 yield Label("Live figures", classes="section")
@@ -179,18 +179,6 @@ class TuneScreen(ModelPickerScreen):
             )
         else:
             self.send_tune(name, changes)
-
-    @on(Button.Pressed, "#b-apply")
-    def _apply_pressed(self) -> None:
-        self.action_apply()
-
-    @on(Button.Pressed, "#b-revert")
-    def _revert_pressed(self) -> None:
-        self.action_revert()
-
-    @on(Button.Pressed, "#b-autotune")
-    def _autotune_pressed(self) -> None:
-        self.action_autotune()
 
     # --- the auto-tuner (lastmile.appliance.client.autotune): a sweep under load, the best setting applied ---
 

@@ -186,7 +186,7 @@ class LastmileApp(App[int]):
         def ask() -> None:
             screen = self.screen
             if isinstance(screen, ModelsScreen):
-                (screen.confirm_unload if action == "unload" else screen.confirm_reload)(name)
+                screen.confirm(action, name)
 
         self.call_after_refresh(ask)
 

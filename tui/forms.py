@@ -60,26 +60,17 @@ class FormError(ValueError):
 
 def parse_int(field: str, text: str, low: int, high: int) -> int | None:
     """A whole number within ``low..high``, or None for an empty field."""
+    return _parse_number(field, text, low, high, int, "a whole number")
+
+
+def _parse_number(field: str, text: str, low: float, high: float, kind: type, what: str = "a number") -> Any:
     text = text.strip()
     if not text:
         return None
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise FormError(field, f"{text!r} is not a whole number") from None
-    if not low <= value <= high:
-        raise FormError(field, f"{value} is out of range ({low} to {high})")
-    return value
-
-
-def _float(field: str, text: str, low: float, high: float) -> float | None:
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise FormError(field, f"{text!r} is not a number") from None
+        raise FormError(field, f"{text!r} is not {what}") from None
     if not low <= value <= high:
         raise FormError(field, f"{value} is out of range ({low} to {high})")
     return value
@@ -91,7 +82,7 @@ def parse_setting(key: str, text: str) -> int | float | None:
     low, high = setting.low or 0, setting.high or 0
     if setting.kind == "int":
         return parse_int(key, text, int(low), int(high))
-    return _float(key, text, float(low), float(high))
+    return _parse_number(key, text, float(low), float(high), float)
 
 
 def load_parameters(fields: Mapping[str, str]) -> dict[str, Any]:

@@ -50,8 +50,7 @@ class LastmileScreen(Screen):
 
     def on_screen_resume(self) -> None:
         self.update_chrome()
-        if self.lm.state.snapshot is not None:
-            self.refresh_from(self.lm.state)
+        self.redraw()
 
     def update_chrome(self) -> None:
         app = self.lm
@@ -60,6 +59,12 @@ class LastmileScreen(Screen):
 
     def refresh_from(self, state: MonitorState) -> None:
         """Fresh figures arrived (not called while paused)."""
+
+    def redraw(self) -> None:
+        """Draw the latest figures now, when there are any (a screen just shown or resumed, a
+        late answer that changes what is drawn)."""
+        if self.lm.state.snapshot is not None:
+            self.refresh_from(self.lm.state)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Read-only mode: actions that change the daemon are neither shown nor run."""

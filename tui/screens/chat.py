@@ -96,8 +96,7 @@ class ChatScreen(ModelPickerScreen):
         self.answer = ""
         self.busy = False
         self.last: Generation | None = None
-        if self.lm.state.snapshot is not None:
-            self.refresh_from(self.lm.state)
+        self.redraw()
 
     def refresh_from(self, state: MonitorState) -> None:
         rows = [r for r in state.models if "generation" in r and r["state"] in ("ready", "restarting")]

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from rich.markup import escape
-from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label
+
+
+#: What the models and detail screens ask before an action that stops a model serving.
+STOPS_SERVING = {
+    "unload": "Unload {name}? Requests to it will fail until it is loaded again.",
+    "reload": "Reload {name} with its current settings? It stops serving while it restarts.",
+}
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -29,19 +35,12 @@ class ConfirmScreen(ModalScreen[bool]):
         with Vertical(id="dialog"):
             yield Label(escape(self.question), id="question")
             with Horizontal(id="dialog-buttons"):
-                yield Button(self.yes, variant="error", id="yes")
-                yield Button("Cancel", variant="primary", id="no")
+                yield Button(self.yes, variant="error", id="yes", action="screen.answer(True)")
+                yield Button("Cancel", variant="primary", id="no", action="screen.answer(False)")
 
     def on_mount(self) -> None:
         self.query_one("#no", Button).focus()
 
-    @on(Button.Pressed, "#yes")
-    def _yes(self) -> None:
-        self.dismiss(True)
-
-    @on(Button.Pressed, "#no")
-    def _no(self) -> None:
-        self.dismiss(False)
 
     def action_answer(self, answer: bool) -> None:
         self.dismiss(answer)

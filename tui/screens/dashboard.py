@@ -104,8 +104,7 @@ class DashboardScreen(LastmileScreen):
         self._events_shown = 0
         self.set_class(self.app.size.height < COMPACT_ROWS, "-compact")
         self._update_sort_info()
-        if self.lm.state.snapshot is not None:
-            self.refresh_from(self.lm.state)
+        self.redraw()
 
     def on_resize(self, event: Resize) -> None:
         # (Textual also runs LastmileScreen.on_resize: handlers of every class in the MRO run)

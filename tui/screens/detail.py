@@ -23,7 +23,7 @@ from lastmile.appliance.client.api import ApiError, ClientError
 from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.tui.messages import LoadFinished, StoreListed
 from lastmile.tui.screens.base import LastmileScreen
-from lastmile.tui.screens.confirm import ConfirmScreen
+from lastmile.tui.screens.confirm import STOPS_SERVING, ConfirmScreen
 from lastmile.tui.state import MonitorState, fmt_bytes, fmt_memory, fmt_ms, fmt_rate, fmt_time, memory_limit
 from lastmile.tui.widgets.events_log import event_line
 from lastmile.tui.widgets.models_table import STATE_STYLE
@@ -94,8 +94,7 @@ class ModelDetailScreen(LastmileScreen):
     def on_mount(self) -> None:
         super().on_mount()
         self.fetch_manifest()
-        if self.lm.state.snapshot is not None:
-            self.refresh_from(self.lm.state)
+        self.redraw()
 
     @work(group="detail-store", exclusive=True, exit_on_error=False)
     async def fetch_manifest(self) -> None:
@@ -108,8 +107,7 @@ class ModelDetailScreen(LastmileScreen):
     def on_store_listed(self, message: StoreListed) -> None:
         entry = next((e for e in message.listing.get("store", []) if e["name"] == self.model_name), None)
         self.manifest_settings = dict((entry or {}).get("settings") or {})
-        if self.lm.state.snapshot is not None:
-            self.refresh_from(self.lm.state)
+        self.redraw()
 
     # --- drawing --------------------------------------------------------------------------
 
@@ -205,16 +203,15 @@ class ModelDetailScreen(LastmileScreen):
         self.lm.open_on("tune", self.model_name)
 
     def action_unload(self) -> None:
-        if not self.lm.writable(f"unload {self.model_name}"):
-            return
-        self.app.push_screen(ConfirmScreen(f"Unload {self.model_name}? Requests to it will fail until it is loaded again.", "Unload"),
-                             lambda yes: yes and self.run_action("unload"))
+        self._confirm("unload")
 
     def action_reload(self) -> None:
-        if not self.lm.writable(f"reload {self.model_name}"):
-            return
-        self.app.push_screen(ConfirmScreen(f"Reload {self.model_name} with its current settings? It stops serving while it restarts.", "Reload"),
-                             lambda yes: yes and self.run_action("reload"))
+        self._confirm("reload")
+
+    def _confirm(self, verb: str) -> None:
+        if self.lm.writable(f"{verb} {self.model_name}"):
+            self.app.push_screen(ConfirmScreen(STOPS_SERVING[verb].format(name=self.model_name), verb.capitalize()),
+                                 lambda yes: yes and self.run_action(verb))
 
     @work(group="detail-action", exclusive=True, exit_on_error=False)
     async def run_action(self, action: str) -> None:

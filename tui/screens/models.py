@@ -20,7 +20,7 @@ from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.tui.forms import BACKENDS, DTYPES, GRAPH_FUSION, PHASES, FormError, describe_estimate, load_parameters, phase_progress
 from lastmile.tui.messages import EstimateReady, LoadFinished, LoadProgress, StoreListed
 from lastmile.tui.screens.base import LastmileScreen
-from lastmile.tui.screens.confirm import ConfirmScreen
+from lastmile.tui.screens.confirm import STOPS_SERVING, ConfirmScreen
 from lastmile.tui.state import MonitorState
 from lastmile.tui.widgets.models_table import STATE_STYLE
 
@@ -106,8 +106,7 @@ class ModelsScreen(LastmileScreen):
         self.query_one("#load-progress", ProgressBar).display = False
         self.fetch_store()
         self.fetch_devices()
-        if self.lm.state.snapshot is not None:
-            self.refresh_from(self.lm.state)
+        self.redraw()
 
     # --- data -----------------------------------------------------------------------------
 
@@ -297,36 +296,22 @@ class ModelsScreen(LastmileScreen):
         return name
 
     def action_unload(self) -> None:
-        if not self.lm.writable("unload a model"):
-            return
-        name = self._target()
-        if name is not None:
-            self.confirm_unload(name)
-
-    def confirm_unload(self, name: str) -> None:
-        if not self.lm.writable(f"unload {name}"):
-            return
-        self.app.push_screen(
-            ConfirmScreen(f"Unload {name}? Requests to it will fail until it is loaded again.", "Unload"),
-            lambda yes: yes and self._start("unload", name, {}),
-        )
+        self._on_selected("unload")
 
     def action_reload(self) -> None:
-        if not self.lm.writable("reload a model"):
-            return
-        name = self._target()
-        if name is not None:
-            self.confirm_reload(name)
+        self._on_selected("reload")
 
-    def confirm_reload(self, name: str) -> None:
-        if not self.lm.writable(f"reload {name}"):
+    def _on_selected(self, verb: str) -> None:
+        if self.lm.writable(f"{verb} a model") and (name := self._target()) is not None:
+            self.confirm(verb, name)
+
+    def confirm(self, verb: str, name: str) -> None:
+        """Ask, then unload or reload ``name`` (a reload keeps the settings changed live)."""
+        if not self.lm.writable(f"{verb} {name}"):
             return
-        row = self.lm.state.model(name) or {}
-        params = dict(row.get("overrides") or {})
-        self.app.push_screen(
-            ConfirmScreen(f"Reload {name} with its current settings? It stops serving while it restarts.", "Reload"),
-            lambda yes: yes and self._start("reload", name, params),
-        )
+        params = dict((self.lm.state.model(name) or {}).get("overrides") or {}) if verb == "reload" else {}
+        self.app.push_screen(ConfirmScreen(STOPS_SERVING[verb].format(name=name), verb.capitalize()),
+                             lambda yes: yes and self._start(verb, name, params))
 
     def action_refresh_store(self) -> None:
         self.fetch_store()

@@ -65,8 +65,7 @@ class PlaygroundScreen(ModelPickerScreen):
         self._names: tuple[str, ...] = ()
         self.specs: dict[str, dict[str, Any]] = {}
         self.last_results: list[tuple[dict[str, Any], dict[str, Any]]] = []
-        if self.lm.state.snapshot is not None:
-            self.refresh_from(self.lm.state)
+        self.redraw()
 
     def refresh_from(self, state: MonitorState) -> None:
         self.set_model_names(tuple(r["name"] for r in state.models if r["state"] in ("ready", "restarting")))

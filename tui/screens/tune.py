@@ -88,8 +88,7 @@ class TuneScreen(ModelPickerScreen):
             for widget in self.query("#tune-grid Input, #tune-grid Select"):
                 widget.disabled = True
             self.query_one("#tune-note", Static).update("read-only mode: settings are shown, not changed. " + RELOAD_NOTE)
-        if self.lm.state.snapshot is not None:
-            self.refresh_from(self.lm.state)
+        self.redraw()
 
     def refresh_from(self, state: MonitorState) -> None:
         self.set_model_names(tuple(r["name"] for r in state.models))

@@ -132,6 +132,25 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
 }
 
 
+@dataclass(slots=True)
+class BatchCounts:
+    """What a batcher has done since it started (the model's ``batching`` figures)."""
+
+    batches: int = 0
+    requests: int = 0
+    rows: int = 0
+    rejected: int = 0  # refused before queueing: queue full, or more rows than max_batch_size
+    timeouts: int = 0
+    cancelled: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__}
+        out["avg_batch_size"] = self.rows / self.batches if self.batches else 0.0
+        out["avg_requests_per_batch"] = self.requests / self.batches if self.batches else 0.0
+        return out
+
+
 class Batcher:
     """Dynamic batching in front of ``run_batch`` (see the module docstring)."""
 
@@ -171,14 +190,7 @@ class Batcher:
         self._expiry_at = math.inf
         self._closed: str | None = None
         self._ids = itertools.count(1)
-        # counters
-        self._batches = 0
-        self._requests = 0
-        self._rows = 0
-        self._rejected = 0
-        self._timeouts = 0
-        self._cancelled = 0
-        self._errors = 0
+        self.counts = BatchCounts()
         self._ema_compute_s: float | None = None
         # Requests answered within the last ``max_delay_ms`` whose clients have not sent
         # another one yet (see the module doc), and when the last batch was answered.
@@ -193,10 +205,10 @@ class Batcher:
             raise ModelUnavailable(self._closed)
         rows, key = _describe(inputs)
         if rows > self.max_batch_size:
-            self._rejected += 1
+            self.counts.rejected += 1
             raise BatchTooLarge(rows, self.max_batch_size)
         if self._queued >= self.max_queue:
-            self._rejected += 1
+            self.counts.rejected += 1
             raise QueueFull(self._queued, self.max_queue, self.retry_after_s())
         loop = self._loop
         if loop is None:
@@ -226,7 +238,7 @@ class Batcher:
                     return req.fut.result()  # timed out or closed: raises what _fail set
                 if req.fut.done() and not req.fut.cancelled():
                     req.fut.exception()  # retrieved: the caller's cancellation wins
-                self._cancelled += 1
+                self.counts.cancelled += 1
                 raise
             finally:
                 req.task = None
@@ -237,7 +249,7 @@ class Batcher:
         except asyncio.CancelledError:
             if req.state == QUEUED:
                 self._unqueue(req)
-            self._cancelled += 1
+            self.counts.cancelled += 1
             raise
 
     def retry_after_s(self) -> float:
@@ -267,7 +279,7 @@ class Batcher:
                 for req in list(group.queue):
                     if req.state == QUEUED and req.rows > self.max_batch_size:
                         self._unqueue(req)
-                        self._rejected += 1
+                        self.counts.rejected += 1
                         req.fut.set_exception(BatchTooLarge(req.rows, self.max_batch_size))
         if self._loop is not None:
             # New delay: the armed timer may now be too late (or too early - harmless).
@@ -309,15 +321,7 @@ class Batcher:
             "queue_depth": self._queued,
             "queued_rows": self._queued_rows,
             "in_flight": self._in_flight,
-            "batches": self._batches,
-            "requests": self._requests,
-            "rows": self._rows,
-            "avg_batch_size": (self._rows / self._batches) if self._batches else 0.0,
-            "avg_requests_per_batch": (self._requests / self._batches) if self._batches else 0.0,
-            "rejected": self._rejected,
-            "timeouts": self._timeouts,
-            "cancelled": self._cancelled,
-            "errors": self._errors,
+            **self.counts.as_dict(),
             "avg_compute_s": self._ema_compute_s,
             "groups": len(self._groups),
             "max_batch_size": self.max_batch_size,
@@ -388,7 +392,7 @@ class Batcher:
             stage = "queued"
         else:
             stage = "running"
-        self._timeouts += 1
+        self.counts.timeouts += 1
         self._fail(req, RequestTimeout(timeout_s, stage))
 
     @staticmethod
@@ -508,7 +512,7 @@ class Batcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every request of the batch gets it
-                self._errors += 1
+                self.counts.errors += 1
                 if isinstance(exc, InferenceError) and len(live) > 1:
                     # The model raised on this batch: one bad request must not fail its
                     # batch-mates, so each runs alone once and only the bad ones fail.
@@ -520,9 +524,9 @@ class Batcher:
                         r.fut.set_exception(exc)
                 return
             compute_s = loop.time() - started
-            self._batches += 1
-            self._requests += len(live)
-            self._rows += rows
+            self.counts.batches += 1
+            self.counts.requests += len(live)
+            self.counts.rows += rows
             ema = self._ema_compute_s
             self._ema_compute_s = compute_s if ema is None else ema + 0.2 * (compute_s - ema)
             self._owed = len(live) if loop.time() >= self._answered_at + self._delay_s else self._owed + len(live)

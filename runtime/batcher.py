@@ -324,11 +324,7 @@ class Batcher:
             **self.counts.as_dict(),
             "avg_compute_s": self._ema_compute_s,
             "groups": len(self._groups),
-            "max_batch_size": self.max_batch_size,
-            "max_delay_ms": self.max_delay_ms,
-            "max_queue": self.max_queue,
-            "timeout_s": self.timeout_s,
-            "concurrency": self.concurrency,
+            **{key: getattr(self, key) for key in ("max_batch_size", "max_delay_ms", "max_queue", "timeout_s", "concurrency")},
             "closed": self._closed is not None,
         }
 

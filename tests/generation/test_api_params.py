@@ -107,14 +107,6 @@ BAD_CHAT: list[tuple[dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize("body,field", BAD_CHAT, ids=[f"{i}-{f}" for i, (_, f) in enumerate(BAD_CHAT)])
-def test_bad_chat_field_is_named(body: dict[str, Any], field: str) -> None:
-    with pytest.raises(ParamError) as info:
-        parse_chat(body)
-    assert info.value.field == field, info.value.message
-    assert info.value.message.startswith(info.value.field)
-
-
 BAD_COMPLETION: list[tuple[dict[str, Any], str]] = [
     ({"model": "m"}, "prompt"),
     ({**COMPLETION, "prompt": ""}, "prompt"),
@@ -132,11 +124,15 @@ BAD_COMPLETION: list[tuple[dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize("body,field", BAD_COMPLETION, ids=[f"{i}-{f}" for i, (_, f) in enumerate(BAD_COMPLETION)])
-def test_bad_completion_field_is_named(body: dict[str, Any], field: str) -> None:
+BAD = [(parse_chat, body, field) for body, field in BAD_CHAT] + [(parse_completion, body, field) for body, field in BAD_COMPLETION]
+
+
+@pytest.mark.parametrize("parse,body,field", BAD, ids=[f"{p.__name__}-{i}-{f}" for i, (p, _, f) in enumerate(BAD)])
+def test_a_bad_field_is_named(parse: Any, body: dict[str, Any], field: str) -> None:
     with pytest.raises(ParamError) as info:
-        parse_completion(body)
+        parse(body)
     assert info.value.field == field, info.value.message
+    assert info.value.message.startswith(info.value.field)
 
 
 def test_triton_parameters_top_level_or_nested() -> None:

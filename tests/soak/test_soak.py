@@ -46,22 +46,22 @@ def check(report: SoakReport) -> None:
     assert fds["after_traffic"] - fds["loaded"] <= shm["after_traffic"], f"fds beyond the pool's segments: {fds} {shm}"
 
 
-async def test_soak_short(demo_store: Path, tmp_path: Path) -> None:
-    daemon = start(tmp_path / "d", demo_store)
+async def soak(demo_store: Path, home: Path, **size: float) -> SoakReport:
+    """A fresh daemon on the demo store, soaked at ``size``, its report checked."""
+    daemon = start(home, demo_store)
     try:
-        report = await run(daemon, SoakSettings.from_env(requests=3000, concurrency=64))
+        report = await run(daemon, SoakSettings.from_env(**size))
     finally:
         daemon.stop()
     check(report)
-    assert report.requests >= 1000
+    return report
+
+
+async def test_soak_short(demo_store: Path, tmp_path: Path) -> None:
+    assert (await soak(demo_store, tmp_path / "d", requests=3000, concurrency=64)).requests >= 1000
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(0)
 async def test_soak_long(demo_store: Path, tmp_path: Path) -> None:
-    daemon = start(tmp_path / "d", demo_store)
-    try:
-        report = await run(daemon, SoakSettings.from_env(seconds=300.0, concurrency=128))
-    finally:
-        daemon.stop()
-    check(report)
+    await soak(demo_store, tmp_path / "d", seconds=300.0, concurrency=128)

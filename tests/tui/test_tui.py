@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +67,12 @@ async def test_dashboard_shows_models_and_numbers_move_under_traffic(tui_daemon:
             assert app.errors == []
 
 
+async def screen_after(app: LastmileApp, pilot, key: str, kind: type) -> Any:
+    """Press ``key`` and return the screen it opened (of ``kind``)."""
+    await pilot.press(key)
+    assert isinstance(app.screen, kind), app.screen
+    return app.screen
+
 async def test_load_through_the_form_shows_progress(tui_daemon: DaemonProc) -> None:
     async with LastmileClient(tui_daemon.socket) as client:
         if "demo-mlp-ds" in {m["name"] for m in (await client.models())["loaded"]}:
@@ -73,9 +80,7 @@ async def test_load_through_the_form_shows_progress(tui_daemon: DaemonProc) -> N
         app = LastmileApp(LastmileClient(tui_daemon.socket), rate_hz=5)
         async with app.run_test(size=SIZE) as pilot:
             step = lambda: pilot.pause(0.05)  # noqa: E731
-            await pilot.press("m")
-            screen = app.screen
-            assert isinstance(screen, ModelsScreen)
+            screen = await screen_after(app, pilot, "m", ModelsScreen)
             await wait_until(lambda: any(e["name"] == "demo-mlp-ds" for e in screen.store), step=step, what="the store listing")
             screen.select_model("demo-mlp-ds")
             screen.query_one("#f-max_batch_size").value = "4"
@@ -124,9 +129,7 @@ async def test_tuning_changes_the_daemon_settings(tui_daemon: DaemonProc) -> Non
         app = LastmileApp(LastmileClient(tui_daemon.socket), rate_hz=5)
         async with app.run_test(size=SIZE) as pilot:
             step = lambda: pilot.pause(0.05)  # noqa: E731
-            await pilot.press("t")
-            screen = app.screen
-            assert isinstance(screen, TuneScreen)
+            screen = await screen_after(app, pilot, "t", TuneScreen)
             await wait_until(lambda: "demo-mlp" in screen._names, step=step, what="loaded models in the tune form")
             screen.select_model("demo-mlp")
             await pilot.pause(0.1)

@@ -317,16 +317,11 @@ class Batcher:
     # --- reporting --------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "queue_depth": self._queued,
-            "queued_rows": self._queued_rows,
-            "in_flight": self._in_flight,
-            **self.counts.as_dict(),
-            "avg_compute_s": self._ema_compute_s,
-            "groups": len(self._groups),
-            **{key: getattr(self, key) for key in ("max_batch_size", "max_delay_ms", "max_queue", "timeout_s", "concurrency")},
-            "closed": self._closed is not None,
-        }
+        """The model's ``batching`` figures: queue now, counts so far, the settings in force."""
+        now = {"queue_depth": self._queued, "queued_rows": self._queued_rows, "in_flight": self._in_flight,
+               "avg_compute_s": self._ema_compute_s, "groups": len(self._groups), "closed": self._closed is not None}
+        settings = {key: getattr(self, key) for key in ("max_batch_size", "max_delay_ms", "max_queue", "timeout_s", "concurrency")}
+        return {**now, **self.counts.as_dict(), **settings}
 
     # --- scheduling -------------------------------------------------------------------------
 

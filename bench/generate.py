@@ -504,15 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"bench --generate: {exc}", file=sys.stderr)
         return 2
-    try:
-        result = bench.run()
-    finally:
-        bench.close()
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1) if args.json else table(result))
-    return 0
+    from bench.common import report
+
+    return report(bench, args, table)
 
 
 if __name__ == "__main__":

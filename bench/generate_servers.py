@@ -138,15 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "peer":
         run_peer(args.model_dir, args.threads, args.port)
         return 0
-    from aiohttp import web
+    from bench.common import serve_app
 
-    app = naive_app(args.model_dir, args.threads)
-    if args.socket:
-        if os.path.exists(args.socket):
-            os.unlink(args.socket)
-        web.run_app(app, path=args.socket, print=None, access_log=None)
-    else:
-        web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    serve_app(naive_app(args.model_dir, args.threads), args.socket, args.port)
     return 0
 
 

@@ -30,12 +30,12 @@ PACED_CALLS = 200
 
 
 def measure(store: str, model: str, *, settings: dict[str, Any], batches: list[int], duration_s: float = 2.0,
-            seq: int = 16) -> dict[str, Any]:
+            seq: int = 16, input_data: str | None = None) -> dict[str, Any]:
     backend = load_backend(store, model, settings)
     rows_out: dict[str, Any] = {}
     try:
         for rows in batches:
-            inputs = inputs_for(model, rows, seq)
+            inputs, _ = inputs_for(store, model, rows, seq, input_data)
             for _ in range(5):
                 backend.run(inputs)
             lat = []
@@ -56,7 +56,7 @@ def measure(store: str, model: str, *, settings: dict[str, Any], batches: list[i
                 "p50_ms": round(float(np.percentile(arr, 50)), 4), "p99_ms": round(float(np.percentile(arr, 99)), 4),
                 "mean_ms": round(float(arr.mean()), 4),
             }
-        paced = _paced_p50_ms(backend, inputs_for(model, 1, seq))
+        paced = _paced_p50_ms(backend, inputs_for(store, model, 1, seq, input_data)[0])
     finally:
         backend.close()
     best = max(rows_out.values(), key=lambda r: r["rows_per_s"])
@@ -83,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--duration-s", type=float, default=2.0)
     parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--input-data", help="FILE.npz|.json of real inputs (rows repeated to each batch size)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
     result = measure(args.store, args.model, settings=json.loads(args.settings), batches=batches,
-                     duration_s=args.duration_s, seq=args.seq)
+                     duration_s=args.duration_s, seq=args.seq, input_data=args.input_data)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
     else:

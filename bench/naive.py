@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 from aiohttp import web
 
 from lastmile.appliance.v2codec import HEADER_LENGTH, BadRequest, decode_request, encode_response, split_body
-from bench.common import load_backend
+from bench.common import load_backend, serve_app
 
 
 def build_app(store: str, model: str, settings: dict) -> web.Application:
@@ -56,13 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    app = build_app(args.store, args.model, json.loads(args.settings))
-    if args.socket:
-        if os.path.exists(args.socket):
-            os.unlink(args.socket)
-        web.run_app(app, path=args.socket, print=None, access_log=None)
-    else:
-        web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    serve_app(build_app(args.store, args.model, json.loads(args.settings)), args.socket, args.port)
     return 0
 
 

@@ -41,13 +41,13 @@ from typing import Any, Callable
 
 import psutil
 
-from bench.common import datatypes_for, inputs_for, kind_of
+from bench.common import backend_of, default_max_batch, inputs_for, report
+from bench.heavy import HEAVY_MODEL
 from lastmile.appliance.v2codec import encode_request
 from lastmile.appliance.client.loadgen import Target, closed_loop, generator_capacity, http_request, new_event_loop, open_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ["demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds"]
-BACKEND_OF = {"demo-mlp": "onnxruntime", "demo-lm": "onnxruntime", "demo-mlp-ds": "deepspeed", "demo-lm-ds": "deepspeed"}
 SERVERS = ("lastmile", "lastmile-json", "naive", "peer")
 
 Progress = Callable[[str], None]
@@ -189,7 +189,7 @@ def limit_at(limit: dict[str, Any], batch: float) -> float | None:
 class Bench:
     def __init__(self, *, models: list[str], clients: list[int], duration_s: float, warmup_s: float, servers: list[str],
                  transport: str, settings: dict[str, Any], store: Path | None, open_rate: float | None,
-                 progress: Progress = print, repeat: int = 1) -> None:
+                 progress: Progress = print, repeat: int = 1, input_data: str | None = None) -> None:
         unknown = [s for s in servers if s not in SERVERS]
         if unknown:
             raise ValueError(f"--servers: unknown {unknown}; known: {', '.join(SERVERS)}")
@@ -201,19 +201,20 @@ class Bench:
         if repeat < 1:
             raise ValueError(f"--repeat: got {repeat}; must be >= 1")
         self.repeat = repeat
+        self.input_data = input_data
         self.tmp = Path(tempfile.mkdtemp(prefix="lastmile-bench-"))
         self.store = store or self.tmp / "store"
 
     # --- pieces ---------------------------------------------------------------------------
 
     def model_settings(self, model: str) -> dict[str, Any]:
-        base = {"max_batch_size": 32 if kind_of(model) == "mlp" else 8, "max_delay_ms": 0.0, "threads": 1}
+        base = {"max_batch_size": default_max_batch(self.store, model), "max_delay_ms": 0.0, "threads": 1}
         base.update(self.settings)
         return base
 
     def request_bytes(self, target: Target, model: str, *, binary: bool, path: str | None = None) -> bytes:
-        inputs = inputs_for(model, 1)
-        body, headers = encode_request(inputs, datatypes_for(inputs), binary=binary)
+        inputs, types = inputs_for(self.store, model, 1, input_data=self.input_data)
+        body, headers = encode_request(inputs, types, binary=binary)
         return http_request(target, "POST", path or f"/v2/models/{model}/infer", body, headers)
 
     def measure_limit(self, model: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +223,8 @@ class Bench:
         per = max(0.3, min(1.5, self.duration_s / 2))
         out = subprocess.run([sys.executable, "-m", "bench.limit", "--store", str(self.store), "--model", model, "--json",
                               "--settings", json.dumps({k: v for k, v in settings.items() if k not in ("max_delay_ms",)}),
-                              "--batches", ",".join(map(str, batches)), "--duration-s", str(per)],
+                              "--batches", ",".join(map(str, batches)), "--duration-s", str(per)]
+                             + (["--input-data", str(self.input_data)] if self.input_data else []),
                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
             raise RuntimeError(f"bench.limit failed for {model}: {out.stderr[-2000:]}")
@@ -305,13 +307,29 @@ class Bench:
 
     # --- the run ----------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        started = time.time()
+    def prepare_store(self) -> None:
+        """The demo models when the store lacks them, the heavy bench model when asked for;
+        then every model asked must be in the store (one line naming the missing one)."""
+        from lastmile.models.store import ModelStore
+
         if not (self.store / "demo-mlp").exists():
             self.progress(f"building the demo models in {self.store}")
             from lastmile.models.demo import build_demo
 
             build_demo(self.store)
+        if HEAVY_MODEL in self.models and not (self.store / HEAVY_MODEL).exists():
+            self.progress(f"building {HEAVY_MODEL} in {self.store}")
+            from bench.heavy import build_heavy
+
+            build_heavy(self.store)
+        names = set(ModelStore(self.store).names())
+        missing = [m for m in self.models if m not in names]
+        if missing:
+            raise ValueError(f"--models: {missing[0]!r} is not in the store {self.store}; it has {', '.join(sorted(names))}")
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        self.prepare_store()
         result: dict[str, Any] = {"meta": self.meta(), "models": {}}
         gen_target = Target(unix="/x")
         req = self.request_bytes(gen_target, self.models[0], binary=True)
@@ -326,7 +344,7 @@ class Bench:
         try:
             for model in self.models:
                 settings = self.model_settings(model)
-                self.progress(f"{model} ({BACKEND_OF.get(model, '?')}), settings {settings}")
+                self.progress(f"{model} ({backend_of(self.store, model)}), settings {settings}")
                 passes = []
                 for i in range(self.repeat):
                     if self.repeat > 1:
@@ -346,7 +364,7 @@ class Bench:
 
     def _one_pass(self, model: str, settings: dict[str, Any], lastmile: tuple[Proc, Target] | None) -> dict[str, Any]:
         """The limit, then each server, once."""
-        entry: dict[str, Any] = {"backend": BACKEND_OF.get(model), "settings": settings, "servers": {}}
+        entry: dict[str, Any] = {"backend": backend_of(self.store, model), "settings": settings, "servers": {}}
         entry["limit"] = limit = self.measure_limit(model, settings)
         self.progress(f"  {'limit':<14} best {limit['best_rows_per_s']:.0f} rows/s at batch {limit['best_batch']}; "
                       f"1-row call p50 {limit['one_call_p50_ms']} ms (paced {limit.get('one_call_paced_p50_ms')} ms)")
@@ -483,7 +501,11 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m bench") -> 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated store names (default: the four demo models)")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help=f"comma-separated store names: any model of --store, and {HEAVY_MODEL} (a compute-heavy ONNX MLP, "
+                        "built on first use) (default: the four demo models)")
+    p.add_argument("--input-data", metavar="FILE", help="real inputs for every model: FILE.npz (one array per input) or FILE.json "
+                   "({\"name\": [[...]]} or a V2 request); default: generated from each model's spec within its valid ranges")
     p.add_argument("--clients", default="1,64", help="closed-loop client counts (default 1,64)")
     p.add_argument("--duration-s", type=float, default=5.0, help="seconds measured per run (default 5)")
     p.add_argument("--warmup-s", type=float, default=1.0)
@@ -514,19 +536,16 @@ def run_from_args(args: argparse.Namespace) -> int:
         bench = Bench(models=[m for m in args.models.split(",") if m], clients=clients,
                       duration_s=args.duration_s, warmup_s=args.warmup_s, servers=[s for s in args.servers.split(",") if s],
                       transport=args.transport, settings=settings, store=Path(args.store) if args.store else None,
-                      open_rate=args.open_rate, progress=(lambda m: print(m, file=sys.stderr, flush=True)), repeat=args.repeat)
+                      open_rate=args.open_rate, progress=(lambda m: print(m, file=sys.stderr, flush=True)), repeat=args.repeat,
+                      input_data=args.input_data)
     except ValueError as exc:  # a bad --servers, --repeat or --clients: one line, no traceback
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     try:
-        result = bench.run()
-    finally:
-        bench.close()
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1) if args.json else table(result))
-    return 0
+        return report(bench, args, table)
+    except ValueError as exc:  # a model not in the store, inputs that do not fit it: one line
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,7 +60,7 @@ ONNX_OPSET = 17  # LayerNormalization is a single op from 17 on
 
 SIGNATURES: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
     "mlp": ((TensorSpec("input", "FP32", (-1, MLP_IN)),), (TensorSpec("logits", "FP32", (-1, MLP_OUT)),)),
-    "lm": ((TensorSpec("input_ids", "INT64", (-1, -1)),), (TensorSpec("logits", "FP32", (-1, -1, LM_VOCAB)),)),
+    "lm": ((TensorSpec("input_ids", "INT64", (-1, -1), (0, LM_VOCAB)),), (TensorSpec("logits", "FP32", (-1, -1, LM_VOCAB)),)),
 }
 KINDS = tuple(SIGNATURES)
 

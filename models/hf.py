@@ -538,9 +538,15 @@ def wire_outputs(desc: HfFolder) -> tuple[TensorSpec, ...]:
     return ()
 
 
+def token_id_inputs(desc: HfFolder) -> tuple[TensorSpec, ...]:
+    """``input_ids`` (below the vocabulary size, when config.json gives it) and ``attention_mask``."""
+    vocab = (0, desc.vocab_size) if desc.vocab_size else None
+    return TensorSpec("input_ids", "INT64", (-1, -1), vocab), TensorSpec("attention_mask", "INT64", (-1, -1), (0, 2))
+
+
 def api_inputs(desc: HfFolder) -> tuple[TensorSpec, ...]:
     """V2 inputs callers send: ``text`` BYTES ``[-1]``, or token ids instead of text."""
-    ids = (TensorSpec("input_ids", "INT64", (-1, -1)), TensorSpec("attention_mask", "INT64", (-1, -1)))
+    ids = token_id_inputs(desc)
     if desc.tokenizer is None:
         return ids
     return (TensorSpec("text", "BYTES", (-1,)),) + ids
@@ -605,8 +611,7 @@ def manifest_parts(folder: Path, *, trust_pickle: bool = False, overrides: Mappi
             "(/v1/chat/completions, /v1/completions, V2 generate), not by V2 infer",
         )
     if desc.tokenizer is None:
-        ids = (TensorSpec("input_ids", "INT64", (-1, -1)), TensorSpec("attention_mask", "INT64", (-1, -1)))
-        return desc, ids, wire_outputs(desc), desc.notes
+        return desc, token_id_inputs(desc), wire_outputs(desc), desc.notes
     return desc, wire_inputs(desc), wire_outputs(desc), desc.notes
 
 

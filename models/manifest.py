@@ -47,6 +47,7 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 TOP_LEVEL_KEYS = ("name", "format", "artifact", "backend", "description", "trust_pickle", "inputs", "outputs", "settings",
                   "text")
 TENSOR_KEYS = ("name", "datatype", "shape")
+OPTIONAL_TENSOR_KEYS = ("range",)  # inputs only: [low, high) of an integer input's valid values
 
 # Which backend can load which format; ``auto`` picks from this table at load time.
 BACKEND_FORMATS: dict[str, tuple[str, ...]] = {
@@ -280,9 +281,10 @@ def _tensors(file: Path, key: str, value: Any) -> list[TensorSpec]:
     seen: set[str] = set()
     for i, table in enumerate(value):
         where = f"{key}[{i}]"
+        known = TENSOR_KEYS + (OPTIONAL_TENSOR_KEYS if key == "inputs" else ())
         for k in table:
-            if k not in TENSOR_KEYS:
-                raise ManifestError(file, f"{where}.{k}", f"unknown key; known: {', '.join(TENSOR_KEYS)}")
+            if k not in known:
+                raise ManifestError(file, f"{where}.{k}", f"unknown key; known: {', '.join(known)}")
         for k in TENSOR_KEYS:
             if k not in table:
                 raise ManifestError(file, f"{where}.{k}", "missing; each tensor needs name, datatype and shape")
@@ -295,8 +297,19 @@ def _tensors(file: Path, key: str, value: Any) -> list[TensorSpec]:
         datatype = table["datatype"]
         if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
             raise ManifestError(file, f"{where}.datatype", f"got {datatype!r}; allowed: {', '.join(V2_TO_NUMPY)}")
-        specs.append(TensorSpec(name, datatype, _shape(file, f"{where}.shape", table["shape"])))
+        value_range = _range(file, f"{where}.range", table["range"], datatype) if "range" in table else None
+        specs.append(TensorSpec(name, datatype, _shape(file, f"{where}.shape", table["shape"]), value_range))
     return specs
+
+
+def _range(file: Path, key: str, value: Any, datatype: str) -> tuple[int, int]:
+    """``[low, high]``: the integer input's valid values are low..high-1 (token ids: [0, vocab_size])."""
+    if V2_TO_NUMPY[datatype].kind not in "iu":
+        raise ManifestError(file, key, f"only an integer input has a range; this one is {datatype}")
+    if (not isinstance(value, list) or len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
+            or value[0] >= value[1]):
+        raise ManifestError(file, key, f"got {value!r}; allowed: [low, high] with integers low < high (values low..high-1)")
+    return value[0], value[1]
 
 
 def _shape(file: Path, key: str, shape: Any) -> tuple[int, ...]:
@@ -423,7 +436,7 @@ def write_manifest(manifest: Manifest) -> str:
                 f"name = {_toml_string(spec.name)}",
                 f"datatype = {_toml_string(spec.datatype)}",
                 f"shape = {_toml_value(list(spec.shape))}",
-            ]
+            ] + ([f"range = {_toml_value(list(spec.range))}"] if spec.range else [])
     return "\n".join(lines) + "\n"
 
 

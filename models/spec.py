@@ -24,9 +24,15 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
+    range: tuple[int, int] | None = None  # an integer input's valid values, [low, high): token ids below the vocabulary
 
     def as_v2(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    def describe(self) -> dict[str, Any]:
+        """Lastmile's listing of the tensor: the V2 fields, and ``range`` when it is known
+        (what a client generating inputs needs; V2 metadata has no field for it)."""
+        return {**self.as_v2(), **({"range": list(self.range)} if self.range else {})}
 
     @property
     def numpy_dtype(self) -> np.dtype:

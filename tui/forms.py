@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from lastmile.appliance.client.inputs import InputDataError, random_inputs as generate_inputs
 from lastmile.appliance.client.tensors import InputTypeError, conform
 from lastmile.appliance.client.units import fmt_mib
 from lastmile.models import vocabulary
@@ -26,10 +27,6 @@ GRAPH_FUSION = vocabulary.GRAPH_FUSION_LEVELS
 PHASES = ("queued", "spawning", "loading", "warming", "ready")  # what a load reports, in order
 RELOADING_KEYS = vocabulary.RELOAD_KEYS  # tuning these reloads the model (the confirm dialog asks first)
 
-# V2 datatype -> numpy (BF16 has no numpy type: file input only, as raw uint16 is ambiguous)
-V2_NUMPY: dict[str, Any] = {
-    name: np.dtype(numpy_name).type for name, numpy_name in vocabulary.V2_DATATYPES.items() if name not in vocabulary.RAW_V2_DATATYPES
-}
 
 
 LOAD_FORM_NUMBERS = ("memory_limit_mb", "max_batch_size", "max_delay_ms", "max_queue")  # the load form's number fields
@@ -135,31 +132,12 @@ def phase_progress(phase: str | None) -> int:
 
 
 def random_inputs(spec: list[dict[str, Any]], rows: int = 1, seq: int = 8, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Random arrays that fit a model's input spec (``[{"name", "datatype", "shape"}]``).
-
-    Dim 0 (the batch) becomes ``rows``; any other variable dim becomes ``seq``. Integers are
-    drawn from 0..63 so that token ids stay inside small vocabularies.
-    """
-    if not spec:
-        raise FormError("inputs", "the model publishes no input spec; use a .npy file")
-    rng = np.random.default_rng(seed)
-    arrays, types = {}, {}
-    for tensor in spec:
-        datatype = tensor["datatype"]
-        dtype = V2_NUMPY.get(datatype)
-        if dtype is None:
-            raise FormError("inputs", f"{tensor['name']}: random {datatype} input is not supported; use a .npy file")
-        shape = [rows if i == 0 and d == -1 else (seq if d == -1 else d) for i, d in enumerate(tensor["shape"])]
-        kind = np.dtype(dtype).kind
-        if kind == "f":
-            array = rng.standard_normal(shape).astype(dtype)
-        elif kind == "b":
-            array = rng.integers(0, 2, shape).astype(np.bool_)
-        else:
-            array = rng.integers(0, 64, shape).astype(dtype)
-        arrays[tensor["name"]] = array
-        types[tensor["name"]] = datatype
-    return arrays, types
+    """Random arrays that fit a model's input spec (the client's one generator, see
+    :mod:`lastmile.appliance.client.inputs`); its refusal as a form error."""
+    try:
+        return generate_inputs(spec, rows=rows, seq=seq, seed=seed)
+    except InputDataError as exc:
+        raise FormError("inputs", str(exc)) from None
 
 
 def file_inputs(spec: list[dict[str, Any]], text: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

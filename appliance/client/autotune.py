@@ -30,7 +30,6 @@ import numpy as np
 from lastmile.appliance.client.api import LastmileClient
 from lastmile.appliance.client.loadgen import Target
 from lastmile.models import vocabulary
-from lastmile.models.spec import V2_TO_NUMPY
 
 TuneProgress = Callable[[dict[str, Any]], None]  # one dict per step of the sweep (bench.run.Progress takes a line)
 SWEPT_KEYS = ("max_batch_size", "max_delay_ms", "graph_fusion", "threads")
@@ -65,24 +64,18 @@ class TuneResult:
         return asdict(self)
 
 
-def sample_request(metadata: dict[str, Any], rows: int = 1, seq: int = 16) -> tuple[bytes, dict[str, str]]:
-    """A V2 binary infer body for the model's inputs: ``rows`` rows, other variable dims
-    ``seq``; integers in [0, 64) (valid token ids for any vocabulary), floats normal."""
-    from lastmile.appliance.v2codec import encode_request
+async def sample_inputs(client: LastmileClient, name: str, input_data: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tune's request inputs: the operator's ``input_data`` file, or one row generated from
+    the store listing's input spec (valid ranges included; see ``inputs``)."""
+    from lastmile.appliance.client.inputs import load_input_data, random_inputs
 
-    rng = np.random.default_rng(0)
-    inputs, types = {}, {}
-    for spec in metadata["inputs"]:
-        shape = [rows] + [seq if d < 0 else d for d in spec["shape"][1:]]
-        dtype = V2_TO_NUMPY[spec["datatype"]]
-        if dtype.kind in "iu":
-            arr = rng.integers(0, 64, size=shape).astype(dtype)
-        elif dtype.kind == "b":
-            arr = rng.integers(0, 2, size=shape).astype(bool)
-        else:
-            arr = rng.standard_normal(shape).astype(dtype)
-        inputs[spec["name"]], types[spec["name"]] = arr, spec["datatype"]
-    return encode_request(inputs, types, binary=True)
+    entry = next((e for e in (await client.models())["store"] if e["name"] == name), None)
+    spec = (entry or {}).get("inputs") or (await client.metadata(name))["inputs"]
+    return load_input_data(input_data, spec) if input_data else random_inputs(spec)
+
+
+class TuneAborted(ValueError):
+    """The sweep cannot measure anything (every request fails); the message says why, once."""
 
 
 def target_for(client: LastmileClient) -> Target:
@@ -113,7 +106,7 @@ def default_grid(current: dict[str, Any], cores: int) -> dict[str, list[Any]]:
 class Tuner:
     def __init__(self, client: LastmileClient, name: str, *, target: Target | None = None, latency_slo_ms: float | None = None,
                  clients: int = 32, duration_s: float = 2.0, warmup_s: float = 0.3, grid: dict[str, list[Any]] | None = None,
-                 progress: TuneProgress | None = None) -> None:
+                 progress: TuneProgress | None = None, input_data: str | None = None) -> None:
         if latency_slo_ms is not None and latency_slo_ms <= 0:
             raise ValueError(f"latency_slo_ms: got {latency_slo_ms}; must be > 0")
         if clients < 1:
@@ -126,7 +119,7 @@ class Tuner:
         self.client, self.name = client, name
         self.target = target if target is not None else target_for(client)
         self.slo, self.clients, self.duration_s, self.warmup_s = latency_slo_ms, clients, duration_s, warmup_s
-        self.grid = grid
+        self.grid, self.input_data = grid, input_data
         self.progress = progress or (lambda event: None)
 
     async def _patch(self, settings: dict[str, Any]) -> dict[str, Any]:
@@ -150,8 +143,19 @@ class Tuner:
             self.slo is None or (trial.p99_ms is not None and trial.p99_ms <= self.slo))
         return trial
 
+    async def _probe(self, arrays: dict[str, np.ndarray], types: dict[str, str]) -> None:
+        """One request before any trial: inputs the model refuses end the tune here, in one line."""
+        from lastmile.appliance.client.api import ApiError
+
+        try:
+            await self.client.infer(self.name, arrays, types)
+        except ApiError as exc:
+            raise TuneAborted(f"the model refuses the tune's request: {exc.message}; give its inputs with "
+                              "--input-data FILE.npz|.json") from None
+
     async def run(self, apply: bool = False) -> TuneResult:
         from lastmile.appliance.client.loadgen import http_request
+        from lastmile.appliance.v2codec import encode_request
 
         started = time.monotonic()
         described = await self.client.model(self.name)
@@ -159,8 +163,9 @@ class Tuner:
             raise ValueError(f"model {self.name!r} is {described.get('state')}; load it first")
         current = described["settings"]
         original = {k: current[k] for k in LIVE_KEYS + RELOAD_KEYS}
-        metadata = await self.client.metadata(self.name)
-        body, headers = sample_request(metadata)
+        arrays, types = await sample_inputs(self.client, self.name, self.input_data)
+        await self._probe(arrays, types)
+        body, headers = encode_request(arrays, types, binary=True)
         request = http_request(self.target, "POST", f"/v2/models/{self.name}/infer", body, headers)
         try:
             cores = int((await self.client.system()).get("cpu", {}).get("physical_cores") or 0)
@@ -189,6 +194,9 @@ class Tuner:
                 t = Trial(settings=dict(settings), error=str(exc))
             result.trials.append(t)
             self.progress({"event": "trial", "index": index, "total": total, "trial": asdict(t)})
+            if t.errors and not t.rows_per_s:  # every request failed: more trials would only repeat it
+                raise TuneAborted(f"every request of trial {index} failed: {t.error}; the sweep stops "
+                                  "(check the model's inputs, or give real ones with --input-data FILE.npz|.json)")
             return t
 
         def best_of(trials: list[Trial]) -> Trial | None:

@@ -563,7 +563,7 @@ async def cmd_tune(client: LastmileClient, args: argparse.Namespace) -> int:
 
     try:
         tuner = Tuner(client, args.name, latency_slo_ms=args.latency_slo_ms, clients=args.clients,
-                      duration_s=args.duration_s, grid=grid or None, progress=progress)
+                      duration_s=args.duration_s, grid=grid or None, progress=progress, input_data=args.input_data)
         result = await tuner.run(apply=args.apply)
     except ValueError as exc:
         raise ClientError(str(exc)) from None
@@ -592,6 +592,8 @@ def add_perf_commands(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     tune.add_argument("--fusions", type=_csv(_choice_of(GRAPH_FUSION_LEVELS, "graph_fusion")),
                       help=f"graph_fusion levels, comma-separated from: {', '.join(GRAPH_FUSION_LEVELS)}")
     tune.add_argument("--threads", type=_csv(int), help="intra-op thread counts (0 = auto), e.g. 1,2")
+    tune.add_argument("--input-data", metavar="FILE", help="the requests' inputs: FILE.npz (one array per input) or FILE.json "
+                      "({\"name\": [[...]]} or a V2 request); default: generated from the model's spec within its valid ranges")
     tune.add_argument("--json", action="store_true", help="machine-readable output")
     tune.set_defaults(func=cmd_tune)
 

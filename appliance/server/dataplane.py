@@ -157,7 +157,7 @@ class DataPlane:
                     "format": manifest.format if manifest else None,
                     "backend": manifest.backend if manifest else None,
                     "description": manifest.description if manifest else "",
-                    "inputs": [t.as_v2() for t in inputs],
+                    "inputs": [t.describe() for t in inputs],
                     "outputs": [t.as_v2() for t in outputs],
                     # a Hugging Face folder: what was derived, from which file (lastmile.models.hf)
                     "text": manifest.hf.as_dict() if manifest and manifest.hf is not None else None,

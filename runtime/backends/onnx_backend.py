@@ -117,6 +117,9 @@ class OnnxBackend(Backend):
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort_optimization_level(settings.graph_fusion)
+        # fatal only: a failed run's error reaches the caller (a 4xx/5xx, the model's last_error)
+        # already; ORT's own copy of it went to the daemon log once per failing request
+        options.log_severity_level = 4
         self._threads = resolve_threads(settings.threads)  # 0: auto, see lastmile.runtime.backends.threads
         options.intra_op_num_threads = self._threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # sleep, don't spin: shared cores

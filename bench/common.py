@@ -9,6 +9,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+Progress = Callable[[str], None]  # a bench's running commentary (stderr)
+
+
 def prepare_env() -> None:
     """Same process environment as a Lastmile runner (before torch is imported)."""
     from lastmile.runtime.backends.threads import set_thread_env

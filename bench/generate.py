@@ -33,8 +33,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from bench.common import Progress
 from bench.run import ROOT, Proc, _env, _free_port
 from lastmile.appliance.client.loadgen import Target
 
@@ -49,7 +50,6 @@ QUESTIONS = [
     "What does continuous batching do?", "Name a fox that jumps.", "What is Lastmile?",
     "Count from one to ten.", "What is the capital of Italy?",
 ]
-Progress = Callable[[str], None]
 
 
 _LONG: dict[tuple[str, int], str] = {}

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import psutil
 
-from bench.common import backend_of, default_max_batch, inputs_for, report
+from bench.common import Progress, backend_of, default_max_batch, inputs_for, report
 from bench.heavy import HEAVY_MODEL
 from lastmile.appliance.v2codec import encode_request
 from lastmile.appliance.client.loadgen import Target, closed_loop, generator_capacity, http_request, new_event_loop, open_loop
@@ -50,7 +50,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ["demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds"]
 SERVERS = ("lastmile", "lastmile-json", "naive", "peer")
 
-Progress = Callable[[str], None]
 
 
 def _free_port() -> int:

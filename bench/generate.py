@@ -3,8 +3,9 @@
 Same model folder, greedy, the same chat prompts and ``max_tokens``, one server after another
 on the same machine, in one run, at each concurrency (default 1, 4 and 16 streams):
 
-1. **in-process** (the limit): the engine and its scheduler (``GenerationScheduler`` over the
-   DeepSpeed/torch engine) driven in a plain loop in its own process, no IPC, no HTTP;
+1. **in-process** (the limit), once per engine of ``--engines``: the engine and its scheduler
+   (``GenerationScheduler``), built by the runner's own loader with the settings Lastmile loads
+   that engine with, driven in a plain loop in its own process, no IPC, no HTTP;
 2. **lastmile**: a fresh daemon, the folder loaded as a generation model, streams over
    ``POST /v1/chat/completions`` (SSE) on its Unix socket;
 3. **naive**: aiohttp + one ``transformers.generate`` per request (``bench.generate_servers``);
@@ -16,8 +17,9 @@ chunks). A last run per server adds one client that keeps sending a long prompt
 (``--long-prompt-tokens``, max_tokens 1) while ``--long-streams`` short streams decode, and
 reports those streams' inter-token p50/p99: what a long prefill does to running streams.
 
-Ratios: ``vs_in_process`` = tokens/s over the in-process tokens/s at the same concurrency;
-``ttft_added_ms`` = TTFT p50 minus the in-process TTFT p50 at 1 stream (its prefill).
+Ratios: ``vs_in_process`` = tokens/s over the in-process tokens/s of the same engine (the naive
+server and the peer, which run transformers' generate: of the DeepSpeed/torch engine) at the same
+concurrency; ``ttft_added_ms`` = TTFT p50 minus that in-process TTFT p50 at 1 stream (its prefill).
 """
 
 from __future__ import annotations
@@ -182,17 +184,19 @@ async def load(target: Target, *, concurrency: int, requests_per_stream: int, ma
 # --- the in-process limit --------------------------------------------------------------------
 
 
-def in_process(model_dir: str, *, concurrency: int, requests_per_stream: int, max_tokens: int, threads: int,
+def in_process(model_dir: str, *, engine_name: str, concurrency: int, requests_per_stream: int, max_tokens: int, threads: int,
                max_num_seqs: int, max_context: int, long_tokens: int = 0) -> dict[str, Any]:
-    long = long_text(model_dir, long_tokens) if long_tokens else None
-    """The engine and its scheduler in a plain loop (the same classes the runner drives)."""
+    """The engine and its scheduler in a plain loop: the runner's own loader and classes, with
+    the engine settings Lastmile loads ``engine_name`` with (the limit for that engine)."""
+    from lastmile.runtime.generation.config import GenerationSettings
     from lastmile.runtime.generation.scheduler import GenerationScheduler
-    from lastmile.runtime.generation.torch_engine import TorchEngine
+    from lastmile.runtime.generation.serve import load
     from lastmile.runtime.generation.types import GenerationRequest, SamplingParams
-    from transformers import AutoTokenizer
 
-    engine = TorchEngine(model_dir, max_num_seqs=max_num_seqs, max_context=max_context, threads=threads)
-    sched = GenerationScheduler(engine, AutoTokenizer.from_pretrained(model_dir), max_queue=1024)
+    long = long_text(model_dir, long_tokens) if long_tokens else None
+    gs = GenerationSettings(**ENGINE_SETTINGS[engine_name], max_num_seqs=max_num_seqs, max_context=max_context, threads=threads)
+    engine, tokenizer = load(model_dir, gs)
+    sched = GenerationScheduler(engine, tokenizer, max_queue=1024)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     # warm-up: one request through, so the first measured TTFT is not the first call ever
     sched.submit("warm", GenerationRequest(params=params, messages=tuple(messages_for(0))))
@@ -288,7 +292,9 @@ class GenerateBench:
                 "max_tokens": self.args.max_tokens}
 
     def in_process_runs(self) -> dict[str, Any]:
+        """``{engine: {concurrency: run}}`` from a worker process (the daemon's engines, alone)."""
         out = subprocess.run([sys.executable, "-m", "bench.generate", "--in-process-worker", "--model-dir", str(self.model_dir),
+                              "--engines", ",".join(self.engines),
                               "--concurrency", self.args.concurrency, "--max-tokens", str(self.args.max_tokens),
                               "--requests", str(self.args.requests), "--threads", str(self.args.threads),
                               "--max-num-seqs", str(self.args.max_num_seqs), "--max-context", str(self.args.max_context),
@@ -380,9 +386,10 @@ class GenerateBench:
         result: dict[str, Any] = {"meta": self.meta(), "servers": {}}
         self.progress(f"model {self.model_dir}; streams {self.concurrency}; max_tokens {self.args.max_tokens}; threads {self.args.threads}")
         if "in-process" in self.servers:
-            result["servers"]["in-process"] = runs = self.in_process_runs()
-            for key, r in runs.items():
-                self.report("in-process", r, "+long" if key == "long" else "")
+            for engine, runs in self.in_process_runs().items():
+                result["servers"][f"in-process {engine}"] = runs
+                for key, r in runs.items():
+                    self.report(f"in-process {engine}", r, "+long" if key == "long" else "")
         for server in self.servers:
             if server == "in-process":
                 continue
@@ -405,11 +412,16 @@ class GenerateBench:
 
     @staticmethod
     def ratios(result: dict[str, Any]) -> None:
-        base = result["servers"].get("in-process", {})
-        prefill = (base.get("1") or {}).get("ttft_p50_ms")
-        for name, runs in result["servers"].items():
+        """Each Lastmile engine against the same engine in-process; the naive server and the
+        peer (transformers' generate) against the in-process DeepSpeed/torch engine."""
+        servers = result["servers"]
+        limits = {name.removeprefix("in-process "): runs for name, runs in servers.items() if name.startswith("in-process ")}
+        for name, runs in servers.items():
             if "error" in runs:
                 continue
+            engine = name.split(" ", 1)[1] if name.startswith(("lastmile ", "in-process ")) else "deepspeed"
+            base = limits.get(engine) or next(iter(limits.values()), {})
+            prefill = (base.get("1") or {}).get("ttft_p50_ms")
             one = (runs.get("1") or {}).get("tokens_per_s")
             for key, r in runs.items():
                 ref = (base.get(key) or {}).get("tokens_per_s")
@@ -488,14 +500,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         out: dict[str, Any] = {}
-        common = dict(max_tokens=args.max_tokens, threads=args.threads, max_num_seqs=args.max_num_seqs, max_context=args.max_context)
-        for c in [int(x) for x in args.concurrency.split(",") if x]:
-            out[str(c)] = in_process(str(args.model_dir), concurrency=c,
-                                     requests_per_stream=max(1, args.requests // c) if args.requests else 2, **common)
-        if args.long_prompt_tokens:
-            c = args.long_streams
-            out["long"] = in_process(str(args.model_dir), concurrency=c, requests_per_stream=max(1, args.requests // c),
-                                     long_tokens=args.long_prompt_tokens, **common)
+        for engine in [e for e in args.engines.split(",") if e]:
+            common = dict(engine_name=engine, max_tokens=args.max_tokens, threads=args.threads, max_num_seqs=args.max_num_seqs,
+                          max_context=args.max_context)
+            runs = out[engine] = {}
+            for c in [int(x) for x in args.concurrency.split(",") if x]:
+                runs[str(c)] = in_process(str(args.model_dir), concurrency=c,
+                                          requests_per_stream=max(1, args.requests // c) if args.requests else 2, **common)
+            if args.long_prompt_tokens:
+                c = args.long_streams
+                runs["long"] = in_process(str(args.model_dir), concurrency=c, requests_per_stream=max(1, args.requests // c),
+                                          long_tokens=args.long_prompt_tokens, **common)
         print(json.dumps(out))
         return 0
     try:

@@ -22,7 +22,8 @@ def test_generate_bench_runs_every_server() -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout[out.stdout.index("{"):])
     servers = result["servers"]
-    assert set(servers) == {"in-process", "lastmile deepspeed", "lastmile ort-genai-int4", "naive", "peer"}
+    assert set(servers) == {"in-process deepspeed", "in-process ort-genai-int4", "lastmile deepspeed", "lastmile ort-genai-int4",
+                            "naive", "peer"}
     for name, runs in servers.items():
         assert set(runs) == {"1", "2", "long"}, name
         for r in runs.values():

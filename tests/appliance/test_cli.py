@@ -69,7 +69,7 @@ def test_config_show_lists_sources(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert f"max_batch_size = 12  # file {config}" in result.stdout
     assert "tcp_port = 0  # default (user mode)" in result.stdout
-    # issue 17.7: the output is valid TOML (unset keys commented out) and reads back as the same config
+    # The output is valid TOML (unset keys commented out) and reads back as the same config
     parsed = tomllib.loads(result.stdout)
     assert parsed["defaults"]["max_batch_size"] == 12 and "token_file" not in parsed["server"]
     assert "# token_file =  # unset" in result.stdout and "(unset)" not in result.stdout
@@ -128,7 +128,7 @@ def test_demo_command_from_nothing(tmp_path: Path) -> None:
         assert answers["demo-mlp"] == answers["demo-mlp-ds"] and answers["demo-lm"] == answers["demo-lm-ds"]
         assert any(line.startswith("demo-encoder ") and "embeddings: shape [3, 32]" in line for line in lines), result.stdout
         assert json.loads(status.stdout)["models_loaded"] == 5  # 4 tensor demos + demo-encoder (text)
-        # 17.9: a second `lastmile demo` leaves the settings an operator changed
+        # A second `lastmile demo` leaves the settings an operator changed
         pid = json.loads(status.stdout)["pid"]
         assert lastmile("tune", "demo-mlp", "--batch-sizes", "5", "--delays-ms", "0", "--clients", "2", "--duration-s", "0.3",
                         "--apply", home=tmp_path, env=env).returncode == 0
@@ -139,7 +139,7 @@ def test_demo_command_from_nothing(tmp_path: Path) -> None:
         assert model["pid"] == pid
         listing = json.loads(lastmile("models", "--json", home=tmp_path, env=env).stdout)
         assert next(m for m in listing["loaded"] if m["name"] == "demo-mlp")["settings"]["max_batch_size"] == 5
-        # 17.1: `lastmile stop` stops it gracefully, waits, and says what it did
+        # `lastmile stop` stops it gracefully, waits, and says what it did
         stopped = lastmile("stop", home=tmp_path, env=env)
         assert stopped.returncode == 0, stopped.stderr
         assert f"stopped the daemon (pid {pid}) in " in stopped.stdout and "demo-mlp" in stopped.stdout
@@ -152,11 +152,11 @@ def test_demo_command_from_nothing(tmp_path: Path) -> None:
             os.kill(json.loads(status.stdout)["pid"], 15)
 
 
-# --- issue 17: the operator's experience ------------------------------------------------------
+# --- the operator's experience -------------------------------------------------------------
 
 
 def test_help_lists_allowed_values() -> None:
-    """17.7: `load --help` and `tune --help` name the allowed values; a wrong one is a usage error naming them."""
+    """`load --help` and `tune --help` name the allowed values; a wrong one is a usage error naming them."""
     load = " ".join(lastmile("load", "--help").stdout.split())  # argparse wraps at the terminal width
     for values in ("auto, deepspeed, onnxruntime", "fp32, fp16, bf16", "off, basic, extended, all", "none, cpu", "cuda:N", "MiB"):
         assert values in load, values
@@ -167,7 +167,7 @@ def test_help_lists_allowed_values() -> None:
 
 
 def test_failures_error_rate_and_last_error_in_status_and_models(daemon: DaemonProc, tmp_path: Path) -> None:
-    """17.2: failing requests show as FAILURES and an error rate, with the last error, in
+    """Failing requests show as FAILURES and an error rate, with the last error, in
     `status` and `models` (token ids past demo-lm's vocabulary make ONNX Runtime fail)."""
     sock = ["--socket", str(daemon.socket)]
     assert lastmile(*sock, "load", "demo-lm").returncode == 0
@@ -194,7 +194,7 @@ def test_failures_error_rate_and_last_error_in_status_and_models(daemon: DaemonP
 
 
 def test_infer_converts_dtypes_that_lose_nothing_and_explains_the_rest(daemon: DaemonProc, tmp_path: Path) -> None:
-    """17.3: a float64 .npy (np.random.rand) for an FP32 input and int32 ids for INT64 are
+    """A float64 .npy (np.random.rand) for an FP32 input and int32 ids for INT64 are
     converted (a note says so); floats for integer ids are refused naming both dtypes and the fix."""
     sock = ["--socket", str(daemon.socket)]
     assert lastmile(*sock, "load", "demo-mlp").returncode == 0
@@ -224,7 +224,7 @@ def test_infer_converts_dtypes_that_lose_nothing_and_explains_the_rest(daemon: D
 
 
 def test_events_json_level_and_model_filters(daemon: DaemonProc) -> None:
-    """17.7: `events --json` is JSON Lines; `--level` is a minimum; `--model` keeps one model's."""
+    """`events --json` is JSON Lines; `--level` is a minimum; `--model` keeps one model's."""
     sock = ["--socket", str(daemon.socket)]
     assert lastmile(*sock, "load", "demo-mlp").returncode == 0
     refused = lastmile(*sock, "load", "demo-lm-ds", "--memory-limit", "16")  # a warning event (load_refused)
@@ -244,7 +244,7 @@ def test_events_json_level_and_model_filters(daemon: DaemonProc) -> None:
 
 
 def test_stop_refuses_under_systemd(store_copy: Path, tmp_path: Path) -> None:
-    """17.1: a daemon started by systemd (INVOCATION_ID set, as systemd does for every unit)
+    """A daemon started by systemd (INVOCATION_ID set, as systemd does for every unit)
     is not signalled: the operator is told to use systemctl, and the daemon keeps serving."""
     from tests.conftest import start_daemon
 

@@ -1,4 +1,4 @@
-"""Triton's statistics extension (issue 17.10), read by NVIDIA's own client (tritonclient,
+"""Triton's statistics extension, read by NVIDIA's own client (tritonclient,
 unchanged) over the TCP listener: the counts and cumulative times move with real requests,
 failures count as ``fail``, and the shape is Triton's."""
 

@@ -1,4 +1,4 @@
-"""Issue 12: the was/now figures of docs/reliability.md, measured against a live daemon of
+"""The was/now figures of docs/reliability.md, measured against a live daemon of
 whatever code is installed (run it on the old code and on the new one).
 usage: python tests/faults/measure_hostile.py LABEL STORE OUTDIR
 (STORE: a demo store, e.g. built by `python -m lastmile.models.demo STORE`)."""

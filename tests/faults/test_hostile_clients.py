@@ -1,4 +1,4 @@
-"""Issue 12: what a careless or hostile client can do to a live daemon, bounded.
+"""What a careless or hostile client can do to a live daemon, bounded.
 
 Each test runs against a real daemon in a subprocess over its Unix socket (raw sockets where
 the point is what the wire carries). One daemon serves the module, with small limits so each

@@ -1,4 +1,4 @@
-"""Issue 12, item 7: a reload that has to stop the serving runners first (no room for both)
+"""A reload that has to stop the serving runners first (no room for both)
 and then fails to start leaves the model serving with its previous settings.
 
 Real manager, real runner processes (DeepSpeed on CPU). One thing is forced: "no room to run

@@ -108,7 +108,7 @@ async def test_corrupt_artifact_is_a_clear_load_error(store_copy: Path, tmp_path
 
 
 async def test_state_write_is_retried_until_it_succeeds(demo_store: Path, tmp_path: Path, small_disk: Path) -> None:
-    """Issue 12, item 10. (Was: after a disk-full period the state file was never rewritten, so
+    """(Was: after a disk-full period the state file was never rewritten, so
     a restart lost the model loaded meanwhile; and an entry that is not an object was dropped
     without a word.)"""
     state = small_disk / "state.json"
@@ -161,7 +161,7 @@ def _start_with_small_shm(home: Path, store: Path, size: str) -> DaemonProc:
 
 
 async def test_shm_exhaustion_is_507_with_an_event(demo_store: Path, tmp_path: Path) -> None:
-    """Issue 12, item 10: /dev/shm too small for a batch's buffers. (Was: HTTP 500, no event.)"""
+    """/dev/shm too small for a batch's buffers. (Was: HTTP 500, no event.)"""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare for a private /dev/shm")
     d = _start_with_small_shm(tmp_path / "d", demo_store, "256k")

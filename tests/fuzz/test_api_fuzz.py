@@ -108,9 +108,9 @@ def _infer_bodies(draw: st.DrawFn) -> dict[str, Any]:
         body["outputs"] = [{"name": "nope"}]
     elif mistake == "twice":
         body["inputs"].append(dict(tensor))
-    elif mistake == "repeated_outputs":  # issue 12: N copies of an output were N full copies in the response
+    elif mistake == "repeated_outputs":  # N copies of an output were N full copies in the response
         body["outputs"] = [{"name": "logits", "parameters": {"binary_data": draw(st.booleans())}}] * draw(st.integers(2, 64))
-    elif mistake == "zero_size":  # issue 12: a huge batch with a zero dim reached NumPy (500)
+    elif mistake == "zero_size":  # a huge batch with a zero dim reached NumPy (500)
         tensor["shape"] = draw(st.sampled_from([[2**62, 0], [batch, 0], [0, 0], [2**63 - 1, 64], [2**31, 64]]))
         tensor["data"] = []
     return body

@@ -152,7 +152,7 @@ def prop_response_round_trip(args: tuple[Case, list[bool], bool]) -> None:
 
 
 def prop_response_cap(args: tuple[Case, list[bool], int]) -> None:
-    """Issue 12: ``response_bound`` is never below the real size, and with ``max_bytes`` a
+    """``response_bound`` is never below the real size, and with ``max_bytes`` a
     response is either built within it or refused (``ResponseTooLarge`` naming ``outputs``)
     before it is built."""
     case, binary_flags, max_bytes = args
@@ -176,7 +176,7 @@ MUTATIONS = [
     "missing_input", "drop_value", "extra_value", "size_off", "trailing_bytes", "truncated_binary",
     "int_out_of_range", "float_for_int", "string_value", "batch_mismatch", "unknown_output", "id_not_string",
     "data_and_binary", "no_data", "bool_byte", "float_out_of_range",
-    "repeated_output", "zero_dim", "huge_zero_batch",  # issue 12: amplification, zero-size shapes
+    "repeated_output", "zero_dim", "huge_zero_batch",  # amplification, zero-size shapes
 ]
 
 

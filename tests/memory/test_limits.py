@@ -1,4 +1,4 @@
-"""Issue 12 items 8-9, 16.6 and 17.8 against a real daemon with the demo models: a limit that
+"""Memory limits against a real daemon with the demo models: a limit that
 cannot serve is a 507 with options (never a 500, never an admitted model that sheds at rest),
 lastmile's own memory does not swing with what is loaded and a budget too small for it says
 so, the sampler slows down when nothing happens and speeds up at the first request, and a
@@ -47,7 +47,7 @@ def mitigations(events: list[dict[str, Any]], model: str) -> list[str]:
 
 
 async def test_idle_runner_over_the_watermark_is_refused_with_options_and_the_suggested_limit_serves(daemon: DaemonProc) -> None:
-    """Issue 12.8: with watermarks where demo-lm's idle runner (~10 MiB) sits above the high
+    """With watermarks where demo-lm's idle runner (~10 MiB) sits above the high
     line of a 16 MiB limit, main admitted it and the ladder shed and restarted it with no
     traffic. Now: 507 naming the numbers, with a ``raise_limit`` option; that limit loads,
     serves every request and no ladder step fires at rest."""
@@ -83,7 +83,7 @@ async def test_idle_runner_over_the_watermark_is_refused_with_options_and_the_su
 
 
 async def test_an_estimate_that_was_wrong_is_caught_at_ready_with_507(daemon: DaemonProc) -> None:
-    """Issue 12.8 / 17.8: the seeded footprint says demo-lm-ds needs 4 MiB, so it is admitted
+    """The seeded footprint says demo-lm-ds needs 4 MiB, so it is admitted
     at 30 MiB; its runner holds ~38 MiB after warm-up. main answered 500 (LoadError from the
     cap); now 507 with the measured figure and a limit that would fit, nothing left loaded."""
     await unload_all(daemon)
@@ -101,7 +101,7 @@ async def test_an_estimate_that_was_wrong_is_caught_at_ready_with_507(daemon: Da
 
 
 async def test_measured_footprint_is_recorded_per_artifact_and_used_next_time(daemon: DaemonProc) -> None:
-    """Issue 17.8: after a load, the first full reading goes into footprints.json (by the
+    """After a load, the first full reading goes into footprints.json (by the
     artifact's SHA-256); the next estimate of the same artifact and settings is that figure
     (``source: measured``) and lands within 10 % of what the second load uses."""
     await unload_all(daemon)
@@ -136,7 +136,7 @@ async def own_bytes(daemon: DaemonProc) -> int:
 
 
 async def test_own_memory_is_stable_and_a_budget_too_small_for_it_says_so(daemon: DaemonProc) -> None:
-    """Issue 12.9: own memory (daemon + forkserver) moved ~300 MiB between nothing loaded and
+    """Own memory (daemon + forkserver) moved ~300 MiB between nothing loaded and
     four models (the forkserver's USS falls as runners share its pages); now it is their
     anonymous pages and moves by less than 24 MiB. A host budget smaller than lastmile itself
     is a 507 that names own memory and suggests a budget, which then loads."""
@@ -172,7 +172,7 @@ async def sampler(daemon: DaemonProc) -> dict[str, Any]:
 
 
 async def test_sampler_goes_quiet_at_rest_and_a_request_wakes_it(daemon: DaemonProc) -> None:
-    """Issue 16.6: at rest the sampler's pause grows from 0.2 s to 5 s; the first request
+    """At rest the sampler's pause grows from 0.2 s to 5 s; the first request
     brings the fast pace back at once (rounds follow within half a second)."""
     await unload_all(daemon)
     assert (await api(daemon, "POST", "/v2/repository/models/demo-mlp/load"))[0] == 200

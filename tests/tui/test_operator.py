@@ -1,4 +1,4 @@
-"""Issue 17 in the TUI, driven by Textual's Pilot against a real daemon with every demo model
+"""The operator's experience in the TUI, driven by Textual's Pilot against a real daemon with every demo model
 loaded, at the two sizes an operator meets: 80x24 (a laptop terminal, a serial console) and
 140x45. What must hold at both: every loaded model in view, the primary columns whole, Help
 and Quit in the footer, Enter opening the detail view."""
@@ -131,7 +131,7 @@ async def test_sorting_by_memory_orders_by_the_figure_shown(tui_daemon: DaemonPr
 
 
 async def test_palette_load_on_a_loaded_model_offers_load_first(tui_daemon: DaemonProc) -> None:
-    """17.6: typing "load demo-lm-ds" with demo-lm-ds loaded ranks "Load demo-lm-ds" first,
+    """Typing "load demo-lm-ds" with demo-lm-ds loaded ranks "Load demo-lm-ds" first,
     not "Unload demo-lm-ds"."""
     async with LastmileClient(tui_daemon.socket) as client:
         await _load_all(client)
@@ -156,7 +156,7 @@ async def test_error_popups_keep_brackets_and_name_the_model_once(tui_daemon: Da
 
 
 def test_tune_keys_mean_one_thing() -> None:
-    """17.6: `t` is the Tune screen everywhere; the auto-tuner on that screen is `o`."""
+    """`t` is the Tune screen everywhere; the auto-tuner on that screen is `o`."""
     keys = {b.key: b.action for b in TuneScreen.BINDINGS}
     assert keys.get("o") == "autotune" and "t" not in keys
 
@@ -194,7 +194,7 @@ def test_busiest_model_leads_the_charts_and_sources_are_named() -> None:
 
 
 async def test_tune_result_shows_under_the_picker_at_140x45(tui_daemon: DaemonProc) -> None:
-    """17.5: the outcome of a change (and of an auto-tune run, same place) is in view at the
+    """The outcome of a change (and of an auto-tune run, same place) is in view at the
     top of the form, not below the fold."""
     async with LastmileClient(tui_daemon.socket) as client:
         await _load_all(client)

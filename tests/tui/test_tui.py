@@ -197,7 +197,7 @@ async def test_daemon_stop_shows_the_banner_and_recovery_clears_it(store_copy: P
             await asyncio.to_thread(proc.stop)
             await wait_until(lambda: banner.display and "LOST" in str(banner.content), timeout=15, step=step, what="the banner")
             assert banner.has_class("-lost")
-            # issue 17.6: the banner says how to start the daemon
+            # The banner says how to start the daemon
             await wait_until(lambda: "lastmile serve" in str(banner.content), timeout=15, step=step, what="how to start it")
             assert "systemctl start lastmile" in str(banner.content)
             await pilot.press("m")  # other screens show it too, and nothing crashes while it is down

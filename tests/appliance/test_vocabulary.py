@@ -127,10 +127,13 @@ def test_one_v2_datatype_table() -> None:
     assert set(V2_TO_NUMPY) == set(vocabulary.V2_DATATYPES)
     for name, numpy_name in vocabulary.V2_DATATYPES.items():
         assert V2_TO_NUMPY[name] == np.dtype(numpy_name)
+        spec = [{"name": "t", "datatype": name, "shape": [-1]}]
         if name not in vocabulary.RAW_V2_DATATYPES:
             assert NUMPY_TO_V2[np.dtype(numpy_name)] == name
-            assert np.dtype(forms.V2_NUMPY[name]) == V2_TO_NUMPY[name]
-    assert "BF16" not in forms.V2_NUMPY  # raw words: the playground takes it from a file only
+            assert forms.random_inputs(spec)[0]["t"].dtype == V2_TO_NUMPY[name]  # the playground's generated input
+        else:  # raw words: the playground takes them from a file only
+            with pytest.raises(forms.FormError, match=name):
+                forms.random_inputs(spec)
 
 
 def test_config_show_names_bounds_and_reload(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ async def test_estimates_within_tolerance_of_measured_usage(daemon: DaemonProc) 
         for _ in range(3):
             assert (await infer_binary(daemon, name, example_inputs(kind, 4)))[0] == 200
     for name in ("demo-mlp", "demo-lm", "demo-mlp-ds", "demo-lm-ds", "demo-mlp-ts"):
-        row = await sampled(daemon, name, lambda m: m["pool"]["bytes"] > 0)
+        row = await sampled(daemon, name, lambda m: m["pool"]["bytes"] > 0 and m["uss_bytes"] > 0)  # a full reading
         used, est = row["used_bytes"], row["estimate_bytes"]
         pid = (await api(daemon, "GET", f"/lm/v1/models/{name}"))[1]["runners"][0]["pid"]
         measured = read_proc_memory(pid)["uss"] + row["pool"]["bytes"]

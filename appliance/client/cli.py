@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from lastmile.appliance import __version__
-from lastmile.appliance.client.api import ClientError, DaemonNotRunning, LastmileClient
+from lastmile.appliance.client.api import ClientError, LastmileClient
 from lastmile.appliance.client.chat import add_chat_commands
 from lastmile.appliance.client.tensors import InputTypeError, conform
 from lastmile.appliance.client.wording import without_model_prefix

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from textual import work
 from textual.app import ComposeResult
 from textual.events import Resize
 from textual.screen import Screen
 from textual.widgets import Select
 
+from lastmile.appliance.client.api import ClientError
+from lastmile.tui.messages import StoreListed
 from lastmile.tui.state import MonitorState
 from lastmile.tui.widgets.chrome import Banner, StatusBar
 from lastmile.tui.widgets.footer import KeysFooter
@@ -71,6 +74,21 @@ class LastmileScreen(Screen):
         if self.lm.read_only and action in getattr(self, "MUTATING_ACTIONS", ()):
             return False
         return True
+
+    @work(group="store", exclusive=True, exit_on_error=False)
+    async def fetch_store(self) -> None:
+        """Ask for the store listing (what can be loaded, with each manifest's settings); it
+        comes back to this screen as :class:`StoreListed`, for screens that show the store."""
+        try:
+            listing = await self.lm.client.models()
+        except ClientError as exc:
+            self.store_unavailable(exc)
+            return
+        self.post_message(StoreListed(listing))
+
+    def store_unavailable(self, exc: ClientError) -> None:
+        """The listing did not come. Nothing more is said by default: the banner already
+        covers a dead daemon, and a screen that needs the listing says so itself."""
 
 
 class ModelPickerScreen(LastmileScreen):

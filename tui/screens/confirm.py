@@ -16,6 +16,9 @@ STOPS_SERVING = {
     "reload": "Reload {name} with its current settings? It stops serving while it restarts.",
 }
 
+#: The keys for those actions, the same on both screens (each screen asks with ``STOPS_SERVING``).
+STOPS_SERVING_KEYS = [Binding("u", "unload", "Unload"), Binding("R", "reload", "Reload")]
+
 
 class ConfirmScreen(ModalScreen[bool]):
     BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
@@ -40,7 +43,6 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def on_mount(self) -> None:
         self.query_one("#no", Button).focus()
-
 
     def action_answer(self, answer: bool) -> None:
         self.dismiss(answer)

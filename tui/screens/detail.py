@@ -23,7 +23,7 @@ from lastmile.appliance.client.api import ApiError, ClientError
 from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.tui.messages import LoadFinished, StoreListed
 from lastmile.tui.screens.base import LastmileScreen
-from lastmile.tui.screens.confirm import STOPS_SERVING, ConfirmScreen
+from lastmile.tui.screens.confirm import STOPS_SERVING, STOPS_SERVING_KEYS, ConfirmScreen
 from lastmile.tui.state import MonitorState, fmt_bytes, fmt_memory, fmt_ms, fmt_rate, fmt_time, memory_limit
 from lastmile.tui.widgets.events_log import event_line
 from lastmile.tui.widgets.models_table import STATE_STYLE
@@ -48,12 +48,7 @@ def setting_sources(settings: dict[str, Any], overrides: dict[str, Any], manifes
 
 
 class ModelDetailScreen(LastmileScreen):
-    BINDINGS = [
-        Binding("escape", "app.pop_screen", "Back"),
-        Binding("u", "unload", "Unload"),
-        Binding("R", "reload", "Reload"),
-        Binding("t", "tune", "Tune it"),
-    ]
+    BINDINGS = [Binding("escape", "app.pop_screen", "Back"), *STOPS_SERVING_KEYS, Binding("t", "tune", "Tune it")]
     MUTATING_ACTIONS = ("unload", "reload")
     DEFAULT_CSS = """
     ModelDetailScreen #detail-body { height: 1fr; padding: 0 1; }
@@ -93,16 +88,8 @@ class ModelDetailScreen(LastmileScreen):
 
     def on_mount(self) -> None:
         super().on_mount()
-        self.fetch_manifest()
+        self.fetch_store()  # for where each setting came from (the manifest's [settings])
         self.redraw()
-
-    @work(group="detail-store", exclusive=True, exit_on_error=False)
-    async def fetch_manifest(self) -> None:
-        try:
-            listing = await self.lm.client.models()
-        except ClientError:
-            return
-        self.post_message(StoreListed(listing))
 
     def on_store_listed(self, message: StoreListed) -> None:
         entry = next((e for e in message.listing.get("store", []) if e["name"] == self.model_name), None)

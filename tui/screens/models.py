@@ -20,7 +20,7 @@ from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.tui.forms import BACKENDS, DTYPES, GRAPH_FUSION, PHASES, FormError, describe_estimate, load_parameters, phase_progress
 from lastmile.tui.messages import EstimateReady, LoadFinished, LoadProgress, StoreListed
 from lastmile.tui.screens.base import LastmileScreen
-from lastmile.tui.screens.confirm import STOPS_SERVING, ConfirmScreen
+from lastmile.tui.screens.confirm import STOPS_SERVING, STOPS_SERVING_KEYS, ConfirmScreen
 from lastmile.tui.state import MonitorState
 from lastmile.tui.widgets.models_table import STATE_STYLE
 
@@ -34,12 +34,7 @@ def _choices(values: tuple[str, ...], first: str = "default") -> list[tuple[str,
 
 
 class ModelsScreen(LastmileScreen):
-    BINDINGS = [
-        Binding("l", "load", "Load"),
-        Binding("u", "unload", "Unload"),
-        Binding("R", "reload", "Reload"),
-        Binding("g", "refresh_store", "Refresh"),
-    ]
+    BINDINGS = [Binding("l", "load", "Load"), *STOPS_SERVING_KEYS, Binding("g", "refresh_store", "Refresh")]
     MUTATING_ACTIONS = ("load", "unload", "reload")
     DEFAULT_CSS = """
     ModelsScreen #models-body { height: 1fr; }
@@ -110,14 +105,8 @@ class ModelsScreen(LastmileScreen):
 
     # --- data -----------------------------------------------------------------------------
 
-    @work(group="store", exclusive=True, exit_on_error=False)
-    async def fetch_store(self) -> None:
-        try:
-            listing = await self.lm.client.models()
-        except ClientError as exc:
-            self.lm.report_error(f"cannot list models: {exc}")
-            return
-        self.post_message(StoreListed(listing))
+    def store_unavailable(self, exc: ClientError) -> None:
+        self.lm.report_error(f"cannot list models: {exc}")  # this screen is the store: say why it is empty
 
     @work(group="devices", exclusive=True, exit_on_error=False)
     async def fetch_devices(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.text import Text
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -197,6 +197,6 @@ class ChatScreen(ModelPickerScreen):
         self.query_one("#c-log", RichLog).clear()
         self.query_one("#c-stats", Static).update("new conversation")
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "c-clear":
-            self.action_clear()
+    @on(Button.Pressed, "#c-clear")
+    def _clear_pressed(self) -> None:
+        self.action_clear()

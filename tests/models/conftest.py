@@ -17,3 +17,12 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("demo-store") / "models"
     build_demo(store)
     return store
+
+
+def tensor_tables(inputs: dict[str, str], outputs: dict[str, str]) -> str:
+    """The ``[[inputs]]`` and ``[[outputs]]`` tables of a model.toml, FP32, one per name with
+    its shape (``"[-1, 4]"``). One writer for the test manifests, so tests that edit the text
+    with ``str.replace`` all see the same layout: a blank line between tables."""
+    tables = [("inputs", name, shape) for name, shape in inputs.items()]
+    tables += [("outputs", name, shape) for name, shape in outputs.items()]
+    return "\n".join(f'[[{kind}]]\nname = "{name}"\ndatatype = "FP32"\nshape = {shape}\n' for kind, name, shape in tables)

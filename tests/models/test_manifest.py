@@ -9,6 +9,7 @@ import pytest
 from lastmile.models.errors import ManifestError, StoreEscapeError
 from lastmile.models.manifest import load_manifest, write_manifest
 from lastmile.models.spec import TensorSpec
+from tests.models.conftest import tensor_tables
 
 GOOD = """\
 name = "clf"
@@ -21,16 +22,7 @@ description = "a classifier"
 max_batch_size = 32
 max_delay_ms = 2
 
-[[inputs]]
-name = "input"
-datatype = "FP32"
-shape = [-1, 64]
-
-[[outputs]]
-name = "logits"
-datatype = "FP32"
-shape = [-1, 10]
-"""
+""" + tensor_tables({"input": "[-1, 64]"}, {"logits": "[-1, 10]"})
 
 
 def make(tmp_path: Path, text: str, name: str = "clf", artifact: str = "model.pt") -> Path:

@@ -11,21 +11,13 @@ import pytest
 
 from lastmile.models.errors import InvalidModelName, ManifestError, ModelNotFoundError, StoreEscapeError
 from lastmile.models.store import NAME_RULE, ModelStore
+from tests.models.conftest import tensor_tables
 
 TOML = """\
 format = "torchscript"
 artifact = "model.pt"
 
-[[inputs]]
-name = "x"
-datatype = "FP32"
-shape = [-1, 4]
-
-[[outputs]]
-name = "y"
-datatype = "FP32"
-shape = [-1, 4]
-"""
+""" + tensor_tables({"x": "[-1, 4]"}, {"y": "[-1, 4]"})
 
 
 def add_model(root: Path, name: str, text: str = TOML) -> Path:

@@ -3,6 +3,7 @@ the demo models (built once per test session)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -12,11 +13,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
 import pytest
 
 if TYPE_CHECKING:
+    from lastmile.appliance.client.api import LastmileClient
     from lastmile.runtime.shm import BufferPool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +124,30 @@ def start_tcp_daemon(home: Path, store: Path, token: str, server_extra: str = ""
     port = free_port()
     daemon = start_daemon(home, store, server_extra=f'tcp_port = {port}\ntoken_file = "{token_file}"\n{server_extra}', **kwargs)
     return daemon, port
+
+
+@contextlib.asynccontextmanager
+async def client_then_stop(daemon: DaemonProc) -> AsyncIterator["LastmileClient"]:
+    """A client on ``daemon``'s socket for the block; then the daemon is stopped, also when the
+    block fails, so a failing test leaves no daemon (and no runners) behind."""
+    from lastmile.appliance.client.api import LastmileClient
+
+    try:
+        async with LastmileClient(daemon.socket) as client:
+            yield client
+    finally:
+        daemon.stop()
+
+
+async def get_error(socket: Path, path: str) -> tuple[int, str]:
+    """GET ``path`` over the daemon's unix socket with a bare aiohttp session (no client
+    library in between): the status and the ``error`` text of the body, which must be JSON
+    (``resp.json()`` refuses any other content type)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket))) as session:
+        async with session.get("http://localhost" + path) as resp:
+            return resp.status, (await resp.json())["error"]
 
 
 @pytest.fixture(scope="session")

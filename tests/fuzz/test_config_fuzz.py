@@ -9,7 +9,7 @@ import datetime as dt
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 from hypothesis import strategies as st
@@ -31,22 +31,28 @@ def toml_string(s: str) -> str:
     return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
+def toml_float(v: float) -> str:
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
+
+
+# (type, writer), first match wins: bool before int, since a bool is an int too
+TOML_WRITERS: list[tuple[type | tuple[type, ...], Callable[[Any], str]]] = [
+    (bool, lambda v: "true" if v else "false"),
+    (int, str),
+    (float, toml_float),
+    (str, toml_string),
+    ((dt.datetime, dt.date, dt.time), lambda v: v.isoformat()),
+    (list, lambda v: "[" + ", ".join(toml_value(x) for x in v) + "]"),
+    (dict, lambda v: "{" + ", ".join(f"{toml_string(k)} = {toml_value(x)}" for k, x in v.items()) + "}"),
+]
+
+
 def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
-    if isinstance(v, str):
-        return toml_string(v)
-    if isinstance(v, (dt.datetime, dt.date, dt.time)):
-        return v.isoformat()
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{toml_string(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(type(v))
+    """``v`` as a TOML value; a type TOML cannot hold is a TypeError (a bug in the strategies)."""
+    write = next((write for kind, write in TOML_WRITERS if isinstance(v, kind)), None)
+    if write is None:
+        raise TypeError(type(v))
+    return write(v)
 
 
 def to_toml(doc: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from openapi_spec_validator import validate as validate_spec
 
 from lastmile.appliance.client.api import ApiError, LastmileClient
 from lastmile.models.demo import example_inputs, reference_module
-from tests.conftest import ROOT, DaemonProc
+from tests.conftest import ROOT, DaemonProc, get_error
 
 SPEC = yaml.safe_load((ROOT / "appliance" / "server" / "openapi.yaml").read_text())
 
@@ -101,10 +101,8 @@ async def test_unknown_model_is_404_json(daemon: DaemonProc, path: str) -> None:
 
 
 async def test_unknown_route_is_json_404(daemon: DaemonProc) -> None:
-    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(daemon.socket))) as session:
-        async with session.get("http://localhost/v3/whatever") as resp:
-            assert resp.status == 404
-            assert "no such endpoint" in (await resp.json())["error"]
+    status, error = await get_error(daemon.socket, "/v3/whatever")
+    assert status == 404 and "no such endpoint" in error
 
 
 async def test_system_facts(daemon: DaemonProc) -> None:

@@ -15,7 +15,7 @@ import pytest
 from lastmile.appliance.client.api import ApiError, LastmileClient
 from lastmile.appliance.client.monitor import monitor
 from tests.appliance.test_api import check_against_spec
-from tests.conftest import DaemonProc
+from tests.conftest import DaemonProc, get_error
 
 
 async def _collect(socket: str, query: str, seconds: float) -> list[dict]:
@@ -66,10 +66,8 @@ async def test_bad_rate_is_400_naming_rate_hz(tui_daemon: DaemonProc, rate: str)
 
 
 async def test_plain_get_without_upgrade_is_400(tui_daemon: DaemonProc) -> None:
-    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(tui_daemon.socket))) as session:
-        async with session.get("http://lastmile/lm/v1/monitor?rate_hz=1") as resp:
-            assert resp.status == 400
-            assert "WebSocket" in (await resp.json())["error"]
+    status, error = await get_error(tui_daemon.socket, "/lm/v1/monitor?rate_hz=1")
+    assert status == 400 and "WebSocket" in error
 
 
 async def test_models_requests_per_s_and_events_arrive(tui_daemon: DaemonProc) -> None:

@@ -39,7 +39,7 @@ async def raw(client, method, path, body):
 async def main():
     async with LastmileClient(d.socket, timeout_s=120) as c, LastmileClient(d.socket) as h:
         await c.load("demo-lm"); await c.load("demo-mlp")
-        # item 1
+        # response amplification: the same output asked for 20 times
         body = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [8, 64], "data": [1] * 512}], "outputs": [{"name": "logits"}] * 20}
         r0 = rss(); stop = asyncio.Event(); box = [0.0]; w = asyncio.create_task(watch_health(h, stop, box))
         t = time.perf_counter(); st_, _, payload = await raw(c, "POST", "/v2/models/demo-lm/infer", body); el = time.perf_counter() - t
@@ -50,11 +50,11 @@ async def main():
         body1 = dict(body); body1["outputs"] = [{"name": "logits"}]
         st_, _, payload = await raw(c, "POST", "/v2/models/demo-lm/infer", body1)
         res["item1_single_8x64_json"] = dict(status=st_, response_bytes=len(payload))
-        # item 2
+        # zero-size dims with a huge batch
         body = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [4611686018427387904, 0], "data": []}]}
         st_, _, payload = await raw(c, "POST", "/v2/models/demo-lm/infer", body)
         res["item2_zero_huge"] = dict(status=st_, body=payload[:120].decode(errors="replace"), traceback_in_log="Traceback" in d.log_text())
-        # item 3
+        # a bare .pt2 listed: is the loop blocked, is torch mapped
         r0 = rss(); stop = asyncio.Event(); box = [0.0]; w = asyncio.create_task(watch_health(h, stop, box))
         t = time.perf_counter(); listing = await c.models(); first = time.perf_counter() - t
         await asyncio.sleep(3)
@@ -63,7 +63,7 @@ async def main():
         row = [r for r in listing["store"] if r["name"] == "bare-pt2"][0]
         res["item3_bare_pt2"] = dict(first_listing_s=round(first, 3), later_listing_s=round(second, 3), health_max_s=round(box[0], 3),
                                      daemon_rss_mib=[round(r0), round(rss())], libtorch_mapped=libtorch(), inputs=row["inputs"], error=row["error"])
-        # item 4: 200 slow-body connections, max_concurrent_requests = 100
+        # slow peers: 200 slow-body connections, max_concurrent_requests = 100
         ib = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}).encode()
         head = b"POST /v2/models/demo-mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ib)
         conns = []
@@ -77,7 +77,7 @@ async def main():
         statuses = [(await c._raw("POST", "/v2/models/demo-mlp/infer", data=ib))[0] for _ in range(20)]
         res["item4_200_slow_bodies"] = dict(infer_statuses={s: statuses.count(s) for s in set(statuses)}, slow_conns_lost=lost)
         for _, wr in conns: wr.close()
-        # item 6: token guessing rate over TCP (loopback)
+        # token guessing rate over TCP (loopback)
         async with aiohttp.ClientSession() as s:
             codes = []; t = time.perf_counter()
             while time.perf_counter() - t < 3:
@@ -87,7 +87,7 @@ async def main():
         lines = sum("denied tcp=" in l for l in d.log_text().splitlines())
         res["item6_guessing_3s"] = dict(requests=len(codes), per_s=round(len(codes) / el), tokens_compared_401=codes.count(401),
                                         refused_429=codes.count(429), warning_lines=lines)
-        # item 7
+        # a reload to a missing device
         pid0 = (await c.model("demo-mlp"))["runners"][0]["pid"]
         st_, _, payload = await raw(c, "POST", "/v2/repository/models/demo-mlp/load", {"parameters": {"device": "cuda"}})
         after = await c._raw("GET", "/lm/v1/models/demo-mlp")

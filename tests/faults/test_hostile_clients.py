@@ -65,16 +65,16 @@ def _lm_request(batch: int, seq: int, *, outputs: list[dict[str, Any]] | None = 
     return body
 
 
-# --- item 1: response amplification -----------------------------------------------------------
+# --- response amplification -----------------------------------------------------------
 
 
 async def test_repeated_outputs_are_400_and_responses_are_capped(daemon: DaemonProc) -> None:
     async with LastmileClient(daemon.socket) as client:
         await client.load("demo-lm")
-        # (was: 200 with 50 copies of the logits)
+        # the same output asked for twice is refused, not served as many copies of the logits
         status, body = await _json(client, "POST", "/v2/models/demo-lm/infer", _lm_request(1, 8, outputs=[{"name": "logits"}] * 50))
         assert status == 400 and body["field"] == "outputs[1].name", body
-        # 8 x 64 x 256 logits as JSON text: up to 3.2 MiB, over the 1 MiB cap (was: built and sent)
+        # 8 x 64 x 256 logits as JSON text: up to 3.2 MiB, over the 1 MiB cap: a 400 naming the cap
         status, body = await _json(client, "POST", "/v2/models/demo-lm/infer", _lm_request(8, 64))
         assert status == 400 and body["field"] == "outputs" and "server.max_response_mb" in body["error"], body
         # the same as binary output is 512 KiB: under the cap, served
@@ -85,21 +85,21 @@ async def test_repeated_outputs_are_400_and_responses_are_capped(daemon: DaemonP
         assert status == 200 and body["outputs"][0]["shape"] == [1, 8, 256]
 
 
-# --- item 2: zero-size dims with a huge batch -----------------------------------------------------
+# --- zero-size dims with a huge batch -----------------------------------------------------
 
 
 @pytest.mark.parametrize("shape", [[4611686018427387904, 0], [3, 0], [2**40, 1]])
 async def test_zero_size_and_huge_dims_are_400(daemon: DaemonProc, shape: list[int]) -> None:
     async with LastmileClient(daemon.socket) as client:
         await client.load("demo-lm")
-        # (was: 500 and a NumPy traceback in the log for [2**62, 0])
+        # a 400 naming the shape, not a 500 with a NumPy traceback in the log (e.g. for [2**62, 0])
         body = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": shape, "data": []}]}
         status, answer = await _json(client, "POST", "/v2/models/demo-lm/infer", body)
         assert status == 400 and answer["field"] == "inputs[0].shape", answer
         assert "Traceback" not in daemon.log_text()
 
 
-# --- item 3: signatures read off the event loop, never torch in the daemon ---------------------------
+# --- signatures read off the event loop, never torch in the daemon ---------------------------
 
 
 def _libtorch_mapped(pid: int) -> bool:
@@ -143,12 +143,12 @@ async def test_listing_a_bare_pt2_never_blocks_the_loop_nor_imports_torch(daemon
         assert rows[0]["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}], rows
         index = {r["name"]: r for r in await client.repository_index()}
         assert "late-pt2" in index and index["late-pt2"]["reason"] == ""
-        # (was: torch imported in the event loop: 4.6 s blocked, +215 MB for the daemon's life)
+        # torch imported in the event loop would block it for seconds and stay mapped (~200 MB) for the daemon's life
         assert not _libtorch_mapped(daemon.proc.pid), "the daemon must never map libtorch"
         assert slowest < 1.0, f"health blocked {slowest:.2f} s while the store was listed"
 
 
-# --- item 4: slow peers ---------------------------------------------------------------------------
+# --- slow peers ---------------------------------------------------------------------------
 
 
 async def _slow_peer(path: Path, payload: bytes) -> tuple[float, bytes]:
@@ -170,7 +170,7 @@ async def _slow_peer(path: Path, payload: bytes) -> tuple[float, bytes]:
 async def test_slow_peers_are_cut_off_and_hold_no_slots(daemon: DaemonProc) -> None:
     """20 peers that stop mid-headers and 20 that stop mid-body, with only 4 request slots:
     complete requests are still served meanwhile, and every slow peer is cut off within its
-    deadline (2 s) plus slack. (Was: slow bodies held every slot; infer got 503.)"""
+    deadline (2 s) plus slack: slow bodies hold no request slot, so infer never gets 503."""
     body = json.dumps(_lm_request(1, 4)).encode()
     half_headers = b"POST /v2/models/demo-lm/infer HTTP/1.1\r\nHost: x\r\nContent-Len"
     half_body = (b"POST /v2/models/demo-lm/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -189,7 +189,7 @@ async def test_slow_peers_are_cut_off_and_hold_no_slots(daemon: DaemonProc) -> N
     assert any(a.startswith(b"HTTP/1.1 408") for a in cut_bodies)
 
 
-# --- item 5: links out of the store ------------------------------------------------------------------
+# --- links out of the store ------------------------------------------------------------------
 
 
 async def test_model_toml_linking_out_of_the_store_is_never_read(daemon: DaemonProc) -> None:
@@ -203,7 +203,7 @@ async def test_model_toml_linking_out_of_the_store_is_never_read(daemon: DaemonP
     assert SECRET_KEY not in daemon.log_text()
 
 
-# --- item 7: a failed reload never takes the model down --------------------------------------------------
+# --- a failed reload never takes the model down --------------------------------------------------
 
 
 async def test_reload_with_a_missing_device_is_400_and_keeps_serving(daemon: DaemonProc) -> None:
@@ -212,7 +212,7 @@ async def test_reload_with_a_missing_device_is_400_and_keeps_serving(daemon: Dae
         await client.load("demo-mlp")
         pid = (await client.model("demo-mlp"))["runners"][0]["pid"]
         for device in ("cuda", "npu:3"):
-            # (was: runners stopped, then HTTP 500, then 404 for every request)
+            # refused up front (400) while the serving runner goes on: no 500, no model gone
             status, body = await _json(client, "POST", "/v2/repository/models/demo-mlp/load", {"parameters": {"device": device}})
             assert status == 400 and body["field"] == "parameters.device", body
             status, body = await _json(client, "PATCH", "/lm/v1/models/demo-mlp", {"settings": {"device": device}})
@@ -227,7 +227,7 @@ async def test_reload_with_a_missing_device_is_400_and_keeps_serving(daemon: Dae
         assert "reload_in_place" not in kinds and "load_failed" not in kinds, kinds
 
 
-# --- item 10: unknown keys in a load body --------------------------------------------------------
+# --- unknown keys in a load body --------------------------------------------------------
 
 
 async def test_load_body_with_unknown_keys_is_400(daemon: DaemonProc) -> None:
@@ -236,7 +236,7 @@ async def test_load_body_with_unknown_keys_is_400(daemon: DaemonProc) -> None:
         assert status == 400 and body["field"] == "parameter", body
 
 
-# --- item 10: a stalled runner ---------------------------------------------------------------------
+# --- a stalled runner ---------------------------------------------------------------------
 
 
 async def test_stopped_runner_is_detected_and_restarted(daemon: DaemonProc) -> None:

@@ -30,7 +30,7 @@ async def test_in_place_reload_that_fails_rolls_back(demo_store: Path) -> None:
         with pytest.raises(Exception) as info:
             await manager.load("demo-mlp-ds", {"tp_size": 2})
         assert "tp_size" in str(info.value)
-        model = manager.get("demo-mlp-ds")  # (was: ModelNotLoaded - the model was gone)
+        model = manager.get("demo-mlp-ds")  # still loaded (ModelNotLoaded here would mean the failed reload took it down)
         assert model.state == "ready" and model.settings.tp_size == 1
         out, _ = await manager.infer("demo-mlp-ds", {"input": np.ones((2, 64), np.float32)})
         assert out["logits"].shape == (2, 10)

@@ -469,7 +469,7 @@ def test_every_mutation_is_exercised() -> None:
     ids=["deep-array", "deep-inputs", "deep-object"],
 )
 def test_deeply_nested_json_is_a_bad_request(body: bytes) -> None:
-    """Found by this suite: json.loads raises RecursionError (not JSONDecodeError) past a few
-    thousand levels, which used to escape as a 500."""
+    """json.loads raises RecursionError (not JSONDecodeError) past a few thousand levels; that
+    too must be a bad request, not a 500."""
     with pytest.raises(BadRequest):
         split_body(body, None)

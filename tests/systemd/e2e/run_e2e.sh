@@ -5,7 +5,7 @@
 #
 # Boots this machine's own root file system in a systemd-nspawn container
 # (an overlay: the host is never written to), installs Lastmile there with
-# `./install.sh --system`, and checks what issue 6 promises: a running,
+# `./install.sh --system`, and checks what the system install promises: a running,
 # socket-activated, hardened service that survives `kill -9` and a hung event
 # loop (the watchdog) with its loaded models restored; viewer/operator/outsider
 # rights on the socket; `systemd-analyze security`; that torch/DeepSpeed and

@@ -51,7 +51,6 @@ DEFAULT_MODELS = ["demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds"]
 SERVERS = ("lastmile", "lastmile-json", "naive", "peer")
 
 
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

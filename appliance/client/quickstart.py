@@ -11,9 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from lastmile.appliance.client.api import ClientError, DaemonNotRunning, LastmileClient
+from lastmile.appliance.client.inputs import random_inputs
 from lastmile.appliance.server.config import Config
 
 DEMO_LOADS = ("demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds", "demo-encoder")
@@ -119,22 +118,16 @@ async def run_demo(client: LastmileClient, config: Config, config_file: str | No
         model = await client.load(name)
         print(f"loaded {name:<12} {model['backend']:<12} {model['device']:<5} in {time.monotonic() - started:5.2f} s")
     print()
+    specs = {entry["name"]: entry.get("inputs") or [] for entry in (await client.models())["store"]}
     for name in DEMO_LOADS:
-        meta = await client.metadata(name)
-        if meta["inputs"] and meta["inputs"][0]["datatype"] == "BYTES":  # a text model: send text
+        spec = specs.get(name) or (await client.metadata(name))["inputs"]
+        if spec and spec[0]["datatype"] == "BYTES":  # a text model: send text
             from lastmile.appliance.client.text_cli import format_text_result, infer_text
 
             print(f"{name:<12} " + format_text_result(DEMO_TEXTS, await infer_text(client, name, DEMO_TEXTS)).replace("\n", "\n             "))
             continue
-        rng = np.random.default_rng(0)  # the same inputs for both backends of a model: same answers
-        inputs, datatypes = {}, {}
-        for spec in meta["inputs"]:
-            shape = [4 if i == 0 else (16 if d == -1 else d) for i, d in enumerate(spec["shape"])]
-            if spec["datatype"] == "INT64":
-                inputs[spec["name"]] = rng.integers(0, 256, size=shape).astype(np.int64)
-            else:
-                inputs[spec["name"]] = rng.standard_normal(size=shape).astype(np.float32)
-            datatypes[spec["name"]] = spec["datatype"]
+        # seed 0: the same inputs for both backends of a model, so the same answers
+        inputs, datatypes = random_inputs(spec, rows=4, seq=16, seed=0)
         outputs, params = await client.infer(name, inputs, datatypes)
         out_name, out = next(iter(outputs.items()))
         top = out.reshape(out.shape[0], -1, out.shape[-1])[:, -1, :].argmax(-1).tolist()

@@ -76,6 +76,12 @@ BAD = {
                         "inputs[1].name", "listed twice"),
     "inputs not tables": ('[[inputs]]\nname = "input"\ndatatype = "FP32"\nshape = [-1, 64]\n', "", "", ""),
     "not toml": ('name = "clf"', 'name = "clf', "", "not valid TOML"),
+    "range on a float input": ("shape = [-1, 64]", "shape = [-1, 64]\nrange = [0, 10]", "inputs[0].range", "only an integer input"),
+    "empty range": ('datatype = "FP32"\nshape = [-1, 64]', 'datatype = "INT64"\nshape = [-1, 64]\nrange = [5, 5]',
+                    "inputs[0].range", "low < high"),
+    "range not a pair": ('datatype = "FP32"\nshape = [-1, 64]', 'datatype = "INT64"\nshape = [-1, 64]\nrange = [true, 3]',
+                         "inputs[0].range", "low < high"),
+    "range on an output": ("shape = [-1, 10]", "shape = [-1, 10]\nrange = [0, 10]", "outputs[0].range", "unknown key"),
 }
 
 
@@ -139,4 +145,10 @@ def test_write_manifest_round_trip(tmp_path: Path) -> None:
     (folder / "model.toml").write_text(write_manifest(first))
     again = load_manifest(folder, "clf")
     assert again == first
+    (tmp_path / "ranged").mkdir()
+    ranged = make(tmp_path / "ranged", GOOD.replace('datatype = "FP32"\nshape = [-1, 64]', 'datatype = "INT64"\nshape = [-1, 64]\nrange = [0, 300]', 1))
+    spec = load_manifest(ranged, "clf")
+    assert spec.inputs[0].range == (0, 300)
+    (ranged / "model.toml").write_text(write_manifest(spec))
+    assert load_manifest(ranged, "clf") == spec
     assert "😀" in again.description and "\n" in again.description

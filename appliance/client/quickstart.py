@@ -84,6 +84,14 @@ def ensure_chat_model(store: Path, config_file: str | None) -> bool:
     return True
 
 
+def runs_label(model: dict) -> str:
+    """What the runner says it runs ("ort-genai int4"), from its own report (``backend_info``),
+    never from the requested settings; a field the runner did not report is left out."""
+    info = model.get("backend_info") or {}
+    parts = [info.get("engine") or model.get("backend") or "?", info.get("precision") or info.get("dtype")]
+    return " ".join(str(p) for p in parts if p)
+
+
 async def chat_once(client: LastmileClient) -> None:
     """Load demo-chat (its first load builds the ONNX Runtime GenAI int4 model) and stream one
     answer, with what a chat user feels: time to first token and tokens/s."""
@@ -94,8 +102,7 @@ async def chat_once(client: LastmileClient) -> None:
         print(f"loading {DEMO_CHAT} (the first load builds its ONNX Runtime GenAI int4 model, ~15 s)...")
         started = time.monotonic()
         model = await client.load(DEMO_CHAT)
-        engine = f"{model['generation']['engine']} {model['generation']['precision']}" if model.get("generation") else model["backend"]
-        print(f"loaded {DEMO_CHAT:<12} {engine:<12} {model['device']:<5} in {time.monotonic() - started:5.2f} s")
+        print(f"loaded {DEMO_CHAT:<12} {runs_label(model):<12} {model['device']:<5} in {time.monotonic() - started:5.2f} s")
     print(f"{DEMO_CHAT:<12} > {CHAT_PROMPT}")
     print(f"{'':<12} ", end="", flush=True)
     result = await generate(client, DEMO_CHAT, messages=[{"role": "user", "content": CHAT_PROMPT}],

@@ -11,6 +11,7 @@ the stream, which frees the sequence's slot in the daemon at once.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from rich.text import Text
@@ -27,6 +28,16 @@ from lastmile.tui.screens.base import ModelPickerScreen
 from lastmile.tui.state import MonitorState
 
 MAX_TURNS = 50  # messages kept in the conversation sent back to the model
+
+
+def default_options() -> SamplingOptions:
+    """The sampling defaults ``lastmile chat`` uses (the client library's one set), so the
+    screen and the CLI answer alike; a field left empty in the form keeps its default."""
+    return SamplingOptions()
+
+
+def _field_text(value: object) -> str:
+    return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class ChatText(Message):
@@ -74,15 +85,17 @@ class ChatScreen(ModelPickerScreen):
     #c-input { dock: bottom; }
     """
     BINDINGS = [Binding("escape", "stop", "Stop answer"), Binding("ctrl+l", "clear", "New chat")]
+    AUTO_FOCUS = "#c-input"  # a question typed on arrival goes into the box, not to the screen keys
 
     def compose_body(self) -> ComposeResult:
         with Vertical(id="chat-body"):
             with Horizontal(id="chat-bar"):
                 yield Select([], id="c-model", prompt="pick a generation model")
                 yield Label(" temperature ")
-                yield Input("0.7", id="c-temp")
+                defaults = default_options()
+                yield Input(_field_text(defaults.temperature), id="c-temp", type="number", placeholder="default")
                 yield Label(" max tokens ")
-                yield Input("256", id="c-max", type="integer")
+                yield Input(_field_text(defaults.max_tokens), id="c-max", type="integer", placeholder="default")
                 yield Button("New chat", id="c-clear")
             yield Static("", id="c-engine")
             yield RichLog(id="c-log", wrap=True, markup=False, max_lines=2000)
@@ -106,13 +119,17 @@ class ChatScreen(ModelPickerScreen):
         self.query_one("#c-engine", Static).update(generation_line(row) if row else "no generation model loaded" if not rows else "")
 
     def _options(self) -> SamplingOptions | None:
+        """The form's sampling fields over the shared defaults (an empty field: the default)."""
+        defaults = default_options()
+        temp_text = self.query_one("#c-temp", Input).value.strip()
+        max_text = self.query_one("#c-max", Input).value.strip()
         try:
-            temperature = float(self.query_one("#c-temp", Input).value or "1")
-            max_tokens = int(self.query_one("#c-max", Input).value or "256")
+            temperature = float(temp_text) if temp_text else defaults.temperature
+            max_tokens = int(max_text) if max_text else defaults.max_tokens
         except ValueError:
             self.lm.report_error("temperature must be a number and max tokens an integer")
             return None
-        return SamplingOptions(max_tokens=max_tokens, temperature=temperature)
+        return replace(defaults, temperature=temperature, max_tokens=max_tokens)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id != "c-input":

@@ -68,6 +68,53 @@ def process_state(pid: int) -> str:
             "Z": "zombie"}.get(state, state)
 
 
+def runs_of(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a model's runner says it runs, from its own ``Ready`` report (``backend_info``):
+    ``{"engine", "precision", "device", "dtype"}``; None until a runner has reported (the
+    model is loading: nothing is guessed from the requested settings).
+
+    Generation runners report ``engine`` ("ort-genai" / "deepspeed") with ``precision``
+    (ORT-GenAI: int4/int8/fp32) or ``dtype`` (torch: float32/bfloat16); tensor runners report
+    ``backend`` ("onnxruntime" / "deepspeed"), ``dtype`` and, for ONNX Runtime, the dtype
+    the graph really holds (``graph_dtype``)."""
+    if not info or ("engine" not in info and "backend" not in info):
+        return None
+    if info.get("generation"):
+        engine = info.get("engine")
+        dtype = _short_dtype(info.get("dtype"))
+        precision = info.get("precision") or dtype
+        dtype = dtype or precision
+    else:
+        engine = info.get("backend") or info.get("engine")
+        dtype = _short_dtype(info.get("dtype"))
+        graph = _short_dtype(info.get("graph_dtype"))
+        precision = "fp16" if info.get("fp16_converted") else graph if graph in ("fp32", "fp16", "bf16") else dtype
+    return {"engine": engine, "precision": precision, "device": info.get("device"), "dtype": dtype}
+
+
+_DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int8": "int8"}
+
+
+def _short_dtype(value: Any) -> str | None:
+    """``torch.float32`` / ``float32`` -> ``fp32``: the words the settings use."""
+    if value is None:
+        return None
+    text = str(value).removeprefix("torch.")
+    return _DTYPE_SHORT.get(text, text)
+
+
+def runs_text(runs: dict[str, Any] | None) -> str:
+    """``ort-genai int4 on cpu``, or ``loading`` before the runner has reported."""
+    if not runs:
+        return "loading"
+    parts = [str(runs.get("engine") or "?")]
+    if runs.get("precision"):
+        parts.append(str(runs["precision"]))
+    if runs.get("dtype") and runs.get("dtype") != runs.get("precision"):
+        parts.append(f"({runs['dtype']})")
+    return " ".join(parts) + (f" on {runs['device']}" if runs.get("device") else "")
+
+
 class ModelNotLoaded(KeyError):
     def __str__(self) -> str:
         return f"model {self.args[0]!r} is not loaded"
@@ -121,6 +168,7 @@ class LoadedModel:
         def pct(p: float) -> float | None:
             return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 3) if lat else None
 
+        runs = self.runs()
         return {
             "name": self.name,
             "state": self.state,
@@ -128,7 +176,10 @@ class LoadedModel:
             "error": self.error,
             "backend": self.backend,
             "format": self.manifest.format,
-            "device": self.info.get("device", self.settings.device),
+            # what the runner reported it runs (None / "loading" until it has): every view reads these
+            "runs": runs,
+            "runs_text": runs_text(runs),
+            "device": runs["device"] if runs and runs.get("device") else self.info.get("device", self.settings.device),
             "settings": self.settings.as_dict(),
             "overrides": self.overrides,
             "backend_info": self.info,
@@ -148,14 +199,31 @@ class LoadedModel:
             **({"generation": self.generation_stats()} if self.generation else {}),
         }
 
+    def runs(self) -> dict[str, Any] | None:
+        """What the runner reported it runs (:func:`runs_of` of ``backend_info``); None while
+        the model has not reported yet."""
+        return runs_of(self.info)
+
     def generation_stats(self) -> dict[str, Any]:
-        """The runner's latest scheduler figures (engine, slots, KV, tokens, TTFT, inter-token)."""
+        """The runner's latest scheduler figures (engine, slots, KV, tokens, TTFT, inter-token),
+        with ``engine``/``precision`` from the runner's own report (``runs``) and the engine's
+        TTFT / inter-token p50/p99 in ms (the daemon's API figures replace these where the
+        routes observe the streams: ``generation_metrics.live_fields``)."""
         runner = self.runners[0] if self.runners else None
         stats = dict(getattr(runner, "generation", None) or {})
         for key in ("engine", "max_num_seqs", "max_context"):
             stats.setdefault(key, self.info.get(key))
         for key in ("running", "waiting", "kv_used_bytes", "kv_reserved_bytes"):
             stats.setdefault(key, 0)
+        runs = self.runs() or {}
+        stats["engine"] = runs.get("engine") or stats.get("engine")
+        stats["precision"] = runs.get("precision")
+        for name, key in (("ttft", "ttft_s"), ("inter_token", "inter_token_s")):
+            summary = stats.get(key) if isinstance(stats.get(key), dict) else {}
+            for p in ("p50", "p99"):
+                value = summary.get(p)
+                stats.setdefault(f"{name}_{p}_ms", None if value is None else round(value * 1000, 3))
+        stats.setdefault("tokens_per_s", None)
         return stats
 
     def fusion(self) -> dict[str, Any]:
@@ -253,8 +321,9 @@ class ModelManager:
                 await self._drain(current)
                 self.events.record("switched", f"{name} switched to its new runners; the old ones drained and stopped", model=name)
             self.governor.release(f"{name}\0next" if swap else name)
-            self.events.record("loaded", f"{name} loaded in {model.load_s} s", model=name, load_s=model.load_s,
-                               info=model.info, estimate_bytes=est.total_bytes, plan_taken=plan_taken)
+            runs = model.runs()
+            self.events.record("loaded", f"{name} loaded in {model.load_s} s, runs {runs_text(runs)}", model=name, load_s=model.load_s,
+                               info=model.info, runs=runs, estimate_bytes=est.total_bytes, plan_taken=plan_taken)
             self.on_change()
             return model
 
@@ -277,7 +346,8 @@ class ModelManager:
         if not swap:
             self.models[name] = model
         self.governor.reserve(reservation, est)
-        self.events.record("load_started", f"loading {name} ({backend}, {settings.device}, {settings.dtype})", model=name, settings=settings.as_dict(),
+        # what will run is known only once the runner reports it (the "loaded" event says it)
+        self.events.record("load_started", f"loading {name}", model=name, settings=settings.as_dict(),
                            estimate_bytes=est.total_bytes, plan_taken=plan_taken)
 
         def phase(step: str, data: dict[str, Any]) -> None:

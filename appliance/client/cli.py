@@ -150,14 +150,38 @@ async def cmd_status(client: LastmileClient, args: argparse.Namespace) -> int:
     if models:
         print()
         print(_table(
-            [[m["name"], m["state"], m["backend"], m["device"], m["settings"]["dtype"], m["requests"], m["failures"],
+            [[m["name"], m["state"], runs_label(m), m["requests"], m["failures"],
               fmt_percent(m["failures"], m["requests"]), m["latency_ms"]["p50"], m["queue_depth"], m["restarts"]] for m in models],
-            ["MODEL", "STATE", "BACKEND", "DEVICE", "DTYPE", "REQUESTS", "FAILURES", "ERR_RATE", "P50_MS", "QUEUE", "RESTARTS"],
+            ["MODEL", "STATE", "RUNS", "REQUESTS", "FAILURES", "ERR_RATE", "P50_MS", "QUEUE", "RESTARTS"],
         ))
+        generating = [m for m in models if isinstance(m.get("generation"), dict)]
+        if generating:
+            print("\ngeneration:")
+            for m in generating:
+                print(f"  {m['name']}: {generation_line(m['generation'])}")
         _print_last_errors(models)
     else:
         print("no models loaded")
     return 0
+
+
+def runs_label(model: dict[str, Any]) -> str:
+    """What a loaded model's runner reported it runs (``runs_text``: ``ort-genai int4 on
+    cpu``), or ``loading`` before it has reported; never the requested settings."""
+    return model.get("runs_text") or ("loading" if not model.get("runs") else str(model["runs"].get("engine")))
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def generation_line(gen: dict[str, Any]) -> str:
+    """A generation model's live figures in one line (``lastmile status``)."""
+    tps = gen.get("tokens_per_s")
+    return (f"{'-' if tps is None else f'{tps:.1f}'} tokens/s, TTFT p50 {_ms(gen.get('ttft_p50_ms'))}, "
+            f"inter-token p50 {_ms(gen.get('inter_token_p50_ms'))} p99 {_ms(gen.get('inter_token_p99_ms'))}, "
+            f"running {gen.get('running', 0)} waiting {gen.get('waiting', 0)}, "
+            f"KV {fmt_mib(gen.get('kv_used_bytes'))} used of {fmt_mib(gen.get('kv_reserved_bytes'))} reserved")
 
 
 def _print_last_errors(models: list[dict[str, Any]]) -> None:
@@ -198,10 +222,11 @@ async def cmd_models(client: LastmileClient, args: argparse.Namespace) -> int:
     rows = []
     for entry in data["store"]:
         m = loaded.get(entry["name"])
-        rows.append([entry["name"], entry["format"], m["backend"] if m else entry["backend"], m["state"] if m else "-", m["device"] if m else "-",
+        # a loaded model: what its runner runs; a stored one: the backend its manifest asks for
+        rows.append([entry["name"], entry["format"], entry["backend"], m["state"] if m else "-", runs_label(m) if m else "-",
                      m["requests"] if m else "-", m["failures"] if m else "-", fmt_percent(m["failures"], m["requests"]) if m else "-",
                      entry["error"] or "; ".join(entry["missing"]) or ""])
-    print(_table(rows, ["MODEL", "FORMAT", "BACKEND", "STATE", "DEVICE", "REQUESTS", "FAILURES", "ERR_RATE", "NOTE"]))
+    print(_table(rows, ["MODEL", "FORMAT", "BACKEND", "STATE", "RUNS", "REQUESTS", "FAILURES", "ERR_RATE", "NOTE"]))
     _print_last_errors(list(loaded.values()))
     from lastmile.appliance.client.text_cli import format_derived
 
@@ -218,7 +243,7 @@ async def cmd_load(client: LastmileClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(model)
     else:
-        print(f"loaded {model['name']} ({model['backend']} on {model['device']}, {model['settings']['dtype']}) in {time.monotonic() - started:.2f} s")
+        print(f"loaded {model['name']} ({runs_label(model)}) in {time.monotonic() - started:.2f} s")
     return 0
 
 

@@ -16,6 +16,7 @@ recent window (:meth:`GenerationMetrics.window`), so the TUI needs no PromQL.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -26,6 +27,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 WINDOW = 1024  # recent samples kept per model for the monitor's percentiles
+RATE_WINDOW_S = 5.0  # tokens/s and streams/s: over the last this many seconds
+RATE_BUCKET_S = 0.25  # counts are summed per bucket of this many seconds (bounded memory)
 ENGINE_GAUGES = (
     ("running", "lastmile_generation_running", "sequences decoding in the model's runner"),
     ("waiting", "lastmile_generation_waiting", "sequences admitted but waiting for a slot"),
@@ -51,6 +54,39 @@ class _ModelStats:
     active: int = 0
     ttft_s: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     itl_s: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+    tokens: "_Rate" = field(default_factory=lambda: _Rate())
+    streams: "_Rate" = field(default_factory=lambda: _Rate())
+
+
+class _Rate:
+    """Events per second over the last :data:`RATE_WINDOW_S` (clock: ``time.perf_counter``,
+    the one the generation routes stamp chunks with), summed in buckets of
+    :data:`RATE_BUCKET_S`, so it costs a few entries however many tokens flow."""
+
+    __slots__ = ("buckets", "first")
+
+    def __init__(self) -> None:
+        self.buckets: deque = deque(maxlen=int(RATE_WINDOW_S / RATE_BUCKET_S) + 2)  # [bucket index, count]
+        self.first: float | None = None
+
+    def add(self, now: float, n: int) -> None:
+        if self.first is None:
+            self.first = now
+        index = int(now / RATE_BUCKET_S)
+        if self.buckets and self.buckets[-1][0] == index:
+            self.buckets[-1][1] += n
+        else:
+            self.buckets.append([index, n])
+
+    def per_s(self, now: float | None = None) -> float:
+        now = time.perf_counter() if now is None else now
+        if self.first is None:
+            return 0.0
+        start = now - RATE_WINDOW_S
+        total = sum(n for index, n in self.buckets if (index + 1) * RATE_BUCKET_S > start)
+        # a model serving for less than the window: divide by the time it has served
+        span = max(RATE_BUCKET_S, min(RATE_WINDOW_S, now - self.first))
+        return round(total / span, 2)
 
 
 class GenerationMetrics:
@@ -90,7 +126,8 @@ class GenerationMetrics:
         s = self._stats.get(model)
         if s is None:
             return {"prompt_tokens_total": 0, "generated_tokens_total": 0, "requests_total": 0, "active_streams": 0,
-                    "ttft_ms": {"p50": None, "p99": None}, "inter_token_ms": {"p50": None, "p99": None}}
+                    "ttft_ms": {"p50": None, "p99": None}, "inter_token_ms": {"p50": None, "p99": None},
+                    "tokens_per_s": 0.0, "streams_per_s": 0.0}
         ttft, itl = list(s.ttft_s), list(s.itl_s)
 
         def ms(v: float | None) -> float | None:
@@ -103,7 +140,40 @@ class GenerationMetrics:
             "active_streams": s.active,
             "ttft_ms": {"p50": ms(_pct(ttft, 0.5)), "p99": ms(_pct(ttft, 0.99))},
             "inter_token_ms": {"p50": ms(_pct(itl, 0.5)), "p99": ms(_pct(itl, 0.99))},
+            "tokens_per_s": s.tokens.per_s(),
+            "streams_per_s": s.streams.per_s(),
         }
+
+    def live_fields(self, model: str, gen: dict[str, Any]) -> dict[str, Any]:
+        """A generation model's ``generation`` dict with the figures clients see, flat under
+        fixed names (the TUI, ``lastmile status`` and ``/lm/v1/models`` read these):
+
+        ``tokens_per_s`` (generated tokens per second over the last :data:`RATE_WINDOW_S`),
+        ``streams_per_s`` (streams started per second, same window), ``streams_active``,
+        ``ttft_p50_ms``, ``ttft_p99_ms``, ``inter_token_p50_ms``, ``inter_token_p99_ms``
+        (recent window; the engine's own figures where the daemon has seen no stream), next to
+        the engine's ``engine``, ``precision``, ``running``, ``waiting``, ``kv_used_bytes``,
+        ``kv_reserved_bytes``."""
+        window = self.window(model)
+        out = dict(gen)
+        out["tokens_per_s"] = window["tokens_per_s"]
+        out["streams_per_s"] = window["streams_per_s"]
+        out["streams_active"] = window["active_streams"]
+        for name in ("ttft", "inter_token"):
+            for p in ("p50", "p99"):
+                value = window[f"{name}_ms"][p]
+                if value is not None:
+                    out[f"{name}_{p}_ms"] = value
+                else:
+                    out.setdefault(f"{name}_{p}_ms", None)
+        return out
+
+    def annotate_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """:meth:`live_fields` on each generation row of ``/lm/v1/models`` (in place)."""
+        for row in rows:
+            if isinstance(row.get("generation"), dict):
+                row["generation"] = self.live_fields(row.get("name", ""), row["generation"])
+        return rows
 
 
 class StreamObserver:
@@ -117,6 +187,7 @@ class StreamObserver:
         self.stats = metrics.stats(model)
         self.stats.active += 1
         self.stats.requests += 1
+        self.stats.streams.add(started, 1)
         self.prompt_seen = False
         self.ended = False
         self.children = (metrics.ttft.labels(model), metrics.itl.labels(model), metrics.prompt.labels(model),
@@ -131,6 +202,7 @@ class StreamObserver:
         if new_tokens <= 0:
             return
         self.stats.generated_tokens += new_tokens
+        self.stats.tokens.add(now, new_tokens)
         if self.last is None:
             gap = now - self.started
             self.stats.ttft_s.append(gap)
@@ -204,5 +276,10 @@ class MonitorAnnotator:
             if previous is not None and now > previous[0]:
                 dt = now - previous[0]
                 rates = [round(max(0, t - p) / dt, 2) for t, p in zip(totals, previous[1:])]
-            row["generation"] = {**gen, "api": {**window, "prompt_tokens_per_s": rates[0], "generated_tokens_per_s": rates[1]}}
+            live = self.metrics.live_fields(name, gen)
+            row["generation"] = {**live, "api": {**window, "prompt_tokens_per_s": rates[0], "generated_tokens_per_s": rates[1]}}
+            # the row's activity columns: a generation model's traffic is streams and tokens
+            row["requests_per_s"] = live["streams_per_s"]
+            row["rate_per_s"], row["rate_unit"] = live["tokens_per_s"], "tokens/s"
+            row["p50_ms"], row["p50_of"] = live["inter_token_p50_ms"], "inter_token"
         return snapshot

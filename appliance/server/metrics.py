@@ -127,7 +127,15 @@ class ManagerCollector:
         limit = GaugeMetricFamily("lastmile_model_memory_limit_bytes", "the model's memory_limit_mb, by device", labels=["model", "device"])
         estimate = GaugeMetricFamily("lastmile_model_memory_estimate_bytes", "memory the admission estimate expected", labels=["model", "device"])
         rejected = CounterMetricFamily("lastmile_batcher_rejected", "requests refused by the batcher (queue full, too large)", labels=["model"])
+        # what each model's runner reported it runs (its own report, not the requested settings)
+        info = GaugeMetricFamily("lastmile_model_info", "1 per loaded model, labelled with what its runner runs "
+                                 "(\"loading\" until the runner has reported)", labels=["model", "engine", "precision", "device", "dtype"])
         for name, model in list(daemon.manager.models.items()):
+            runs = model.runs() if hasattr(model, "runs") else None
+            if runs:
+                info.add_metric([name, *(str(runs.get(k) or "") for k in ("engine", "precision", "device", "dtype"))], 1.0)
+            else:
+                info.add_metric([name, "loading", "", "", ""], 1.0)
             stats = model.batcher.stats() if model.batcher else {}
             queue.add_metric([name], stats.get("queue_depth", 0))
             in_flight.add_metric([name], stats.get("in_flight", 0))
@@ -148,7 +156,7 @@ class ManagerCollector:
                     limit.add_metric([name, device], mem["limit_bytes"])
                 if mem.get("estimate_bytes"):
                     estimate.add_metric([name, device], mem["estimate_bytes"])
-        yield from (queue, in_flight, rejected, restarts, state, pool, used, limit, estimate)
+        yield from (queue, in_flight, rejected, restarts, state, pool, used, limit, estimate, info)
         yield from self._devices()
         self._read_events()
         steps = CounterMetricFamily("lastmile_mitigation_steps", "memory mitigation steps taken, by model and step", labels=["model", "step"])

@@ -161,6 +161,17 @@ class SnapshotBuilder:
             row["rss_bytes"] = _rss([r["pid"] for r in row["runners"] if r.get("pid")])
             row["memory_limit_mb"] = row["settings"].get("memory_limit_mb")
             row["avg_batch_size"] = row.get("batcher", {}).get("avg_batch_size", 0.0)
+            # one activity figure per row whatever the model is: tensor models requests/s and
+            # the request p50; generation models tokens/s and the inter-token p50 (the
+            # generation routes' annotator replaces these with the figures they observe)
+            gen = row.get("generation")
+            if isinstance(gen, dict):
+                row["rate_per_s"], row["rate_unit"] = gen.get("tokens_per_s") or 0.0, "tokens/s"
+                row["p50_ms"], row["p50_of"] = gen.get("inter_token_p50_ms"), "inter_token"
+                row["avg_batch_size"] = float(gen.get("running") or 0)  # sequences decoding together
+            else:
+                row["rate_per_s"], row["rate_unit"] = row["requests_per_s"], "requests/s"
+                row["p50_ms"], row["p50_of"] = row["latency_ms"]["p50"], "request"
             rows.append(row)
         self._last_time, self._last_counts = now, counts
         vm = psutil.virtual_memory()

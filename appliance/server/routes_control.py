@@ -24,14 +24,25 @@ async def system(request: web.Request) -> web.Response:
     return web.json_response(await dataplane_of(request).system())
 
 
+def _live(request: web.Request, rows: list[dict]) -> list[dict]:
+    """Generation rows get the figures the generation routes observe (tokens/s over the last
+    seconds, TTFT and inter-token p50/p99, streams): ``GenerationMetrics.live_fields``."""
+    from lastmile.appliance.server.routes_generate import GENERATION_METRICS
+
+    metrics = request.app.get(GENERATION_METRICS)
+    return metrics.annotate_rows(rows) if metrics is not None else rows
+
+
 @routes.get("/lm/v1/models")
 async def models(request: web.Request) -> web.Response:
-    return web.json_response(dataplane_of(request).models())
+    data = dataplane_of(request).models()
+    _live(request, data["loaded"])
+    return web.json_response(data)
 
 
 @routes.get("/lm/v1/models/{name}")
 async def model(request: web.Request) -> web.Response:
-    return web.json_response(dataplane_of(request).describe(request.match_info["name"]))
+    return web.json_response(_live(request, [dataplane_of(request).describe(request.match_info["name"])])[0])
 
 
 @routes.patch("/lm/v1/models/{name}")

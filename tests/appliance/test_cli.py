@@ -93,7 +93,7 @@ def test_status_system_models_load_infer_unload(daemon: DaemonProc, tmp_path: Pa
     system = lastmile(*sock, "system")
     assert system.returncode == 0 and "onnxruntime providers: " in system.stdout
     load = lastmile(*sock, "load", "demo-mlp", "--max-batch-size", "8", "--graph-fusion", "all")
-    assert load.returncode == 0 and "loaded demo-mlp (onnxruntime on cpu" in load.stdout, load.stderr
+    assert load.returncode == 0 and "loaded demo-mlp (onnxruntime fp32 on cpu" in load.stdout, load.stderr
     models = lastmile(*sock, "models")
     assert "demo-mlp " in models.stdout and "ready" in models.stdout
     x = np.full((2, 64), 0.5, np.float32)

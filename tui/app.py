@@ -136,6 +136,8 @@ class LastmileApp(App[int]):
             self.notify("connection to the daemon restored", timeout=3)
         for screen in self._main_screens():
             screen.update_chrome()
+            if not self.paused and self.state.snapshot is not None:
+                screen.refresh_from(self.state)  # rows turn "unknown" at once, not at the next snapshot
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """A worker that died of something unexpected: a notification, never a traceback."""

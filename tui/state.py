@@ -16,6 +16,7 @@ from lastmile.appliance.client.units import fmt_bytes
 
 __all__ = ["fmt_bytes"]  # re-exported: the screens take every format from here
 
+STALE_STATE = "unknown"  # a row's state while the daemon cannot be reached
 HISTORY = 120  # samples kept per series (two minutes at the default 1 Hz)
 EVENTS_KEPT = 2000
 
@@ -96,6 +97,17 @@ class MonitorState:
             self.connection = Connection("connecting")
 
     # --- reading ---------------------------------------------------------------------------
+
+    @property
+    def stale(self) -> bool:
+        """The figures on screen are the last ones seen, not live: the stream is down (or
+        still reconnecting), so no row's state can be vouched for."""
+        return self.snapshot is not None and self.connection.state != "ok"
+
+    def shown_state(self, row: dict[str, Any]) -> str:
+        """A model's state as the screens show it: :data:`STALE_STATE` while the daemon is
+        unreachable (a row must not stay green "ready" after the daemon died)."""
+        return STALE_STATE if self.stale else row["state"]
 
     @property
     def daemon(self) -> dict[str, Any]:

@@ -101,3 +101,41 @@ async def test_confirm_dialog_says_and_takes_its_keys(size: tuple[int, int], key
         await pilot.pause()
         assert answers == [answer]
         assert not isinstance(app.screen, ConfirmScreen)
+
+
+# --- a dead daemon -----------------------------------------------------------------------------
+
+
+@sizes
+async def test_rows_are_not_ready_after_the_daemon_died(size: tuple[int, int]) -> None:
+    """The stream drops: the status bar says the daemon is unreachable and no row stays
+    green "ready" (dashboard, models screen, detail view); the next snapshot makes them live."""
+    from lastmile.tui.screens.detail import ModelDetailScreen
+    from lastmile.tui.widgets.chrome import StatusBar
+    from lastmile.tui.widgets.models_table import ModelsTable
+
+    app = OfflineApp()
+    async with app.run_test(size=size) as pilot:
+        rows = [tensor_row("demo-mlp"), generation_row()]
+        await settle(pilot, app, rows)
+        table = app.screen.query_one(ModelsTable)
+        assert table.cell_text("demo-mlp", "state") == "ready"
+        app.lose()
+        await pilot.pause(0.1)
+        assert "unreachable" in str(app.screen.query_one(StatusBar).content)
+        assert [table.cell_text(n, "state") for n in ("demo-mlp", "demo-chat")] == ["unknown", "unknown"]
+        assert "ready" not in screen_text(app), screen_text(app)
+        await pilot.press("m")
+        await pilot.pause(0.1)
+        loaded = app.screen.query_one("#loaded")
+        assert all(str(loaded.get_cell(k.value, loaded.ordered_columns[1].key)) == "unknown" for k in loaded.rows)
+        app.open_detail("demo-mlp")
+        await wait_until(lambda: isinstance(app.screen, ModelDetailScreen) and app.screen.query("#detail-head"), step=lambda: pilot.pause(0.05))
+        await pilot.pause(0.1)
+        head = str(app.screen.query_one("#detail-head").content)
+        assert "unknown" in head and " ready" not in head, head
+        await pilot.press("escape", "d")
+        await settle(pilot, app, rows)  # the daemon is back
+        table = app.screen.query_one(ModelsTable)
+        assert table.cell_text("demo-mlp", "state") == "ready"
+        assert "unreachable" not in str(app.screen.query_one(StatusBar).content)

@@ -131,7 +131,7 @@ class DashboardScreen(LastmileScreen):
         self._dynamic_gauges("#g-devices", "dev-", devices)
 
         table = self.query_one(ModelsTable)
-        table.show(state.models)
+        table.show(state.models, stale=state.stale)
         self._sparklines(state)
         self._append_events(state)
 
@@ -219,7 +219,7 @@ class DashboardScreen(LastmileScreen):
     def _filter_changed(self, event: Input.Changed) -> None:
         table = self.query_one(ModelsTable)
         table.filter = event.value
-        table.show(self.lm.state.models)
+        table.show(self.lm.state.models, stale=self.lm.state.stale)
 
     @on(Input.Submitted, "#filter")
     def _filter_done(self) -> None:

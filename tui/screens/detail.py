@@ -109,7 +109,8 @@ class ModelDetailScreen(LastmileScreen):
             return
         text = Text()
         text.append(row["name"], style="bold")
-        text.append(f"  {row['state']}", style=STATE_STYLE.get(row["state"], ""))
+        shown = state.shown_state(row)
+        text.append(f"  {shown}" + (" (daemon unreachable)" if state.stale else ""), style=STATE_STYLE.get(shown, ""))
         if row["state"] == "loading":
             text.append(f" ({row.get('phase')})")
         text.append(f"  {row.get('backend')} on {row.get('device')}, {row.get('format')}, loaded {fmt_time(row.get('loaded_at') or time.time())}"

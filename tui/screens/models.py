@@ -21,7 +21,7 @@ from lastmile.tui.forms import BACKENDS, DTYPES, GRAPH_FUSION, PHASES, FormError
 from lastmile.tui.messages import EstimateReady, LoadFinished, LoadProgress, StoreListed
 from lastmile.tui.screens.base import LastmileScreen
 from lastmile.tui.screens.confirm import STOPS_SERVING, STOPS_SERVING_KEYS, ConfirmScreen
-from lastmile.tui.state import MonitorState
+from lastmile.tui.state import STALE_STATE, MonitorState
 from lastmile.tui.widgets.models_table import STATE_STYLE
 
 ESTIMATE_TEXT = "estimate: pick a model; the daemon's dry run (POST /lm/v1/memory/estimate) says what it needs and whether it fits."
@@ -139,20 +139,20 @@ class ModelsScreen(LastmileScreen):
         self._show_loaded(message.listing.get("loaded", []))
 
     def refresh_from(self, state: MonitorState) -> None:
-        self._show_loaded(state.models)
+        self._show_loaded(state.models, stale=state.stale)
         names = tuple(sorted(r["name"] for r in state.models))
         if self._loaded_names is not None and names != self._loaded_names:
             self.fetch_store()  # something was loaded or unloaded elsewhere: the "loaded" column changed
         self._loaded_names = names
 
-    def _show_loaded(self, rows: list[dict[str, Any]]) -> None:
+    def _show_loaded(self, rows: list[dict[str, Any]], *, stale: bool = False) -> None:
         table = self.query_one("#loaded", DataTable)
         selected = self._selected("#loaded")
         table.clear()
         for row in rows:
             s = row.get("settings") or {}
             table.add_row(
-                row["name"], Text(row["state"], style=STATE_STYLE.get(row["state"], "")), row.get("phase") or "-",
+                row["name"], Text(state := STALE_STATE if stale else row["state"], style=STATE_STYLE.get(state, "")), row.get("phase") or "-",
                 row.get("backend") or "-", row.get("device") or "-", s.get("dtype", "-"), s.get("graph_fusion", "-"),
                 str(s.get("max_batch_size", "-")), str(s.get("memory_limit_mb") or "-"), key=row["name"],
             )

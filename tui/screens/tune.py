@@ -107,7 +107,8 @@ class TuneScreen(ModelPickerScreen):
         s, lat = row.get("settings") or {}, row.get("latency_ms") or {}
         text = Text()
         text.append(f"{row['name']}  ", style="bold")
-        text.append(row["state"] + "\n", style="green" if row["state"] == "ready" else "yellow")
+        shown = state.shown_state(row)
+        text.append(shown + ("  (daemon unreachable)" if state.stale else "") + "\n", style="green" if shown == "ready" else "yellow")
         text.append(f"req/s {fmt_rate(row.get('requests_per_s'))}   p50 {fmt_ms(lat.get('p50'))} ms   p95 {fmt_ms(lat.get('p95'))} ms   p99 {fmt_ms(lat.get('p99'))} ms\n")
         text.append(f"avg batch {row.get('avg_batch_size') or 0:.1f} rows   queue {row.get('queue_depth', 0)}   requests {row.get('requests', 0)}   failures {row.get('failures', 0)}\n")
         text.append(f"memory {fmt_memory(row)}\n")

@@ -38,7 +38,9 @@ class StatusBar(Static):
             text.append(f"  {d.get('models_loaded', 0)} loaded")
         elif state.connection.state == "lost":
             text.append(" ● ", style="red")
-            text.append("disconnected", style="bold red")
+            text.append("daemon unreachable", style="bold red")
+            if state.snapshot is not None:
+                text.append(f"  figures from {fmt_time(state.snapshot.get('time') or time.time())}", style="dim")
         else:
             text.append(" ● ", style="yellow")
             text.append("connecting")

@@ -11,9 +11,10 @@ from typing import Any, Callable
 from rich.text import Text
 from textual.widgets import DataTable
 
-from lastmile.tui.state import fmt_ms, fmt_rate, memory_used, model_memory_text
+from lastmile.tui.state import STALE_STATE, fmt_ms, fmt_rate, memory_used, model_memory_text
 
-STATE_STYLE = {"ready": "green", "loading": "yellow", "restarting": "yellow", "unloading": "dim", "failed": "bold red"}
+STATE_STYLE = {"ready": "green", "loading": "yellow", "restarting": "yellow", "unloading": "dim", "failed": "bold red",
+               STALE_STATE: "dim italic"}
 
 
 def _lat(row: dict[str, Any], key: str) -> float | None:
@@ -96,6 +97,7 @@ class ModelsTable(DataTable):
         self.filter = ""
         self._rows: list[dict[str, Any]] = []
         self.shown_columns: list[Column] = []
+        self.stale = False  # the daemon is unreachable: states show as unknown
 
     def on_resize(self) -> None:
         self.show(self._rows)
@@ -133,7 +135,12 @@ class ModelsTable(DataTable):
             return None
         return str(self.get_cell(name, key))
 
-    def show(self, rows: list[dict[str, Any]]) -> None:
+    def show(self, rows: list[dict[str, Any]], *, stale: bool | None = None) -> None:
+        """Draw ``rows``; ``stale`` (the daemon unreachable) shows every state as unknown."""
+        if stale is not None:
+            self.stale = stale
+        if self.stale:
+            rows = [{**r, "state": STALE_STATE} for r in rows]
         self._rows = rows
         selected = self.selected
         needle = self.filter.lower()

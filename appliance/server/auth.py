@@ -73,7 +73,7 @@ _VIEWER_POSTS = (
     re.compile(r"^/v1/embeddings$"),
     re.compile(r"^/v1/(chat/)?completions$"),
     re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/generate(_stream)?$"),
-    re.compile(r"^/api/(chat|generate)$"),
+    re.compile(r"^/api/(chat|generate|show)$"),
 )
 _ROLE_ATTR = "__lastmile_role__"
 
@@ -395,16 +395,22 @@ def _is_health(path: str) -> bool:
 
 
 class TokenFailures:
-    """Failed bearer-token attempts per TCP peer address: slows guessing and keeps the log short.
+    """Failed bearer-token attempts per TCP peer address: slows the failures and keeps the log short.
 
     The first ``free`` failures of a peer are answered as usual (401); each further one locks
-    the peer out for ``base_s`` doubling up to ``max_s``, and while locked out every request of
-    that peer carrying a token is refused with 429 + ``Retry-After`` *without* comparing its
-    token, so a guesser gets a handful of tries a minute instead of thousands a second. A
-    correct token clears the peer's record. The first failure of a peer is logged; later ones
-    are counted and logged as one line per peer per ``log_every_s``. At most ``max_peers``
-    addresses are remembered (the oldest are forgotten first), so a spray of addresses cannot
-    grow the table without bound.
+    the peer's *failures* out for ``base_s`` doubling up to ``max_s``: while locked out, a
+    request of that peer whose token is wrong gets 429 + ``Retry-After`` and costs one counter,
+    not a log line. A **correct token always passes**, locked out or not: the peer address is
+    shared by everyone on 127.0.0.1 and behind a reverse proxy, so locking the address locked
+    the real clients out with the guesser (a wrong token every 0.1 s gave the right token
+    24 of 25 x 429). What protects the token from guessing is its size (at least 16 visible
+    ASCII characters, over 2^100 values: ``load_token``), not the rate; what the lock-out
+    bounds is the log and the work a guesser causes. A correct token does not clear the
+    peer's record either (else a guesser sharing the address would get ``free`` new tries
+    after every real request); the record is forgotten ``forget_s`` after its last failure.
+    The first failure of a peer is logged; later ones are counted and logged as one line per
+    peer per ``log_every_s``. At most ``max_peers`` addresses are remembered (the oldest are
+    forgotten first), so a spray of addresses cannot grow the table without bound.
     """
 
     def __init__(self, *, free: int = 5, base_s: float = 1.0, max_s: float = 60.0, forget_s: float = 600.0,
@@ -455,8 +461,10 @@ class TokenFailures:
                 self._flush(peer, entry)
 
     def succeeded(self, peer: str) -> None:
-        entry = self._peers.pop(peer, None)
-        if entry is not None:
+        """A correct token from ``peer``: nothing is cleared (see the class doc); only an
+        overdue summary line is written."""
+        entry = self._entry(peer)
+        if entry is not None and entry[3] and self.clock() - entry[4] >= self.log_every_s:
             self._flush(peer, entry)
 
     def _flush(self, peer: str, entry: list[float]) -> None:
@@ -524,8 +532,14 @@ def _identify(policy: AuthPolicy, request: web.Request, failures: TokenFailures 
                 "(the token is in the daemon's server.token_file)",
                 {"WWW-Authenticate": _BEARER_CHALLENGE},
             )
+        scheme, _, presented = header.strip().partition(" ")
+        well_formed = scheme.lower() == "bearer" and bool(presented.strip())
+        if well_formed and policy.token_matches(presented.strip()):  # the right token always passes
+            if failures is not None:
+                failures.succeeded(address)
+            return Caller(role="operator", transport="tcp", remote=remote)
         wait = failures.retry_after(address) if failures is not None else 0.0
-        if wait > 0:
+        if wait > 0:  # only a failure waits: it is refused without a 401 or a log line of its own
             assert failures is not None
             failures.locked_out(address)
             raise _Denied(
@@ -534,26 +548,32 @@ def _identify(policy: AuthPolicy, request: web.Request, failures: TokenFailures 
                 {"Retry-After": str(math.ceil(wait))},
                 logged=True,
             )
-        scheme, _, presented = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip():
+        if not well_formed:
             raise _Denied(
                 401,
                 "Authorization header must be 'Bearer <token>'",
                 {"WWW-Authenticate": f'{_BEARER_CHALLENGE}, error="invalid_request"'},
             )
-        if not policy.token_matches(presented.strip()):
-            message = "invalid bearer token" if policy.token is not None else "TCP access has no token configured"
-            if failures is not None:
-                failures.failed(address, f"{request.method} {request.path}: {message}")
-            raise _Denied(401, message, {"WWW-Authenticate": f'{_BEARER_CHALLENGE}, error="invalid_token"'},
-                          logged=failures is not None)
+        message = "invalid bearer token" if policy.token is not None else "TCP access has no token configured"
         if failures is not None:
-            failures.succeeded(address)
-        return Caller(role="operator", transport="tcp", remote=remote)
+            failures.failed(address, f"{request.method} {request.path}: {message}")
+        raise _Denied(401, message, {"WWW-Authenticate": f'{_BEARER_CHALLENGE}, error="invalid_token"'},
+                      logged=failures is not None)
     raise _Denied(403, f"unsupported transport (socket family {family!r})")
 
 
-def _json_error(status: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any) -> web.Response:
+_OPENAI_ERRORS = {401: ("authentication_error", "invalid_api_key"), 403: ("permission_error", "insufficient_permissions"),
+                  429: ("rate_limit_error", "rate_limit_exceeded"), 400: ("invalid_request_error", None)}
+
+
+def _json_error(status: int, message: str, headers: Mapping[str, str] | None = None, *, path: str = "",
+                **extra: Any) -> web.Response:
+    """Lastmile's ``{"error": "..."}``; on OpenAI's ``/v1/`` routes OpenAI's shape
+    ``{"error": {"message", "type", "param", "code"}}``, which its clients parse."""
+    if path.startswith("/v1/"):
+        kind, code = _OPENAI_ERRORS.get(status, ("invalid_request_error", None))
+        body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": None, "code": code, **extra}}
+        return web.json_response(body, status=status, headers=dict(headers or {}))
     return web.json_response({"error": message, **extra}, status=status, headers=dict(headers or {}))
 
 
@@ -601,7 +621,7 @@ def auth_middleware(
                 audit_log.warning(
                     "denied %s %s %s: %s", _who(request, None), request.method, request.path, denied.message
                 )
-            return _json_error(denied.status, denied.message, denied.headers)
+            return _json_error(denied.status, denied.message, denied.headers, path=request.path)
         _store_caller(request, caller)
         if caller.role != "operator" and operator_required(request):
             message = (
@@ -610,7 +630,7 @@ def auth_middleware(
             )
             audit_log.warning("denied %s role=%s %s %s: operator required", caller.describe(), caller.role,
                               request.method, request.path)
-            return _json_error(403, message, required_role="operator")
+            return _json_error(403, message, path=request.path, required_role="operator")
         if not state_changing(request):
             return await handler(request)
         audit_log.info("%s role=%s %s %s", caller.describe(), caller.role, request.method, request.path)

@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lastmile.runtime.generation.types import GenerationRequest, SamplingParams
+from lastmile.runtime.generation.types import (MAX_TOP_K, MIN_TOP_P, SEED_MAX, SEED_MIN, GenerationRequest,
+                                               SamplingParams)
 
 # Bounds on what one request may carry. They are far above any model's context (a token is
 # >= 1 character), so they only refuse bodies that could never fit, before any work is done.
@@ -29,9 +30,8 @@ MAX_TOKEN_ID = 2**31 - 1
 MAX_NEW_TOKENS = 1_048_576
 MAX_STOP = 16  # the contract's bound (SamplingParams.validate)
 MAX_STOP_CHARS = 256
-MAX_SEED = 2**63 - 1
+MAX_SEED = SEED_MAX  # the 32-bit range every engine takes (types.SEED_MIN..SEED_MAX)
 MAX_TEMPERATURE = 2.0  # OpenAI's range
-MAX_TOP_K = 1_000_000
 MAX_DEADLINE_S = 86_400.0
 DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -55,6 +55,9 @@ class ParsedRequest:
     stream: bool
     include_usage: bool = False
     id: str | None = None  # Triton's optional request id, echoed back
+    prompt_bytes: int = 0  # UTF-8 bytes of the prompt text (all messages' contents), for the daemon's token bound
+    param_prefix: str = ""  # where this API keeps the sampling fields ("parameters.", "options."), for error fields
+    keep_alive: float | None = None  # Ollama's keep_alive in seconds (0: unload after this request)
 
 
 # --- field checks ------------------------------------------------------------------------
@@ -68,12 +71,23 @@ def _is_number(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
 
 
+def utf8_size(value: str, field: str) -> int:
+    """The UTF-8 length of a text the runner will tokenize; a lone surrogate (JSON ``"\\ud800"``
+    decodes to one) cannot be encoded, so the tokenizer would fail on it: refused here."""
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ParamError(field, f"is not valid Unicode text: a lone surrogate (U+{ord(value[exc.start]):04X}) at "
+                                f"character {exc.start}") from None
+
+
 def model_name(body: dict[str, Any], field: str = "model") -> str:
     value = body.get(field)
     if not isinstance(value, str) or not value.strip():
         raise ParamError(field, "required: the name of a loaded generation model (see GET /v1/models)")
     if len(value) > MAX_MODEL_NAME:
         raise ParamError(field, f"at most {MAX_MODEL_NAME} characters")
+    utf8_size(value, field)
     return value
 
 
@@ -121,6 +135,7 @@ def stop_strings(body: dict[str, Any], field: str = "stop") -> tuple[str, ...]:
     for item in items:
         if not isinstance(item, str) or not item or len(item) > MAX_STOP_CHARS:
             raise ParamError(field, f"each stop string must be a non-empty string of at most {MAX_STOP_CHARS} characters")
+        utf8_size(item, field)
     return tuple(dict.fromkeys(items))  # order kept, duplicates dropped
 
 
@@ -150,9 +165,9 @@ def sampling(body: dict[str, Any], prefix: str = "", *, max_tokens_fields: tuple
     params = SamplingParams(
         max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
         temperature=number_in(body, "temperature", 0.0, MAX_TEMPERATURE, 1.0),
-        top_p=number_in(body, "top_p", 0.0, 1.0, 1.0, low_open=True),
+        top_p=number_in(body, "top_p", MIN_TOP_P, 1.0, 1.0),
         top_k=0 if top_k in (None, -1) else top_k,  # -1: "off" for vLLM-style clients
-        seed=int_in(body, "seed", -MAX_SEED - 1, MAX_SEED, None),
+        seed=int_in(body, "seed", SEED_MIN, SEED_MAX, None),
         stop=stop_strings(body, stop_field),
     )
     try:
@@ -196,12 +211,17 @@ def _text_content(content: Any, field: str) -> str:
 
 
 def messages(body: dict[str, Any], field: str = "messages") -> tuple[dict[str, str], ...]:
+    return messages_sized(body, field)[0]
+
+
+def messages_sized(body: dict[str, Any], field: str = "messages") -> tuple[tuple[dict[str, str], ...], int]:
+    """The messages and the UTF-8 bytes of their contents together."""
     value = body.get(field)
     if not isinstance(value, list) or not value:
         raise ParamError(field, "required: a non-empty list of {\"role\", \"content\"} objects")
     if len(value) > MAX_MESSAGES:
         raise ParamError(field, f"at most {MAX_MESSAGES} messages, got {len(value)}")
-    out, total = [], 0
+    out, total, size = [], 0, 0
     for i, message in enumerate(value):
         where = f"{field}[{i}]"
         if not isinstance(message, dict):
@@ -214,14 +234,16 @@ def messages(body: dict[str, Any], field: str = "messages") -> tuple[dict[str, s
         total += len(content)
         if total > MAX_CONTENT_CHARS:
             raise ParamError(field, f"the messages hold more than {MAX_CONTENT_CHARS} characters")
+        size += utf8_size(content, f"{where}.content")
         entry = {"role": "system" if role == "developer" else role, "content": content}
         name = message.get("name")
         if name is not None:
             if not isinstance(name, str) or len(name) > MAX_MODEL_NAME:
                 raise ParamError(f"{where}.name", f"must be a string of at most {MAX_MODEL_NAME} characters")
+            utf8_size(name, f"{where}.name")
             entry["name"] = name
         out.append(entry)
-    return tuple(out)
+    return tuple(out), size
 
 
 def required_text(body: dict[str, Any], field: str) -> str:
@@ -231,6 +253,7 @@ def required_text(body: dict[str, Any], field: str) -> str:
         raise ParamError(field, "required: a non-empty string")
     if len(value) > MAX_CONTENT_CHARS:
         raise ParamError(field, f"at most {MAX_CONTENT_CHARS} characters")
+    utf8_size(value, field)
     return value
 
 
@@ -245,6 +268,7 @@ def prompt_of(body: dict[str, Any], field: str = "prompt") -> tuple[str | None, 
             raise ParamError(field, "must not be empty")
         if len(value) > MAX_CONTENT_CHARS:
             raise ParamError(field, f"at most {MAX_CONTENT_CHARS} characters")
+        utf8_size(value, field)
         return value, None
     if isinstance(value, list) and value:
         if len(value) > MAX_PROMPT_TOKEN_IDS:
@@ -290,7 +314,7 @@ def parse_chat(body: dict[str, Any]) -> ParsedRequest:
     """``POST /v1/chat/completions``."""
     refuse_unknown(body, _CHAT_FIELDS)
     model = model_name(body)
-    msgs = messages(body)
+    msgs, size = messages_sized(body)
     _openai_common(body)
     only_default(body, "logprobs", (None, False), "log-probabilities are not returned")
     only_default(body, "top_logprobs", (None, 0), "log-probabilities are not returned")
@@ -308,7 +332,7 @@ def parse_chat(body: dict[str, Any]) -> ParsedRequest:
     stream = boolean(body, "stream")
     params = sampling(body, max_tokens_fields=("max_completion_tokens", "max_tokens"))
     request = GenerationRequest(params=params, messages=msgs, deadline_s=deadline(body))
-    return ParsedRequest(model, request, stream, stream_options(body, stream))
+    return ParsedRequest(model, request, stream, stream_options(body, stream), prompt_bytes=size)
 
 
 def parse_completion(body: dict[str, Any]) -> ParsedRequest:
@@ -324,7 +348,8 @@ def parse_completion(body: dict[str, Any]) -> ParsedRequest:
     stream = boolean(body, "stream")
     params = sampling(body)
     request = GenerationRequest(params=params, prompt=prompt, prompt_token_ids=token_ids, deadline_s=deadline(body))
-    return ParsedRequest(model, request, stream, stream_options(body, stream))
+    return ParsedRequest(model, request, stream, stream_options(body, stream),
+                         prompt_bytes=len(prompt.encode("utf-8")) if prompt is not None else 0)
 
 
 # --- Triton's generate extension ------------------------------------------------------------
@@ -365,7 +390,8 @@ def parse_triton(body: dict[str, Any], model: str, *, stream: bool) -> ParsedReq
         if not exc.field.startswith(prefix):
             raise ParamError(prefix + exc.field, exc.message.split(": ", 1)[1]) from None
         raise
-    return ParsedRequest(model, GenerationRequest(params=params, prompt=text, deadline_s=limit), stream, id=request_id)
+    return ParsedRequest(model, GenerationRequest(params=params, prompt=text, deadline_s=limit), stream, id=request_id,
+                         prompt_bytes=len(text.encode("utf-8")), param_prefix=prefix)
 
 
 # --- Ollama --------------------------------------------------------------------------------
@@ -400,12 +426,54 @@ def _ollama_options(body: dict[str, Any]) -> SamplingParams:
         raise ParamError(f"options.{name}", exc.message.split(": ", 1)[1]) from None
 
 
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(body: dict[str, Any], field: str = "keep_alive") -> float | None:
+    """Ollama's ``keep_alive``: a number of seconds or a Go duration (``"5m"``, ``"1h30m"``,
+    ``"0"``); negative means "keep loaded". None when not given."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if _is_number(value):
+        return float(value)
+    if isinstance(value, str) and 0 < len(value) <= 64:
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        text = text.lstrip("+-")
+        try:
+            seconds = float(text)  # "300": seconds
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(seconds):
+                return sign * seconds
+        total, number = 0.0, ""
+        i = 0
+        while i < len(text):
+            c = text[i]
+            if c.isascii() and (c.isdigit() or c == "."):
+                number += c
+                i += 1
+                continue
+            unit = next((u for u in ("ns", "us", "µs", "ms", "s", "m", "h") if text.startswith(u, i)), None)
+            if unit is None or not number:
+                break
+            try:
+                total += float(number) * _DURATION_UNITS[unit]
+            except ValueError:
+                break
+            number, i = "", i + len(unit)
+        else:
+            if not number and text:
+                return sign * total
+    raise ParamError(field, f"must be a duration like \"5m\" or a number of seconds, got {value!r}")
+
+
 def _ollama_common(body: dict[str, Any]) -> bool:
     only_default(body, "format", (None, ""), "structured output (format) is not implemented")
     only_default(body, "think", (None, False), "not a reasoning model API")
-    keep_alive = body.get("keep_alive")
-    if keep_alive is not None and not isinstance(keep_alive, (str, int, float)):
-        raise ParamError("keep_alive", "must be a duration like \"5m\" or a number of seconds")
+    keep_alive_seconds(body)
     return boolean(body, "stream", True)  # Ollama streams unless told not to
 
 
@@ -420,9 +488,10 @@ def parse_ollama_chat(body: dict[str, Any]) -> ParsedRequest:
             if isinstance(m, dict) and m.get("images"):
                 raise ParamError(f"messages[{i}].images", "images are not supported (text models only)")
         value = [{k: v for k, v in m.items() if k != "images"} if isinstance(m, dict) else m for m in value]
-    msgs = messages({"messages": value})
+    msgs, size = messages_sized({"messages": value})
     stream = _ollama_common(body)
-    return ParsedRequest(model, GenerationRequest(params=_ollama_options(body), messages=msgs), stream)
+    return ParsedRequest(model, GenerationRequest(params=_ollama_options(body), messages=msgs), stream,
+                         prompt_bytes=size, param_prefix="options.", keep_alive=keep_alive_seconds(body))
 
 
 def parse_ollama_generate(body: dict[str, Any]) -> ParsedRequest:
@@ -438,6 +507,7 @@ def parse_ollama_generate(body: dict[str, Any]) -> ParsedRequest:
     system = body.get("system")
     if system is not None and (not isinstance(system, str) or len(system) > MAX_CONTENT_CHARS):
         raise ParamError("system", f"must be a string of at most {MAX_CONTENT_CHARS} characters")
+    size = len(prompt.encode("utf-8")) + (utf8_size(system, "system") if system else 0)
     raw = boolean(body, "raw")
     stream = _ollama_common(body)
     params = _ollama_options(body)
@@ -448,4 +518,117 @@ def parse_ollama_generate(body: dict[str, Any]) -> ParsedRequest:
     else:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         request = GenerationRequest(params=params, messages=tuple(msgs))
-    return ParsedRequest(model, request, stream)
+    return ParsedRequest(model, request, stream, prompt_bytes=size, param_prefix="options.",
+                         keep_alive=keep_alive_seconds(body))
+
+
+@dataclass(frozen=True, slots=True)
+class Preload:
+    """Ollama's load/unload call: ``/api/generate`` with no prompt (``/api/chat`` with no
+    messages); ``keep_alive: 0`` unloads."""
+
+    model: str
+    unload: bool
+    chat: bool
+
+
+def parse_ollama_preload(body: dict[str, Any], *, chat: bool) -> Preload | None:
+    """A :class:`Preload` when the body is one (no prompt / no messages), else None (a
+    generation: the route parses it with :func:`parse_ollama_generate` / ``_chat``)."""
+    key = "messages" if chat else "prompt"
+    if body.get(key) not in (None, "", []):
+        return None
+    allowed = _OLLAMA_COMMON | {key} | (set() if chat else {"system", "raw"})
+    refuse_unknown(body, frozenset(allowed))
+    model = ollama_model(body)
+    _ollama_common(body)
+    _ollama_options(body)
+    keep = keep_alive_seconds(body)
+    return Preload(model, unload=keep is not None and keep == 0, chat=chat)
+
+
+# --- the daemon's cheap token bound ----------------------------------------------------------
+
+#: Normalizers that only recompose or fold characters: one output byte stands for at most this
+#: many input bytes (fullwidth "Ａ", 3 bytes, folds to "A"; a Hangul syllable, 3 bytes, composes
+#: from 3 jamo, 9 bytes), so a token of L bytes covers at most 4 L bytes of the request.
+_FOLDING_NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend"})
+_KEEPING_BEHAVIOURS = frozenset({"isolated", "merged_with_previous", "merged_with_next", "contiguous", "Isolated",
+                                 "MergedWithPrevious", "MergedWithNext", "Contiguous"})
+
+
+def _normalizer_factor(norm: Any) -> int | None:
+    if norm is None:
+        return 1
+    if not isinstance(norm, dict):
+        return None
+    kind = norm.get("type")
+    if kind == "Sequence":
+        factor = 1
+        for part in norm.get("normalizers") or []:
+            f = _normalizer_factor(part)
+            if f is None:
+                return None
+            factor *= f
+        return factor
+    if kind in _FOLDING_NORMALIZERS:
+        return 1 if kind == "Prepend" else 4
+    if kind == "Replace":  # SentencePiece-style " " -> "▁": one byte becomes three, never fewer
+        pattern, content = norm.get("pattern") or {}, norm.get("content")
+        literal = pattern.get("String") if isinstance(pattern, dict) else None
+        if isinstance(literal, str) and literal and isinstance(content, str) and content:
+            return max(1, -(-len(literal.encode()) // len(content.encode())))
+        return None
+    return None  # Strip, StripAccents, BertNormalizer, Precompiled...: may drop text entirely
+
+
+def _pre_tokenizer_keeps_text(pre: Any) -> bool:
+    if pre is None:
+        return True
+    if not isinstance(pre, dict):
+        return False
+    kind = pre.get("type")
+    if kind == "Sequence":
+        return all(_pre_tokenizer_keeps_text(p) for p in pre.get("pretokenizers") or [])
+    if kind in ("ByteLevel", "Metaspace", "Digits", "UnicodeScripts"):
+        return True
+    if kind in ("Split", "Punctuation"):
+        return pre.get("behavior") in _KEEPING_BEHAVIOURS
+    return False  # Whitespace, BertPreTokenizer, WhitespaceSplit, CharDelimiterSplit drop characters
+
+
+def max_bytes_per_token(tokenizer: dict[str, Any]) -> int | None:
+    """The most request bytes one token of this ``tokenizer.json`` can stand for, or None when
+    no such bound holds (a normalizer or pre-tokenizer that drops text, unknown characters
+    fused into one token). With it, a prompt of B bytes has at least ceil(B / bound) tokens:
+    the daemon refuses a prompt that can never fit before the runner tokenizes it.
+
+    Why it holds: a byte-level BPE token's string has one character per byte it covers (and
+    the mapped characters take 1-2 UTF-8 bytes, so their length over-counts); a SentencePiece
+    piece spells its bytes, "▁" (3 bytes) for a space (1), a byte-fallback token ``<0x41>``
+    (6) for one byte. Every character of the request ends up in some token unless something
+    drops it, which is what the checks above refuse to trust.
+    """
+    model = tokenizer.get("model") if isinstance(tokenizer, dict) else None
+    if not isinstance(model, dict):
+        return None
+    factor = _normalizer_factor(tokenizer.get("normalizer"))
+    if factor is None or not _pre_tokenizer_keeps_text(tokenizer.get("pre_tokenizer")):
+        return None
+    kind, vocab = model.get("type"), model.get("vocab")
+    byte_level = "ByteLevel" in str(tokenizer.get("pre_tokenizer"))
+    if kind == "BPE":
+        if model.get("fuse_unk") and not model.get("byte_fallback") and not byte_level:
+            return None  # a run of unknown characters is one token
+        pieces = list(vocab) if isinstance(vocab, dict) else None
+    elif kind == "Unigram":
+        if not model.get("byte_fallback"):
+            return None  # unknown characters fuse into one <unk>
+        pieces = [entry[0] for entry in vocab if isinstance(entry, list) and entry] if isinstance(vocab, list) else None
+    else:
+        return None  # WordPiece: a long word is one [UNK]
+    if not pieces:
+        return None
+    added = [t.get("content") for t in tokenizer.get("added_tokens") or [] if isinstance(t, dict)]
+    longest = max(len(p.encode("utf-8", "surrogatepass")) for p in [*pieces, *added] if isinstance(p, str))
+    return max(1, longest) * factor

@@ -8,7 +8,10 @@ import json
 import logging
 from typing import Any, Awaitable, Callable
 
+import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from lastmile.appliance.v2codec import BadRequest
 from lastmile.models.errors import FormatError, InvalidModelName, ManifestError, ModelNotFoundError, StoreEscapeError
@@ -36,6 +39,17 @@ def error_response(status: int, message: str, *, field: str | None = None, heade
     if field:
         body["field"] = field
     return web.json_response(body, status=status, headers=headers)
+
+
+def path_error_response(path: str, status: int, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
+    """An error before any route ran, in the shape the route's clients parse: OpenAI's
+    ``{"error": {"message", "type", "param", "code"}}`` under ``/v1/``, Lastmile's elsewhere."""
+    if path.startswith("/v1/"):
+        kind = {401: "authentication_error", 408: "timeout_error", 413: "invalid_request_error",
+                503: "server_error"}.get(status, "invalid_request_error")
+        return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": None}},
+                                 status=status, headers=headers)
+    return error_response(status, message, headers=headers)
 
 
 def _retry_after(seconds: float) -> dict[str, str]:
@@ -124,6 +138,8 @@ async def read_json(request: web.Request, *, required: bool = True) -> dict[str,
         raise ApiError(400, f"body is not valid JSON: {exc}") from None
     except RecursionError:  # json.loads gives up past a few thousand levels of nesting
         raise ApiError(400, "body is JSON nested too deeply") from None
+    except ValueError as exc:  # an integer of more than 4300 digits (sys.get_int_max_str_digits)
+        raise ApiError(400, f"body is not valid JSON for this server: {exc}") from None
     if not isinstance(value, dict):
         raise ApiError(400, "body must be a JSON object")
     return value
@@ -135,19 +151,46 @@ else:  # pragma: no cover - Python 3.10
     from async_timeout import timeout as _timeout  # aiohttp's own dependency there
 
 
-def body_deadline(timeout_s: float) -> Callable[..., Awaitable[web.StreamResponse]]:
+async def _refuse_and_close(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Send ``response`` and close the connection without reading the rest of the body."""
+    response.headers["Connection"] = "close"
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+    return response
+
+
+def body_deadline(timeout_s: float, max_body_bytes: int | None = None) -> Callable[..., Awaitable[web.StreamResponse]]:
     """The whole request body within ``timeout_s`` (``server.body_timeout_s``), read before the
     request takes a concurrency slot: a peer that sends its body slowly holds a connection for
     at most that long and never a slot that a complete request could use. A late body gets
     408 and the connection is closed (nothing more is read from it). Handlers read the body
-    from aiohttp's cache afterwards; ``client_max_size`` still bounds its size (413)."""
+    from aiohttp's cache afterwards; ``client_max_size`` still bounds its size (413).
+
+    A ``Content-Length`` over ``max_body_bytes`` is refused (413) from the headers alone,
+    before a byte of the body is read; a body that cannot be decoded (``Content-Encoding:
+    gzip`` on a plain body) is a 400, not a 500."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        declared = request.content_length
+        if max_body_bytes is not None and declared is not None and declared > max_body_bytes:
+            logger.warning("refused %s %s: Content-Length %d over the body limit %d", request.method, request.path,
+                           declared, max_body_bytes)
+            return await _refuse_and_close(request, path_error_response(
+                request.path, 413, f"request body too large: Content-Length {declared} is over the limit of "
+                                   f"{max_body_bytes // (1024 * 1024)} MB (server.max_body_mb)"))
         if request.body_exists:
             try:
                 async with _timeout(timeout_s):  # a timer, not a task: nothing measurable per request
                     await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise
+            except (RequestPayloadError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+                logger.warning("refused %s %s: the body cannot be read: %s", request.method, request.path, exc)
+                return await _refuse_and_close(request, path_error_response(
+                    request.path, 400, f"request body cannot be read (Content-Encoding "
+                                       f"{request.headers.get('Content-Encoding', 'identity')!r}): {exc}"))
             except asyncio.TimeoutError:
                 logger.warning("cut off %s %s: body not complete within %g s (server.body_timeout_s)", request.method, request.path, timeout_s)
                 response = error_response(408, f"request body not received within {timeout_s:g} s (server.body_timeout_s)",

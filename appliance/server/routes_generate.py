@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import hashlib
+import json
 import logging
+import math
 import secrets
 import time
 from pathlib import Path
@@ -37,8 +40,10 @@ from typing import Any, AsyncIterator, Callable
 import orjson
 from aiohttp import web
 
+from lastmile.appliance.server.auth import caller_of
 from lastmile.appliance.server.generate_params import (
-    ParamError, ParsedRequest, parse_chat, parse_completion, parse_ollama_chat, parse_ollama_generate, parse_triton,
+    ParamError, ParsedRequest, Preload, max_bytes_per_token, model_name, parse_chat, parse_completion, parse_ollama_chat,
+    parse_ollama_generate, parse_ollama_preload, parse_triton,
 )
 from lastmile.appliance.server.generation_metrics import GenerationMetrics
 from lastmile.appliance.server.http import ApiError, read_json, to_api_error
@@ -56,6 +61,7 @@ def setup_generation(app: web.Application) -> None:
     """Register the generation routes and their metrics (after ``setup_metrics``, whose
     Prometheus registry they join)."""
     app[GENERATION_METRICS] = GenerationMetrics(app.get("metrics_registry"), app["daemon"])
+    app[_LIMITS] = {}
     app.add_routes(routes)
 
 
@@ -91,8 +97,10 @@ def openai_error_body(api: ApiError) -> dict[str, Any]:
     elif api.extra.get("max_context") is not None:
         code = "context_length_exceeded"
     elif api.status == 503:
-        code = "overloaded"
-    extra = {k: v for k, v in api.extra.items() if k != "error"}
+        code = api.extra.get("code") or "overloaded"
+    elif api.status in (401, 429):
+        code = "invalid_api_key" if api.status == 401 else "rate_limit_exceeded"
+    extra = {k: v for k, v in api.extra.items() if k not in ("error", "code")}
     return {"error": {"message": api.message, "type": _OPENAI_TYPES.get(api.status, "server_error"),
                       "param": api.field, "code": code, **extra}}
 
@@ -334,6 +342,130 @@ def _model_name(request: web.Request, name: str) -> str:
     raise ApiError(404, f"model {name!r} is not loaded{hint}", field="model")
 
 
+# --- what the daemon checks before the runner sees a request ---------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Limits:
+    """What bounds a request to one loaded generation model, read from its folder once per
+    load: the vocabulary (top_k, token ids), the context and the most bytes one token of its
+    tokenizer can stand for (None: no such bound, see ``max_bytes_per_token``)."""
+
+    vocab_size: int | None
+    max_context: int | None
+    bytes_per_token: int | None
+
+
+_LIMITS = web.AppKey("generation_limits", dict)
+
+
+def _read_limits(folder: Path, max_context: int | None) -> _Limits:
+    vocab = None
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        vocab = int(json.loads((folder / "config.json").read_text()).get("vocab_size") or 0) or None
+    per_token = None
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        per_token = max_bytes_per_token(json.loads((folder / "tokenizer.json").read_bytes()))
+    return _Limits(vocab, max_context, per_token)
+
+
+async def _limits(request: web.Request, name: str) -> _Limits:
+    model = request.app["daemon"].manager.models[name]
+    cache = request.app[_LIMITS]
+    key = (name, id(model), getattr(model, "loaded_at", 0.0))
+    limits = cache.get(key)
+    if limits is None:
+        info = getattr(model, "info", None) or {}
+        max_context = info.get("max_context") if isinstance(info.get("max_context"), int) else None
+        folder = Path(str(getattr(model.manifest, "artifact", "")))
+        limits = await asyncio.get_running_loop().run_in_executor(None, _read_limits, folder, max_context)
+        for old in [k for k in cache if k[0] == name]:
+            del cache[old]
+        cache[key] = limits
+    return limits
+
+
+def _input_field(parsed: ParsedRequest, api: str) -> str:
+    return "text_input" if api == "triton" else parsed.request.input_field()
+
+
+def check_request(parsed: ParsedRequest, limits: _Limits, api: str) -> None:
+    """Refuse with a 400 naming the field whatever this model's runner would fail on or
+    refuse anyway: top_k past the vocabulary, token ids past it, and a prompt that can never
+    fit its context (its byte length over the most bytes one token covers already gives more
+    tokens than max_context leaves), before the runner tokenizes a byte of it."""
+    params = parsed.request.params
+    prefix = parsed.param_prefix
+    try:
+        params.validate(limits.vocab_size)
+    except InvalidSamplingParams as exc:
+        field = exc.field or "parameters"
+        raise ParamError(prefix + field, str(exc).split(": ", 1)[-1]) from None
+    ids = parsed.request.prompt_token_ids
+    if ids is not None and limits.vocab_size and max(ids) >= limits.vocab_size:
+        raise ParamError("prompt", f"token ids must be in [0, {limits.vocab_size}) for this model, got {max(ids)}")
+    ctx = limits.max_context
+    if not ctx:
+        return
+    if ids is not None:
+        at_least, how = len(ids), f"{len(ids)} tokens"
+    elif limits.bytes_per_token and parsed.prompt_bytes:
+        at_least = -(-parsed.prompt_bytes // limits.bytes_per_token)
+        how = (f"{parsed.prompt_bytes} bytes, so at least {at_least} tokens (one token of this model's tokenizer "
+               f"covers at most {limits.bytes_per_token} bytes)")
+    else:
+        return
+    if at_least + params.max_tokens <= ctx:
+        return
+    budget = "options.num_predict" if prefix == "options." else prefix + "max_tokens"
+    field = budget if at_least < ctx else _input_field(parsed, api)
+    advice = "lower max_tokens" if field == budget else "shorten the prompt"
+    raise ApiError(400, f"{field}: the prompt holds {how}; with max_tokens {params.max_tokens} that is more than this "
+                        f"model's max_context {ctx}; {advice}", field=field,
+                   extra={"prompt_tokens_at_least": at_least, "max_tokens": params.max_tokens, "max_context": ctx})
+
+
+def _deadlines(request: web.Request, name: str, parsed: ParsedRequest) -> tuple[ParsedRequest, float, bool]:
+    """The model's ``timeout_s`` bounds every generation, queueing included: the runner cuts a
+    stream at ``min(timeout_s, the request's timeout_s)`` (finish_reason "timeout"), and a
+    request that gets no first token within the model's ``timeout_s`` (it waited for a slot)
+    is refused with 503 + Retry-After. Returns the request with its deadline, the model's
+    timeout, and whether the request's own deadline is the shorter one (then a cut before the
+    first token is the client's choice: a "timeout" answer, not a 503)."""
+    model = request.app["daemon"].manager.models[name]
+    timeout = float(getattr(model.settings, "timeout_s", 0.0) or 0.0)
+    own = parsed.request.deadline_s
+    if not timeout:
+        return parsed, 0.0, own is not None
+    if own is not None and own < timeout:
+        return parsed, timeout, True
+    return dataclasses.replace(parsed, request=dataclasses.replace(parsed.request, deadline_s=timeout)), timeout, False
+
+
+#: How long past the deadline the daemon waits for the runner's own cut before cutting itself.
+DEADLINE_GRACE_S = 1.0
+
+
+class QueueDeadline(Exception):
+    """No first token within the model's ``timeout_s``: 503 + Retry-After."""
+
+    def __init__(self, name: str, timeout_s: float) -> None:
+        super().__init__(f"model {name!r}: no free generation slot within {timeout_s:g} s (the model's timeout_s); "
+                         "every slot is busy: retry later")
+        self.timeout_s = timeout_s
+
+    def api(self) -> ApiError:
+        return ApiError(503, str(self), headers={"Retry-After": str(max(1, math.ceil(min(self.timeout_s, 30.0))))},
+                        extra={"code": "queue_timeout"})
+
+
+async def _next_within(stream: AsyncIterator[GenerationChunk], until: float | None) -> GenerationChunk:
+    if until is None:
+        return await _next(stream)
+    async with asyncio.timeout(max(0.0, until - time.monotonic())):
+        return await _next(stream)
+
+
 async def _close(stream: AsyncIterator[GenerationChunk]) -> None:
     """Close the generator (cancels the sequence in the runner); shielded so that a handler
     being cancelled still frees the slot."""
@@ -356,13 +488,40 @@ async def _serve(request: web.Request, parsed: ParsedRequest, fmt_class: type[_F
     metrics = request.app[GENERATION_METRICS]
     name = _model_name(request, parsed.model)
     fmt = fmt_class(parsed, name)
+    if getattr(request.app["daemon"].manager.models[name], "generation", False):
+        try:
+            check_request(parsed, await _limits(request, name), fmt.api)  # before the runner sees it
+        except (ParamError, ApiError) as exc:
+            metrics.stream(name, fmt.api, started).end("bad_request")
+            return fmt.refusal(_mapped(exc))
+        parsed, timeout, own_deadline = _deadlines(request, name, parsed)
+    else:
+        timeout, own_deadline = 0.0, False  # refused by manager.generate (not a generation model)
+    submitted = time.monotonic()
+    first_by = submitted + timeout + DEADLINE_GRACE_S if timeout else None  # the runner's cut comes first
+    deadline = parsed.request.deadline_s
+    last_by = submitted + deadline + DEADLINE_GRACE_S if deadline else None
     observer = metrics.stream(name, fmt.api, started)
     stream = request.app["daemon"].manager.generate(name, parsed.request)
     response: web.StreamResponse | None = None
     outcome = "error"
+
+    async def following(previous: GenerationChunk) -> GenerationChunk:
+        """The next chunk; past the deadline (and the runner's grace) the daemon ends the stream itself."""
+        try:
+            return await _next_within(stream, last_by)
+        except TimeoutError:
+            await _close(stream)
+            return GenerationChunk("", (), "timeout", previous.prompt_tokens, previous.completion_tokens)
+
     try:
         try:
-            chunk = await _next(stream)  # every refusal arrives here, before any header is sent
+            try:
+                chunk = await _next_within(stream, first_by)  # every refusal arrives here, before any header is sent
+            except TimeoutError:
+                raise QueueDeadline(name, timeout) from None
+            if chunk.finish_reason == "timeout" and not chunk.token_ids and not chunk.completion_tokens and not own_deadline:
+                raise QueueDeadline(name, timeout)  # the runner cut it while it waited for a slot
             if not parsed.stream:
                 parts: list[str] = []
                 while True:
@@ -371,11 +530,11 @@ async def _serve(request: web.Request, parsed: ParsedRequest, fmt_class: type[_F
                     parts.append(chunk.text)
                     if chunk.finish_reason is not None:
                         break
-                    chunk = await _next(stream)
+                    chunk = await following(chunk)
                 outcome = "success"
                 return _json(fmt.whole("".join(parts), chunk))
         except Exception as exc:  # noqa: BLE001 - mapped to a status; a bug is logged and 500
-            api = _mapped(exc)
+            api = exc.api() if isinstance(exc, QueueDeadline) else _mapped(exc)
             outcome = _outcome(api.status)
             return fmt.refusal(api)
         response = web.StreamResponse(headers={**SSE_HEADERS, "Content-Type": fmt.content_type})
@@ -390,7 +549,7 @@ async def _serve(request: web.Request, parsed: ParsedRequest, fmt_class: type[_F
             if chunk.finish_reason is not None:
                 break
             try:
-                chunk = await _next(stream)
+                chunk = await following(chunk)
             except Exception as exc:  # noqa: BLE001 - the runner died (or failed) mid-stream: an error event, then the end
                 api = _mapped(exc)
                 outcome = _outcome(api.status)
@@ -471,18 +630,64 @@ async def triton_generate_stream(request: web.Request) -> web.StreamResponse:
 # --- Ollama ----------------------------------------------------------------------------------
 
 
-async def _ollama(request: web.Request, parse: Any, fmt_class: type[_Format]) -> web.StreamResponse:
-    return await _serve(request, _parsed(parse, await read_json(request)), fmt_class)
+async def _ollama(request: web.Request, parse: Any, fmt_class: type[_Format], *, chat: bool) -> web.StreamResponse:
+    body = await read_json(request)
+    preload = _parsed(parse_ollama_preload, body, chat=chat)
+    if preload is not None:
+        return await _ollama_preload(request, preload)
+    return await _serve(request, _parsed(parse, body), fmt_class)
+
+
+def _ollama_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return _json({"error": message}, status, headers)
+
+
+async def _ollama_preload(request: web.Request, preload: Preload) -> web.Response:
+    """Ollama's load and unload calls: an empty prompt (or no messages) loads the model and
+    answers ``done: true, done_reason: "load"``; with ``keep_alive: 0`` it unloads it now
+    (``done_reason: "unload"``). Loading and unloading change the daemon, so they need the
+    operator role (a viewer may "load" a model that is loaded already: nothing changes)."""
+    daemon = request.app["daemon"]
+    name = preload.model
+    caller = caller_of(request)
+    operator = caller is None or caller.role == "operator"
+    loaded = name in daemon.manager.models
+    head = {"model": name, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    piece = {"message": {"role": "assistant", "content": ""}} if preload.chat else {"response": ""}
+    started = time.perf_counter()
+    if preload.unload:
+        if not loaded:
+            return _json({**head, **piece, "done": True, "done_reason": "unload"})
+        if not operator:
+            return _ollama_error(403, f"unloading {name!r} needs the operator role; {caller.describe()} is {caller.role}")
+        await request.app["dataplane"].unload(name)
+        return _json({**head, **piece, "done": True, "done_reason": "unload"})
+    if loaded:
+        model = daemon.manager.models[name]
+        if not getattr(model, "generation", False):
+            return _ollama_error(400, f"model {name!r} is not a generation model")
+    else:
+        if name not in daemon.store.names():
+            return _ollama_error(404, f"model {name!r} not found")
+        if not operator:
+            return _ollama_error(403, f"loading {name!r} needs the operator role; {caller.describe()} is {caller.role}")
+        await request.app["dataplane"].load(name, {})
+        model = daemon.manager.models.get(name)
+        if model is not None and not getattr(model, "generation", False):
+            return _ollama_error(400, f"model {name!r} is not a generation model")
+    return _json({**head, **piece, "done": True, "done_reason": "load",
+                  "total_duration": int((time.perf_counter() - started) * 1e9),
+                  "load_duration": int((time.perf_counter() - started) * 1e9) if not loaded else 0})
 
 
 @routes.post("/api/chat")
 async def ollama_chat(request: web.Request) -> web.StreamResponse:
-    return await _ollama(request, parse_ollama_chat, _OllamaChat)
+    return await _ollama(request, parse_ollama_chat, _OllamaChat, chat=True)
 
 
 @routes.post("/api/generate")
 async def ollama_generate(request: web.Request) -> web.StreamResponse:
-    return await _ollama(request, parse_ollama_generate, _OllamaGenerate)
+    return await _ollama(request, parse_ollama_generate, _OllamaGenerate, chat=False)
 
 
 def _folder_facts(artifact: Any) -> tuple[int, str, float]:
@@ -552,3 +757,114 @@ async def ollama_ps(request: web.Request) -> web.Response:
 @routes.get("/api/version")
 async def ollama_version(request: web.Request) -> web.Response:
     return _json({"version": request.app["daemon"].version})
+
+
+# --- Ollama's /api/show ------------------------------------------------------------------------
+
+
+def _safetensors_parameters(folder: Path) -> tuple[int, str]:
+    """The parameter count and the most common dtype of the folder's safetensors files (their
+    JSON headers only: 8 bytes of length, then the header)."""
+    total, dtypes = 0, {}
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size <= 100_000_000:
+                    continue
+                header = json.loads(f.read(size))
+        except (OSError, ValueError):
+            continue
+        for key, tensor in header.items():
+            if key == "__metadata__" or not isinstance(tensor, dict):
+                continue
+            numel = math.prod(int(d) for d in tensor.get("shape") or [])
+            total += numel
+            dtypes[tensor.get("dtype", "")] = dtypes.get(tensor.get("dtype", ""), 0) + numel
+    return total, max(dtypes, key=dtypes.get) if dtypes else ""
+
+
+def _parameter_size(count: int) -> str:
+    if count <= 0:
+        return ""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}" if count < 100 * scale else f"{count / scale:.0f}{unit}"
+    return str(count)
+
+
+def _show(name: str, manifest: Any) -> dict[str, Any]:
+    """Ollama's ``/api/show`` answer, as far as an HF causal-LM folder tells: the chat template,
+    the architecture's numbers (``model_info`` uses GGUF's key names, ``<arch>.context_length``
+    and so on), the parameter count and dtype from the safetensors headers."""
+    folder = Path(str(getattr(manifest, "artifact", "")))
+    cfg: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        cfg = json.loads((folder / "config.json").read_text())
+    template = ""
+    with contextlib.suppress(OSError, ValueError):
+        template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template") or ""
+    if not isinstance(template, str):  # a list of named templates
+        template = next((t.get("template", "") for t in template if isinstance(t, dict) and t.get("name") == "default"), "")
+    if not template:
+        with contextlib.suppress(OSError):
+            template = (folder / "chat_template.jinja").read_text()
+    count, dtype = _safetensors_parameters(folder)
+    arch = str(cfg.get("model_type") or "")
+    info: dict[str, Any] = {"general.architecture": arch, "general.parameter_count": count,
+                            "general.basename": name}
+    for gguf, hf in (("context_length", "max_position_embeddings"), ("embedding_length", "hidden_size"),
+                     ("block_count", "num_hidden_layers"), ("feed_forward_length", "intermediate_size"),
+                     ("attention.head_count", "num_attention_heads"), ("attention.head_count_kv", "num_key_value_heads"),
+                     ("attention.layer_norm_rms_epsilon", "rms_norm_eps"), ("rope.freq_base", "rope_theta"),
+                     ("vocab_size", "vocab_size")):
+        if isinstance(cfg.get(hf), (int, float)) and not isinstance(cfg.get(hf), bool):
+            info[f"{arch}.{gguf}"] = cfg[hf]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if isinstance(cfg.get(key), int):
+            info[f"tokenizer.ggml.{key}"] = cfg[key]
+    size, digest, mtime = _folder_facts(folder)
+    parameters = "\n".join(f"{k} {v}" for k, v in (("num_ctx", cfg.get("max_position_embeddings")),) if v)
+    modelfile = (f"# Modelfile of {name} as Lastmile serves it (an HF folder, not a GGUF blob)\nFROM {folder}\n"
+                 + (f'TEMPLATE """{template}"""\n' if template else "")
+                 + "".join(f"PARAMETER {line}\n" for line in parameters.splitlines()))
+    return {
+        "modelfile": modelfile,
+        "parameters": parameters,
+        "template": template,
+        "details": {"parent_model": "", "format": getattr(manifest, "format", "") or "", "family": arch,
+                    "families": [arch] if arch else None, "parameter_size": _parameter_size(count),
+                    "quantization_level": dtype},
+        "model_info": info,
+        "capabilities": ["completion"],
+        "modified_at": datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).isoformat(),
+    }
+
+
+@routes.post("/api/show")
+async def ollama_show(request: web.Request) -> web.Response:
+    """A store model's template, parameters and architecture, in Ollama's shape."""
+    from lastmile.runtime.generation.config import is_generation_manifest
+
+    body = await read_json(request)
+    try:
+        key = "model" if "model" in body or "name" not in body else "name"  # older clients send "name"
+        name = model_name(body, key)
+    except ParamError as exc:
+        return _ollama_error(400, exc.message)
+    unknown = sorted(k for k in body if k not in ("model", "name", "verbose"))
+    if unknown:
+        return _ollama_error(400, f"{unknown[0]}: unknown field (this endpoint takes: model, verbose)")
+    name = name[: -len(":latest")] if name.endswith(":latest") else name
+    daemon = request.app["daemon"]
+    loaded = daemon.manager.models.get(name)
+    if loaded is not None:
+        manifest = loaded.manifest
+    else:
+        try:
+            manifest = await asyncio.get_running_loop().run_in_executor(None, daemon.store.get, name)
+        except Exception:  # noqa: BLE001 - not in the store (or unreadable): Ollama's 404
+            return _ollama_error(404, f"model {name!r} not found")
+    if not is_generation_manifest(manifest):
+        return _ollama_error(404, f"model {name!r} not found (it is not a generation model)")
+    return _json(await asyncio.get_running_loop().run_in_executor(None, _show, name, manifest))

@@ -19,6 +19,7 @@ import stat
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from lastmile.appliance.server import activation, sdnotify
 from lastmile.appliance.server.auth import AuthPolicy, TokenFailures, TokenFileError, auth_middleware, load_token
@@ -45,8 +46,32 @@ class StartupError(RuntimeError):
     """The daemon cannot start; the message is the one line the operator sees."""
 
 
+class _QuietBadRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a header line over its limit, too many headers,
+    a 100 KB URL) as "Error handling request" with a traceback at level error, although it
+    answers 400 and nothing is wrong with the daemon: such records become one warning line
+    naming the peer and the parser's message, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and isinstance(exc, HttpProcessingError) and record.levelno >= logging.ERROR:
+            remote = (record.args[0] if isinstance(record.args, tuple) and record.args else "") or "the Unix socket"
+            record.msg, record.args = "bad HTTP request from %s: %s", (remote, f"{type(exc).__name__}: {exc.message}"[:300])
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def quiet_bad_requests() -> None:
+    """Install :class:`_QuietBadRequests` on aiohttp's server logger (once)."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _QuietBadRequests) for f in server_log.filters):
+        server_log.addFilter(_QuietBadRequests())
+
+
 def build_app(daemon: Daemon) -> web.Application:
     config = daemon.config
+    quiet_bad_requests()
     try:
         token = load_token(config.server["token_file"]) if config.server["token_file"] else None
     except TokenFileError as exc:
@@ -58,7 +83,7 @@ def build_app(daemon: Daemon) -> web.Application:
         middlewares=[
             error_middleware,
             auth_middleware(policy, failures=TokenFailures()),
-            body_deadline(config.server["body_timeout_s"]),
+            body_deadline(config.server["body_timeout_s"], config.server["max_body_mb"] * 1024 * 1024),
             concurrency_limit(config.server["max_concurrent_requests"]),
         ],
         client_max_size=config.server["max_body_mb"] * 1024 * 1024,

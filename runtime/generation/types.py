@@ -6,10 +6,34 @@ the HTTP layer unchanged. Names are fixed by the contract: extend with fields, n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 #: Finish reasons a stream may end with.
 FINISH_REASONS = ("stop", "length", "timeout")
+
+#: The seed range every engine takes: ORT-GenAI's ``set_search_options(random_seed=...)`` casts
+#: to a C++ int32 and raises for anything outside [-2**31, 2**31 - 1] (checked with
+#: onnxruntime-genai 0.18: 2**31 and -2**31 - 1 raise "Unable to cast Python instance"); torch's
+#: ``Generator.manual_seed`` takes more, so the narrower range is the contract.
+SEED_MIN = -(2**31)
+SEED_MAX = 2**31 - 1
+#: The smallest top_p: below float32's normal range a nucleus rounds to 0 and the torch sampler
+#: masks every token (softmax of all -inf is NaN, ``torch.multinomial`` raises). Any nucleus
+#: smaller than this is the most likely token alone anyway.
+MIN_TOP_P = 1e-6
+#: top_k beyond any vocabulary; the daemon also refuses top_k above the model's vocab_size
+#: (ORT-GenAI raises "top_k must be less than or equal to vocab_size").
+MAX_TOP_K = 1_000_000
+MAX_TEMPERATURE = 100.0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,25 +47,29 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings: generation ends before them, text excludes them
 
-    def validate(self) -> None:
+    def validate(self, vocab_size: int | None = None) -> None:
         """Raise ``ValueError`` with the field name (``exc.field``) for a bad value, so both
-        sides reject the same inputs with the same words."""
+        sides reject the same inputs with the same words. Every bound is one the engines
+        really have (see the constants above); ``vocab_size``, when known, bounds top_k."""
         def bad(name: str, msg: str) -> None:
             exc = InvalidSamplingParams(f"{name}: {msg}")
             exc.field = name
             raise exc
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if not (0.0 <= float(self.temperature) <= 100.0):
-            bad("temperature", f"must be in [0, 100], got {self.temperature!r}")
-        if not (0.0 < float(self.top_p) <= 1.0):
-            bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", f"must be an integer >= 0, got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", f"must be an integer or null, got {self.seed!r}")
-        if len(self.stop) > 16 or any(not isinstance(s, str) or not s or len(s) > 256 for s in self.stop):
+        if not _is_finite(self.temperature) or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            bad("temperature", f"must be a finite number in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
+        if not _is_finite(self.top_p) or not MIN_TOP_P <= self.top_p <= 1.0:
+            bad("top_p", f"must be a number in [{MIN_TOP_P:g}, 1], got {self.top_p!r}")
+        top_k_max = min(MAX_TOP_K, vocab_size) if vocab_size else MAX_TOP_K
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= top_k_max:
+            where = f" (this model's vocabulary has {vocab_size} tokens)" if vocab_size else ""
+            bad("top_k", f"must be an integer from 0 to {top_k_max}{where}, got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            bad("seed", f"must be an integer from {SEED_MIN} to {SEED_MAX} (32 bits) or null, got {self.seed!r}")
+        if not isinstance(self.stop, tuple) or len(self.stop) > 16 \
+                or any(not isinstance(s, str) or not s or len(s) > 256 for s in self.stop):
             bad("stop", "at most 16 non-empty strings of at most 256 characters")
 
     @property

@@ -30,6 +30,10 @@ class Series:
     p99: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     memory: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # bytes used
     failures: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # failed requests/s
+    activity: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # see activity(): what "busiest" compares
+    tokens: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # generation models: tokens/s
+    ttft: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # generation models: TTFT p50 ms
+    generation: bool = False
 
 
 @dataclass
@@ -73,6 +77,12 @@ class MonitorState:
             series.p99.append(float(latency.get("p99") or 0.0))
             series.memory.append(float(memory_used(row) or 0))
             series.failures.append(float(row.get("failures_per_s") or 0.0))
+            series.activity.append(activity(row))
+            series.generation = is_generation(row)
+            if series.generation:
+                figures = generation_figures(row)
+                series.tokens.append(float(figures["tokens_per_s"] or 0.0))
+                series.ttft.append(float(figures["ttft_p50_ms"] or 0.0))
         for gone in set(self.series) - names:
             del self.series[gone]
         self.total_rps.append(total)
@@ -122,7 +132,7 @@ class MonitorState:
         that follow load rather than the cursor; ``None`` when nothing is loaded."""
         if not self.series:
             return None
-        return max(sorted(self.series), key=lambda n: sum(list(self.series[n].rps)[-5:]))  # ties: the first by name
+        return max(sorted(self.series), key=lambda n: sum(list(self.series[n].activity)[-5:]))  # ties: the first by name
 
     def model_events(self, name: str, limit: int = 50) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("model") == name][-limit:]
@@ -198,3 +208,102 @@ def fmt_memory(row: dict[str, Any]) -> str:
     if limit:
         text += f" of {fmt_bytes(limit)} limit"
     return f"{text} (estimate {fmt_bytes(estimate)})" if estimate else text
+
+
+# --- what runs, and a generation model's live figures ------------------------------------------
+#
+# The daemon's rows say what the runner reported it runs (``runs``: engine, precision, device,
+# dtype) and, for a generation model, its figures flat under ``generation`` (``tokens_per_s``,
+# ``ttft_p50_ms`` ...). Older daemons had only ``backend_info`` and the monitor's
+# ``generation.api`` / the engine's ``ttft_s`` summaries: those are read when the flat names are
+# absent, and a figure nobody reports shows as "-".
+
+
+def is_generation(row: dict[str, Any]) -> bool:
+    return isinstance(row.get("generation"), dict)
+
+
+def runs(row: dict[str, Any]) -> dict[str, Any]:
+    """``{"engine", "precision", "device", "dtype"}`` as the runner reported them (empty
+    values where it has not reported yet); never the requested settings."""
+    reported = row.get("runs")
+    if isinstance(reported, dict):
+        return reported
+    info = row.get("backend_info") if isinstance(row.get("backend_info"), dict) else {}
+    gen = row.get("generation") if is_generation(row) else {}
+    engine = gen.get("engine") or info.get("engine") or (info.get("backend") if info else None)
+    precision = gen.get("precision") or info.get("precision") or gen.get("dtype") or info.get("dtype")
+    if engine is None and not is_generation(row):
+        engine = row.get("backend")  # a daemon that reports nothing more: its backend
+    return {"engine": engine, "precision": precision, "device": info.get("device") or row.get("device"), "dtype": info.get("dtype")}
+
+
+def runs_short(row: dict[str, Any]) -> str:
+    """The table's cell: ``ort-genai int4``, ``onnxruntime fp32``; ``-`` before a report."""
+    r = runs(row)
+    parts = [str(v) for v in (r.get("engine"), r.get("precision")) if v]
+    return " ".join(parts) or "-"
+
+
+def runs_long(row: dict[str, Any]) -> str:
+    """The detail view's words: ``ort-genai int4 on cpu`` (the daemon's own text when it sends one)."""
+    text = row.get("runs_text")
+    if isinstance(text, str) and text:
+        return text
+    r = runs(row)
+    return runs_short(row) + (f" on {r['device']}" if r.get("device") else "")
+
+
+def _ms(summary: Any, p: str) -> float | None:
+    value = summary.get(p) if isinstance(summary, dict) else None
+    return None if value is None else float(value) * 1000
+
+
+def generation_figures(row: dict[str, Any]) -> dict[str, Any]:
+    """A generation model's live figures under one set of names (None where not reported):
+    ``tokens_per_s``, ``ttft_p50_ms``, ``ttft_p99_ms``, ``itl_p50_ms``, ``itl_p99_ms``,
+    ``running``, ``waiting``, ``max_num_seqs``, ``kv_used_bytes``, ``kv_reserved_bytes``."""
+    gen = row.get("generation") if is_generation(row) else {}
+    api = gen.get("api") if isinstance(gen.get("api"), dict) else {}
+
+    def first(*values: Any) -> Any:
+        return next((v for v in values if v is not None), None)
+
+    return {
+        "tokens_per_s": first(gen.get("tokens_per_s"), api.get("tokens_per_s"), api.get("generated_tokens_per_s")),
+        "ttft_p50_ms": first(gen.get("ttft_p50_ms"), (api.get("ttft_ms") or {}).get("p50"), _ms(gen.get("ttft_s"), "p50")),
+        "ttft_p99_ms": first(gen.get("ttft_p99_ms"), (api.get("ttft_ms") or {}).get("p99"), _ms(gen.get("ttft_s"), "p99")),
+        "itl_p50_ms": first(gen.get("inter_token_p50_ms"), (api.get("inter_token_ms") or {}).get("p50"), _ms(gen.get("inter_token_s"), "p50")),
+        "itl_p99_ms": first(gen.get("inter_token_p99_ms"), (api.get("inter_token_ms") or {}).get("p99"), _ms(gen.get("inter_token_s"), "p99")),
+        "running": gen.get("running"),
+        "waiting": gen.get("waiting"),
+        "max_num_seqs": gen.get("max_num_seqs"),
+        "kv_used_bytes": gen.get("kv_used_bytes"),
+        "kv_reserved_bytes": gen.get("kv_reserved_bytes"),
+    }
+
+
+def activity(row: dict[str, Any]) -> float:
+    """How busy a model is now, for "the busiest model": requests/s, or for a generation
+    model the sequences in flight (it may start no request for many seconds while it serves)."""
+    if is_generation(row):
+        g = generation_figures(row)
+        return float(row.get("requests_per_s") or 0.0) + float(g["running"] or 0) + float(g["waiting"] or 0)
+    return float(row.get("requests_per_s") or 0.0)
+
+
+def kv_text(row: dict[str, Any]) -> str:
+    """KV cache used/reserved (``12.0 MiB/96.0 MiB``); ``-`` when not reported."""
+    g = generation_figures(row)
+    if g["kv_reserved_bytes"] is None and g["kv_used_bytes"] is None:
+        return "-"
+    return f"{fmt_bytes(g['kv_used_bytes'] or 0)}/{fmt_bytes(g['kv_reserved_bytes'])}"
+
+
+def generation_line(row: dict[str, Any]) -> str:
+    """One line of a generation model's live figures (detail, tune and chat screens)."""
+    g = generation_figures(row)
+    seqs = f"running {'-' if g['running'] is None else g['running']}" + (f"/{g['max_num_seqs']}" if g["max_num_seqs"] else "")
+    return (f"tokens/s {fmt_rate(g['tokens_per_s'])}  TTFT p50 {fmt_ms(g['ttft_p50_ms'])} ms p99 {fmt_ms(g['ttft_p99_ms'])} ms  "
+            f"inter-token p50 {fmt_ms(g['itl_p50_ms'])} ms p99 {fmt_ms(g['itl_p99_ms'])} ms\n"
+            f"{seqs}  waiting {'-' if g['waiting'] is None else g['waiting']}  KV used/reserved {kv_text(row)}")

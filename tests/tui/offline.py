@@ -34,23 +34,34 @@ def tensor_row(name: str = "demo-mlp", **extra: Any) -> dict[str, Any]:
     return row
 
 
-def generation_row(name: str = "demo-chat", **extra: Any) -> dict[str, Any]:
-    """A causal LM served as token streams, as the daemon describes it today: no batcher
-    figures (``requests_per_s`` 0 between streams, no latency), the engine's own figures
-    under ``generation`` (seconds) and the API's under ``generation.api`` (ms, tokens/s)."""
+def generation_row(name: str = "demo-chat", *, legacy: bool = False, **extra: Any) -> dict[str, Any]:
+    """A causal LM served as token streams: no batcher figures (``requests_per_s`` 0 between
+    streams, no request latency), the engine's and the API's figures under ``generation``.
+    The manifest asked for deepspeed fp32; the runner reports ORT-GenAI int4 (``runs``).
+
+    ``legacy``: as a daemon from before the flat names described it (``backend_info``, the
+    engine's ``ttft_s`` summaries in seconds, the monitor's ``generation.api``)."""
     row = tensor_row(name, backend="deepspeed", format="hf", requests=3, requests_per_s=0.0,
-                     latency_ms={"p50": None, "p95": None, "p99": None}, avg_batch_size=0.0,
+                     latency_ms={"p50": None, "p95": None, "p99": None}, avg_batch_size=1.0,
                      settings={**tensor_row()["settings"], "dtype": "fp32"})
-    row["backend_info"] = {"device": "cpu", "engine": "ort-genai", "precision": "int4"}
-    row["generation"] = {
+    row["backend_info"] = {"device": "cpu", "engine": "ort-genai", "precision": "int4", "generation": True}
+    gen: dict[str, Any] = {
         "engine": "ort-genai", "precision": "int4", "max_num_seqs": 4, "max_context": 2048,
         "running": 1, "waiting": 2, "kv_used_bytes": 12 * 2**20, "kv_reserved_bytes": 96 * 2**20,
         "generated_tokens_total": 640,
         "ttft_s": {"count": 3, "p50": 0.120, "p90": 0.2, "p99": 0.250, "max": 0.3},
         "inter_token_s": {"count": 600, "p50": 0.021, "p90": 0.03, "p99": 0.045, "max": 0.05},
-        "api": {"generated_tokens_per_s": 42.5, "prompt_tokens_per_s": 0.0, "ttft_ms": {"p50": 130.0, "p99": 260.0},
-                "inter_token_ms": {"p50": 22.0, "p99": 46.0}, "active_streams": 1},
     }
+    if legacy:
+        gen["api"] = {"generated_tokens_per_s": 42.5, "prompt_tokens_per_s": 0.0, "ttft_ms": {"p50": 130.0, "p99": 260.0},
+                      "inter_token_ms": {"p50": 22.0, "p99": 46.0}, "active_streams": 1}
+    else:
+        row["runs"] = {"engine": "ort-genai", "precision": "int4", "device": "cpu", "dtype": "int4"}
+        row["runs_text"] = "ort-genai int4 on cpu"
+        gen.update({"tokens_per_s": 42.5, "streams_per_s": 0.2, "streams_active": 1, "ttft_p50_ms": 130.0, "ttft_p99_ms": 260.0,
+                    "inter_token_p50_ms": 22.0, "inter_token_p99_ms": 46.0})
+        row.update({"rate_per_s": 42.5, "rate_unit": "tokens/s", "p50_ms": 22.0, "p50_of": "inter_token"})
+    row["generation"] = gen
     row.update(extra)
     return row
 

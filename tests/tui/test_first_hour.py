@@ -139,3 +139,57 @@ async def test_rows_are_not_ready_after_the_daemon_died(size: tuple[int, int]) -
         table = app.screen.query_one(ModelsTable)
         assert table.cell_text("demo-mlp", "state") == "ready"
         assert "unreachable" not in str(app.screen.query_one(StatusBar).content)
+
+
+# --- generation models while they serve -------------------------------------------------------
+
+
+@sizes
+@pytest.mark.parametrize("legacy", [False, True], ids=["flat", "older-daemon"])
+async def test_generation_model_row_and_detail_show_what_runs_and_its_figures(size: tuple[int, int], legacy: bool) -> None:
+    """The dashboard row says what the runner runs (ORT-GenAI int4, not the deepspeed fp32
+    asked for) and tokens/s instead of 0.0 req/s; at 120x40 also TTFT, running/waiting and KV;
+    the detail view has them all at both sizes; the chart follows tokens/s and TTFT, never
+    "p50 ... 0.00 ms" for it."""
+    from lastmile.tui.screens.detail import ModelDetailScreen
+    from lastmile.tui.widgets.models_table import ModelsTable
+
+    app = OfflineApp()
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot, app, [tensor_row("demo-mlp", requests_per_s=0.0), generation_row(legacy=legacy)])
+        table = app.screen.query_one(ModelsTable)
+        assert table.cell_text("demo-chat", "runs") == "ort-genai int4"
+        assert table.cell_text("demo-chat", "rps") == "42.5 tok/s"
+        assert table.cell_text("demo-mlp", "rps") == "0.0 req/s"
+        text = screen_text(app)
+        assert "deepspeed" not in text and "fp32" not in text.split("demo-mlp")[0]
+        if size[0] >= 120:
+            assert table.cell_text("demo-chat", "ttft") == "130"
+            assert (table.cell_text("demo-chat", "run"), table.cell_text("demo-chat", "wait")) == ("1/4", "2")
+            assert table.cell_text("demo-chat", "kv") == "12.0 MiB/96.0 MiB"
+            assert table.cell_text("demo-chat", "p99") == "46.00/tok"
+            labels = str(app.screen.query_one("#l-p50").content) + " " + str(app.screen.query_one("#l-p99").content)
+            assert "tokens/s, demo-chat (busiest): 42.5" in labels and "TTFT p50, demo-chat (busiest): 130 ms" in labels, labels
+            assert "0.00 ms" not in labels
+        widths = sum(column.get_render_width(table) for column in table.columns.values())
+        assert widths <= table.size.width, (widths, table.size.width)
+        app.open_detail("demo-chat")
+        await wait_until(lambda: isinstance(app.screen, ModelDetailScreen) and app.screen.query("#detail-head"), step=lambda: pilot.pause(0.05))
+        await pilot.pause(0.1)
+        head = plain(app.screen.query_one("#detail-head"), width=size[0] - 2)
+        for words in ("runs ort-genai int4 on cpu", "tokens/s 42.5", "TTFT p50 130 ms p99 260 ms", "inter-token p50 22.00 ms p99 46.00 ms",
+                      "running 1/4", "waiting 2", "KV used/reserved 12.0 MiB/96.0 MiB"):
+            assert words in " ".join(head.split()), (words, head)
+        assert "avg batch" not in head and "deepspeed" not in head
+
+
+def test_generation_figures_degrade_to_dashes() -> None:
+    """A generation row with nothing reported yet (a model still warming up) shows "-", not
+    a crash or a made-up 0."""
+    from lastmile.tui.state import generation_figures, generation_line, kv_text, runs_short
+    from lastmile.tui.widgets.models_table import running_text
+
+    row = {"name": "g", "state": "loading", "generation": {}}
+    assert set(generation_figures(row).values()) == {None}
+    assert runs_short(row) == "-" and kv_text(row) == "-" and running_text(row) == "-"
+    assert "tokens/s -" in generation_line(row) and "TTFT p50 - ms" in generation_line(row)

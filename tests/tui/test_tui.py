@@ -51,7 +51,7 @@ async def test_dashboard_shows_models_and_numbers_move_under_traffic(tui_daemon:
 
             async def busy() -> None:
                 await _traffic(client, 8)
-                seen_rps.append(float(table.cell_text("demo-mlp", "rps") or 0))
+                seen_rps.append(float((table.cell_text("demo-mlp", "rps") or "0").split()[0]))
 
             await wait_until(lambda: any(v > 0 for v in seen_rps), step=busy, what="req/s above 0")
             p50 = table.cell_text("demo-mlp", "p50") or "-"

@@ -25,7 +25,7 @@ from textual.widgets import Button, Input, Label, RichLog, Select, Static
 from lastmile.appliance.client.api import ApiError, ClientError
 from lastmile.appliance.client.chat import Generation, SamplingOptions, generate
 from lastmile.tui.screens.base import ModelPickerScreen
-from lastmile.tui.state import MonitorState
+from lastmile.tui.state import MonitorState, generation_line, runs_long
 
 MAX_TURNS = 50  # messages kept in the conversation sent back to the model
 
@@ -56,20 +56,9 @@ class ChatDone(Message):
         self.result, self.error = result, error
 
 
-def generation_line(row: dict[str, Any]) -> str:
-    """The model's engine figures from a monitor row (``describe()["generation"]``)."""
-    gen = row.get("generation") or {}
-    api = gen.get("api") or {}
-    parts = []
-    if gen.get("running") is not None:
-        parts.append(f"running {gen.get('running')}/{gen.get('max_num_seqs', '?')}  waiting {gen.get('waiting', 0)}")
-    if gen.get("kv_reserved_bytes"):
-        parts.append(f"KV {gen.get('kv_used_bytes', 0) / 2**20:.1f} / {gen['kv_reserved_bytes'] / 2**20:.1f} MiB")
-    if api.get("generated_tokens_per_s") is not None:
-        parts.append(f"{api['generated_tokens_per_s']:.1f} tokens/s now")
-    if (api.get("ttft_ms") or {}).get("p50") is not None:
-        parts.append(f"TTFT p50 {api['ttft_ms']['p50']:.0f} ms")
-    return "  ".join(parts)
+def engine_line(row: dict[str, Any]) -> str:
+    """What runs the model and its live figures, from a monitor row (the dashboard's words)."""
+    return f"runs {runs_long(row)}  " + generation_line(row)
 
 
 class ChatScreen(ModelPickerScreen):
@@ -116,7 +105,7 @@ class ChatScreen(ModelPickerScreen):
         self.set_model_names(tuple(r["name"] for r in rows))
         name = self.model_name
         row = next((r for r in rows if r["name"] == name), None)
-        self.query_one("#c-engine", Static).update(generation_line(row) if row else "no generation model loaded" if not rows else "")
+        self.query_one("#c-engine", Static).update(engine_line(row) if row else "no generation model loaded" if not rows else "")
 
     def _options(self) -> SamplingOptions | None:
         """The form's sampling fields over the shared defaults (an empty field: the default)."""

@@ -17,7 +17,7 @@ from textual.events import Resize
 from textual.widgets import DataTable, Input, Label, RichLog, Sparkline
 
 from lastmile.tui.screens.base import LastmileScreen
-from lastmile.tui.state import MonitorState, fmt_bytes, fmt_ms, fmt_rate
+from lastmile.tui.state import MonitorState, fmt_bytes, fmt_ms, fmt_rate, generation_figures
 from lastmile.tui.widgets.events_log import event_line
 from lastmile.tui.widgets.gauge import Gauge
 from lastmile.tui.widgets.models_table import COLUMNS, ModelsTable
@@ -157,13 +157,24 @@ class DashboardScreen(LastmileScreen):
         self.query_one("#l-rps", Label).update(f"throughput, all models: {fmt_rate(rps[-1] if rps else None)} req/s")
         busiest = state.busiest()
         series = state.series.get(busiest) if busiest else None
+        scope = f"{busiest} (busiest)" if busiest else "-"
+        if series is not None and series.generation:
+            # a generation model has no request latency: its tokens/s and time to first token
+            tokens, ttft = list(series.tokens), list(series.ttft)
+            self.query_one("#s-p50", Sparkline).data = tokens or [0.0]
+            self.query_one("#s-p99", Sparkline).data = ttft or [0.0]
+            row = state.model(busiest) or {}
+            figures = generation_figures(row)
+            self.query_one("#l-p50", Label).update(f"tokens/s, {scope}: {fmt_rate(figures['tokens_per_s'])}")
+            self.query_one("#l-p99", Label).update(f"TTFT p50, {scope}: {fmt_ms(figures['ttft_p50_ms'])} ms")
+            return
         p50 = list(series.p50) if series is not None else []
         p99 = list(series.p99) if series is not None else []
         self.query_one("#s-p50", Sparkline).data = p50 or [0.0]
         self.query_one("#s-p99", Sparkline).data = p99 or [0.0]
-        scope = f"{busiest} (busiest)" if busiest else "-"
-        self.query_one("#l-p50", Label).update(f"p50, {scope}: {fmt_ms(p50[-1] if p50 else None)} ms")
-        self.query_one("#l-p99", Label).update(f"p99, {scope}: {fmt_ms(p99[-1] if p99 else None)} ms")
+        latency = (state.model(busiest) or {}).get("latency_ms") or {} if busiest else {}
+        self.query_one("#l-p50", Label).update(f"p50, {scope}: {fmt_ms(latency.get('p50'))} ms")  # "-" before any request
+        self.query_one("#l-p99", Label).update(f"p99, {scope}: {fmt_ms(latency.get('p99'))} ms")
 
     def _append_events(self, state: MonitorState) -> None:
         log = self.query_one("#events", RichLog)

@@ -24,7 +24,8 @@ from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.tui.messages import LoadFinished, StoreListed
 from lastmile.tui.screens.base import LastmileScreen
 from lastmile.tui.screens.confirm import STOPS_SERVING, STOPS_SERVING_KEYS, ConfirmScreen
-from lastmile.tui.state import MonitorState, fmt_bytes, fmt_memory, fmt_ms, fmt_rate, fmt_time, memory_limit
+from lastmile.tui.state import (MonitorState, fmt_bytes, fmt_memory, fmt_ms, fmt_rate, fmt_time, generation_line, is_generation,
+                                memory_limit, runs_long)
 from lastmile.tui.widgets.events_log import event_line
 from lastmile.tui.widgets.models_table import STATE_STYLE
 
@@ -113,11 +114,14 @@ class ModelDetailScreen(LastmileScreen):
         text.append(f"  {shown}" + (" (daemon unreachable)" if state.stale else ""), style=STATE_STYLE.get(shown, ""))
         if row["state"] == "loading":
             text.append(f" ({row.get('phase')})")
-        text.append(f"  {row.get('backend')} on {row.get('device')}, {row.get('format')}, loaded {fmt_time(row.get('loaded_at') or time.time())}"
+        text.append(f"  runs {runs_long(row)}, {row.get('format')}, loaded {fmt_time(row.get('loaded_at') or time.time())}"
                     f", restarts {row.get('restarts', 0)}\n")
-        lat = row.get("latency_ms") or {}
-        text.append(f"req/s {fmt_rate(row.get('requests_per_s'))}  p50 {fmt_ms(lat.get('p50'))} ms  p99 {fmt_ms(lat.get('p99'))} ms  "
-                    f"queue {row.get('queue_depth', 0)}  avg batch {row.get('avg_batch_size') or 0:.1f} rows")
+        if is_generation(row):  # token streams: no batcher figures, the engine's own instead
+            text.append(generation_line(row))
+        else:
+            lat = row.get("latency_ms") or {}
+            text.append(f"req/s {fmt_rate(row.get('requests_per_s'))}  p50 {fmt_ms(lat.get('p50'))} ms  p99 {fmt_ms(lat.get('p99'))} ms  "
+                        f"queue {row.get('queue_depth', 0)}  avg batch {row.get('avg_batch_size') or 0:.1f} rows")
         if row.get("error"):
             text.append(f"\n{row['error']}", style="red")
         head.update(text)

@@ -21,8 +21,39 @@ from lastmile.tui.forms import BACKENDS, DTYPES, GRAPH_FUSION, PHASES, FormError
 from lastmile.tui.messages import EstimateReady, LoadFinished, LoadProgress, StoreListed
 from lastmile.tui.screens.base import LastmileScreen
 from lastmile.tui.screens.confirm import STOPS_SERVING, STOPS_SERVING_KEYS, ConfirmScreen
-from lastmile.tui.state import STALE_STATE, MonitorState
-from lastmile.tui.widgets.models_table import STATE_STYLE
+from lastmile.tui.state import STALE_STATE, MonitorState, runs, runs_short
+from lastmile.tui.widgets.fitted_table import FittedTable
+from lastmile.tui.widgets.models_table import STATE_STYLE, Column
+
+def _inputs(entry: dict[str, Any]) -> str:
+    """``input_ids INT64[-1,-1], attention_mask INT64[-1,-1]``."""
+    return ", ".join(f"{t['name']} {t['datatype']}[{','.join(str(d) for d in t['shape'])}]" for t in entry.get("inputs", [])) or "-"
+
+
+def _setting(key: str, unset: str = "-") -> Any:
+    return lambda r: str((r.get("settings") or {}).get(key) if (r.get("settings") or {}).get(key) is not None else unset)
+
+
+# The store and loaded tables: a column that does not fit is left out (lowest priority first), never cut.
+STORE_COLUMNS = [
+    Column("name", "Model", lambda e: e["name"], lambda e: e["name"], 0),
+    Column("format", "Format", lambda e: e.get("format") or "?", lambda e: e.get("format") or "", 3),
+    Column("backend", "Backend", lambda e: e.get("backend") or "?", lambda e: e.get("backend") or "", 4),
+    Column("loaded", "Loaded", lambda e: Text("yes", style="green") if e.get("loaded") else Text("no", style="dim"), lambda e: bool(e.get("loaded")), 1),
+    Column("inputs", "Inputs", _inputs, _inputs, 2),
+    Column("description", "Description", lambda e: e.get("error") or e.get("description") or "", lambda e: e.get("description") or "", 5),
+]
+LOADED_COLUMNS = [
+    Column("name", "Model", lambda r: r["name"], lambda r: r["name"], 0),
+    Column("state", "State", lambda r: Text(r["state"], style=STATE_STYLE.get(r["state"], "")), lambda r: r["state"], 0),
+    Column("phase", "Phase", lambda r: r.get("phase") or "-", lambda r: r.get("phase") or "", 6),
+    # what the runner reported it runs (engine, precision), not the backend and dtype asked for
+    Column("runs", "Runs", runs_short, runs_short, 1),
+    Column("device", "Device", lambda r: runs(r).get("device") or r.get("device") or "-", lambda r: r.get("device") or "", 3),
+    Column("fusion", "Fusion", _setting("graph_fusion"), _setting("graph_fusion"), 5),
+    Column("batch", "Batch", _setting("max_batch_size"), _setting("max_batch_size"), 4),
+    Column("limit", "Limit MiB", _setting("memory_limit_mb"), _setting("memory_limit_mb"), 2),
+]
 
 ESTIMATE_TEXT = "estimate: pick a model; the daemon's dry run (POST /lm/v1/memory/estimate) says what it needs and whether it fits."
 ESTIMATE_DEBOUNCE_S = 0.4
@@ -54,10 +85,10 @@ class ModelsScreen(LastmileScreen):
             with Horizontal(id="models-tables"):
                 with Vertical(classes="half"):
                     yield Label("Store: what can be loaded", classes="section")
-                    yield DataTable(id="store", cursor_type="row", zebra_stripes=True)
+                    yield FittedTable(STORE_COLUMNS, id="store")
                 with Vertical(classes="half"):
                     yield Label("Loaded", classes="section")
-                    yield DataTable(id="loaded", cursor_type="row", zebra_stripes=True)
+                    yield FittedTable(LOADED_COLUMNS, id="loaded")
             with Vertical(id="load-form", classes="mutating"):
                 yield Label("Load a model", classes="section")
                 with Grid(id="form-grid"):
@@ -94,10 +125,6 @@ class ModelsScreen(LastmileScreen):
         self.busy: str | None = None
         self.last_estimate: dict[str, Any] | None = None
         self._loaded_names: tuple[str, ...] | None = None
-        store = self.query_one("#store", DataTable)
-        store.add_columns("Model", "Format", "Backend", "Loaded", "Inputs", "Description")
-        loaded = self.query_one("#loaded", DataTable)
-        loaded.add_columns("Model", "State", "Phase", "Backend", "Device", "Dtype", "Fusion", "Batch", "Limit MiB")
         self.query_one("#load-progress", ProgressBar).display = False
         self.fetch_store()
         self.fetch_devices()
@@ -123,12 +150,7 @@ class ModelsScreen(LastmileScreen):
 
     def on_store_listed(self, message: StoreListed) -> None:
         self.store = message.listing.get("store", [])
-        table = self.query_one("#store", DataTable)
-        table.clear()
-        for entry in self.store:
-            inputs = ", ".join(f"{t['name']} {t['datatype']}{t['shape']}" for t in entry.get("inputs", []))
-            loaded = Text("yes", style="green") if entry.get("loaded") else Text("no", style="dim")
-            table.add_row(entry["name"], entry.get("format") or "?", entry.get("backend") or "?", loaded, inputs or "-", entry.get("error") or entry.get("description") or "", key=entry["name"])
+        self.query_one("#store", FittedTable).show(self.store)
         select = self.query_one("#f-model", Select)
         current = select.value
         select.set_options([(e["name"], e["name"]) for e in self.store if not e.get("error")])
@@ -146,18 +168,7 @@ class ModelsScreen(LastmileScreen):
         self._loaded_names = names
 
     def _show_loaded(self, rows: list[dict[str, Any]], *, stale: bool = False) -> None:
-        table = self.query_one("#loaded", DataTable)
-        selected = self._selected("#loaded")
-        table.clear()
-        for row in rows:
-            s = row.get("settings") or {}
-            table.add_row(
-                row["name"], Text(state := STALE_STATE if stale else row["state"], style=STATE_STYLE.get(state, "")), row.get("phase") or "-",
-                row.get("backend") or "-", row.get("device") or "-", s.get("dtype", "-"), s.get("graph_fusion", "-"),
-                str(s.get("max_batch_size", "-")), str(s.get("memory_limit_mb") or "-"), key=row["name"],
-            )
-        if selected is not None and selected in [str(k.value) for k in table.rows]:
-            table.move_cursor(row=table.get_row_index(selected), animate=False)
+        self.query_one("#loaded", FittedTable).show([{**r, "state": STALE_STATE} for r in rows] if stale else rows)
 
     def _selected(self, table_id: str) -> str | None:
         table = self.query_one(table_id, DataTable)

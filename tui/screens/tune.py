@@ -19,7 +19,7 @@ from lastmile.tui.forms import GRAPH_FUSION, RELOADING_KEYS, FormError, reload_n
 from lastmile.tui.messages import Tuned
 from lastmile.tui.screens.base import ModelPickerScreen
 from lastmile.tui.screens.confirm import ConfirmScreen
-from lastmile.tui.state import MonitorState, fmt_memory, fmt_ms, fmt_rate
+from lastmile.tui.state import MonitorState, fmt_memory, fmt_ms, fmt_rate, generation_line, is_generation, runs_long
 
 RELOAD_NOTE = reload_note()
 
@@ -109,8 +109,13 @@ class TuneScreen(ModelPickerScreen):
         text.append(f"{row['name']}  ", style="bold")
         shown = state.shown_state(row)
         text.append(shown + ("  (daemon unreachable)" if state.stale else "") + "\n", style="green" if shown == "ready" else "yellow")
-        text.append(f"req/s {fmt_rate(row.get('requests_per_s'))}   p50 {fmt_ms(lat.get('p50'))} ms   p95 {fmt_ms(lat.get('p95'))} ms   p99 {fmt_ms(lat.get('p99'))} ms\n")
-        text.append(f"avg batch {row.get('avg_batch_size') or 0:.1f} rows   queue {row.get('queue_depth', 0)}   requests {row.get('requests', 0)}   failures {row.get('failures', 0)}\n")
+        if is_generation(row):
+            text.append(f"runs {runs_long(row)}\n{generation_line(row)}\nrequests {row.get('requests', 0)}  failures {row.get('failures', 0)}\n")
+        else:
+            text.append(f"req/s {fmt_rate(row.get('requests_per_s'))}  p50 {fmt_ms(lat.get('p50'))} ms  p95 {fmt_ms(lat.get('p95'))} ms  "
+                        f"p99 {fmt_ms(lat.get('p99'))} ms\n")
+            text.append(f"avg batch {row.get('avg_batch_size') or 0:.1f} rows  queue {row.get('queue_depth', 0)}  requests {row.get('requests', 0)}  "
+                        f"failures {row.get('failures', 0)}\n")
         text.append(f"memory {fmt_memory(row)}\n")
         text.append(
             f"now: max batch {s.get('max_batch_size')}, max delay {s.get('max_delay_ms')} ms, fusion {s.get('graph_fusion')}, "

@@ -492,7 +492,9 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None, prog: str = "python -m bench") -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    # `lastmile bench` runs this module as a child: its usage lines name the command typed
+    prog = prog or os.environ.get("LASTMILE_BENCH_PROG") or "python -m bench"
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_arguments(p)
     return p.parse_args(argv)

@@ -31,9 +31,10 @@ class PermissionDenied(ClientError):
 
 
 class ApiError(ClientError):
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, message: str, field: str | None = None, body: Any = None) -> None:
         super().__init__(f"{message} (HTTP {status}{', field ' + field if field else ''})")
         self.status, self.message, self.field = status, message, field
+        self.body = body if isinstance(body, dict) else {}  # the error's JSON body (a 507's "memory": options)
         self.exit_code = 5 if status >= 500 else 1
 
 
@@ -128,7 +129,7 @@ class LastmileClient:
                 data = {"error": payload.decode(errors="replace")}
         if status >= 400:
             error = data.get("error", f"HTTP {status}") if isinstance(data, dict) else f"HTTP {status}"
-            raise ApiError(status, error, data.get("field") if isinstance(data, dict) else None)
+            raise ApiError(status, error, data.get("field") if isinstance(data, dict) else None, data)
         return data
 
     # --- V2 ------------------------------------------------------------------------------

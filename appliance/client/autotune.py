@@ -29,6 +29,7 @@ import numpy as np
 
 from lastmile.appliance.client.api import LastmileClient
 from lastmile.appliance.client.loadgen import Target
+from lastmile.appliance.client.wording import load_command, settings_text
 from lastmile.models import vocabulary
 
 TuneProgress = Callable[[dict[str, Any]], None]  # one dict per step of the sweep (bench.run.Progress takes a line)
@@ -245,8 +246,9 @@ def format_table(result: TuneResult) -> str:
                      f"{t.rows_per_s:>10.1f} {t.p50_ms or 0:>8.2f} {t.p99_ms or 0:>8.2f} {t.avg_batch_size or 0:>9}  "
                      f"{'yes' if t.meets_slo else 'no'}{mark}")
     if result.best:
-        lines.append(f"best: {result.best.settings} ({result.best.rows_per_s:.1f} rows/s, p99 {result.best.p99_ms} ms)"
-                     + (" - applied and saved" if result.applied else " - not applied (use --apply)"))
+        best = result.best.settings
+        lines.append(f"best: {settings_text(best)} ({result.best.rows_per_s:.1f} rows/s, p99 {result.best.p99_ms} ms)"
+                     + (" - applied and saved" if result.applied else f" - not applied (use --apply, or: {load_command(result.model, best)})"))
     else:
         lines.append("no setting met the SLO" if result.latency_slo_ms else "no trial succeeded")
     return "\n".join(lines)

@@ -64,13 +64,24 @@ class Generation:
         return ", ".join(parts)
 
 
+#: The one set of sampling defaults of every client (``lastmile chat``/``generate``, the TUI's
+#: chat screen, the demo): mild randomness with the tail cut off. Small chat models (SmolLM2
+#: 135M-1.7B) drift into garbage at temperature 1 with no top-p; 0.7 / 0.9 keeps them on topic
+#: and still varied.
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.9
+DEFAULT_MAX_TOKENS = 256
+
+
 @dataclass
 class SamplingOptions:
-    """The sampling fields the CLI and the TUI expose (None: the server's default)."""
+    """The sampling fields the CLI and the TUI expose; the defaults are the clients' one set
+    (:data:`DEFAULT_TEMPERATURE`, :data:`DEFAULT_TOP_P`, :data:`DEFAULT_MAX_TOKENS`); None:
+    the server's default."""
 
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
+    temperature: float | None = DEFAULT_TEMPERATURE
+    top_p: float | None = DEFAULT_TOP_P
     top_k: int | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -158,7 +169,11 @@ def _event(raw: bytes, result: Generation, started: float, on_text: Callable[[st
 
 
 def _options(args: argparse.Namespace) -> SamplingOptions:
-    return SamplingOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+    """The flags over the clients' defaults (a flag not given keeps its default)."""
+    base = SamplingOptions()
+    return SamplingOptions(max_tokens=base.max_tokens if args.max_tokens is None else args.max_tokens,
+                           temperature=base.temperature if args.temperature is None else args.temperature,
+                           top_p=base.top_p if args.top_p is None else args.top_p,
                            top_k=args.top_k, seed=args.seed, stop=args.stop or [])
 
 
@@ -183,6 +198,24 @@ async def cmd_generate(client: LastmileClient, args: argparse.Namespace) -> int:
         print()
         print(f"[{result.summary()}]", file=sys.stderr)
     return 0
+
+
+async def check_generation_model(client: LastmileClient, name: str) -> None:
+    """Raise :class:`ClientError` (exit 1) unless ``name`` is a loaded generation model,
+    saying what to do instead (load it, pick a generation model, check the name)."""
+    data = await client.models()
+    loaded = {m["name"]: m for m in data.get("loaded", [])}
+    stored = {e["name"] for e in data.get("store", [])}
+    model = loaded.get(name)
+    if model is None:
+        chat_models = sorted(n for n, m in loaded.items() if isinstance(m.get("generation"), dict))
+        hint = f"; loaded generation models: {', '.join(chat_models)}" if chat_models else ""
+        if name in stored:
+            raise ClientError(f"model {name!r} is in the store but not loaded: lastmile load {name}{hint}")
+        raise ClientError(f"model {name!r} is not in the store ({', '.join(sorted(stored)) or 'the store is empty'}){hint}")
+    if not isinstance(model.get("generation"), dict):
+        raise ClientError(f"model {name!r} is not a generation model (format {model.get('format')}); "
+                          f"lastmile infer {name} serves it")
 
 
 class _LineReader:
@@ -211,6 +244,7 @@ class _LineReader:
 async def cmd_chat(client: LastmileClient, args: argparse.Namespace) -> int:
     """``lastmile chat NAME``: a conversation that streams each answer; ``/exit`` or Ctrl-D ends
     it, Ctrl-C stops the answer being written (and ends the chat at the prompt)."""
+    await check_generation_model(client, args.name)  # before the prompt: a wrong name fails at once
     loop = asyncio.get_running_loop()
     reader = _LineReader(loop)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
@@ -237,7 +271,7 @@ async def cmd_chat(client: LastmileClient, args: argparse.Namespace) -> int:
             if line is None:
                 if interactive:
                     print(file=sys.stderr)
-                return 0
+                return 1 if current.get("failed") else 0  # stdin ended after a refused answer: not a success
             text = line.strip()
             if not text:
                 continue
@@ -264,12 +298,14 @@ async def cmd_chat(client: LastmileClient, args: argparse.Namespace) -> int:
                 continue
             except ApiError as exc:
                 print(f"\nlastmile: {exc}", file=sys.stderr)
+                current["failed"] = True
                 history.pop()
                 if exc.status == 404:
                     return exc.exit_code
                 continue
             finally:
                 current["task"] = None
+            current["failed"] = False
             history.append({"role": "assistant", "content": result.text})
             print()
             if interactive:
@@ -284,9 +320,9 @@ async def cmd_chat(client: LastmileClient, args: argparse.Namespace) -> int:
 def add_chat_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """``lastmile chat`` and ``lastmile generate`` (hooked into cli.build_parser)."""
     sampling = argparse.ArgumentParser(add_help=False)
-    sampling.add_argument("--max-tokens", type=int, help="most tokens to generate (default: the server's, 256)")
-    sampling.add_argument("--temperature", type=float, help="0 = greedy; default 1")
-    sampling.add_argument("--top-p", type=float, help="nucleus sampling mass, (0, 1]")
+    sampling.add_argument("--max-tokens", type=int, help=f"most tokens to generate (default {DEFAULT_MAX_TOKENS})")
+    sampling.add_argument("--temperature", type=float, help=f"0 = greedy (default {DEFAULT_TEMPERATURE:g})")
+    sampling.add_argument("--top-p", type=float, help=f"nucleus sampling mass, (0, 1] (default {DEFAULT_TOP_P:g})")
     sampling.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off)")
     sampling.add_argument("--seed", type=int, help="seed for reproducible sampling")
     sampling.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")

@@ -12,17 +12,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 
 from lastmile.appliance import __version__
-from lastmile.appliance.client.api import ClientError, LastmileClient
+from lastmile.appliance.client.api import ApiError, ClientError, LastmileClient
 from lastmile.appliance.client.chat import add_chat_commands
 from lastmile.appliance.client.tensors import InputTypeError, conform
-from lastmile.appliance.client.wording import without_model_prefix
+from lastmile.appliance.client.wording import option_commands, settings_text, without_model_prefix
 from lastmile.appliance.client.units import MIB, fmt_bytes, fmt_mib, fmt_percent
-from lastmile.appliance.server.config import ConfigError, load_config
+from lastmile.appliance.server.config import ConfigError, client_socket, load_config
 from lastmile.models.vocabulary import BY_NAME, GRAPH_FUSION_LEVELS, SETTINGS, Setting
 
 SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"  # what add_subparsers returns
@@ -66,7 +66,8 @@ def _client(args: argparse.Namespace) -> LastmileClient:
         return LastmileClient(url=args.url, token=token)
     if args.socket:
         return LastmileClient(args.socket)
-    return LastmileClient(load_config(args.config).socket_path)
+    # $LASTMILE_SOCKET wins; a mistake elsewhere in the config file is a warning here, not a stop
+    return LastmileClient(client_socket(args.config, warn=lambda text: print(f"lastmile: warning: {text}", file=sys.stderr)))
 
 
 # --- subcommands -------------------------------------------------------------------------
@@ -238,13 +239,31 @@ async def cmd_models(client: LastmileClient, args: argparse.Namespace) -> int:
 
 async def cmd_load(client: LastmileClient, args: argparse.Namespace) -> int:
     params = {k: getattr(args, k) for k in LOAD_FLAGS if getattr(args, k) is not None}
-    started = time.monotonic()
-    model = await client.load(args.name, params)
+    started, asked_at = time.monotonic(), time.time()
+    try:
+        model = await client.load(args.name, params)
+    except ApiError as exc:
+        raise _with_commands(exc, args.name) from None
     if args.json:
         _print_json(model)
+    elif model.get("loaded_at") is not None and model["loaded_at"] < asked_at - 0.5:
+        # the daemon had it loaded with these settings already: nothing was started
+        since = time.strftime("%H:%M:%S", time.localtime(model["loaded_at"]))
+        print(f"{model['name']} is already loaded with these settings ({runs_label(model)}, since {since}); nothing changed")
     else:
         print(f"loaded {model['name']} ({runs_label(model)}) in {time.monotonic() - started:.2f} s")
     return 0
+
+
+def _with_commands(exc: ApiError, name: str) -> ClientError:
+    """A refused load (507) with the options that would fit as commands to type."""
+    options = (exc.body.get("memory") or {}).get("options") if isinstance(exc.body.get("memory"), dict) else None
+    lines = option_commands(name, options or [])
+    if not lines:
+        return exc
+    err = ClientError(f"{exc}\nwould fit:\n" + "\n".join(f"  {line}" for line in lines))
+    err.exit_code = exc.exit_code
+    return err
 
 
 async def cmd_unload(client: LastmileClient, args: argparse.Namespace) -> int:
@@ -510,7 +529,7 @@ async def cmd_load_or_dry_run(client: LastmileClient, args: argparse.Namespace) 
     est = data["estimate"]
     print(f"{data['model']}: {est['backend']} on {est['device']}, estimated {fmt_mib(est['total_bytes'])}")
     for part, value in est["parts"].items():
-        print(f"  {part.removesuffix('_bytes'):<10} {fmt_mib(value):>14}")
+        print(f"  {PART_NAMES.get(part, part.removesuffix('_bytes').replace('_', ' ')):<22} {fmt_mib(value):>14}")
     for device, value in est["per_device"].items():
         print(f"  on {device}: {fmt_mib(value)} needed, {fmt_mib(data['free_bytes'].get(device))} free")
     for note in est["notes"]:
@@ -521,9 +540,23 @@ async def cmd_load_or_dry_run(client: LastmileClient, args: argparse.Namespace) 
     short = data["shortfall"]
     print(f"fits: no ({short['reason']} on {short['device']}: needs {fmt_mib(short['needed_bytes'])}, "
           f"{fmt_mib(short['free_bytes'])} free, limit {fmt_mib(short['limit_bytes'])})")
-    for option in data.get("options", []):
+    for option, command in zip(data.get("options", []), _option_lines(args.name, data.get("options", []))):
         print(f"  would fit: {option['description']} ({fmt_mib(option['estimate_bytes'])})")
+        if command:
+            print(f"    {command}")
     return 1
+
+
+def _option_lines(name: str, options: list[dict[str, Any]]) -> list[str]:
+    """One command per option (empty where an option has none), aligned with ``options``."""
+    return [(option_commands(name, [o]) or [""])[0] for o in options]
+
+
+PART_NAMES = {  # the estimate's parts as the operator reads them
+    "weights_bytes": "weights", "workspace_bytes": "workspace", "pool_bytes": "buffer pool", "overhead_bytes": "runner overhead",
+    "limit_machinery_bytes": "memory limit's cost", "measured_correction_bytes": "measured correction",
+    "kv_cache_bytes": "KV cache",
+}
 
 
 def add_memory_commands(sub: SubParsers, common: argparse.ArgumentParser, load: argparse.ArgumentParser) -> None:
@@ -551,7 +584,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not (checkout / "bench" / "run.py").is_file():
         raise ClientError("`lastmile bench` runs the benchmark harness of a source checkout (bench/); "
                           "this install has none: clone the repository and run ./install.sh --dev there")
-    return subprocess.run([sys.executable, "-m", "bench", *args.bench_args], cwd=checkout).returncode
+    env = {**os.environ, "LASTMILE_BENCH_PROG": "lastmile bench"}
+    return subprocess.run([sys.executable, "-m", "bench", *args.bench_args], cwd=checkout, env=env).returncode
 
 
 def _choice_of(allowed: tuple[str, ...], what: str) -> Callable[[str], str]:
@@ -580,10 +614,11 @@ async def cmd_tune(client: LastmileClient, args: argparse.Namespace) -> int:
         if args.json:
             return
         if event["event"] == "start":
-            print(f"tuning {event['model']}: {event['total']} trials, SLO p99 <= {event['slo_ms'] or '-'} ms", file=sys.stderr)
+            slo = f"SLO p99 <= {event['slo_ms']:g} ms" if event.get("slo_ms") else "no latency SLO (--latency-slo-ms): the fastest wins"
+            print(f"tuning {event['model']}: {event['total']} trials, {slo}", file=sys.stderr)
         elif event["event"] == "trial":
             t = event["trial"]
-            print(f"  [{event['index']}/{event['total']}] {t['settings']}: {t['rows_per_s']:.1f} rows/s, p99 {t['p99_ms']} ms"
+            print(f"  [{event['index']}/{event['total']}] {settings_text(t['settings'])}: {t['rows_per_s']:.1f} rows/s, p99 {t['p99_ms']} ms"
                   + (f" ({t['error']})" if t["error"] else ""), file=sys.stderr)
 
     try:
@@ -623,6 +658,49 @@ def add_perf_commands(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     tune.set_defaults(func=cmd_tune)
 
 
+class LastmileParser(argparse.ArgumentParser):
+    """``argparse`` with a "did you mean" for a mistyped flag or command (Python 3.11's
+    argparse has no ``suggest_on_error``): the closest known spellings, by difflib."""
+
+    argv: list[str] = []
+
+    def _subcommand(self) -> argparse.ArgumentParser | None:
+        """The subcommand's parser named in the command line being parsed (None: none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for word in self.argv:
+                    if word in action.choices:
+                        return action.choices[word]
+        return None
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        import difflib
+
+        hints = []
+        target = self
+        if "unrecognized arguments:" in message:
+            target = self._subcommand() or self
+            known = [o for a in target._actions for o in a.option_strings if o.startswith("--")]
+            for word in message.split("unrecognized arguments:", 1)[1].split():
+                if word.startswith("-"):
+                    flag = word.split("=", 1)[0]
+                    close = difflib.get_close_matches(flag, known, n=2, cutoff=0.6)
+                    if close:
+                        hints.append(f"{flag}: did you mean {' or '.join(close)}?")
+        elif "invalid choice:" in message:
+            bad = message.split("invalid choice:", 1)[1].split("(", 1)[0].strip().strip("'\"")
+            choices = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+            close = difflib.get_close_matches(bad, choices, n=2, cutoff=0.6)
+            if close:
+                hints.append(f"{bad}: did you mean {' or '.join(close)}?")
+        if hints:
+            message = message + "\n" + "\n".join(hints)
+        if target is not self:  # the usage of the command that was typed, not the top level's
+            target.print_usage(sys.stderr)
+            self.exit(2, f"{self.prog}: error: {message}\n")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Connection options are accepted before or after the subcommand (`lastmile serve --config F`).
     common = argparse.ArgumentParser(add_help=False)
@@ -630,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--socket", default=argparse.SUPPRESS, help="daemon socket (default: server.socket from the config)")
     common.add_argument("--url", default=argparse.SUPPRESS, help="daemon over TCP instead, e.g. https://127.0.0.1:8080")
     common.add_argument("--token-file", default=argparse.SUPPRESS, help="bearer token file for --url")
-    parser = argparse.ArgumentParser(prog="lastmile", description="Lastmile edge inference appliance", parents=[common])
+    parser = LastmileParser(prog="lastmile", description="Lastmile edge inference appliance", parents=[common])
     parser.add_argument("--version", action="version", version=f"lastmile {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -707,8 +785,39 @@ def build_parser() -> argparse.ArgumentParser:
 LOCAL_COMMANDS = (cmd_serve, cmd_config_show, cmd_build_demo, cmd_models_import, cmd_tui, cmd_bench, cmd_demo)
 
 
+GLOBAL_VALUE_OPTIONS = ("--config", "--socket", "--url", "--token-file")
+
+
+def _bench_argv(argv: list[str]) -> list[str] | None:
+    """The harness's own arguments when the command is ``bench`` (after any global options),
+    else None. ``bench`` hands everything after it to ``python -m bench`` unparsed: argparse's
+    REMAINDER drops a first argument that starts with ``-`` (``bench --store DIR``), so the
+    command is recognised here, before the parser."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in GLOBAL_VALUE_OPTIONS:
+            i += 2
+            continue
+        if arg.startswith(tuple(o + "=" for o in GLOBAL_VALUE_OPTIONS)):
+            i += 1
+            continue
+        return argv[i + 1:] if arg == "bench" else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    bench_args = _bench_argv(argv)
+    if bench_args is not None:
+        try:
+            return cmd_bench(argparse.Namespace(bench_args=bench_args))
+        except ClientError as exc:
+            print(f"lastmile: {exc}", file=sys.stderr)
+            return exc.exit_code
+    parser = build_parser()
+    LastmileParser.argv = argv
+    args = parser.parse_args(argv)
     for option in ("config", "socket", "url", "token_file"):
         if not hasattr(args, option):
             setattr(args, option, None)

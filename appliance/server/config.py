@@ -318,3 +318,36 @@ def load_config(path: Path | str | None = None, *, system_mode: bool | None = No
         system_mode=system,
         sources=sources,
     )
+
+
+def client_socket(path: Path | str | None = None, *, warn: Any = None) -> Path:
+    """The daemon socket a client command connects to. ``$LASTMILE_SOCKET`` wins without the
+    config file being read; else the config's ``server.socket``. A config with a mistake in
+    another key (a typo in ``memory.host_limit_mb``) must not keep ``lastmile status`` or
+    ``stop`` from a healthy daemon: ``warn`` gets the error, and the socket comes from the
+    file's own ``server.socket`` if that one is readable, else the built-in default."""
+    env_socket = os.environ.get("LASTMILE_SOCKET")
+    if env_socket:
+        try:
+            return _path("LASTMILE_SOCKET", env_socket)
+        except SettingError as exc:
+            raise ConfigError("environment", exc.key, exc.message) from None
+    try:
+        return load_config(path).socket_path
+    except ConfigError as exc:
+        if exc.key == "(file)" and path is not None:
+            raise  # a named config file that does not exist: nothing to fall back on by surprise
+        system = is_system_mode()
+        socket = builtin_defaults(system)["server"]["socket"]
+        source = "the built-in default"
+        file = Path(exc.file) if exc.file else None
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8")) if file else {}
+            server = raw.get("server") if isinstance(raw, dict) else None
+            if isinstance(server, dict) and "socket" in server:
+                socket, source = _path("server.socket", server["socket"]), f"server.socket of {file}"
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, SettingError):
+            pass
+        if warn is not None:
+            warn(f"{exc} (ignored by this command; socket from {source}: {socket})")
+        return socket

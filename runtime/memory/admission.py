@@ -11,6 +11,7 @@ first; ``plan = "auto"`` and ``evict_idle`` take one of them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -33,6 +34,28 @@ ADVICE_MARGIN_MIB = 4  # a suggested budget keeps this margin: own memory moves 
 class Admission:
     def __init__(self, governor: "MemoryGovernor") -> None:
         self.gov = governor
+
+    def estimate(self, manifest: Manifest, settings: ModelSettings, backend: str) -> Estimate:
+        """The governor's estimate; with a ``memory_limit_mb`` and no footprint recorded yet
+        for this artifact *with* a limit, the one recorded without a limit corrects it (the
+        same runner, plus the limit machinery the static estimate already counts). Without
+        this a limit made the estimate drop what the artifact was measured to use, and the
+        ``memory_limit_mb`` advised from it was refused once the runner was up."""
+        est = self.gov.estimate(manifest, settings, backend)
+        if est.kind != "tensor" or not settings.memory_limit_mb or est.source != "static" or est.artifact_key is None:
+            return est
+        book = self.gov.footprints
+        digest = book.cached_digest(manifest.artifact)
+        if digest is None:
+            return est
+        unlimited = dataclasses.replace(settings, memory_limit_mb=None)
+        rec = book.get(book.key(digest, backend, unlimited, budget_device(est.device)))
+        if rec is None:
+            return est
+        per_instance = rec["measured_bytes"] - rec["static_estimate_bytes"]
+        return est.corrected(per_instance * settings.instances,
+                             f"corrected by this artifact's measured footprint without a limit (sha256 {rec['sha256'][:12]}): "
+                             f"{human(rec['measured_bytes'])} used vs {human(rec['static_estimate_bytes'])} estimated per instance")
 
     def limit_lines(self, limit_bytes: int) -> tuple[int, int]:
         """(most the whole estimate may be, most an idle runner may hold) under a limit."""
@@ -98,7 +121,7 @@ class Admission:
         name = manifest.name
         limit = settings.memory_limit_mb
         out: list[dict[str, Any]] = []
-        est = gov.estimate(manifest, settings, backend)
+        est = self.estimate(manifest, settings, backend)
         victims: list[str] = []
         for m in self._idle_lru(name):
             victims.append(m.name)
@@ -114,23 +137,23 @@ class Admission:
         low, high = 1, batch - 1
         while low <= high:
             mid = (low + high) // 2
-            if self.shortfall(gov.estimate(manifest, settings.overlay({"max_batch_size": mid}), backend), limit, name) is None:
+            if self.shortfall(self.estimate(manifest, settings.overlay({"max_batch_size": mid}), backend), limit, name) is None:
                 best, low = mid, mid + 1
             else:
                 high = mid - 1
         if best:
-            e = gov.estimate(manifest, settings.overlay({"max_batch_size": best}), backend)
+            e = self.estimate(manifest, settings.overlay({"max_batch_size": best}), backend)
             out.append({"option": "smaller_batch", "settings": {"max_batch_size": best}, "estimate_bytes": e.total_bytes,
                         "description": f"max_batch_size {best} instead of {batch}"})
         device = budget_device(est.device)
         if device != "host" and backend == "deepspeed" and settings.offload != "cpu":
-            e = gov.estimate(manifest, settings.overlay({"offload": "cpu"}), backend)
+            e = self.estimate(manifest, settings.overlay({"offload": "cpu"}), backend)
             if self.shortfall(e, limit, name) is None:
                 out.append({"option": "zero_offload", "settings": {"offload": "cpu"}, "estimate_bytes": e.total_bytes,
                             "description": "ZeRO-Inference: parameters offloaded to host memory"})
         if settings.dtype == "fp32":
             lower = "fp16" if backend == "onnxruntime" or device != "host" else "bf16"
-            e = gov.estimate(manifest, settings.overlay({"dtype": lower}), backend)
+            e = self.estimate(manifest, settings.overlay({"dtype": lower}), backend)
             if self.shortfall(e, limit, name) is None:
                 out.append({"option": "lower_precision", "settings": {"dtype": lower}, "estimate_bytes": e.total_bytes,
                             "description": f"dtype {lower} instead of fp32 (half the weight memory)"})
@@ -138,7 +161,7 @@ class Admission:
                 for size in (batch // 2, batch // 4, 1):
                     if size < 1:
                         continue
-                    e = gov.estimate(manifest, settings.overlay({"dtype": lower, "max_batch_size": size}), backend)
+                    e = self.estimate(manifest, settings.overlay({"dtype": lower, "max_batch_size": size}), backend)
                     if self.shortfall(e, limit, name) is None:
                         out.append({"option": "lower_precision_smaller_batch",
                                     "settings": {"dtype": lower, "max_batch_size": size}, "estimate_bytes": e.total_bytes,
@@ -159,7 +182,7 @@ class Admission:
             kind = "precision" if "precision" in changes else next(iter(changes))
             if kind in kinds:
                 continue
-            e = self.gov.estimate(manifest, settings.overlay(changes), backend)
+            e = self.estimate(manifest, settings.overlay(changes), backend)
             if self.shortfall(e, settings.memory_limit_mb, manifest.name) is None:
                 kinds.add(kind)
                 freed = est.total_bytes - e.total_bytes
@@ -176,7 +199,7 @@ class Admission:
         if settings.memory_limit_mb:
             need_mb = self.needed_limit_mb(est)
             if need_mb > settings.memory_limit_mb:
-                e = self.gov.estimate(manifest, settings.overlay({"memory_limit_mb": need_mb}), backend)
+                e = self.estimate(manifest, settings.overlay({"memory_limit_mb": need_mb}), backend)
                 if self.shortfall(e, need_mb, name) is None:
                     out.append({"option": "raise_limit", "settings": {"memory_limit_mb": need_mb}, "estimate_bytes": e.total_bytes,
                                 "description": f"memory_limit_mb {need_mb} instead of {settings.memory_limit_mb} (the estimate "
@@ -197,7 +220,7 @@ class Admission:
     def dry_run(self, manifest: Manifest, settings: ModelSettings, backend: str) -> dict[str, Any]:
         """What a load would need and whether it fits now, without starting anything."""
         gov = self.gov
-        est = gov.estimate(manifest, settings, backend)
+        est = self.estimate(manifest, settings, backend)
         short = self.shortfall(est, settings.memory_limit_mb, manifest.name)
         out = {
             "model": manifest.name,
@@ -247,7 +270,7 @@ class Admission:
         ``evict_idle`` is on and that makes room. Raises :class:`InsufficientMemory`."""
         gov = self.gov
         name = manifest.name
-        est = gov.estimate(manifest, settings, backend)
+        est = self.estimate(manifest, settings, backend)
         short = self.shortfall(est, settings.memory_limit_mb, name)
         if short is None:
             return settings, est, None
@@ -273,7 +296,7 @@ class Admission:
                     await host.unload(victim, reason=f"evicted (idle, least recently used) to make room for {name}")
             return settings, est, chosen
         new_settings = settings.overlay(chosen["settings"])
-        new_est = gov.estimate(manifest, new_settings, backend)
+        new_est = self.estimate(manifest, new_settings, backend)
         gov.events.record("memory_plan", f"{name} does not fit as asked; plan auto took: {chosen['description']}",
                           model=name, option=chosen["option"], settings=chosen["settings"], needed_bytes=est.total_bytes,
                           estimate_bytes=new_est.total_bytes, free_bytes=short["free_bytes"])

@@ -392,8 +392,10 @@ def _input_field(parsed: ParsedRequest, api: str) -> str:
 def check_request(parsed: ParsedRequest, limits: _Limits, api: str) -> None:
     """Refuse with a 400 naming the field whatever this model's runner would fail on or
     refuse anyway: top_k past the vocabulary, token ids past it, and a prompt that can never
-    fit its context (its byte length over the most bytes one token covers already gives more
-    tokens than max_context leaves), before the runner tokenizes a byte of it."""
+    fit its context (its byte length over the most bytes one token covers already gives at
+    least max_context tokens), before the runner tokenizes a byte of it. ``prompt_tokens`` of
+    that refusal is the lower bound (``prompt_tokens_at_least`` says so); a prompt that may fit
+    goes on to the runner, which refuses with the exact count what does not."""
     params = parsed.request.params
     prefix = parsed.param_prefix
     try:
@@ -415,14 +417,13 @@ def check_request(parsed: ParsedRequest, limits: _Limits, api: str) -> None:
                f"covers at most {limits.bytes_per_token} bytes)")
     else:
         return
-    if at_least + params.max_tokens <= ctx:
-        return
-    budget = "options.num_predict" if prefix == "options." else prefix + "max_tokens"
-    field = budget if at_least < ctx else _input_field(parsed, api)
-    advice = "lower max_tokens" if field == budget else "shorten the prompt"
-    raise ApiError(400, f"{field}: the prompt holds {how}; with max_tokens {params.max_tokens} that is more than this "
-                        f"model's max_context {ctx}; {advice}", field=field,
-                   extra={"prompt_tokens_at_least": at_least, "max_tokens": params.max_tokens, "max_context": ctx})
+    if at_least < ctx:
+        return  # it may fit: the runner counts exactly (what it tokenizes is bounded by ctx x bytes per token)
+    field = _input_field(parsed, api)
+    raise ApiError(400, f"{field}: the prompt holds {how}; this model's max_context is {ctx} (prompt and max_tokens "
+                        "together); shorten the prompt", field=field,
+                   extra={"prompt_tokens": at_least, "prompt_tokens_at_least": at_least, "max_tokens": params.max_tokens,
+                          "max_context": ctx})
 
 
 def _deadlines(request: web.Request, name: str, parsed: ParsedRequest) -> tuple[ParsedRequest, float, bool]:
@@ -655,6 +656,8 @@ async def _ollama_preload(request: web.Request, preload: Preload) -> web.Respons
     head = {"model": name, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     piece = {"message": {"role": "assistant", "content": ""}} if preload.chat else {"response": ""}
     started = time.perf_counter()
+    if loaded and not getattr(daemon.manager.models[name], "generation", False):
+        return _ollama_error(400, f"model {name!r} is not a generation model")
     if preload.unload:
         if not loaded:
             return _json({**head, **piece, "done": True, "done_reason": "unload"})
@@ -662,19 +665,18 @@ async def _ollama_preload(request: web.Request, preload: Preload) -> web.Respons
             return _ollama_error(403, f"unloading {name!r} needs the operator role; {caller.describe()} is {caller.role}")
         await request.app["dataplane"].unload(name)
         return _json({**head, **piece, "done": True, "done_reason": "unload"})
-    if loaded:
-        model = daemon.manager.models[name]
-        if not getattr(model, "generation", False):
-            return _ollama_error(400, f"model {name!r} is not a generation model")
-    else:
-        if name not in daemon.store.names():
+    if not loaded:
+        from lastmile.runtime.generation.config import is_generation_manifest
+
+        try:
+            manifest = await asyncio.get_running_loop().run_in_executor(None, daemon.store.get, name)
+        except Exception:  # noqa: BLE001 - not in the store (or unreadable): Ollama's 404
             return _ollama_error(404, f"model {name!r} not found")
+        if not is_generation_manifest(manifest):
+            return _ollama_error(400, f"model {name!r} is not a generation model")
         if not operator:
             return _ollama_error(403, f"loading {name!r} needs the operator role; {caller.describe()} is {caller.role}")
         await request.app["dataplane"].load(name, {})
-        model = daemon.manager.models.get(name)
-        if model is not None and not getattr(model, "generation", False):
-            return _ollama_error(400, f"model {name!r} is not a generation model")
     return _json({**head, **piece, "done": True, "done_reason": "load",
                   "total_duration": int((time.perf_counter() - started) * 1e9),
                   "load_duration": int((time.perf_counter() - started) * 1e9) if not loaded else 0})

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from lastmile.appliance.server.generate_params import (
-    MAX_CONTENT_CHARS, MAX_MESSAGES, MAX_STOP, ParamError, parse_chat, parse_completion, parse_triton,
+    MAX_CONTENT_CHARS, MAX_MESSAGES, MAX_STOP, ParamError, keep_alive_seconds, max_bytes_per_token, parse_chat,
+    parse_completion, parse_ollama_generate, parse_ollama_preload, parse_triton,
 )
-from lastmile.runtime.generation.types import SamplingParams
+from lastmile.runtime.generation.types import SEED_MAX, SEED_MIN, InvalidSamplingParams, SamplingParams
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": "m", "prompt": "Once"}
@@ -83,6 +84,16 @@ BAD_CHAT: list[tuple[dict[str, Any], str]] = [
     ({**CHAT, "top_k": 0.5}, "top_k"),
     ({**CHAT, "seed": "s"}, "seed"),
     ({**CHAT, "seed": 2**70}, "seed"),
+    ({**CHAT, "seed": 2**31}, "seed"),  # ORT-GenAI's random_seed is a C++ int32
+    ({**CHAT, "seed": -(2**31) - 1}, "seed"),
+    ({**CHAT, "top_p": 1e-300}, "top_p"),  # 0 in float32: every token masked, NaN
+    ({**CHAT, "top_p": 5e-7}, "top_p"),
+    ({**CHAT, "top_k": 1_000_001}, "top_k"),
+    ({**CHAT, "messages": [{"role": "user", "content": "a\ud800"}]}, "messages[0].content"),
+    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, "messages[0].content"),
+    ({**CHAT, "messages": [{"role": "user", "content": "a", "name": "\ud800"}]}, "messages[0].name"),
+    ({**CHAT, "stop": ["\ud800"]}, "stop"),
+    ({**CHAT, "model": "m\ud800"}, "model"),
     ({**CHAT, "stop": 5}, "stop"),
     ({**CHAT, "stop": [""]}, "stop"),
     ({**CHAT, "stop": ["x" * 257]}, "stop"),
@@ -121,6 +132,7 @@ BAD_COMPLETION: list[tuple[dict[str, Any], str]] = [
     ({**COMPLETION, "suffix": "end"}, "suffix"),
     ({**COMPLETION, "messages": []}, "messages"),
     ({**COMPLETION, "max_completion_tokens": 5}, "max_completion_tokens"),
+    ({**COMPLETION, "prompt": "\ud800"}, "prompt"),
 ]
 
 
@@ -180,3 +192,89 @@ def test_generation_is_viewer_allowed_like_infer(path: str) -> None:
     request = make_mocked_request("POST", path)
     assert not default_operator_required(request) and not default_state_changing(request)
     assert default_operator_required(make_mocked_request("POST", path + "/x"))
+
+
+def test_the_engines_bounds_are_accepted_at_their_edges() -> None:
+    p = parse_chat({**CHAT, "seed": SEED_MAX, "top_p": 1e-6, "top_k": 1_000_000, "temperature": 2}).request.params
+    assert (p.seed, p.top_p, p.top_k) == (2**31 - 1, 1e-6, 1_000_000)
+    assert parse_chat({**CHAT, "seed": SEED_MIN}).request.params.seed == -(2**31)
+    SamplingParams(top_k=512).validate(512)
+    with pytest.raises(InvalidSamplingParams) as info:
+        SamplingParams(top_k=513).validate(512)
+    assert info.value.field == "top_k" and "512" in str(info.value)
+    for bad in ({"temperature": float("inf")}, {"top_p": float("nan")}, {"seed": True}, {"max_tokens": True}):
+        with pytest.raises(InvalidSamplingParams):
+            SamplingParams(**bad).validate()
+
+
+def test_prompt_bytes_and_api_prefixes_are_carried() -> None:
+    assert parse_chat({**CHAT, "messages": [{"role": "user", "content": "é" * 3}]}).prompt_bytes == 6
+    assert parse_completion({**COMPLETION, "prompt": "abc"}).prompt_bytes == 3
+    assert parse_triton({"text_input": "Hi", "parameters": {"top_k": 2}}, "m", stream=False).param_prefix == "parameters."
+    parsed = parse_ollama_generate({"model": "m", "prompt": "Hi", "system": "sys", "keep_alive": "5m"})
+    assert parsed.prompt_bytes == 5 and parsed.param_prefix == "options." and parsed.keep_alive == 300.0
+
+
+@pytest.mark.parametrize("value,seconds", [(0, 0.0), ("0", 0.0), ("5m", 300.0), ("1h30m", 5400.0), ("300ms", 0.3),
+                                           ("-1", -1.0), (-1, -1.0), ("10", 10.0), ("2m30s", 150.0)])
+def test_ollama_keep_alive_durations(value: Any, seconds: float) -> None:
+    assert keep_alive_seconds({"keep_alive": value}) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["x", "5q", "", "m", "inf", [], {}, True])
+def test_bad_keep_alive_is_named(value: Any) -> None:
+    with pytest.raises(ParamError) as info:
+        parse_ollama_generate({"model": "m", "prompt": "Hi", "keep_alive": value})
+    assert info.value.field == "keep_alive"
+
+
+def test_ollama_preload_calls() -> None:
+    assert parse_ollama_preload({"model": "m:latest"}, chat=False).model == "m"
+    assert parse_ollama_preload({"model": "m", "prompt": ""}, chat=False).unload is False
+    assert parse_ollama_preload({"model": "m", "keep_alive": 0}, chat=False).unload is True
+    assert parse_ollama_preload({"model": "m", "messages": [], "keep_alive": "0"}, chat=True).unload is True
+    assert parse_ollama_preload({"model": "m", "prompt": "Hi"}, chat=False) is None
+    with pytest.raises(ParamError) as info:
+        parse_ollama_preload({"model": "m", "bogus": 1}, chat=False)
+    assert info.value.field == "bogus"
+
+
+def _tokenizer(**over: Any) -> dict[str, Any]:
+    base = {"normalizer": None, "pre_tokenizer": {"type": "ByteLevel"},
+            "model": {"type": "BPE", "vocab": {"a": 0, "Ġthe": 1, "abcdef": 2}},
+            "added_tokens": [{"content": "<|im_start|>"}]}
+    return {**base, **over}
+
+
+def test_bytes_per_token_bound() -> None:
+    assert max_bytes_per_token(_tokenizer()) == len("<|im_start|>")
+    sentencepiece = _tokenizer(pre_tokenizer={"type": "Metaspace"}, added_tokens=[],
+                               normalizer={"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+                               model={"type": "BPE", "vocab": {"▁the": 0, "<0x41>": 1}, "byte_fallback": True})
+    assert max_bytes_per_token(sentencepiece) == 6
+    assert max_bytes_per_token(_tokenizer(normalizer={"type": "NFKC"})) == 4 * 12  # fullwidth letters fold 3:1
+    # no bound where text can vanish or many characters become one token
+    assert max_bytes_per_token(_tokenizer(normalizer={"type": "StripAccents"})) is None
+    assert max_bytes_per_token(_tokenizer(pre_tokenizer={"type": "Whitespace"})) is None
+    assert max_bytes_per_token(_tokenizer(pre_tokenizer={"type": "Metaspace"},
+                                          model={"type": "BPE", "vocab": {"a": 0}, "fuse_unk": True})) is None
+    assert max_bytes_per_token(_tokenizer(model={"type": "WordPiece", "vocab": {"a": 0}})) is None
+    assert max_bytes_per_token(_tokenizer(model={"type": "Unigram", "vocab": [["▁a", 0.0]]})) is None
+    assert max_bytes_per_token({"model": None}) is None
+
+
+def test_the_bound_holds_for_a_real_byte_level_tokenizer(tmp_path) -> None:
+    """Whatever the text, the tiny model's tokenizer never covers more bytes per token than the bound."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from lastmile.runtime.generation.tiny import build_tiny_lm
+
+    folder = build_tiny_lm(tmp_path / "tiny")
+    bound = max_bytes_per_token(json.loads((folder / "tokenizer.json").read_text()))
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for text in ["The capital of France is Paris. " * 50, " " * 3000, "-" * 3000, "é😀" * 500, "<|im_start|>" * 100,
+                 "\n" * 2000, "Lastmile is an edge inference appliance." * 20]:
+        n = len(tok.encode(text).ids)
+        assert n >= -(-len(text.encode()) // bound), (text[:20], n, bound)

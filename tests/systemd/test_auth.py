@@ -29,6 +29,7 @@ from sdhelpers import ADMIN_GID, NOBODY, SOCKET_GID, request_as  # noqa: E402
 from lastmile.appliance.server.auth import (
     AuthPolicy,
     PeerCredentials,
+    TokenFailures,
     TokenFileError,
     auth_middleware,
     caller_of,
@@ -60,8 +61,8 @@ async def _health(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-def make_app(policy: AuthPolicy) -> web.Application:
-    app = web.Application(middlewares=[auth_middleware(policy)])
+def make_app(policy: AuthPolicy, failures: TokenFailures | None = None) -> web.Application:
+    app = web.Application(middlewares=[auth_middleware(policy, failures=failures)])
     app.router.add_get("/v2/health/ready", _health)
     app.router.add_get("/v2/models/{name}", _whoami)
     app.router.add_post("/v2/models/{name}/infer", _whoami)
@@ -241,8 +242,9 @@ def test_policy_rejects_bad_config(kwargs: dict, message: str) -> None:
 async def tcp_server() -> AsyncIterator[Callable[..., Awaitable[str]]]:
     runners: list[web.AppRunner] = []
 
-    async def start(policy: AuthPolicy, ssl_context: ssl.SSLContext | None = None) -> str:
-        runner = web.AppRunner(make_app(policy))
+    async def start(policy: AuthPolicy, ssl_context: ssl.SSLContext | None = None,
+                    failures: TokenFailures | None = None) -> str:
+        runner = web.AppRunner(make_app(policy, failures))
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
@@ -374,3 +376,36 @@ async def test_peer_with_more_groups_than_so_peergroups_returns(serve_unix: Serv
     assert result["status"] == 200 and result["body"]["role"] == "operator", result
 
 
+
+
+async def test_locked_out_failures_never_lock_out_the_right_token(tcp_server) -> None:
+    """After the free failures the peer's *wrong* tokens get 429; the right token from the same
+    address passes every time and does not reset the guesser's count (issue 23.4)."""
+    now = [0.0]
+    failures = TokenFailures(free=2, base_s=10.0, clock=lambda: now[0])
+    base = await tcp_server(AuthPolicy(token=TOKEN), failures=failures)
+    wrong = {"Authorization": "Bearer " + TOKEN[:-1] + "X"}
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    assert [(await _get(f"{base}/v2/models/m", wrong))[0] for _ in range(3)] == [401, 401, 401]
+    status, body, headers = await _get(f"{base}/v2/models/m", wrong)
+    assert status == 429 and headers["Retry-After"] == "10", body
+    for _ in range(3):
+        assert (await _get(f"{base}/v2/models/m", right))[0] == 200
+        assert (await _get(f"{base}/v2/models/m", wrong))[0] == 429  # not reset by the right token
+    status, body, _ = await _get(f"{base}/v1/embeddings", wrong, method="POST")
+    assert status == 429 and body["error"]["type"] == "rate_limit_error", body  # OpenAI's shape on /v1
+    now[0] += 11.0
+    assert (await _get(f"{base}/v2/models/m", wrong))[0] == 401  # the lock-out ran out: one more failure...
+    assert (await _get(f"{base}/v2/models/m", wrong))[0] == 429  # ...locks it out again, for longer
+    status, _, headers = await _get(f"{base}/v2/models/m", wrong)
+    assert int(headers["Retry-After"]) == 20
+
+
+async def test_a_401_on_openai_routes_has_openais_shape(tcp_server) -> None:
+    base = await tcp_server(AuthPolicy(token=TOKEN))
+    status, body, headers = await _get(f"{base}/v1/embeddings", method="POST")
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+    assert body["error"]["type"] == "authentication_error" and body["error"]["code"] == "invalid_api_key", body
+    assert "bearer token" in body["error"]["message"] and body["error"]["param"] is None
+    status, body, _ = await _get(f"{base}/v2/models/m")
+    assert status == 401 and isinstance(body["error"], str)  # Lastmile's own shape elsewhere

@@ -191,3 +191,26 @@ async def test_sampler_goes_quiet_at_rest_and_a_request_wakes_it(daemon: DaemonP
     assert state["rounds"] >= rounds + 2, state
     await unload_all(daemon)
     await api(daemon, "PUT", "/lm/v1/memory", DEFAULTS)
+
+
+@pytest.mark.parametrize("name, too_small", [("demo-mlp-ts", 16), ("demo-lm-ds", 20)])
+async def test_the_advised_memory_limit_is_admitted_the_first_time(daemon: DaemonProc, name: str, too_small: int) -> None:
+    """Issue 21: after a load without a limit recorded the artifact's footprint, a load with a
+    limit too small is refused with a ``memory_limit_mb`` that is then admitted as is (the
+    estimate with a limit keeps the measured footprint; it used to drop it, and the advice took
+    three tries: 20 -> 47 -> 49)."""
+    await unload_all(daemon)
+    await api(daemon, "PUT", "/lm/v1/memory", {**DEFAULTS, "high_watermark": 0.9, "low_watermark": 0.8})
+    assert (await api(daemon, "POST", f"/v2/repository/models/{name}/load"))[0] == 200
+    await sampled(daemon, name, lambda m: m["footprint_record"] is not None)
+    assert (await api(daemon, "POST", f"/v2/repository/models/{name}/unload"))[0] == 200
+    status, body, _ = await api(daemon, "POST", f"/v2/repository/models/{name}/load", {"parameters": {"memory_limit_mb": too_small}})
+    assert status == 507, body
+    advice = [o for o in body["memory"]["options"] if o["option"] == "raise_limit"]
+    assert advice, body
+    advised = advice[0]["settings"]["memory_limit_mb"]
+    _, dry, _ = await api(daemon, "POST", "/lm/v1/memory/estimate", {"model": name, "parameters": {"memory_limit_mb": advised}})
+    assert dry["fits"] and dry["estimate"]["source"] == "measured", dry
+    status, body, _ = await api(daemon, "POST", f"/v2/repository/models/{name}/load", {"parameters": {"memory_limit_mb": advised}})
+    assert status == 200, body
+    await unload_all(daemon)

@@ -150,6 +150,9 @@ if hasattr(asyncio, "timeout"):  # Python >= 3.11
 else:  # pragma: no cover - Python 3.10
     from async_timeout import timeout as _timeout  # aiohttp's own dependency there
 
+#: ``async with timeout_after(seconds):`` on every supported Python (a timer, not a task).
+timeout_after = _timeout
+
 
 async def _refuse_and_close(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     """Send ``response`` and close the connection without reading the rest of the body."""

@@ -46,7 +46,7 @@ from lastmile.appliance.server.generate_params import (
     parse_ollama_generate, parse_ollama_preload, parse_triton,
 )
 from lastmile.appliance.server.generation_metrics import GenerationMetrics
-from lastmile.appliance.server.http import ApiError, read_json, to_api_error
+from lastmile.appliance.server.http import ApiError, read_json, timeout_after, to_api_error
 from lastmile.runtime.errors import RunnerDied
 from lastmile.runtime.generation.types import ContextOverflow, GenerationChunk, InvalidGenerationTarget, InvalidSamplingParams
 
@@ -463,7 +463,7 @@ class QueueDeadline(Exception):
 async def _next_within(stream: AsyncIterator[GenerationChunk], until: float | None) -> GenerationChunk:
     if until is None:
         return await _next(stream)
-    async with asyncio.timeout(max(0.0, until - time.monotonic())):
+    async with timeout_after(max(0.0, until - time.monotonic())):
         return await _next(stream)
 
 
@@ -511,7 +511,7 @@ async def _serve(request: web.Request, parsed: ParsedRequest, fmt_class: type[_F
         """The next chunk; past the deadline (and the runner's grace) the daemon ends the stream itself."""
         try:
             return await _next_within(stream, last_by)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             await _close(stream)
             return GenerationChunk("", (), "timeout", previous.prompt_tokens, previous.completion_tokens)
 
@@ -519,7 +519,7 @@ async def _serve(request: web.Request, parsed: ParsedRequest, fmt_class: type[_F
         try:
             try:
                 chunk = await _next_within(stream, first_by)  # every refusal arrives here, before any header is sent
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 raise QueueDeadline(name, timeout) from None
             if chunk.finish_reason == "timeout" and not chunk.token_ids and not chunk.completion_tokens and not own_deadline:
                 raise QueueDeadline(name, timeout)  # the runner cut it while it waited for a slot

@@ -278,3 +278,69 @@ def test_the_bound_holds_for_a_real_byte_level_tokenizer(tmp_path) -> None:
                  "\n" * 2000, "Lastmile is an edge inference appliance." * 20]:
         n = len(tok.encode(text).ids)
         assert n >= -(-len(text.encode()) // bound), (text[:20], n, bound)
+
+
+# --- properties: hostile values never get past the parsers, nor raise anything but ParamError ---
+
+def _hostile_values():
+    from hypothesis import strategies as st
+
+    text = st.text(alphabet=st.characters(codec=None, min_codepoint=0, max_codepoint=0x10FFFF), max_size=8)
+    surrogate = st.sampled_from(["\ud800", "a\udfff", "\udbff\udc00x", "😀\ud83d"])
+    number = st.one_of(st.integers(min_value=-(2**80), max_value=2**80), st.floats(allow_nan=True, allow_infinity=True),
+                       st.sampled_from([2**31, 2**31 - 1, -(2**31), -(2**31) - 1, 1e-300, 1e-40, 5e-7, 1e-6, 10**6, 10**6 + 1]))
+    return st.one_of(number, text, surrogate, st.booleans(), st.none(), st.lists(st.one_of(text, surrogate), max_size=3))
+
+
+def test_hostile_values_are_param_errors_or_within_every_engines_bounds() -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    fields = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "timeout_s", "model"]
+    parsers = [
+        lambda extra: parse_chat({**CHAT, **extra}),
+        lambda extra: parse_chat({**CHAT, "messages": [{"role": "user", "content": extra.get("model", "hi")}], **{k: v for k, v in extra.items() if k != "model"}}),
+        lambda extra: parse_completion({**COMPLETION, **extra}),
+        lambda extra: parse_triton({"text_input": extra.pop("model", "Hi"), "parameters": extra}, "m", stream=False),
+        lambda extra: parse_ollama_generate({"model": "m", "prompt": extra.pop("model", "Hi"), "options": {
+            ("num_predict" if k == "max_tokens" else k): v for k, v in extra.items() if k != "timeout_s"}}),
+    ]
+
+    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.sampled_from(range(len(parsers))), st.dictionaries(st.sampled_from(fields), _hostile_values(), max_size=4))
+    def prop(which: int, extra: dict[str, Any]) -> None:
+        try:
+            parsed = parsers[which](dict(extra))
+        except ParamError as exc:
+            assert exc.field and exc.message.startswith(exc.field)
+            return
+        p = parsed.request.params
+        p.validate(512)  if p.top_k <= 512 else p.validate()
+        assert p.seed is None or SEED_MIN <= p.seed <= SEED_MAX
+        assert 1e-6 <= p.top_p <= 1 and 0 <= p.temperature <= 2
+        for text in [parsed.model, parsed.request.prompt or "", *p.stop,
+                     *(m["content"] for m in parsed.request.messages or ())]:
+            text.encode("utf-8")  # the tokenizer gets nothing it cannot encode
+
+    prop()
+
+
+def test_read_json_refuses_huge_integers_and_bad_bytes() -> None:
+    import asyncio
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from lastmile.appliance.server.http import ApiError, read_json
+
+    async def read(payload: bytes) -> Any:
+        request = make_mocked_request("POST", "/v1/completions")
+        async def body() -> bytes:
+            return payload
+        request.read = body  # type: ignore[method-assign]
+        return await read_json(request)
+
+    for payload in (b'{"max_tokens": ' + b"9" * 5000 + b"}", b'{"a": "\xff"}', b"[" * 100_000, b'{"a": 1'):
+        with pytest.raises(ApiError) as info:
+            asyncio.run(read(payload))
+        assert info.value.status == 400
+    assert asyncio.run(read(b'{"a": "\\ud800"}')) == {"a": "\ud800"}  # valid JSON: the parsers refuse it, naming the field

@@ -18,8 +18,19 @@ stream trustworthy:
 - **A runner that dies mid-stream** turns into one error event and the end of the stream
   (``data: [DONE]`` for OpenAI), never a hang.
 
+- **Nothing reaches the runner that it would fail on or refuse anyway** (:func:`check_request`):
+  top_k past the model's vocabulary, token ids past it, and a prompt whose byte length alone
+  proves it can never fit the context (the most bytes one token of the model's tokenizer
+  covers, read once per load). The runner is one process for every stream of a model, so
+  what it refuses still costs everyone a pause; what it fails on costs everyone the stream.
+- **Deadlines.** The model's ``timeout_s`` bounds every generation (the runner cuts it,
+  ``finish_reason`` "timeout"); a request that waited that long for a slot without a first
+  token is refused with 503 + Retry-After, and the daemon ends a stream itself if the runner's
+  cut does not come within a second of the deadline.
+
 The wire formats differ only in how a chunk, an error and the end are written (one small
-class each below). Bodies are parsed by :mod:`generate_params`.
+class each below). Bodies are parsed by :mod:`generate_params`. Ollama's preload calls (no
+prompt: load; ``keep_alive: 0``: unload) and ``/api/show`` are answered here too.
 """
 
 from __future__ import annotations
@@ -369,8 +380,7 @@ def _read_limits(folder: Path, max_context: int | None) -> _Limits:
     return _Limits(vocab, max_context, per_token)
 
 
-async def _limits(request: web.Request, name: str) -> _Limits:
-    model = request.app["daemon"].manager.models[name]
+async def _limits(request: web.Request, name: str, model: Any) -> _Limits:
     cache = request.app[_LIMITS]
     key = (name, id(model), getattr(model, "loaded_at", 0.0))
     limits = cache.get(key)
@@ -426,14 +436,13 @@ def check_request(parsed: ParsedRequest, limits: _Limits, api: str) -> None:
                           "max_context": ctx})
 
 
-def _deadlines(request: web.Request, name: str, parsed: ParsedRequest) -> tuple[ParsedRequest, float, bool]:
+def _deadlines(model: Any, parsed: ParsedRequest) -> tuple[ParsedRequest, float, bool]:
     """The model's ``timeout_s`` bounds every generation, queueing included: the runner cuts a
     stream at ``min(timeout_s, the request's timeout_s)`` (finish_reason "timeout"), and a
     request that gets no first token within the model's ``timeout_s`` (it waited for a slot)
     is refused with 503 + Retry-After. Returns the request with its deadline, the model's
     timeout, and whether the request's own deadline is the shorter one (then a cut before the
     first token is the client's choice: a "timeout" answer, not a 503)."""
-    model = request.app["daemon"].manager.models[name]
     timeout = float(getattr(model.settings, "timeout_s", 0.0) or 0.0)
     own = parsed.request.deadline_s
     if not timeout:
@@ -489,13 +498,14 @@ async def _serve(request: web.Request, parsed: ParsedRequest, fmt_class: type[_F
     metrics = request.app[GENERATION_METRICS]
     name = _model_name(request, parsed.model)
     fmt = fmt_class(parsed, name)
-    if getattr(request.app["daemon"].manager.models[name], "generation", False):
+    model = request.app["daemon"].manager.models[name]  # _model_name: it is loaded
+    if getattr(model, "generation", False):
         try:
-            check_request(parsed, await _limits(request, name), fmt.api)  # before the runner sees it
+            check_request(parsed, await _limits(request, name, model), fmt.api)  # before the runner sees it
         except (ParamError, ApiError) as exc:
             metrics.stream(name, fmt.api, started).end("bad_request")
             return fmt.refusal(_mapped(exc))
-        parsed, timeout, own_deadline = _deadlines(request, name, parsed)
+        parsed, timeout, own_deadline = _deadlines(model, parsed)
     else:
         timeout, own_deadline = 0.0, False  # refused by manager.generate (not a generation model)
     submitted = time.monotonic()

@@ -597,6 +597,31 @@ def _pre_tokenizer_keeps_text(pre: Any) -> bool:
     return False  # Whitespace, BertPreTokenizer, WhitespaceSplit, CharDelimiterSplit drop characters
 
 
+def _byte_level_alphabet() -> frozenset[str]:
+    """GPT-2's byte-to-unicode table (what ``tokenizers``' ByteLevel uses): one character per byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = 0
+    chars = []
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return frozenset(chars)
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _piece_bytes(piece: str, byte_level: bool) -> int:
+    """Request bytes a vocabulary piece stands for: one per character of the byte-level
+    alphabet, else (over-counting, which only loosens the bound) its UTF-8 length."""
+    if byte_level and all(c in _BYTE_LEVEL for c in piece):
+        return len(piece)
+    return len(piece.encode("utf-8", "surrogatepass"))
+
+
 def max_bytes_per_token(tokenizer: dict[str, Any]) -> int | None:
     """The most request bytes one token of this ``tokenizer.json`` can stand for, or None when
     no such bound holds (a normalizer or pre-tokenizer that drops text, unknown characters
@@ -604,7 +629,7 @@ def max_bytes_per_token(tokenizer: dict[str, Any]) -> int | None:
     the daemon refuses a prompt that can never fit before the runner tokenizes it.
 
     Why it holds: a byte-level BPE token's string has one character per byte it covers (and
-    the mapped characters take 1-2 UTF-8 bytes, so their length over-counts); a SentencePiece
+    its characters are counted as one byte each); a SentencePiece
     piece spells its bytes, "▁" (3 bytes) for a space (1), a byte-fallback token ``<0x41>``
     (6) for one byte. Every character of the request ends up in some token unless something
     drops it, which is what the checks above refuse to trust.
@@ -630,5 +655,6 @@ def max_bytes_per_token(tokenizer: dict[str, Any]) -> int | None:
     if not pieces:
         return None
     added = [t.get("content") for t in tokenizer.get("added_tokens") or [] if isinstance(t, dict)]
-    longest = max(len(p.encode("utf-8", "surrogatepass")) for p in [*pieces, *added] if isinstance(p, str))
+    longest = max([_piece_bytes(p, byte_level) for p in pieces if isinstance(p, str)]
+                  + [len(p.encode("utf-8", "surrogatepass")) for p in added if isinstance(p, str)])  # matched as typed
     return max(1, longest) * factor

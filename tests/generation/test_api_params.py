@@ -248,6 +248,17 @@ def _tokenizer(**over: Any) -> dict[str, Any]:
 
 def test_bytes_per_token_bound() -> None:
     assert max_bytes_per_token(_tokenizer()) == len("<|im_start|>")
+    # byte-level pieces count one byte per character ("Ġ" is a space: 2 bytes of UTF-8, 1 of the request)
+    spaces = _tokenizer(model={"type": "BPE", "vocab": {"Ċ" + "Ġ" * 80: 0}}, added_tokens=[])
+    assert max_bytes_per_token(spaces) == 81
+
+
+def test_the_byte_level_alphabet_is_the_tokenizers_one() -> None:
+    from tokenizers import pre_tokenizers
+
+    from lastmile.appliance.server.generate_params import _BYTE_LEVEL
+
+    assert _BYTE_LEVEL == frozenset(pre_tokenizers.ByteLevel.alphabet()) and len(_BYTE_LEVEL) == 256
     sentencepiece = _tokenizer(pre_tokenizer={"type": "Metaspace"}, added_tokens=[],
                                normalizer={"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
                                model={"type": "BPE", "vocab": {"▁the": 0, "<0x41>": 1}, "byte_fallback": True})

@@ -31,6 +31,8 @@ from lastmile.models.errors import ManifestError
 from lastmile.models.spec import TensorSpec
 
 __all__ = [
+    "TOKEN_INPUT_NAMES",
+    "token_types",
     "HfFolder",
     "Pooling",
     "TokenizerInfo",
@@ -538,10 +540,41 @@ def wire_outputs(desc: HfFolder) -> tuple[TensorSpec, ...]:
     return ()
 
 
+#: Architectures whose forward takes ``token_type_ids`` (segment ids; a Hugging Face tokenizer
+#: returns them for these): BERT and the models built on its embeddings. RoBERTa, XLM-R,
+#: CamemBERT, MPNet and DistilBERT take no segment ids (their tokenizers return none), so
+#: they are not listed; DeBERTa takes them only when its config has token types.
+TOKEN_TYPE_MODELS = frozenset({"bert", "albert", "electra", "ernie", "megatron-bert", "mobilebert", "convbert", "roformer",
+                               "nezha", "squeezebert", "funnel", "layoutlm", "xlnet", "big_bird", "canine", "splinter",
+                               "qdqbert", "rembert", "nystromformer", "yoso", "realm", "tapas"})
+TOKEN_TYPE_IF_CONFIGURED = frozenset({"deberta", "deberta-v2"})
+
+
+def token_types(desc: HfFolder) -> int:
+    """How many segment ids (``token_type_ids`` values) the architecture takes; 0: it takes
+    no ``token_type_ids`` input at all."""
+    model_type = (desc.model_type or "").lower()
+    if model_type in TOKEN_TYPE_MODELS:
+        return desc.type_vocab_size or 2
+    if model_type in TOKEN_TYPE_IF_CONFIGURED and desc.type_vocab_size:
+        return desc.type_vocab_size
+    return 0
+
+
+#: The token-tensor names a text model's runner may be given (text_utf8/text_len otherwise).
+TOKEN_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
 def token_id_inputs(desc: HfFolder) -> tuple[TensorSpec, ...]:
-    """``input_ids`` (below the vocabulary size, when config.json gives it) and ``attention_mask``."""
+    """``input_ids`` (below the vocabulary size, when config.json gives it), ``attention_mask``
+    and, for an architecture that takes them (:func:`token_types`), ``token_type_ids`` (below
+    its number of token types): what a Hugging Face tokenizer returns for the model."""
     vocab = (0, desc.vocab_size) if desc.vocab_size else None
-    return TensorSpec("input_ids", "INT64", (-1, -1), vocab), TensorSpec("attention_mask", "INT64", (-1, -1), (0, 2))
+    specs = (TensorSpec("input_ids", "INT64", (-1, -1), vocab), TensorSpec("attention_mask", "INT64", (-1, -1), (0, 2)))
+    types = token_types(desc)
+    if types:
+        specs += (TensorSpec("token_type_ids", "INT64", (-1, -1), (0, types)),)
+    return specs
 
 
 def api_inputs(desc: HfFolder) -> tuple[TensorSpec, ...]:

@@ -32,13 +32,13 @@ MAX_INPUTS = 2048  # texts per request (OpenAI's own limit for /v1/embeddings)
 def is_text_model(manifest: Manifest) -> bool:
     """Served on the text path (mirrors :func:`lastmile.runtime.backends.text.is_text_manifest`,
     which lives in the runner room)."""
-    from lastmile.models.hf import TEXT_TASKS
+    from lastmile.models.hf import TEXT_TASKS, TOKEN_INPUT_NAMES
 
     hf = getattr(manifest, "hf", None)
     if hf is None or hf.task not in TEXT_TASKS:
         return False
     names = {s.name for s in manifest.inputs}
-    return names in ({"text_utf8", "text_len"}, {"input_ids", "attention_mask"})
+    return names == {"text_utf8", "text_len"} or {"input_ids", "attention_mask"} <= names <= set(TOKEN_INPUT_NAMES)
 
 
 def public_specs(manifest: Manifest) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -83,7 +83,7 @@ def texts_to_wire(raws: list[bytes], hf: HfFolder, fields: list[str], truncate: 
 
 
 def ids_to_wire(rows: list[list[int]], masks: list[list[int]] | None, hf: HfFolder, fields: list[str],
-                truncate: bool, param_hint: str) -> TextBatch:
+                truncate: bool, param_hint: str, types: list[list[int]] | None = None) -> TextBatch:
     """Token-id rows (padded here with the folder's pad id, masked out) as the runner's inputs."""
     limit = hf.max_length or 512
     vocab = hf.vocab_size
@@ -109,7 +109,17 @@ def ids_to_wire(rows: list[list[int]], masks: list[list[int]] | None, hf: HfFold
             ids[i, width - len(row):], mask[i, width - len(row):] = row, m
         else:
             ids[i, : len(row)], mask[i, : len(row)] = row, m
-    return TextBatch({"input_ids": ids, "attention_mask": mask}, fields, truncate)
+    wire = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:  # segment ids (BERT & co), padded with 0 where the ids are
+        segments = np.zeros((len(rows), width), dtype=np.int64)
+        for i, t in enumerate(types):
+            t = t[: min(len(rows[i]), width)]
+            if left:
+                segments[i, width - len(t):] = t
+            else:
+                segments[i, : len(t)] = t
+        wire["token_type_ids"] = segments
+    return TextBatch(wire, fields, truncate)
 
 
 async def run_text(manager: Any, model_name: str, hf: HfFolder, batch: TextBatch, max_batch_size: int,
@@ -173,7 +183,7 @@ def _truncate_param(header: dict[str, Any]) -> bool:
 
 def decode_v2_text(header: dict[str, Any], binary: memoryview, manifest: Manifest) -> tuple[TextBatch, list[str] | None, set[str]]:
     """A V2 infer request for a text model: ``text`` BYTES ``[n]`` (JSON strings or binary), or
-    ``input_ids`` INT64 ``[n, L]`` (+ ``attention_mask``). Returns the batch, the outputs asked
+    ``input_ids`` INT64 ``[n, L]`` (+ ``attention_mask``, + ``token_type_ids`` for BERT & co). Returns the batch, the outputs asked
     for (None: the default ones) and those asked for as binary."""
     hf: HfFolder = manifest.hf
     hint = "parameters.truncate = true"
@@ -195,6 +205,9 @@ def decode_v2_text(header: dict[str, Any], binary: memoryview, manifest: Manifes
         raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any input", HEADER_LENGTH)
     if ("text" in tensors) == ("input_ids" in tensors):
         raise BadRequest("send either 'text' (BYTES strings) or 'input_ids' (INT64 token ids), one of them", "inputs")
+    if "text" in tensors and "token_type_ids" in tensors:
+        raise BadRequest("token_type_ids go with input_ids; with text the model's tokenizer makes them",
+                         f"{tensors['token_type_ids'][0]}.name")
 
     if "text" in tensors:
         where, tensor, chunk = tensors["text"]
@@ -243,7 +256,17 @@ def decode_v2_text(header: dict[str, Any], binary: memoryview, manifest: Manifes
         rows = [r.tolist() for r in rows_arr]
         if mask_arr is not None and ((mask_arr != 0) & (mask_arr != 1)).any():
             raise BadRequest("attention_mask must hold 0 and 1", f"{tensors['attention_mask'][0]}.data")
-        batch = ids_to_wire(rows, [m.tolist() for m in mask_arr] if mask_arr is not None else None, hf, fields, truncate, hint)
+        types_arr = _ids_tensor(tensors["token_type_ids"]) if "token_type_ids" in tensors else None
+        if types_arr is not None:
+            type_where = tensors["token_type_ids"][0]
+            if types_arr.shape != rows_arr.shape:
+                raise BadRequest(f"token_type_ids shape {list(types_arr.shape)} differs from input_ids {list(rows_arr.shape)}",
+                                 f"{type_where}.shape")
+            spec = next(t for t in api_inputs(hf) if t.name == "token_type_ids")
+            if spec.range and ((types_arr < spec.range[0]) | (types_arr >= spec.range[1])).any():
+                raise BadRequest(f"token_type_ids must be in {spec.range[0]}..{spec.range[1] - 1}", f"{type_where}.data")
+        batch = ids_to_wire(rows, [m.tolist() for m in mask_arr] if mask_arr is not None else None, hf, fields, truncate, hint,
+                            [t.tolist() for t in types_arr] if types_arr is not None else None)
     requested, binary_out = _requested(header, manifest)
     batch.hidden = requested is not None and "last_hidden_state" in requested
     return batch, requested, binary_out

@@ -46,8 +46,10 @@ def is_text_manifest(manifest: Manifest) -> bool:
     hf = getattr(manifest, "hf", None)
     if hf is None or hf.task not in TEXT_TASKS:
         return False
+    from lastmile.models.hf import TOKEN_INPUT_NAMES
+
     names = {s.name for s in manifest.inputs}
-    return names in ({"text_utf8", "text_len"}, {"input_ids", "attention_mask"})
+    return names == {"text_utf8", "text_len"} or {"input_ids", "attention_mask"} <= names <= set(TOKEN_INPUT_NAMES)
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, modes: tuple[str, ...]) -> np.ndarray:
@@ -86,7 +88,11 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 def _model_manifest(manifest: Manifest, hf: HfFolder) -> Manifest:
     """The inner backend's view: token tensors in, the model's own outputs out."""
+    from lastmile.models.hf import token_types
+
     ids = (TensorSpec("input_ids", "INT64", (-1, -1)), TensorSpec("attention_mask", "INT64", (-1, -1)))
+    if token_types(hf):  # BERT & co: segment ids go to the model (zeros when the caller sent text or none)
+        ids += (TensorSpec("token_type_ids", "INT64", (-1, -1)),)
     if hf.task == "feature-extraction":
         outputs = (TensorSpec("last_hidden_state", "FP32", (-1, -1, hf.hidden_size or -1)),)
     elif hf.task == "text-classification":
@@ -150,6 +156,11 @@ class TextBackend(Backend):
                                    "model's graph must take input_ids and attention_mask")
             self._extra_zeros = sorted(graph_inputs - {"input_ids", "attention_mask"})  # token_type_ids
         self._extra_zeros = getattr(self, "_extra_zeros", [])
+        from lastmile.models.hf import token_types
+
+        if backend_name == "deepspeed" and token_types(hf):
+            self._extra_zeros = ["token_type_ids"]
+        self._types = token_types(hf)  # how many segment ids the model takes (0: no token_type_ids input)
         self.max_length = hf.max_length or 512
         self.tokenizer = self.counter = None
         if hf.tokenizer is not None:
@@ -195,12 +206,22 @@ class TextBackend(Backend):
         return ids, mask, counts
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        types = None
         if "input_ids" in inputs:
             ids = np.asarray(inputs["input_ids"], dtype=np.int64)
             mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)), dtype=np.int64)
+            if "token_type_ids" in inputs:
+                if not self._types:
+                    raise BackendError(f"model {self.manifest.name!r} ({self.hf.model_type}) takes no token_type_ids")
+                types = np.asarray(inputs["token_type_ids"], dtype=np.int64)
+                if types.shape != ids.shape:
+                    raise BackendError(f"token_type_ids shape {list(types.shape)} differs from input_ids {list(ids.shape)}")
+                if types.size and (types.min() < 0 or types.max() >= self._types):
+                    raise BackendError(f"token_type_ids must be in 0..{self._types - 1}")
             counts = mask.sum(axis=1).astype(np.int32)
             if ids.shape[1] > self.max_length:
                 ids, mask = ids[:, : self.max_length], mask[:, : self.max_length]
+                types = types[:, : self.max_length] if types is not None else None
             vocab = self.hf.vocab_size
             if vocab and ids.size and (ids.min() < 0 or ids.max() >= vocab):
                 raise BackendError(f"input_ids must be in 0..{vocab - 1}")
@@ -208,7 +229,7 @@ class TextBackend(Backend):
             ids, mask, counts = self._tokenize(self._texts(np.asarray(inputs["text_utf8"]), np.asarray(inputs["text_len"])))
         feeds = {"input_ids": ids, "attention_mask": mask}
         for name in self._extra_zeros:
-            feeds[name] = np.zeros_like(ids)
+            feeds[name] = types if name == "token_type_ids" and types is not None else np.zeros_like(ids)
         result = self.inner.run(feeds)
         out: dict[str, np.ndarray] = {"token_count": counts}
         task = self.hf.task

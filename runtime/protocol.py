@@ -261,7 +261,8 @@ class Accepted(_Wire):
 
 @_message(42)
 class Refused(_Wire):
-    """runner -> daemon, terminal: ``seq`` was refused before its first token. ``kind`` and
+    """runner -> daemon, terminal: ``seq`` was refused before its first token, or ended by an
+    error of its own while running (kind ``error``; the other sequences go on). ``kind`` and
     ``args`` rebuild the exception on the daemon's side (not every exception pickles)."""
 
     seq: int

@@ -52,6 +52,13 @@ class GenerationEngine(ABC):
     def __init__(self, max_num_seqs: int, max_context: int) -> None:
         self.max_num_seqs = max_num_seqs
         self.max_context = max_context
+        self.failed: list[tuple[int, str]] = []  # (seq_id, why): sequences ended by an error of their own
+
+    def take_failures(self) -> list[tuple[int, str]]:
+        """Sequences the last steps ended because of an error in their own work (a sampling
+        value the kernel refused, say): already dropped from the engine; the others go on."""
+        failed, self.failed = self.failed, []
+        return failed
 
     @abstractmethod
     def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:

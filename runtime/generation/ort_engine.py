@@ -1,14 +1,20 @@
-"""The ONNX Runtime GenAI engine: the default on CPU (int4 unless told otherwise).
+"""The ``ort-genai`` engine: the ONNX Runtime GenAI builder's graph, run batched by Lastmile.
 
-Why: on CPU its int4/int8 kernels are several times faster per core than torch fp32
-(SmolLM2-135M, one thread: HF fp32 13 tok/s, ORT-GenAI int4 75-90) with a quarter of the
-memory. Why not its ``og.Engine``: on CPU it has only the static-batching scheduler (the
-paged, continuous one is CUDA fp16/bf16 only), and there a request that arrives while a batch
-runs waits until every sequence of that batch has finished (measured here: B's first token
-came after all 30 of A's). So each sequence is an ``og.Generator`` of its own and Lastmile's
-scheduler drives them: sequences join and leave between steps, and a long prompt is
-appended in chunks of ``prefill_chunk`` tokens after the running sequences' token, so it
-does not stall them. Greedy fp32 output equals transformers' (test).
+Why the builder's graph: its int4/int8 MatMulNBits and GroupQueryAttention kernels are several
+times faster per core on CPU than torch fp32, with a fraction of the memory. Why not ORT-GenAI's
+own loop: ``og.Engine`` on CPU has only static batching (a request arriving while a batch runs
+waits for the whole batch; its paged continuous scheduler is CUDA fp16/bf16 only), and one
+``og.Generator`` per sequence shares no matmul between sequences (16 streams got what one got:
+~100 tokens/s on SmolLM2 int4, 2 cores). So this engine runs the graph with a plain
+``onnxruntime.InferenceSession`` and IOBinding over a slot pool (:mod:`kv_slots`): the graph's
+GroupQueryAttention shares past and present KV in one ``[slots, kv_heads, capacity,
+head_dim]`` buffer and reads each row's length from the attention mask, so **one decode call
+serves every running sequence** (a weight read shared by all rows), new sequences' prompts
+are prefilled between decode calls (fresh short prompts together in one padded call; a long
+one in chunks on its own, so running streams keep their pace), and a finished or cancelled
+sequence leaves its slot at once. The logits are taken at one position per row (a ``GatherND``
+put in front of the LM head when the graph is prepared), so a 256-token prefill chunk does not
+compute 256 x vocabulary logits it would throw away.
 
 The ORT-GenAI folder is built from the HF folder by ``onnxruntime_genai.models.builder`` at
 first load, in a subprocess (the builder imports torch models and holds the whole fp32
@@ -31,11 +37,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from lastmile.runtime.generation.engine import GenerationEngine, ModelShape
+from lastmile.runtime.generation.kv_slots import KVSlots
+from lastmile.runtime.generation.sampling import make_generator, sample
 from lastmile.runtime.generation.types import SamplingParams
 
 PRECISIONS = ("int4", "int8", "fp32")
 CACHE_DIR = ".lastmile/ort-genai"
+#: The builder's graph with one logits row per sequence (see ``prepare_graph``).
+BATCHED_GRAPH = "model.batched.onnx"
+LOGITS_INDEX = "logits_index"
 
 
 def source_hash(folder: Path) -> str:
@@ -87,38 +100,94 @@ def build_ort_genai(folder: str | Path, precision: str = "int4", *, threads: int
     return out
 
 
+def prepare_graph(og_folder: Path) -> Path:
+    """The builder's ``model.onnx`` with the LM head fed one hidden state per row:
+    ``GatherND(hidden [B, S, H], logits_index [B, 1], batch_dims=1)`` -> ``[B, 1, H]``. Written
+    once beside it (weights stay in the builder's external data file), atomically."""
+    import onnx
+    from onnx import helper
+
+    out = og_folder / BATCHED_GRAPH
+    if out.is_file():
+        return out
+    model = onnx.load(str(og_folder / "model.onnx"), load_external_data=False)
+    graph = model.graph
+    head = next((n for n in graph.node if "logits" in n.output), None)
+    if head is None:
+        raise RuntimeError(f"{og_folder / 'model.onnx'}: no node makes 'logits'")
+    hidden = head.input[0]
+    picked = hidden + "/last_per_row"
+    graph.input.append(helper.make_tensor_value_info(LOGITS_INDEX, onnx.TensorProto.INT64, ["batch_size", 1]))
+    graph.initializer.append(helper.make_tensor("logits_index_axes", onnx.TensorProto.INT64, [1], [1]))
+    gather = helper.make_node("GatherND", [hidden, LOGITS_INDEX], [picked + "/2d"], name="/lastmile/GatherND",
+                              batch_dims=1)
+    unsq = helper.make_node("Unsqueeze", [picked + "/2d", "logits_index_axes"], [picked], name="/lastmile/Unsqueeze")
+    head.input[0] = picked
+    nodes = list(graph.node)
+    at = nodes.index(head)
+    del graph.node[:]
+    graph.node.extend(nodes[:at] + [gather, unsq] + nodes[at:])
+    tmp = out.with_name(f".{BATCHED_GRAPH}.tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
+class _Seq:
+    """One sequence's place in the engine."""
+
+    __slots__ = ("seq_id", "prompt", "params", "generator", "slot", "length", "next_input")
+
+    def __init__(self, seq_id: int, prompt: list[int], params: SamplingParams) -> None:
+        self.seq_id = seq_id
+        self.prompt = prompt
+        self.params = params
+        self.generator = make_generator(params)
+        self.slot = -1
+        self.length = 0  # positions in its KV slot
+        self.next_input = -1  # the token the next decode call feeds
+
+
 class OrtGenAIEngine(GenerationEngine):
-    """One ``og.Generator`` per sequence over a shared ``og.Model``; FIFO admission into
-    ``max_num_seqs`` slots; chunked prefill interleaved with decoding."""
+    """The builder's graph under one ``InferenceSession``: one decode call per step for all
+    running sequences, prefill between them, KV in :class:`KVSlots`."""
 
     name = "ort-genai"
 
     def __init__(self, og_folder: str | Path, *, shape: ModelShape, eos_token_ids: frozenset[int],
                  max_num_seqs: int = 8, max_context: int = 2048, threads: int = 0, precision: str = "int4",
-                 prefill_chunk: int = 256, busy_prefill_chunk: int = 32, vocab_size: int = 0) -> None:
+                 prefill_chunk: int = 256, busy_prefill_chunk: int = 64, vocab_size: int = 0) -> None:
         super().__init__(max_num_seqs, max_context)
-        import onnxruntime_genai as og
+        import onnxruntime as ort
 
-        self._og = og
+        self._ort = ort
         self.shape = shape
         self.precision = precision
         self.eos_token_ids = eos_token_ids
         self.folder = Path(og_folder)
         self.prefill_chunk = max(1, prefill_chunk)
         self.busy_prefill_chunk = max(1, min(busy_prefill_chunk, self.prefill_chunk))  # while others decode
-        self.vocab_size = vocab_size
-        cfg = og.Config(str(og_folder))
-        overlay: dict[str, Any] = {"search": {"max_length": max_context}}
+        genai = json.loads((self.folder / "genai_config.json").read_text())["model"]
+        decoder = genai["decoder"]
+        self.vocab_size = int(genai.get("vocab_size") or vocab_size)
+        self._past = [(decoder["inputs"]["past_key_names"] % i, decoder["inputs"]["past_value_names"] % i)
+                      for i in range(int(decoder["num_hidden_layers"]))]
+        self._present = [(decoder["outputs"]["present_key_names"] % i, decoder["outputs"]["present_value_names"] % i)
+                         for i in range(int(decoder["num_hidden_layers"]))]
+        options = ort.SessionOptions()
         if threads:
-            overlay["model"] = {"decoder": {"session_options": {"intra_op_num_threads": threads,
-                                                                "inter_op_num_threads": 1}}}
-        cfg.overlay(json.dumps(overlay))
-        self._model = og.Model(cfg)
-        self._waiting: collections.deque[tuple[int, list[int], SamplingParams]] = collections.deque()
-        self._prefilling: list[list[Any]] = []  # [seq_id, generator, prompt, done]
-        self._running: dict[int, Any] = {}  # seq_id -> og.Generator, decoding
-        self._tokens: dict[int, int] = {}  # seq_id -> tokens in its KV
-        self._kv_dtype_bytes = 4  # CPU ORT-GenAI keeps the KV cache in fp32 (io dtype of int4/int8/fp32 CPU builds)
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared cores: sleep
+        self._session = ort.InferenceSession(str(prepare_graph(self.folder)), options,
+                                             providers=["CPUExecutionProvider"])
+        self.threads = threads
+        self.kv = KVSlots(len(self._past), max_num_seqs, int(decoder["num_key_value_heads"]), max_context,
+                          int(decoder["head_size"]))
+        self._logits = np.empty((max_num_seqs, 1, self.vocab_size), dtype=np.float32)
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._running: list[_Seq] = []  # slot i holds _running[i]
+        self._prefilling: list[_Seq] = []  # slots len(_running) .. len(_running) + len - 1, FIFO
 
     @classmethod
     def from_hf_folder(cls, folder: str | Path, *, precision: str = "int4", max_num_seqs: int = 8,
@@ -143,81 +212,196 @@ class OrtGenAIEngine(GenerationEngine):
     def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise ValueError("empty prompt")
-        self._waiting.append((seq_id, list(prompt_ids), params))
-
-    def _generator(self, params: SamplingParams) -> Any:
-        og = self._og
-        gp = og.GeneratorParams(self._model)
-        options: dict[str, Any] = {"max_length": self.max_context, "do_sample": not params.greedy}
-        if not params.greedy:
-            options.update(temperature=float(params.temperature), top_p=float(params.top_p),
-                           top_k=int(params.top_k) if params.top_k else max(1, self.vocab_size))
-            if params.seed is not None:
-                options["random_seed"] = int(params.seed)
-        gp.set_search_options(**options)
-        return og.Generator(self._model, gp)
-
-    def _admit(self) -> None:
-        while self._waiting and len(self._running) + len(self._prefilling) < self.max_num_seqs:
-            seq_id, ids, params = self._waiting.popleft()
-            self._prefilling.append([seq_id, self._generator(params), ids, 0])
-            self._tokens[seq_id] = 0
+        if len(prompt_ids) > self.max_context:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens > max_context {self.max_context}")
+        self._waiting.append(_Seq(seq_id, list(prompt_ids), params))
 
     def step(self) -> list[tuple[int, int]]:
-        import numpy as np
-
         out: list[tuple[int, int]] = []
-        for seq_id, gen in list(self._running.items()):  # the running streams first
-            gen.generate_next_token()
-            out.append((seq_id, int(gen.get_next_tokens()[0])))
-            self._tokens[seq_id] += 1
+        if self._running:
+            out.extend(self._decode())
         self._admit()
-        budget = self.busy_prefill_chunk if self._running else self.prefill_chunk
-        for item in list(self._prefilling):
-            if budget <= 0:
-                break
-            seq_id, gen, ids, done = item
-            n = min(budget, len(ids) - done)
-            budget -= n
-            gen.append_tokens(np.asarray(ids[done:done + n], dtype=np.int32))
-            item[3] = done + n
-            self._tokens[seq_id] = done + n
-            if item[3] == len(ids):  # prompt in: its first token now, then it decodes with the rest
-                self._prefilling.remove(item)
-                gen.generate_next_token()
-                out.append((seq_id, int(gen.get_next_tokens()[0])))
-                self._tokens[seq_id] += 1
-                self._running[seq_id] = gen
+        if self._prefilling:
+            out.extend(self._prefill(self.busy_prefill_chunk if self._running else self.prefill_chunk))
         return out
 
     def cancel(self, seq_id: int) -> None:
-        for item in list(self._waiting):
-            if item[0] == seq_id:
-                self._waiting.remove(item)
+        for s in self._waiting:
+            if s.seq_id == seq_id:
+                self._waiting.remove(s)
                 return
-        for item in list(self._prefilling):
-            if item[0] == seq_id:
-                self._prefilling.remove(item)
-        self._running.pop(seq_id, None)  # the generator and its KV buffers go with the last reference
-        self._tokens.pop(seq_id, None)
+        for s in self._prefilling:
+            if s.seq_id == seq_id:
+                self._leave_prefilling(s)
+                return
+        for s in self._running:
+            if s.seq_id == seq_id:
+                self._leave_running(s)
+                return
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._running)
 
     def stats(self) -> dict[str, int]:
-        per_tok = self.shape.kv_bytes_per_token(self._kv_dtype_bytes)
+        held = sum(s.length for s in self._running) + sum(s.length for s in self._prefilling)
         return {"running": len(self._running) + len(self._prefilling), "waiting": len(self._waiting),
-                "kv_used_bytes": int(sum(self._tokens.values()) * per_tok),
-                "kv_reserved_bytes": int(self.max_num_seqs * self.max_context * per_tok)}
+                "kv_used_bytes": held * self.kv.bytes_per_token,
+                "kv_reserved_bytes": self.max_num_seqs * self.max_context * self.kv.bytes_per_token}
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "precision": self.precision, "ort_genai_folder": str(self.folder),
-                "prefill_chunk": self.prefill_chunk, "busy_prefill_chunk": self.busy_prefill_chunk,
-                "kv_bytes_per_token": self.shape.kv_bytes_per_token(self._kv_dtype_bytes)}
+                "runtime": f"onnxruntime {self._ort.__version__} InferenceSession, batched decode",
+                "threads": self.threads, "prefill_chunk": self.prefill_chunk,
+                "busy_prefill_chunk": self.busy_prefill_chunk, "kv_bytes_per_token": self.kv.bytes_per_token}
 
     def close(self) -> None:
         self._waiting.clear()
         self._prefilling.clear()
         self._running.clear()
-        self._tokens.clear()
-        self._model = None
+        self._session = None
+        self.kv.close()
+
+    # --- slots -----------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) + len(self._prefilling) < self.max_num_seqs:
+            s = self._waiting.popleft()
+            s.slot = len(self._running) + len(self._prefilling)
+            self._prefilling.append(s)
+
+    def _leave_running(self, s: _Seq) -> None:
+        """Its slot takes the last running sequence, whose slot takes the last prefilling one."""
+        last = self._running[-1]
+        self.kv.move(last.slot, s.slot, last.length)
+        last.slot = s.slot
+        self._running[self._running.index(s)] = last
+        self._running.pop()
+        free = len(self._running)  # the slot the last running sequence left
+        if self._prefilling:
+            tail = max(self._prefilling, key=lambda p: p.slot)
+            self.kv.move(tail.slot, free, tail.length)
+            free, tail.slot = tail.slot, free
+        self.kv.release(free)
+
+    def _leave_prefilling(self, s: _Seq) -> None:
+        self._prefilling.remove(s)
+        tail = max(self._prefilling, key=lambda p: p.slot, default=None)
+        free = s.slot
+        if tail is not None and tail.slot > s.slot:
+            self.kv.move(tail.slot, s.slot, tail.length)
+            free, tail.slot = tail.slot, s.slot
+        self.kv.release(free)
+
+    def _start_running(self, s: _Seq) -> None:
+        """A prefilled sequence takes the slot right after the running ones."""
+        first = len(self._running)
+        if s.slot != first:
+            other = next(p for p in self._prefilling if p.slot == first)
+            self.kv.swap(s.slot, first, s.length, other.length)
+            other.slot, s.slot = s.slot, first
+        self._prefilling.remove(s)
+        self._running.append(s)
+
+    # --- calls -----------------------------------------------------------------------------
+    def _run(self, first_slot: int, ids: np.ndarray, mask: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """One graph call over slots [first_slot, first_slot + rows): logits ``[rows, vocab]``."""
+        rows = ids.shape[0]
+        io = self._session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input(LOGITS_INDEX, index)
+        shape = self.kv.shape(rows)
+        for layer, ((pk, pv), (ok, ov)) in enumerate(zip(self._past, self._present)):
+            k, v = self.kv.address(layer, 0, first_slot), self.kv.address(layer, 1, first_slot)
+            io.bind_input(pk, "cpu", 0, np.float32, shape, k)
+            io.bind_input(pv, "cpu", 0, np.float32, shape, v)
+            io.bind_output(ok, "cpu", 0, np.float32, shape, k)
+            io.bind_output(ov, "cpu", 0, np.float32, shape, v)
+        logits = self._logits[:rows]
+        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self._session.run_with_iobinding(io)
+        return logits[:, 0]
+
+    def _sample(self, seqs: list[_Seq], logits: np.ndarray) -> list[tuple[int, int]]:
+        """Next token per sequence: one argmax for the greedy rows, the sampler for the others;
+        a sequence whose sampling fails ends alone (``failed``), the others go on."""
+        import torch
+
+        greedy = logits.argmax(axis=-1)
+        out = []
+        for i, s in enumerate(seqs):
+            if s.generator is None:
+                tok = int(greedy[i])
+            else:
+                try:
+                    tok = sample(torch.from_numpy(logits[i]), s.params, s.generator)
+                except Exception as exc:  # noqa: BLE001 - this sequence's values, not the engine
+                    self.failed.append((s.seq_id, f"sampling failed: {type(exc).__name__}: {exc}"))
+                    continue
+            s.next_input = tok
+            out.append((s.seq_id, tok))
+        return out
+
+    def _decode(self) -> list[tuple[int, int]]:
+        rows = self._running
+        lengths = np.fromiter((s.length for s in rows), dtype=np.int64, count=len(rows))
+        width = int(lengths.max()) + 1
+        mask = (np.arange(width, dtype=np.int64)[None, :] <= lengths[:, None]).astype(np.int64)
+        ids = np.fromiter((s.next_input for s in rows), dtype=np.int64, count=len(rows)).reshape(-1, 1)
+        logits = self._run(0, ids, mask, np.zeros((len(rows), 1), dtype=np.int64))
+        for s in rows:
+            s.length += 1
+        before = len(self.failed)
+        out = self._sample(list(rows), logits)
+        for seq_id, _why in self.failed[before:]:
+            self.cancel(seq_id)
+        return out
+
+    def _prefill(self, budget: int) -> list[tuple[int, int]]:
+        """Up to ``budget`` prompt tokens: fresh prompts that fit together in one padded call,
+        else the first prefilling sequence's next chunk on its own."""
+        fresh: list[_Seq] = []
+        padded = 0
+        for s in sorted(self._prefilling, key=lambda p: p.slot):
+            if s.length or len(s.prompt) > budget:
+                break
+            width = max(padded and max(len(f.prompt) for f in fresh), len(s.prompt))
+            if width * (len(fresh) + 1) > budget:
+                break
+            fresh.append(s)
+            padded = width
+        # one call needs consecutive slots: fresh sequences sit at the lowest prefilling slots
+        if fresh and [s.slot for s in fresh] == list(range(fresh[0].slot, fresh[0].slot + len(fresh))):
+            return self._prefill_fresh(fresh)
+        s = min(self._prefilling, key=lambda p: p.slot)
+        n = min(budget, len(s.prompt) - s.length)
+        ids = np.asarray([s.prompt[s.length:s.length + n]], dtype=np.int64)
+        mask = np.ones((1, s.length + n), dtype=np.int64)
+        logits = self._run(s.slot, ids, mask, np.asarray([[n - 1]], dtype=np.int64))
+        s.length += n
+        if s.length < len(s.prompt):
+            return []
+        return self._started([s], logits)
+
+    def _prefill_fresh(self, seqs: list[_Seq]) -> list[tuple[int, int]]:
+        width = max(len(s.prompt) for s in seqs)
+        ids = np.full((len(seqs), width), 0, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s.prompt)] = s.prompt
+            mask[i, :len(s.prompt)] = 1
+        index = np.asarray([[len(s.prompt) - 1] for s in seqs], dtype=np.int64)
+        logits = self._run(seqs[0].slot, ids, mask, index)
+        for s in seqs:
+            s.length = len(s.prompt)
+        return self._started(seqs, logits)
+
+    def _started(self, seqs: list[_Seq], logits: np.ndarray) -> list[tuple[int, int]]:
+        before = len(self.failed)
+        out = self._sample(seqs, logits)
+        failed = {seq_id for seq_id, _ in self.failed[before:]}
+        for s in seqs:
+            if s.seq_id in failed:
+                self._leave_prefilling(s)
+            else:
+                self._start_running(s)
+        return out

@@ -60,6 +60,8 @@ class GenerationScheduler:
         self.slot_limit = engine.max_num_seqs  # lowered by the memory ladder (set_slots)
         self._held: collections.deque[Hashable] = collections.deque()  # waiting for a slot under the limit
         self.preempted_total = 0
+        self.failures: list[tuple[Hashable, str]] = []
+        self.failed_total = 0
         self.prompt_tokens_total = 0
         self.generated_tokens_total = 0
         self.requests_total = 0
@@ -177,35 +179,61 @@ class GenerationScheduler:
         if not self._reqs:
             return out
         self._admit_held()
-        produced = self.engine.step()
+        try:
+            produced = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - one batch's failure ends its sequences, not the runner
+            produced = []
+            why = f"engine step failed: {type(exc).__name__}: {exc}"
+            for key in [k for k, r in self._reqs.items() if r.in_engine]:
+                self._fail(key, why)
+        for seq, why in self.engine.take_failures():
+            key = self._by_seq.get(seq)
+            if key is not None:
+                self._fail(key, why)
         now = time.monotonic()
         for seq, tok in produced:
             key = self._by_seq.get(seq)
             if key is None:
                 continue
-            r = self._reqs[key]
-            if tok < 0:  # the engine ended the sequence itself (an EOS it did not report)
-                out.append((key, self._finish(key, r, "stop", r.stream.flush(), ())))
+            try:
+                chunk = self._advance(key, self._reqs[key], tok, now)
+            except Exception as exc:  # noqa: BLE001 - e.g. detokenizing: this request ends alone
+                self._fail(key, f"{type(exc).__name__}: {exc}")
                 continue
-            r.completion += 1
-            r.generated.append(tok)
-            self.generated_tokens_total += 1
-            if r.last_token_at is None:
-                self.ttft_s.append(now - r.submitted)
-            else:
-                self.itl_s.append(now - r.last_token_at)
-            r.last_token_at = now
-            if tok in self.engine.eos_token_ids:
-                out.append((key, self._finish(key, r, "stop", r.stream.flush(), (tok,))))
-                continue
-            text = r.stream.add(tok)
-            if r.stream.stopped:
-                out.append((key, self._finish(key, r, "stop", text, (tok,))))
-            elif r.completion >= r.request.params.max_tokens:
-                out.append((key, self._finish(key, r, "length", text + r.stream.flush(), (tok,))))
-            else:
-                out.append((key, GenerationChunk(text, (tok,), None, r.prompt_tokens, r.completion)))
+            out.append((key, chunk))
         return out
+
+    def _advance(self, key: Hashable, r: _Req, tok: int, now: float) -> GenerationChunk:
+        """One new token of ``r``: its chunk (the last one when it ends the request)."""
+        if tok < 0:  # the engine ended the sequence itself (an EOS it did not report)
+            return self._finish(key, r, "stop", r.stream.flush(), ())
+        r.completion += 1
+        r.generated.append(tok)
+        self.generated_tokens_total += 1
+        if r.last_token_at is None:
+            self.ttft_s.append(now - r.submitted)
+        else:
+            self.itl_s.append(now - r.last_token_at)
+        r.last_token_at = now
+        if tok in self.engine.eos_token_ids:
+            return self._finish(key, r, "stop", r.stream.flush(), (tok,))
+        text = r.stream.add(tok)
+        if r.stream.stopped:
+            return self._finish(key, r, "stop", text, (tok,))
+        if r.completion >= r.request.params.max_tokens:
+            return self._finish(key, r, "length", text + r.stream.flush(), (tok,))
+        return GenerationChunk(text, (tok,), None, r.prompt_tokens, r.completion)
+
+    def _fail(self, key: Hashable, why: str) -> None:
+        """End one request with an error (it is forgotten; ``take_failures`` reports it)."""
+        if self.cancel(key):
+            self.failures.append((key, why))
+            self.failed_total += 1
+
+    def take_failures(self) -> list[tuple[Hashable, str]]:
+        """Requests ended by an error since the last call: ``(key, why)``."""
+        failures, self.failures = self.failures, []
+        return failures
 
     def _finish(self, key: Hashable, r: _Req, reason: str, text: str, ids: tuple[int, ...]) -> GenerationChunk:
         self.cancel(key)
@@ -217,6 +245,7 @@ class GenerationScheduler:
             **self.engine.info(), **self.engine.stats(), "max_queue": self.max_queue,
             "waiting": self.engine.stats()["waiting"] + len(self._held),
             "slot_limit": self.slot_limit, "preempted_total": self.preempted_total,
+            "failed_total": self.failed_total,
             "requests_total": self.requests_total,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generated_tokens_total": self.generated_tokens_total,

@@ -32,6 +32,9 @@ STATS_EVERY_S = 0.25
 #: request would page it all back in; trimming at every request's end cost SmolLM2 int4 ~65 ms
 #: of TTFT (203-213 -> 137-145 ms, in-process 136) and 20% of one stream's tokens/s.
 IDLE_TRIM_S = 0.25
+#: Message handling (mostly tokenizing new prompts) done between two engine steps while
+#: sequences run; the rest waits for the next gap.
+MESSAGES_BUDGET_S = 0.005
 
 
 def load(folder: str, gs: Any, on_phase: Any = None) -> tuple[Any, Any]:
@@ -162,9 +165,14 @@ def serve(rx: Any, tx: Any, sched: Any) -> None:
     while True:
         try:
             if sched.has_work():
+                # between two steps, at most MESSAGES_BUDGET_S of message work (a burst of
+                # prompts to tokenize waits for the next gap instead of stalling every stream)
+                until = time.monotonic() + MESSAGES_BUDGET_S
                 while rx.poll(0):
                     if not handle(decode(rx.recv_bytes())):
                         return
+                    if time.monotonic() >= until:
+                        break
             elif trim_due and not rx.poll(IDLE_TRIM_S):
                 _malloc_trim()  # idle for a while: the freed KV goes back to the OS, not just to malloc
                 trim_due = False
@@ -176,6 +184,8 @@ def serve(rx: Any, tx: Any, sched: Any) -> None:
         chunks = sched.step() if sched.has_work() else []
         if chunks:
             send(Tokens(NO_SEQ, chunks))
+        for key, why in sched.take_failures():  # ended alone by an error of its own; the rest go on
+            send(Refused(key, "error", (why,)))
         busy = sched.has_work()
         now = time.monotonic()
         if busy != was_busy or now - last_stats >= STATS_EVERY_S:

@@ -183,7 +183,13 @@ class TorchEngine(GenerationEngine):
                               cache=s.cache, use_cache=True, logits_to_keep=1)
             s.done += n
             if s.done == len(s.prompt):
-                tok = sample(res.logits[0, -1], s.params, s.generator)
+                try:
+                    tok = sample(res.logits[0, -1], s.params, s.generator)
+                except Exception as exc:  # noqa: BLE001 - this sequence's values: it ends alone
+                    self.failed.append((s.seq_id, f"sampling failed: {type(exc).__name__}: {exc}"))
+                    self._prefilling.remove(s)
+                    s.cache = None
+                    continue
                 s.position = s.done
                 s.next_input = tok
                 self._prefilling.remove(s)
@@ -201,11 +207,19 @@ class TorchEngine(GenerationEngine):
                           cache=self._cache, use_cache=True, logits_to_keep=1)
         logits = res.logits[:, -1]
         out = []
+        failed = []
         for i, s in enumerate(rows):
-            tok = sample(logits[i], s.params, s.generator)
-            s.next_input = tok
             s.position += 1
+            try:
+                tok = sample(logits[i], s.params, s.generator)
+            except Exception as exc:  # noqa: BLE001 - this sequence's values: it ends, the batch goes on
+                self.failed.append((s.seq_id, f"sampling failed: {type(exc).__name__}: {exc}"))
+                failed.append(i)
+                continue
+            s.next_input = tok
             out.append((s.seq_id, tok))
+        if failed:
+            self._drop_rows(failed)
         return out
 
     # --- the batched cache -----------------------------------------------------------------

@@ -20,6 +20,7 @@ from lastmile.appliance.client.tensors import InputTypeError, conform
 from lastmile.appliance.client.units import fmt_mib
 from lastmile.models import vocabulary
 from lastmile.models.vocabulary import BY_NAME
+from lastmile.tui.wording import option_text, part_name
 
 BACKENDS = vocabulary.BACKENDS
 DTYPES = vocabulary.DTYPES
@@ -192,18 +193,17 @@ _mib = fmt_mib
 def describe_estimate(data: dict[str, Any]) -> str:
     """The daemon's dry-run answer as the load form shows it (its numbers, nothing made up)."""
     est = data.get("estimate") or {}
-    parts = ", ".join(f"{k.removesuffix('_bytes')} {_mib(v)}" for k, v in (est.get("parts") or {}).items())
+    parts = ", ".join(f"{part_name(k)} {_mib(v)}" for k, v in (est.get("parts") or {}).items() if v)
     free = ", ".join(f"{d} {_mib(v)} free" for d, v in (data.get("free_bytes") or {}).items())
     text = f"estimate: {_mib(est.get('total_bytes'))} on {est.get('device', '?')} ({parts or 'no breakdown'}); "
     if data.get("fits"):
         return text + f"fits: yes ({free or 'no free figure'})"
     short = data.get("shortfall") or {}
-    text += (f"fits: NO ({short.get('reason', '?')} on {short.get('device', '?')}: needs {_mib(short.get('needed_bytes'))}, "
+    reason = str(short.get("reason", "?")).replace("_", " ")
+    text += (f"fits: NO ({reason} on {short.get('device', '?')}: needs {_mib(short.get('needed_bytes'))}, "
              f"{_mib(short.get('free_bytes'))} free, limit {_mib(short.get('limit_bytes'))})")
     options = data.get("options") or []
     if options:
-        text += "; would fit: " + "; ".join(
-            f"{o.get('option')} {o.get('settings') or ''}".strip() + (f" (est {_mib(o['estimate_bytes'])})" if o.get("estimate_bytes") else "")
-            for o in options[:4]
-        )
+        model = str(data.get("model") or "MODEL")
+        text += "; would fit: " + "; ".join(option_text(model, o) for o in options[:4])
     return text

@@ -300,10 +300,27 @@ def kv_text(row: dict[str, Any]) -> str:
     return f"{fmt_bytes(g['kv_used_bytes'] or 0)}/{fmt_bytes(g['kv_reserved_bytes'])}"
 
 
-def generation_line(row: dict[str, Any]) -> str:
-    """One line of a generation model's live figures (detail, tune and chat screens)."""
+def generation_parts(row: dict[str, Any]) -> list[str]:
+    """A generation model's live figures as short phrases (:func:`pack` lays them out)."""
     g = generation_figures(row)
     seqs = f"running {'-' if g['running'] is None else g['running']}" + (f"/{g['max_num_seqs']}" if g["max_num_seqs"] else "")
-    return (f"tokens/s {fmt_rate(g['tokens_per_s'])}  TTFT p50 {fmt_ms(g['ttft_p50_ms'])} ms p99 {fmt_ms(g['ttft_p99_ms'])} ms  "
-            f"inter-token p50 {fmt_ms(g['itl_p50_ms'])} ms p99 {fmt_ms(g['itl_p99_ms'])} ms\n"
-            f"{seqs}  waiting {'-' if g['waiting'] is None else g['waiting']}  KV used/reserved {kv_text(row)}")
+    return [f"tokens/s {fmt_rate(g['tokens_per_s'])}", f"TTFT p50 {fmt_ms(g['ttft_p50_ms'])} ms p99 {fmt_ms(g['ttft_p99_ms'])} ms",
+            f"inter-token p50 {fmt_ms(g['itl_p50_ms'])} ms p99 {fmt_ms(g['itl_p99_ms'])} ms",
+            f"{seqs}  waiting {'-' if g['waiting'] is None else g['waiting']}", f"KV used/reserved {kv_text(row)}"]
+
+
+def pack(parts: list[str], width: int, sep: str = "  ") -> str:
+    """``parts`` joined by ``sep``, a new line wherever the next one would pass ``width``, so
+    no line wraps in the middle of a figure (a phrase longer than ``width`` keeps its line)."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + len(sep) + len(part) <= width:
+            lines[-1] += sep + part
+        else:
+            lines.append(part)
+    return "\n".join(lines)
+
+
+def generation_line(row: dict[str, Any], width: int = 100) -> str:
+    """A generation model's live figures in lines of at most ``width`` (detail, tune, chat)."""
+    return pack(generation_parts(row), width)

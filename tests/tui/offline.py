@@ -138,6 +138,14 @@ class OfflineClient:
         self._check()
         return tensor_row(name)
 
+    async def infer(self, name: str, inputs: dict[str, Any], datatypes: dict[str, str], *, binary: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+        import numpy as np
+
+        self._check()
+        rows = next(iter(inputs.values())).shape[0]
+        return ({"output": np.arange(rows * 10, dtype=np.float32).reshape(rows, 10)},
+                {"client_ms": 1.5, "total_ms": 1.2, "queue_ms": 0.2, "compute_ms": 0.9, "batch_id": 7, "batch_size": rows})
+
     async def tune(self, name: str, settings: dict[str, Any]) -> dict[str, Any]:
         self._check()
         self.calls.append(("tune", (name, settings)))
@@ -156,7 +164,10 @@ class OfflineApp(LastmileApp):
         """No daemon: snapshots come from :meth:`feed`."""
 
     def feed(self, rows: list[dict[str, Any]], seq: int = 0) -> None:
+        self.client.loaded = copy.deepcopy(rows)  # type: ignore[attr-defined]  # /lm/v1/models agrees with the stream
+        self.client.down = False  # type: ignore[attr-defined]
         self.post_message(SnapshotArrived(snapshot(rows, seq)))
 
     def lose(self, error: str = "the daemon is not running") -> None:
+        self.client.down = True  # type: ignore[attr-defined]  # every call fails as on a dead socket
         self.post_message(ConnectionChanged({"connection": "lost", "error": error, "attempt": 1, "retry_in_s": 0.5}))

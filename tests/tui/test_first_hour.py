@@ -193,3 +193,151 @@ def test_generation_figures_degrade_to_dashes() -> None:
     assert set(generation_figures(row).values()) == {None}
     assert runs_short(row) == "-" and kv_text(row) == "-" and running_text(row) == "-"
     assert "tokens/s -" in generation_line(row) and "TTFT p50 - ms" in generation_line(row)
+
+
+# --- 80x24: nothing cut, everything reachable ------------------------------------------------
+
+
+@sizes
+async def test_store_and_loaded_tables_leave_out_columns_instead_of_cutting(size: tuple[int, int]) -> None:
+    """Every column shown is whole (`input_ids ...`, `Limit MiB`), the columns fit the table,
+    and the model names are always there."""
+    from lastmile.tui.widgets.fitted_table import FittedTable
+
+    app = OfflineApp()
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot, app, [tensor_row("demo-mlp"), tensor_row("demo-lm-ds"), generation_row()])
+        await pilot.press("m")
+        await wait_until(lambda: app.screen.query("#store") and app.screen.query_one("#store").row_count == 2, step=lambda: pilot.pause(0.05),
+                         what="the store listing")
+        await pilot.pause(0.2)
+        for table_id, rows in (("#store", 2), ("#loaded", 3)):
+            table = app.screen.query_one(table_id, FittedTable)
+            assert table.row_count == rows
+            # a column is as wide as its widest cell; all of them inside the table: nothing cut at the edge
+            widths = [column.get_render_width(table) for column in table.columns.values()]
+            assert sum(widths) <= table.scrollable_content_region.width, (table_id, widths, table.size)
+            assert table.max_scroll_x == 0
+            assert table.region.right <= size[0]
+            assert "name" in [c.key for c in table.shown_columns]
+        loaded = app.screen.query_one("#loaded", FittedTable)
+        assert loaded.cell_text("demo-chat", "runs") == "ort-genai int4"  # what runs, not "deepspeed"
+        store = app.screen.query_one("#store", FittedTable)
+        assert store.cell_text("demo-lm", "inputs") in (None, "input_ids INT64[-1,-1], attention_mask INT64[-1,-1]")  # whole or left out
+        assert loaded.cell_text("demo-mlp", "limit") in (None, "-")
+
+
+@sizes
+async def test_playground_buttons_and_results_are_reachable(size: tuple[int, int]) -> None:
+    from lastmile.tui.screens.playground import PlaygroundScreen
+
+    app = OfflineApp()
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot, app, [tensor_row("demo-mlp")])
+        await pilot.press("p")
+        await wait_until(lambda: isinstance(app.screen, PlaygroundScreen) and "demo-mlp" in app.screen.specs,
+                         step=lambda: pilot.pause(0.05), what="the spec")
+        screen = app.screen
+        assert "onnxruntime_onnx" not in str(screen.query_one("#p-spec").content)
+        await pilot.press("ctrl+r")
+        await wait_until(lambda: screen.last_results, step=lambda: pilot.pause(0.05), what="the results")
+        await pilot.pause(0.2)
+        summary = screen.query_one("#p-summary")
+        assert 0 < summary.region.height and summary.region.bottom <= size[1] - 1, summary.region  # in view, above the footer
+        body = screen.query_one("#play-body")
+        for widget_id in ("#b-random", "#p-output"):
+            widget = screen.query_one(widget_id)
+            widget.scroll_visible(animate=False)
+            await pilot.pause(0.1)
+            assert widget.region.height >= min(3, widget.size.height) and widget.region.bottom <= size[1] - 1, (widget_id, widget.region)
+        assert body.region.bottom <= size[1] - 1
+
+
+@sizes
+async def test_chat_log_keeps_its_last_column_clear_of_the_scrollbar(size: tuple[int, int]) -> None:
+    from rich.text import Text as RichText
+
+    app = OfflineApp()
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot, app, [generation_row()])
+        await pilot.press("c")
+        await pilot.pause(0.1)
+        log = app.screen.query_one("#c-log")
+        log.write(RichText("you: " + "a long question " * 12 + "END"))  # written before the scrollbar shows
+        await pilot.pause(0.1)
+        for i in range(40):
+            log.write(RichText(f"demo-chat: answer {i} " + "word " * 30 + "END"))
+        await pilot.pause(0.2)
+        assert log.show_vertical_scrollbar
+        assert max(line.cell_length for line in log.lines) <= log.scrollable_content_region.width
+        bar = app.screen.query_one("#chat-bar")
+        for widget in bar.children:  # the model, both fields and New chat all on the screen
+            assert widget.region.right <= size[0], (widget, widget.region)
+
+
+def test_tune_trial_table_fits_80_columns_and_speaks_flags() -> None:
+    from lastmile.appliance.client.autotune import Trial, TuneResult
+    from lastmile.tui.screens.tune import trial_line, trial_table
+
+    settings = {"max_batch_size": 32, "max_delay_ms": 2.5, "graph_fusion": "extended", "threads": 2}
+    best = Trial(dict(settings), rows_per_s=123456.7, throughput_rps=4000, p50_ms=1.25, p99_ms=12.5, avg_batch_size=8.0)
+    result = TuneResult("demo-mlp", None, {}, trials=[best, Trial(dict(settings), error="boom")], best=best, applied=True)
+    table = trial_table(result)
+    rows = table.splitlines()[:-1]  # the header and one line per trial; the best's flags after them
+    assert max(len(line) for line in rows) <= 62 and len(rows) == 3, table
+    assert "{" not in table and table.splitlines()[-1] == "best (*): --max-batch-size 32 --max-delay-ms 2.5 --graph-fusion extended --threads 2"
+    line = trial_line(11, 12, {"settings": settings, "rows_per_s": 1234.0, "p50_ms": 1.0, "p99_ms": 3.5, "error": None})
+    assert line == "11/12    32      2.5 extended   2    1234.0    1.00    3.50" and len(line) <= 62
+
+
+@sizes
+async def test_tune_rows_do_not_wrap_at_80x24(size: tuple[int, int]) -> None:
+    """The live figures of the tune screen: one line each, none longer than the panel."""
+    from lastmile.tui.screens.tune import TuneScreen
+
+    app = OfflineApp()
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot, app, [tensor_row("demo-mlp", requests=123456, latency_ms={"p50": 123.0, "p95": 456.0, "p99": 789.0},
+                                             memory={"used_bytes": 300 * 2**20, "limit_bytes": 512 * 2**20, "estimate_bytes": 280 * 2**20})])
+        await pilot.press("t")
+        await wait_until(lambda: isinstance(app.screen, TuneScreen) and app.screen.model_name == "demo-mlp", step=lambda: pilot.pause(0.05))
+        await pilot.pause(0.2)
+        figures = app.screen.query_one("#live-figures")
+        lines = figures.content.plain.splitlines()
+        assert figures.region.height == len(lines), (figures.region, lines)  # no line wrapped
+        assert max(len(line) for line in lines) <= figures.content_region.width
+
+
+# --- no Python reprs or internal names -------------------------------------------------------
+
+
+async def test_settings_read_as_the_operator_types_them() -> None:
+    """The tune verdict, the load form's estimate and the playground say `--max-batch-size 5`,
+    `lastmile load demo-mlp --memory-limit 47`, "memory-cap overhead", not
+    `{'max_batch_size': 5}`, `raise_limit {...}`, `limit_machinery`, `onnxruntime_onnx`."""
+    from lastmile.tui.screens.models import ModelsScreen
+    from lastmile.tui.screens.tune import TuneScreen
+
+    app = OfflineApp()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app, [tensor_row("demo-mlp")])
+        await pilot.press("t")
+        await wait_until(lambda: isinstance(app.screen, TuneScreen) and app.screen.model_name == "demo-mlp", step=lambda: pilot.pause(0.05))
+        screen = app.screen
+        await pilot.pause(0.2)
+        screen.query_one("#t-max_batch_size", Input).value = "5"
+        await pilot.press("escape", "a")
+        await wait_until(lambda: "applied" in plain(screen.query_one("#tune-verdict")), step=lambda: pilot.pause(0.05), what="the verdict")
+        verdict = plain(screen.query_one("#tune-verdict"))
+        assert "applied to demo-mlp: --max-batch-size 5" in verdict and "{" not in verdict, verdict
+        assert all("{" not in n.message for n in app._notifications)
+        await pilot.press("m")
+        await wait_until(lambda: isinstance(app.screen, ModelsScreen) and app.screen.store, step=lambda: pilot.pause(0.05))
+        models = app.screen
+        models.select_model("demo-mlp")
+        await wait_until(lambda: models.last_estimate is not None, step=lambda: pilot.pause(0.1), what="the estimate")
+        estimate = " ".join(plain(models.query_one("#estimate")).split())
+        assert "would fit: lastmile load demo-mlp --memory-limit 47" in estimate, estimate
+        assert "memory-cap overhead 2.0 MiB" in estimate
+        for internal in ("limit_machinery", "raise_limit", "{'", "memory_limit ", "_bytes"):
+            assert internal not in estimate, (internal, estimate)

@@ -25,7 +25,7 @@ from textual.widgets import Button, Input, Label, RichLog, Select, Static
 from lastmile.appliance.client.api import ApiError, ClientError
 from lastmile.appliance.client.chat import Generation, SamplingOptions, generate
 from lastmile.tui.screens.base import ModelPickerScreen
-from lastmile.tui.state import MonitorState, generation_line, runs_long
+from lastmile.tui.state import MonitorState, generation_parts, pack, runs_long
 
 MAX_TURNS = 50  # messages kept in the conversation sent back to the model
 
@@ -56,9 +56,10 @@ class ChatDone(Message):
         self.result, self.error = result, error
 
 
-def engine_line(row: dict[str, Any]) -> str:
-    """What runs the model and its live figures, from a monitor row (the dashboard's words)."""
-    return f"runs {runs_long(row)}  " + generation_line(row)
+def engine_line(row: dict[str, Any], width: int = 100) -> str:
+    """What runs the model and its live figures, from a monitor row (the dashboard's words),
+    in lines of at most ``width``."""
+    return pack([f"runs {runs_long(row)}", *generation_parts(row)], width)
 
 
 class ChatScreen(ModelPickerScreen):
@@ -66,10 +67,13 @@ class ChatScreen(ModelPickerScreen):
     DEFAULT_CSS = """
     #chat-body { padding: 0 1; }
     #chat-bar { height: 3; }
-    #c-model { width: 40; }
-    #c-temp, #c-max { width: 14; }
+    #c-model { width: 1fr; max-width: 48; min-width: 20; }
+    #c-temp, #c-max { width: 10; }
+    #chat-bar Label { padding: 1 0 0 0; }
     #c-engine, #c-stats { height: auto; padding: 0 1; color: $text-muted; }
-    #c-log { height: 1fr; border-top: solid $panel-lighten-2; }
+    /* the gutter is kept even before the scrollbar shows: lines wrapped earlier never lose
+       their last column under it */
+    #c-log { height: 1fr; border-top: solid $panel-lighten-2; scrollbar-gutter: stable; }
     #c-answer { height: auto; max-height: 50%; padding: 0 1; }
     #c-input { dock: bottom; }
     """
@@ -80,7 +84,7 @@ class ChatScreen(ModelPickerScreen):
         with Vertical(id="chat-body"):
             with Horizontal(id="chat-bar"):
                 yield Select([], id="c-model", prompt="pick a generation model")
-                yield Label(" temperature ")
+                yield Label(" temp ")
                 defaults = default_options()
                 yield Input(_field_text(defaults.temperature), id="c-temp", type="number", placeholder="default")
                 yield Label(" max tokens ")
@@ -105,7 +109,8 @@ class ChatScreen(ModelPickerScreen):
         self.set_model_names(tuple(r["name"] for r in rows))
         name = self.model_name
         row = next((r for r in rows if r["name"] == name), None)
-        self.query_one("#c-engine", Static).update(engine_line(row) if row else "no generation model loaded" if not rows else "")
+        engine = self.query_one("#c-engine", Static)
+        engine.update(engine_line(row, max(40, engine.content_region.width or self.app.size.width - 6)) if row else "no generation model loaded" if not rows else "")
 
     def _options(self) -> SamplingOptions | None:
         """The form's sampling fields over the shared defaults (an empty field: the default)."""

@@ -117,7 +117,7 @@ class ModelDetailScreen(LastmileScreen):
         text.append(f"  runs {runs_long(row)}, {row.get('format')}, loaded {fmt_time(row.get('loaded_at') or time.time())}"
                     f", restarts {row.get('restarts', 0)}\n")
         if is_generation(row):  # token streams: no batcher figures, the engine's own instead
-            text.append(generation_line(row))
+            text.append(generation_line(row, width=max(40, head.content_region.width or self.app.size.width - 4)))
         else:
             lat = row.get("latency_ms") or {}
             text.append(f"req/s {fmt_rate(row.get('requests_per_s'))}  p50 {fmt_ms(lat.get('p50'))} ms  p99 {fmt_ms(lat.get('p99'))} ms  "

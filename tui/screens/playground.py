@@ -12,7 +12,7 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.widgets import Button, Input, Label, RichLog, Select, Static
 
 from lastmile.appliance.client.api import ApiError, ClientError
@@ -20,7 +20,8 @@ from lastmile.appliance.client.wording import without_model_prefix
 from lastmile.tui.forms import FormError, file_inputs, parse_int, random_inputs, summarize_output
 from lastmile.tui.messages import InferDone, SpecFetched
 from lastmile.tui.screens.base import ModelPickerScreen
-from lastmile.tui.state import MonitorState
+from lastmile.tui.state import MonitorState, runs_short
+from lastmile.tui.wording import platform_name
 
 
 class PlaygroundScreen(ModelPickerScreen):
@@ -29,7 +30,7 @@ class PlaygroundScreen(ModelPickerScreen):
     DEFAULT_CSS = """
     PlaygroundScreen #play-body { padding: 0 1; }
     PlaygroundScreen #p-spec, PlaygroundScreen #p-summary { height: auto; padding: 0 1; }
-    PlaygroundScreen #p-output { height: 1fr; min-height: 3; border-top: solid $panel-lighten-2; }
+    PlaygroundScreen #p-output { height: 1fr; min-height: 8; border-top: solid $panel-lighten-2; }
     """
 
     PICKER_ID = "p-model"
@@ -37,7 +38,8 @@ class PlaygroundScreen(ModelPickerScreen):
     BINDINGS = [Binding("ctrl+r", "send_random", "Send random"), Binding("ctrl+f", "send_file", "Send file")]
 
     def compose_body(self) -> ComposeResult:
-        with Vertical(id="play-body"):
+        # scrolls on a short terminal: the buttons and the results stay reachable at 80x24
+        with VerticalScroll(id="play-body", can_focus=False):
             yield Label("Playground: send an inference request", classes="section")
             with Grid(id="play-grid"):
                 yield Label("model")
@@ -89,9 +91,13 @@ class PlaygroundScreen(ModelPickerScreen):
             spec.update(Text(f"{message.name}: {message.error}", style="red"))
             return
         self.specs[message.name] = message.metadata
-        ins = ", ".join(f"{t['name']} {t['datatype']} {t['shape']}" for t in message.metadata.get("inputs", []))
-        outs = ", ".join(f"{t['name']} {t['datatype']} {t['shape']}" for t in message.metadata.get("outputs", []))
-        spec.update(f"{message.name} ({message.metadata.get('platform')}): inputs {ins or '-'}  ->  outputs {outs or '-'}")
+        def tensors(kind: str) -> str:
+            return ", ".join(f"{t['name']} {t['datatype']}[{','.join(str(d) for d in t['shape'])}]" for t in message.metadata.get(kind, []))
+
+        ins, outs = tensors("inputs"), tensors("outputs")
+        row = self.lm.state.model(message.name)
+        engine = runs_short(row) if row else platform_name(message.metadata.get("platform"))
+        spec.update(f"{message.name} ({engine}): inputs {ins or '-'}  ->  outputs {outs or '-'}")
 
     def _numbers(self) -> tuple[int, int, int]:
         rows, seq, burst = (
@@ -187,3 +193,4 @@ class PlaygroundScreen(ModelPickerScreen):
         log.clear()
         for out_name, array in outputs.items():
             log.write(summarize_output(out_name, array))
+        summary.scroll_visible(animate=False, top=True)  # the results where the eye is, on a short terminal too

@@ -19,9 +19,38 @@ from lastmile.tui.forms import GRAPH_FUSION, RELOADING_KEYS, FormError, reload_n
 from lastmile.tui.messages import Tuned
 from lastmile.tui.screens.base import ModelPickerScreen
 from lastmile.tui.screens.confirm import ConfirmScreen
-from lastmile.tui.state import MonitorState, fmt_memory, fmt_ms, fmt_rate, generation_line, is_generation, runs_long
+from lastmile.tui.wording import changes_text, flag, flags, value_text
+from lastmile.tui.state import MonitorState, fmt_memory, fmt_ms, fmt_rate, generation_parts, is_generation, pack, runs_long
 
 RELOAD_NOTE = reload_note()
+
+
+TRIAL_HEADER = "    # batch delay ms   fusion thr    rows/s  p50 ms  p99 ms"
+
+
+def _trial_row(label: str, t: Any) -> str:
+    """One trial in :data:`TRIAL_HEADER`'s columns (62 wide: no wrap at 80x24; the CLI's table
+    is 80+ wide). ``t`` is an autotune ``Trial`` or its progress-event dict."""
+    get = (lambda k: t.get(k)) if isinstance(t, dict) else (lambda k: getattr(t, k))
+    s = get("settings")
+    head = f"{label:>5} {s['max_batch_size']:>5} {s['max_delay_ms']:>8g} {s['graph_fusion']:>8} {s['threads']:>3}"
+    if get("error") and not get("rows_per_s"):
+        return f"{head}  failed: {get('error')}"
+    return f"{head} {get('rows_per_s'):>9.1f} {get('p50_ms') or 0:>7.2f} {get('p99_ms') or 0:>7.2f}"
+
+
+def trial_table(result: Any) -> str:
+    """The auto-tune trials, the best marked ``*``, then the best as the flags that set it."""
+    lines = [TRIAL_HEADER]
+    for i, t in enumerate(result.trials, 1):
+        lines.append(_trial_row(str(i), t) + (" *" if result.best is t else ""))
+    lines.append(f"best (*): {flags(result.best.settings)}" if result.best is not None else "no trial succeeded")
+    return "\n".join(lines)
+
+
+def trial_line(index: int, total: int, trial: dict[str, Any]) -> str:
+    """A progress line while the trials run, in the table's columns."""
+    return _trial_row(f"{index}/{total}", trial)
 
 
 class TuneScreen(ModelPickerScreen):
@@ -105,23 +134,24 @@ class TuneScreen(ModelPickerScreen):
             figures.update("no model selected")
             return
         s, lat = row.get("settings") or {}, row.get("latency_ms") or {}
+        width = max(30, figures.content_region.width or (self.app.size.width // 2 - 4))
         text = Text()
         text.append(f"{row['name']}  ", style="bold")
         shown = state.shown_state(row)
         text.append(shown + ("  (daemon unreachable)" if state.stale else "") + "\n", style="green" if shown == "ready" else "yellow")
+        # short phrases packed to the panel's width: a row of figures never wraps mid-figure
         if is_generation(row):
-            text.append(f"runs {runs_long(row)}\n{generation_line(row)}\nrequests {row.get('requests', 0)}  failures {row.get('failures', 0)}\n")
+            parts = [f"runs {runs_long(row)}", *generation_parts(row)]
         else:
-            text.append(f"req/s {fmt_rate(row.get('requests_per_s'))}  p50 {fmt_ms(lat.get('p50'))} ms  p95 {fmt_ms(lat.get('p95'))} ms  "
-                        f"p99 {fmt_ms(lat.get('p99'))} ms\n")
-            text.append(f"avg batch {row.get('avg_batch_size') or 0:.1f} rows  queue {row.get('queue_depth', 0)}  requests {row.get('requests', 0)}  "
-                        f"failures {row.get('failures', 0)}\n")
-        text.append(f"memory {fmt_memory(row)}\n")
-        text.append(
-            f"now: max batch {s.get('max_batch_size')}, max delay {s.get('max_delay_ms')} ms, fusion {s.get('graph_fusion')}, "
-            f"limit {str(s.get('memory_limit_mb')) + ' MiB' if s.get('memory_limit_mb') else 'none'}",
-            style="dim",
-        )
+            parts = [f"req/s {fmt_rate(row.get('requests_per_s'))}", f"p50 {fmt_ms(lat.get('p50'))} ms", f"p95 {fmt_ms(lat.get('p95'))} ms",
+                     f"p99 {fmt_ms(lat.get('p99'))} ms", f"avg batch {row.get('avg_batch_size') or 0:.1f} rows", f"queue {row.get('queue_depth', 0)}"]
+        parts += [f"requests {row.get('requests', 0)}", f"failures {row.get('failures', 0)}"]
+        text.append(pack(parts, width) + "\n")
+        memory = fmt_memory(row)
+        text.append(pack([f"memory {memory.partition(' (')[0]}", *(["(" + memory.partition(" (")[2]] if " (" in memory else [])], width) + "\n")
+        limit = f"{s.get('memory_limit_mb')} MiB" if s.get("memory_limit_mb") else "none"
+        text.append(pack([f"now: max batch {s.get('max_batch_size')},", f"max delay {value_text(s.get('max_delay_ms'))} ms,",
+                          f"fusion {s.get('graph_fusion')},", f"limit {limit}"], width, sep=" "), style="dim")
         figures.update(text)
         series = state.series.get(row["name"])
         if series is not None:
@@ -179,7 +209,7 @@ class TuneScreen(ModelPickerScreen):
         reloading = sorted(set(changes) & set(RELOADING_KEYS))
         if reloading:
             self.app.push_screen(
-                ConfirmScreen(f"Changing {', '.join(reloading)} reloads {name} (a pause in serving). Go on?", "Apply"),
+                ConfirmScreen(f"Changing {', '.join(flag(k) for k in reloading)} reloads {name} (a pause in serving). Go on?", "Apply"),
                 lambda yes: yes and self.send_tune(name, changes),
             )
         else:
@@ -202,21 +232,17 @@ class TuneScreen(ModelPickerScreen):
 
     @work(group="autotune", exclusive=True, exit_on_error=False)
     async def run_autotune(self, name: str) -> None:
-        from lastmile.appliance.client.autotune import Tuner, format_table
+        from lastmile.appliance.client.autotune import Tuner
 
         out = self.query_one("#tune-result", Static)
         lines: list[str] = []
 
         def progress(event: dict[str, Any]) -> None:
             if event["event"] == "start":
-                lines.append(f"auto-tuning {name}: {event['total']} trials")
+                lines.append(f"auto-tuning {name}: {event['total']} trials\n{TRIAL_HEADER}")
             elif event["event"] == "trial":
-                t = event["trial"]
-                s = t["settings"]
-                lines.append(f"[{event['index']}/{event['total']}] batch {s['max_batch_size']} delay {s['max_delay_ms']:g} "
-                             f"{s['graph_fusion']} threads {s['threads']}: {t['rows_per_s']:.0f} rows/s p99 {t['p99_ms']} ms"
-                             + (f" ({t['error']})" if t["error"] else ""))
-            out.update("\n".join(lines[-8:]))
+                lines.append(trial_line(event["index"], event["total"], event["trial"]))
+            out.update("\n".join(lines[:1] + lines[1:][-7:]))  # the header stays
 
         self.verdict(Text(f"auto-tuning {name}: trials running, progress below ...", style="yellow"))
         try:
@@ -225,12 +251,12 @@ class TuneScreen(ModelPickerScreen):
             out.update(Text(f"auto-tune failed: {exc}", style="red"))
             self.verdict(Text(f"auto-tune of {name} failed: {without_model_prefix(name, str(exc))}", style="bold red"))
             return
-        out.update(format_table(result))
+        out.update(trial_table(result))
         if result.best is not None:
             best = result.best
-            self.verdict(Text(f"auto-tune of {name}: best {best.settings} at {best.rows_per_s:.0f} rows/s, p99 {best.p99_ms} ms"
+            self.verdict(Text(f"auto-tune of {name}: best {flags(best.settings)} at {best.rows_per_s:.0f} rows/s, p99 {value_text(best.p99_ms)} ms"
                               + (" - applied and saved" if result.applied else " - not applied"), style="bold green"))
-            self.app.notify(escape(f"{name}: auto-tune applied {best.settings}"))
+            self.app.notify(escape(f"{name}: auto-tune applied {flags(best.settings)}"))
         else:
             self.verdict(Text(f"auto-tune of {name}: no trial succeeded; settings unchanged (table below)", style="bold red"))
         if result.best is not None:
@@ -241,7 +267,7 @@ class TuneScreen(ModelPickerScreen):
         if self.lm.read_only:  # the gate again, for any path that reaches here
             self.post_message(Tuned(name, changes, None, "read-only mode: settings cannot be changed"))
             return
-        self.query_one("#tune-result", Static).update(f"applying {changes} to {name} ...")
+        self.query_one("#tune-result", Static).update(f"applying {changes_text(changes)} to {name} ...")
         try:
             row = await self.lm.client.tune(name, changes)
         except ClientError as exc:
@@ -257,8 +283,8 @@ class TuneScreen(ModelPickerScreen):
             self.verdict(Text(f"not applied to {message.name}: {error}", style="bold red"))
             self.lm.report_error(message.error, model=message.name)
             return
-        result.update(Text(f"applied to {message.name}: {message.changes}", style="green"))
-        self.verdict(Text(f"applied to {message.name}: {message.changes}", style="bold green"))
-        self.app.notify(escape(f"{message.name}: {message.changes} applied"))
+        result.update(Text(f"applied to {message.name}: {changes_text(message.changes)}", style="green"))
+        self.verdict(Text(f"applied to {message.name}: {changes_text(message.changes)}", style="bold green"))
+        self.app.notify(escape(f"{message.name}: {changes_text(message.changes)} applied"))
         if message.row is not None:
             self.fill(message.row["settings"])

@@ -151,9 +151,9 @@ async def cmd_status(client: LastmileClient, args: argparse.Namespace) -> int:
     if models:
         print()
         print(_table(
-            [[m["name"], m["state"], runs_label(m), m["requests"], m["failures"],
+            [[m["name"], m["state"], *runs_cells(m), m["requests"], m["failures"],
               fmt_percent(m["failures"], m["requests"]), m["latency_ms"]["p50"], m["queue_depth"], m["restarts"]] for m in models],
-            ["MODEL", "STATE", "RUNS", "REQUESTS", "FAILURES", "ERR_RATE", "P50_MS", "QUEUE", "RESTARTS"],
+            ["MODEL", "STATE", *RUNS_HEADER, "REQUESTS", "FAILURES", "ERR_RATE", "P50_MS", "QUEUE", "RESTARTS"],
         ))
         generating = [m for m in models if isinstance(m.get("generation"), dict)]
         if generating:
@@ -170,6 +170,18 @@ def runs_label(model: dict[str, Any]) -> str:
     """What a loaded model's runner reported it runs (``runs_text``: ``ort-genai int4 on
     cpu``), or ``loading`` before it has reported; never the requested settings."""
     return model.get("runs_text") or ("loading" if not model.get("runs") else str(model["runs"].get("engine")))
+
+
+RUNS_HEADER = ["ENGINE", "PRECISION", "DEVICE"]
+
+
+def runs_cells(model: dict[str, Any]) -> list[str]:
+    """The ENGINE, PRECISION, DEVICE cells of a loaded model: its runner's own report
+    (``runs``); ``loading`` until it has reported."""
+    runs = model.get("runs")
+    if not runs:
+        return ["loading", "-", "-"]
+    return [str(runs.get(k) or "-") for k in ("engine", "precision", "device")]
 
 
 def _ms(value: Any) -> str:
@@ -224,10 +236,10 @@ async def cmd_models(client: LastmileClient, args: argparse.Namespace) -> int:
     for entry in data["store"]:
         m = loaded.get(entry["name"])
         # a loaded model: what its runner runs; a stored one: the backend its manifest asks for
-        rows.append([entry["name"], entry["format"], entry["backend"], m["state"] if m else "-", runs_label(m) if m else "-",
+        rows.append([entry["name"], entry["format"], entry["backend"], m["state"] if m else "-", *(runs_cells(m) if m else ["-"] * 3),
                      m["requests"] if m else "-", m["failures"] if m else "-", fmt_percent(m["failures"], m["requests"]) if m else "-",
                      entry["error"] or "; ".join(entry["missing"]) or ""])
-    print(_table(rows, ["MODEL", "FORMAT", "BACKEND", "STATE", "RUNS", "REQUESTS", "FAILURES", "ERR_RATE", "NOTE"]))
+    print(_table(rows, ["MODEL", "FORMAT", "BACKEND", "STATE", *RUNS_HEADER, "REQUESTS", "FAILURES", "ERR_RATE", "NOTE"]))
     _print_last_errors(list(loaded.values()))
     from lastmile.appliance.client.text_cli import format_derived
 

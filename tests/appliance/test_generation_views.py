@@ -86,11 +86,14 @@ def test_every_view_shows_what_the_runner_reported(served: DaemonProc) -> None:
     assert "runs ort-genai int4 on cpu" in loaded[-1]["message"] and loaded[-1]["data"]["runs"] == RUNS
     out = _cli(served, "status")
     assert out.returncode == 0, out.stderr
-    line = next(ln for ln in out.stdout.splitlines() if ln.startswith(MODEL))
-    assert "ort-genai" in line and "int4" in line and "deepspeed" not in line and "fp32" not in line, out.stdout
+    header = next(ln.split() for ln in out.stdout.splitlines() if ln.startswith("MODEL"))
+    row = dict(zip(header, next(ln.split() for ln in out.stdout.splitlines() if ln.startswith(MODEL))))
+    assert (row["ENGINE"], row["PRECISION"], row["DEVICE"]) == ("ort-genai", "int4", "cpu"), out.stdout
+    assert "deepspeed" not in out.stdout and "fp32" not in out.stdout, out.stdout
     out = _cli(served, "models")
-    line = next(ln for ln in out.stdout.splitlines() if ln.startswith(MODEL))
-    assert "ort-genai int4" in line and "deepspeed" not in line, out.stdout
+    header = next(ln.split() for ln in out.stdout.splitlines() if ln.startswith("MODEL"))
+    row = dict(zip(header, next(ln.split() for ln in out.stdout.splitlines() if ln.startswith(MODEL))))
+    assert (row["ENGINE"], row["PRECISION"]) == ("ort-genai", "int4") and "deepspeed" not in row.values(), out.stdout
 
 
 def test_generation_rows_carry_live_figures(served: DaemonProc) -> None:

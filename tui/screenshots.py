@@ -18,12 +18,14 @@ async def capture(socket: str, out: Path, size: tuple[int, int], settle_s: float
     written = []
     async with app.run_test(size=size) as pilot:
         await pilot.pause(settle_s)
-        for key, name in (("d", "dashboard"), ("m", "models"), ("t", "tune"), ("p", "playground"), ("e", "events")):
+        for key, name in (("d", "dashboard"), ("m", "models"), ("t", "tune"), ("p", "playground"), ("e", "events"), ("c", "chat")):
             await pilot.press(key)
             await pilot.pause(1.0)
             if name == "playground":
                 await pilot.press("ctrl+r")
                 await pilot.pause(1.0)
+            if name == "chat":  # the box has the keys on arrival: leave it, so the next one-letter key switches
+                await pilot.press("escape")
             written.append(Path(app.save_screenshot(f"{name}.svg", path=str(out))))
             if name == "dashboard":  # Enter on the highlighted row: that model's detail view
                 await pilot.press("enter")

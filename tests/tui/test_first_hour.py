@@ -65,9 +65,27 @@ async def test_chat_box_takes_the_keys_on_arrival(size: tuple[int, int]) -> None
         assert isinstance(app.screen, ChatScreen) and app.focused is box
 
 
-async def test_chat_uses_the_clients_sampling_defaults() -> None:
+async def test_chat_uses_the_clients_sampling_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """The screen sends what `lastmile chat` sends when nothing is changed (one default set,
-    in the client library), not a 0.7 of its own."""
+    in the client library), not a 0.7 of its own: a changed client default shows in the form
+    and reaches the request."""
+    import dataclasses
+
+    import lastmile.tui.screens.chat as chat_screen
+
+    other = dataclasses.make_dataclass("OtherDefaults", [("temperature", float, 0.2), ("top_p", float, 0.5), ("max_tokens", int, 99)],
+                                       bases=(SamplingOptions,))
+    monkeypatch.setattr(chat_screen, "SamplingOptions", other)
+    app = OfflineApp()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app, [generation_row()])
+        await pilot.press("c")
+        await pilot.pause()
+        screen = app.screen
+        assert (screen.query_one("#c-temp", Input).value, screen.query_one("#c-max", Input).value) == ("0.2", "99")
+        options = screen._options()
+        assert (options.temperature, options.top_p, options.max_tokens) == (0.2, 0.5, 99)
+    monkeypatch.undo()
     app = OfflineApp()
     async with app.run_test(size=(120, 40)) as pilot:
         await settle(pilot, app, [generation_row()])

@@ -621,7 +621,8 @@ class ModelManager:
         model.overrides.update(changes)
         if model.batcher:
             model.batcher.configure(**{k: v for k, v in changes.items() if k in BATCHER_KEYS})
-        self.events.record("tuned", f"{name} settings changed: {changes}", model=name, changes=changes)
+        said = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in changes.items())
+        self.events.record("tuned", f"{name} settings changed: {said}", model=name, changes=changes)
         self.on_change()
         return model
 

@@ -645,7 +645,8 @@ class ModelManager:
         model.restarts += 1
         model.set_state("ready")
         model.phase = "ready"
-        self.events.record("restarted", f"{model.name} runner restarted to give memory back", model=model.name, reason="memory")
+        self.events.record("restarted", f"{model.name} runner restarted to give memory back, runs {runs_text(model.runs())}",
+                           model=model.name, reason="memory", runs=model.runs())
 
     # --- failure handling -------------------------------------------------------------------
 
@@ -675,7 +676,8 @@ class ModelManager:
                 continue
             model.set_state("ready")
             model.phase = "ready"
-            self.events.record("restarted", f"{model.name} runner restarted (attempt {attempt})", model=model.name, attempt=attempt)
+            self.events.record("restarted", f"{model.name} runner restarted (attempt {attempt}), runs {runs_text(model.runs())}",
+                               model=model.name, attempt=attempt, runs=model.runs())
 
 
 def _is_shm_exhaustion(text: str) -> bool:

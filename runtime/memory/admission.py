@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 # the operator decided: a model's limit, the appliance's budget).
 ADVICE = ("raise_limit", "raise_budget")
 ADVICE_MARGIN_MIB = 4  # a suggested budget keeps this margin: own memory moves by a MiB or two
+#: A ``memory_limit_mb`` advised from a static estimate (no footprint of the artifact recorded
+#: yet) has this much headroom: static estimates run up to ~10 % under what a runner holds at
+#: ready (demo-mlp-ts: 15.3 MiB estimated idle, 16.6 MiB measured), and advice that is then
+#: refused at ready sends the operator round again (16 -> 20 -> 21).
+STATIC_ADVICE_FACTOR = 1.15
 
 
 class Admission:
@@ -76,6 +81,8 @@ class Admission:
         idle = self.idle_part(est)
         cfg = self.gov.config
         need = max(total / cfg["high_watermark"], idle / cfg["low_watermark"])
+        if est.source == "static" and est.kind == "tensor":
+            need *= STATIC_ADVICE_FACTOR
         return int(math.ceil(need / MiB))
 
     def shortfall(self, est: Estimate, limit_mb: int | None, exclude: str, evicted: Iterable[str] = ()) -> dict[str, Any] | None:
@@ -203,7 +210,8 @@ class Admission:
                 if self.shortfall(e, need_mb, name) is None:
                     out.append({"option": "raise_limit", "settings": {"memory_limit_mb": need_mb}, "estimate_bytes": e.total_bytes,
                                 "description": f"memory_limit_mb {need_mb} instead of {settings.memory_limit_mb} (the estimate "
-                                               f"{human(e.total_bytes)} under the {self.gov.config['high_watermark']:.0%} watermark)"})
+                                               f"{human(e.total_bytes)} under the {self.gov.config['high_watermark']:.0%} watermark"
+                                               + (", with headroom: not measured on this artifact yet)" if est.source == "static" else ")")})
         host_need = est.per_device.get("host", 0)
         free = self.gov.free("host", exclude=name)
         if host_need > free:

@@ -214,3 +214,17 @@ async def test_the_advised_memory_limit_is_admitted_the_first_time(daemon: Daemo
     status, body, _ = await api(daemon, "POST", f"/v2/repository/models/{name}/load", {"parameters": {"memory_limit_mb": advised}})
     assert status == 200, body
     await unload_all(daemon)
+
+
+async def test_advice_from_a_static_estimate_is_admitted_the_first_time(demo_store: Path, tmp_path: Path) -> None:
+    """No footprint recorded yet (a fresh daemon): the advised limit carries headroom for the
+    static estimate's error and is admitted at once (demo-mlp-ts used to go 16 -> 20 -> 21)."""
+    fresh = start_daemon(tmp_path / "fresh", demo_store)
+    try:
+        status, body, _ = await api(fresh, "POST", "/v2/repository/models/demo-mlp-ts/load", {"parameters": {"memory_limit_mb": 16}})
+        assert status == 507, body
+        advised = next(o for o in body["memory"]["options"] if o["option"] == "raise_limit")["settings"]["memory_limit_mb"]
+        status, body, _ = await api(fresh, "POST", "/v2/repository/models/demo-mlp-ts/load", {"parameters": {"memory_limit_mb": advised}})
+        assert status == 200, body
+    finally:
+        fresh.stop()

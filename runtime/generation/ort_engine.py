@@ -188,6 +188,7 @@ class OrtGenAIEngine(GenerationEngine):
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []  # slot i holds _running[i]
         self._prefilling: list[_Seq] = []  # slots len(_running) .. len(_running) + len - 1, FIFO
+        self.quality: dict[str, Any] | None = None  # how precision "auto" chose (quality.py)
 
     @classmethod
     def from_hf_folder(cls, folder: str | Path, *, precision: str = "int4", max_num_seqs: int = 8,
@@ -252,7 +253,8 @@ class OrtGenAIEngine(GenerationEngine):
         return {**super().info(), "precision": self.precision, "ort_genai_folder": str(self.folder),
                 "runtime": f"onnxruntime {self._ort.__version__} InferenceSession, batched decode",
                 "threads": self.threads, "prefill_chunk": self.prefill_chunk,
-                "busy_prefill_chunk": self.busy_prefill_chunk, "kv_bytes_per_token": self.kv.bytes_per_token}
+                "busy_prefill_chunk": self.busy_prefill_chunk, "kv_bytes_per_token": self.kv.bytes_per_token,
+                **({"precision_auto": self.quality} if self.quality else {})}
 
     def close(self) -> None:
         self._waiting.clear()

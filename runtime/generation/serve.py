@@ -54,9 +54,17 @@ def load(folder: str, gs: Any, on_phase: Any = None) -> tuple[Any, Any]:
     elif gs.engine == "ort-genai":
         from lastmile.runtime.generation.ort_engine import OrtGenAIEngine
 
-        engine = OrtGenAIEngine.from_hf_folder(folder, precision=gs.precision, max_num_seqs=gs.max_num_seqs,
+        precision, chosen_by = gs.precision, None
+        if precision == "auto":
+            from lastmile.runtime.generation.quality import auto_precision
+
+            chosen_by = auto_precision(folder, threads=threads, on_phase=on_phase)
+            precision = chosen_by["chosen"]
+        engine = OrtGenAIEngine.from_hf_folder(folder, precision=precision, max_num_seqs=gs.max_num_seqs,
                                                max_context=gs.max_context, threads=threads,
                                                prefill_chunk=gs.prefill_chunk, on_phase=on_phase)
+        if chosen_by is not None:
+            engine.quality = {k: chosen_by.get(k) for k in ("agreement", "exact", "prompts", "min_agreement", "reference")}
     else:
         raise ValueError(f"engine {gs.engine!r} unknown; known: deepspeed, ort-genai")
     return engine, tokenizer
@@ -80,7 +88,7 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str, factory: An
     try:
         folder = str(manifest.artifact)
         cfg = causal_lm_config(manifest.artifact) or {}
-        gs = GenerationSettings.from_settings(settings, cfg.get("max_position_embeddings"))
+        gs = GenerationSettings.from_settings(settings, cfg)
         engine, tokenizer = load(folder, gs, on_phase=lambda name, data: send(Phase(NO_SEQ, name, data)))
         sched = GenerationScheduler(engine, tokenizer, max_queue=gs.max_queue)
         load_s = time.perf_counter() - started
@@ -100,7 +108,7 @@ def main(rx: Any, tx: Any, manifest: Any, settings: Any, label: str, factory: An
         tx.close()
         return
     info = {"generation": True, **engine.info(), "load_s": round(load_s, 4), "warmup_s": round(warmup_s, 4),
-            "device": gs.device}
+            "device": gs.device, "max_num_seqs_auto": gs.max_num_seqs_auto}
     send(Ready(NO_SEQ, info))
     try:
         serve(rx, tx, sched)

@@ -70,3 +70,82 @@ def test_fp32_greedy_equals_generate_with_eight_concurrent_prompts(folder: Path)
     sched.cancel("c")
     assert eng.stats()["running"] == 0 and not sched.has_work()
     eng.close()
+
+
+def _reference(folder: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    out = []
+    for p in prompts:
+        x = torch.tensor([p])
+        out.append(hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)[0, len(p):].tolist())
+    return out
+
+
+def test_sixteen_batched_sequences_of_different_lengths_equal_generate_while_others_leave_and_join(folder: Path):
+    """One decode call serves every running row: rows of different lengths, cancelled rows
+    (their slot taken by the last one), rows joining mid-way and a long prompt prefilled in
+    chunks beside them must all give transformers' own greedy tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    prompts = [tok("Hello " * (1 + 3 * i) + "the capital of")["input_ids"] for i in range(16)]
+    prompts.append(tok("word " * 100 + "end")["input_ids"])  # a long one: chunked, alone
+    n = 12
+    ref = _reference(folder, prompts, n)
+    eng = OrtGenAIEngine.from_hf_folder(folder, precision="fp32", max_num_seqs=16, max_context=512,
+                                        prefill_chunk=64)
+    assert eng.busy_prefill_chunk < len(prompts[-1])
+    got: dict[int, list[int]] = {}
+    for i in range(12):
+        eng.add(i, prompts[i], SamplingParams(max_tokens=n, temperature=0.0))
+        got[i] = []
+    steps = 0
+    while eng.has_work():
+        steps += 1
+        if steps == 3:  # two rows leave from the middle of the batch ...
+            eng.cancel(2)
+            eng.cancel(5)
+            got.pop(2), got.pop(5)
+            for i in range(12, 17):  # ... and five join, the long one among them
+                eng.add(i, prompts[i], SamplingParams(max_tokens=n, temperature=0.0))
+                got[i] = []
+        for seq, t in eng.step():
+            got[seq].append(t)
+            if len(got[seq]) == n:
+                eng.cancel(seq)
+        assert eng.stats()["running"] <= 16
+    for i, tokens in got.items():
+        assert tokens == ref[i], i
+    assert eng.stats() == {"running": 0, "waiting": 0, "kv_used_bytes": 0, "kv_reserved_bytes": eng.stats()["kv_reserved_bytes"]}
+    eng.close()
+
+
+def test_an_error_in_one_sequences_sampling_ends_it_alone(folder: Path, monkeypatch):
+    """A sampled sequence whose sampler raises ends with a failure; the greedy ones beside it
+    in the same decode call go on to their normal end."""
+    from lastmile.runtime.generation import ort_engine
+
+    eng = OrtGenAIEngine.from_hf_folder(folder, precision="fp32", max_num_seqs=4, max_context=128)
+    real = ort_engine.sample
+
+    def exploding(logits, params, generator):
+        if params.seed == 666:
+            raise RuntimeError("probability tensor contains nan")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(ort_engine, "sample", exploding)
+    eng.add(0, [1, 2, 3], SamplingParams(max_tokens=5, temperature=0.0))
+    eng.add(1, [1, 2, 3, 4], SamplingParams(max_tokens=5, temperature=0.8, seed=666))
+    eng.add(2, [5, 6], SamplingParams(max_tokens=5, temperature=0.0))
+    counts = {0: 0, 2: 0}
+    for _ in range(6):
+        for seq, _t in eng.step():
+            assert seq != 1
+            counts[seq] += 1
+    failed = eng.take_failures()
+    assert [f[0] for f in failed] == [1] and "nan" in failed[0][1]
+    assert counts == {0: 6, 2: 6} and eng.stats()["running"] == 2
+    eng.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lastmile.appliance.client.api import LastmileClient
 from lastmile.tui.app import LastmileApp
+from lastmile.tui.state import is_generation
 
 
 async def capture(socket: str, out: Path, size: tuple[int, int], settle_s: float = 2.5) -> list[Path]:
@@ -33,6 +34,13 @@ async def capture(socket: str, out: Path, size: tuple[int, int], settle_s: float
                 written.append(Path(app.save_screenshot("detail.svg", path=str(out))))
                 await pilot.press("escape")
                 await pilot.pause(0.5)
+                generation = [r["name"] for r in app.state.models if is_generation(r)]
+                if generation:  # a generation model's detail view: what runs, tokens/s, TTFT, sequences, KV
+                    app.open_detail(generation[0])
+                    await pilot.pause(1.5)
+                    written.append(Path(app.save_screenshot("detail-generation.svg", path=str(out))))
+                    await pilot.press("escape")
+                    await pilot.pause(0.5)
         await pilot.press("question_mark")
         await pilot.pause(0.5)
         written.append(Path(app.save_screenshot("help.svg", path=str(out))))

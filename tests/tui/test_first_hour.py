@@ -359,3 +359,19 @@ async def test_settings_read_as_the_operator_types_them() -> None:
         assert "memory-cap overhead 2.0 MiB" in estimate
         for internal in ("limit_machinery", "raise_limit", "{'", "memory_limit ", "_bytes"):
             assert internal not in estimate, (internal, estimate)
+
+
+async def test_detail_settings_are_not_cut_at_80x24() -> None:
+    """The settings table ("from: defaults") stacks under the runners on a narrow terminal
+    instead of being cut to "defaul…"."""
+    from lastmile.tui.screens.detail import ModelDetailScreen
+
+    app = OfflineApp()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app, [tensor_row("demo-mlp")])
+        app.open_detail("demo-mlp")
+        await wait_until(lambda: isinstance(app.screen, ModelDetailScreen) and app.screen.query("#detail-settings"), step=lambda: pilot.pause(0.05))
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        assert "…" not in text, text
+        assert "defaults" in text

@@ -59,6 +59,8 @@ class ModelDetailScreen(LastmileScreen):
     ModelDetailScreen Sparkline { height: 2; }
     ModelDetailScreen #detail-events { height: 8; min-height: 4; border-top: solid $panel-lighten-2; }
     ModelDetailScreen #detail-action { height: auto; color: $text-muted; }
+    /* narrow: the settings go under the runners, so no column of theirs is cut to "defaul…" */
+    ModelDetailScreen.-narrow #detail-cols { layout: vertical; }
     """
 
     def __init__(self, name: str) -> None:
@@ -114,10 +116,13 @@ class ModelDetailScreen(LastmileScreen):
         text.append(f"  {shown}" + (" (daemon unreachable)" if state.stale else ""), style=STATE_STYLE.get(shown, ""))
         if row["state"] == "loading":
             text.append(f" ({row.get('phase')})")
-        text.append(f"  runs {runs_long(row)}, {row.get('format')}, loaded {fmt_time(row.get('loaded_at') or time.time())}"
-                    f", restarts {row.get('restarts', 0)}\n")
+        width = max(40, head.content_region.width or self.app.size.width - 4)
+        runs_part = f"  runs {runs_long(row)}, {row.get('format')}"
+        rest = f"loaded {fmt_time(row.get('loaded_at') or time.time())}, restarts {row.get('restarts', 0)}"
+        fits = text.cell_len + len(runs_part) + 2 + len(rest) <= width
+        text.append(runs_part + (", " if fits else "\n") + rest + "\n")  # a new line rather than a wrap mid-phrase
         if is_generation(row):  # token streams: no batcher figures, the engine's own instead
-            text.append(generation_line(row, width=max(40, head.content_region.width or self.app.size.width - 4)))
+            text.append(generation_line(row, width=width))
         else:
             lat = row.get("latency_ms") or {}
             text.append(f"req/s {fmt_rate(row.get('requests_per_s'))}  p50 {fmt_ms(lat.get('p50'))} ms  p99 {fmt_ms(lat.get('p99'))} ms  "

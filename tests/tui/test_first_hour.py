@@ -375,3 +375,25 @@ async def test_detail_settings_are_not_cut_at_80x24() -> None:
         text = screen_text(app)
         assert "…" not in text, text
         assert "defaults" in text
+
+
+@pytest.mark.parametrize("key,runs", [("enter", True), ("escape", False)])
+async def test_enter_on_the_auto_tune_confirm_starts_it(monkeypatch: pytest.MonkeyPatch, key: str, runs: bool) -> None:
+    """`o` on the tune screen asks; Enter there starts the auto-tune (it cancelled silently),
+    Escape cancels."""
+    from lastmile.tui.screens.tune import TuneScreen
+
+    started: list[str] = []
+    monkeypatch.setattr(TuneScreen, "run_autotune", lambda self, name: started.append(name))
+    app = OfflineApp()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app, [tensor_row("demo-mlp")])
+        await pilot.press("t")
+        await wait_until(lambda: isinstance(app.screen, TuneScreen) and app.screen.model_name == "demo-mlp", step=lambda: pilot.pause(0.05))
+        await pilot.press("o")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "Enter or y: Auto-tune" in str(app.screen.query_one("#dialog-keys").content)
+        await pilot.press(key)
+        await pilot.pause(0.1)
+        assert started == (["demo-mlp"] if runs else [])

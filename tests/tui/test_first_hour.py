@@ -368,7 +368,9 @@ async def test_detail_settings_are_not_cut_at_80x24() -> None:
 
     app = OfflineApp()
     async with app.run_test(size=(80, 24)) as pilot:
-        await settle(pilot, app, [tensor_row("demo-mlp")])
+        row = tensor_row("demo-mlp")
+        row["settings"] = {"backend": "onnxruntime", **row["settings"], "load_timeout_s": 600.0}  # as the daemon lists them
+        await settle(pilot, app, [row])
         app.open_detail("demo-mlp")
         await wait_until(lambda: isinstance(app.screen, ModelDetailScreen) and app.screen.query("#detail-settings"), step=lambda: pilot.pause(0.05))
         await pilot.pause(0.3)

@@ -399,3 +399,16 @@ async def test_enter_on_the_auto_tune_confirm_starts_it(monkeypatch: pytest.Monk
         await pilot.press(key)
         await pilot.pause(0.1)
         assert started == (["demo-mlp"] if runs else [])
+
+
+def test_estimate_options_read_as_commands() -> None:
+    from lastmile.tui.wording import changes_text, option_text
+
+    assert option_text("m", {"option": "raise_limit", "settings": {"memory_limit_mb": 47}, "estimate_bytes": 2**20}) == \
+        "lastmile load m --memory-limit 47 (est 1.0 MiB)"
+    assert option_text("m", {"option": "evict_idle", "evict": ["a", "b"], "settings": {}}) == "lastmile unload a; lastmile unload b"
+    assert option_text("m", {"option": "raise_budget", "memory": {"host_limit_mb": 900}, "settings": {}}) == \
+        "lastmile memory set --host-limit-mb 900"
+    assert option_text("m", {"option": "smaller_batch", "settings": {"max_batch_size": 4, "dtype": "fp16"}}) == \
+        "lastmile load m --max-batch-size 4 --dtype fp16"
+    assert changes_text({"max_delay_ms": 2.0, "memory_limit_mb": None}) == "--max-delay-ms 2 no memory limit"

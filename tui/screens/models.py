@@ -25,6 +25,7 @@ from lastmile.tui.state import STALE_STATE, MonitorState, runs, runs_short
 from lastmile.tui.widgets.fitted_table import FittedTable
 from lastmile.tui.widgets.models_table import STATE_STYLE, Column
 
+
 def _inputs(entry: dict[str, Any]) -> str:
     """``input_ids INT64[-1,-1], attention_mask INT64[-1,-1]``."""
     return ", ".join(f"{t['name']} {t['datatype']}[{','.join(str(d) for d in t['shape'])}]" for t in entry.get("inputs", [])) or "-"

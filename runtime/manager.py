@@ -418,12 +418,18 @@ class ModelManager:
             # room the runner had left at "ready" (a batch needing more fails alone, 503).
             model.pool.max_bytes = int(headroom)
 
-    async def unload(self, name: str, reason: str = "unloaded by request") -> None:
+    async def unload(self, name: str, reason: str = "unloaded by request", drain: bool = False) -> None:
+        """Stop ``name`` now, or with ``drain`` after its running work ended (see ``_drain``;
+        new requests get 503 meanwhile)."""
         async with self._locks.setdefault(name, asyncio.Lock()):
             model = self.models.get(name)
             if model is None:
                 raise ModelNotLoaded(name)
-            await self._teardown(model, reason)
+            if drain:
+                model.set_state("draining")
+                await self._drain(model, reason)
+            else:
+                await self._teardown(model, reason)
             self.events.record("unloaded", f"{name} {reason}", model=name)
             self.on_change()
 
@@ -442,16 +448,17 @@ class ModelManager:
         """Whether the new instance fits while the old one still holds its memory."""
         return all(self.governor.free(device) >= need for device, need in est.per_device.items())
 
-    async def _drain(self, old: LoadedModel) -> None:
-        """Let the requests already queued on the old instance finish (within the request
-        timeout), then stop it."""
-        deadline = time.monotonic() + old.settings.timeout_s
-        while old.batcher and time.monotonic() < deadline:
-            stats = old.batcher.stats()
-            if not stats.get("queue_depth") and not stats.get("in_flight"):
+    async def _drain(self, old: LoadedModel, reason: str = "replaced by its reload") -> None:
+        """Let the work already on the old instance finish, then stop it: queued and in-flight
+        batches, and running generation streams (each bounded by the model's ``timeout_s``,
+        so the wait is too); what is still running after that is cut, with ``reason``."""
+        deadline = time.monotonic() + old.settings.timeout_s + 1.0
+        while time.monotonic() < deadline:
+            stats = old.batcher.stats() if old.batcher else {}
+            if not stats.get("queue_depth") and not stats.get("in_flight") and not any(r.busy for r in old.runners):
                 break
             await asyncio.sleep(0.01)
-        await self._teardown(old, reason="replaced by its reload")
+        await self._teardown(old, reason=reason)
 
     async def _keep_alive(self, every_s: float = 1.0) -> None:
         """Unload a model idle for longer than its ``keep_alive_s`` (0: never): no request
@@ -651,7 +658,7 @@ class ModelManager:
     # --- failure handling -------------------------------------------------------------------
 
     def _runner_died(self, model: LoadedModel, runner: Runner, exitcode: int | None) -> None:
-        if self._closing or model.state in ("unloading",) or runner not in model.runners:
+        if self._closing or model.state in ("unloading", "draining") or runner not in model.runners:
             return
         reason = f"runner {runner.pid} of {model.name} died ({describe_exit(exitcode)})"
         model.set_state("restarting", reason)

@@ -55,6 +55,21 @@ class Daemon:
         self.unrestored: dict[str, dict[str, Any]] = {}  # in the state file, failed to restore
         self._state_failures = 0  # failed writes in a row
         self._state_retry: asyncio.TimerHandle | None = None
+        self.grpc: Any = None  # the KServe V2 gRPC server (grpc_service.py) once started
+
+    async def start_grpc(self, app: Any) -> None:
+        """The gRPC listeners beside the HTTP sites, on the same event loop and data plane."""
+        from lastmile.appliance.server.grpc_service import start_grpc
+
+        self.grpc = await start_grpc(app)
+
+    async def stop_grpc(self) -> None:
+        """Stop accepting RPCs; those in flight get ``server.shutdown_grace_s``."""
+        if self.grpc is not None:
+            from lastmile.appliance.server.grpc_service import stop_grpc
+
+            server, self.grpc = self.grpc, None
+            await stop_grpc(server, self.config, self.config.server["shutdown_grace_s"])
 
     def reload_config(self) -> None:
         """SIGHUP: read the config file again. An invalid file is reported and the running
@@ -89,7 +104,7 @@ class Daemon:
         succeeds, so a restart after the disk had room again still restores every model."""
         for name in self.manager.models:
             self.unrestored.pop(name, None)
-        loaded = {name: m.overrides for name, m in self.manager.models.items() if m.state != "unloading"}
+        loaded = {name: m.overrides for name, m in self.manager.models.items() if m.state not in ("unloading", "draining")}
         models = {**self.unrestored, **loaded}
         try:
             write_state(self.config.store["state_file"], models)
@@ -194,6 +209,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started_at, 3),
             "socket": str(self.config.socket_path),
             "tcp": f"{self.config.server['tcp_host']}:{self.config.server['tcp_port']}" if self.config.server["tcp_port"] else None,
+            "grpc_tcp": f"{self.config.server['tcp_host']}:{self.config.server['grpc_port']}" if self.config.server.get("grpc_port") else None,
             "config_file": str(self.config.file) if self.config.file else None,
             "store": str(self.config.store["models_dir"]),
             "models_loaded": len(self.manager.models),

@@ -33,7 +33,7 @@ from lastmile.runtime.manager import LoadedModel
 SERVED_VERSION = "1"  # the store keeps one version of each model
 EXTENSIONS = ("model_repository", "binary_tensor_data", "lastmile_v1")
 UNKNOWN_MODEL_LABEL = "_unknown"  # the metrics label of a name that is neither loaded nor stored
-REPOSITORY_STATES = {"ready": "READY", "loading": "LOADING", "unloading": "UNLOADING"}  # else UNAVAILABLE
+REPOSITORY_STATES = {"ready": "READY", "loading": "LOADING", "unloading": "UNLOADING", "draining": "UNLOADING"}  # else UNAVAILABLE
 
 
 @dataclass(frozen=True)
@@ -173,15 +173,16 @@ class DataPlane:
         """Load (or reload with new settings); returns when the model serves."""
         return (await self.daemon.manager.load(name, parameters)).describe()
 
-    async def unload(self, name: str) -> None:
-        """Unload a model; a model the state file lists but that failed to restore is
-        forgotten instead (it is not loaded, so there is nothing to stop)."""
+    async def unload(self, name: str, drain: bool = False) -> None:
+        """Unload a model (``drain``: after its running work ended, see ``ModelManager.unload``);
+        a model the state file lists but that failed to restore is forgotten instead (it is not
+        loaded, so there is nothing to stop)."""
         daemon = self.daemon
         if name not in daemon.manager.models and name in daemon.unrestored:
             del daemon.unrestored[name]
             daemon.save_state()
             return
-        await daemon.manager.unload(name)
+        await daemon.manager.unload(name, drain=drain)
 
     async def change_settings(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
         """Apply a settings patch: every value is checked before anything changes; keys the

@@ -123,6 +123,9 @@ async def repository_load(request: web.Request) -> web.Response:
 
 @routes.post("/v2/repository/models/{name}/unload")
 async def repository_unload(request: web.Request) -> web.Response:
-    await read_json(request, required=False)
-    await dataplane_of(request).unload(request.match_info["name"])
+    body = await read_json(request, required=False)
+    drain = (body.get("parameters") or {}).get("drain", False) if isinstance(body, dict) else False
+    if not isinstance(drain, bool):
+        raise ApiError(400, "'parameters.drain' must be true or false", field="parameters.drain")
+    await dataplane_of(request).unload(request.match_info["name"], drain=drain)
     return web.json_response({})

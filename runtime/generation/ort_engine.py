@@ -136,10 +136,11 @@ def prepare_graph(og_folder: Path) -> Path:
 class _Seq:
     """One sequence's place in the engine."""
 
-    __slots__ = ("seq_id", "prompt", "params", "generator", "slot", "length", "next_input")
+    __slots__ = ("seq_id", "prompt", "params", "generator", "slot", "length", "next_input", "constraint")
 
-    def __init__(self, seq_id: int, prompt: list[int], params: SamplingParams) -> None:
+    def __init__(self, seq_id: int, prompt: list[int], params: SamplingParams, constraint: Any = None) -> None:
         self.seq_id = seq_id
+        self.constraint = constraint
         self.prompt = prompt
         self.params = params
         self.generator = make_generator(params)
@@ -210,12 +211,12 @@ class OrtGenAIEngine(GenerationEngine):
                    vocab_size=int(cfg.get("vocab_size") or 0))
 
     # --- the interface ---------------------------------------------------------------------
-    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, constraint: Any = None) -> None:
         if not prompt_ids:
             raise ValueError("empty prompt")
         if len(prompt_ids) > self.max_context:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens > max_context {self.max_context}")
-        self._waiting.append(_Seq(seq_id, list(prompt_ids), params))
+        self._waiting.append(_Seq(seq_id, list(prompt_ids), params, constraint))
 
     def step(self) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
@@ -331,7 +332,15 @@ class OrtGenAIEngine(GenerationEngine):
         greedy = logits.argmax(axis=-1)
         out = []
         for i, s in enumerate(seqs):
-            if s.generator is None:
+            if s.constraint is not None:  # its own row, masked: never the batch argmax
+                try:
+                    row = s.constraint.mask_numpy(logits[i])
+                    tok = int(row.argmax()) if s.generator is None else sample(torch.from_numpy(row), s.params, s.generator)
+                    s.constraint.consume(tok)
+                except Exception as exc:  # noqa: BLE001 - this sequence's constraint, not the engine
+                    self.failed.append((s.seq_id, f"constrained sampling failed: {type(exc).__name__}: {exc}"))
+                    continue
+            elif s.generator is None:
                 tok = int(greedy[i])
             else:
                 try:

@@ -45,6 +45,7 @@ class _Req:
     completion: int = 0
     last_token_at: float | None = None
     in_engine: bool = True  # False while preempted (or held under a lowered slot limit)
+    constraint: Any = None  # a SeqConstraint (constraints.py) or None: its state survives a preemption
 
 
 class GenerationScheduler:
@@ -67,6 +68,7 @@ class GenerationScheduler:
         self.requests_total = 0
         self.ttft_s: collections.deque[float] = collections.deque(maxlen=SAMPLES)
         self.itl_s: collections.deque[float] = collections.deque(maxlen=SAMPLES)
+        self._compiler: Any = None  # ConstraintCompiler, made at the first constrained request
 
     # --- requests --------------------------------------------------------------------------
     def encode(self, request: GenerationRequest) -> list[int]:
@@ -85,7 +87,18 @@ class GenerationScheduler:
                     raise _invalid("messages", "each message needs string 'role' and 'content'")
             if not getattr(self.tokenizer, "chat_template", None):
                 raise _invalid("messages", "this model has no chat template; send a prompt")
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            tools = [dict(t) for t in request.tools] if request.tools else None
+            template = self.tokenizer.chat_template
+            if tools and isinstance(template, str) and "tools" in template:  # the model's own tools section
+                text = self.tokenizer.apply_chat_template(
+                    msgs, tools=[{"type": "function", "function": t} for t in tools],
+                    tokenize=False, add_generation_prompt=True)
+            else:
+                if tools:
+                    from lastmile.runtime.generation.constraints import render_tools
+
+                    msgs = render_tools(msgs, tools)
+                text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(request.prompt)["input_ids"])
 
@@ -104,9 +117,11 @@ class GenerationScheduler:
             raise QueueFull(waiting, self.max_queue, retry_after_s=max(1.0, 0.1 * waiting))
         if key in self._reqs:
             raise _invalid("id", f"request {key!r} is already running")
+        constraint = self.compile(request.constraint) if request.constraint is not None else None
         now = time.monotonic() if now is None else now
         r = _Req(-1, request, n, TextStream(self.tokenizer, request.params.stop), now,
-                 None if request.deadline_s is None else now + request.deadline_s, ids, [], in_engine=False)
+                 None if request.deadline_s is None else now + request.deadline_s, ids, [], in_engine=False,
+                 constraint=constraint)
         held = bool(self._held) or (self.slot_limit < self.engine.max_num_seqs and self._in_engine() >= self.slot_limit)
         self._reqs[key] = r
         if held:
@@ -117,6 +132,16 @@ class GenerationScheduler:
         self.requests_total += 1
         return n
 
+    def compile(self, constraint: dict) -> Any:
+        """A per-sequence matcher for ``constraint`` (raises ``ConstraintError`` naming the
+        field: a 400 before any token). Compiled grammars are cached by hash."""
+        from lastmile.runtime.generation.constraints import ConstraintCompiler
+
+        if self._compiler is None:
+            width = getattr(self.engine, "vocab_size", 0) or None
+            self._compiler = ConstraintCompiler(self.tokenizer, self.engine.eos_token_ids, width)
+        return self._compiler.compile(constraint)
+
     def _start(self, key: Hashable, r: _Req) -> None:
         """Hand ``r`` to the engine: its prompt, plus what it generated before a preemption."""
         seq = self._next_seq
@@ -124,7 +149,10 @@ class GenerationScheduler:
         params = r.request.params
         if r.generated:
             params = dataclasses.replace(params, max_tokens=params.max_tokens - r.completion)
-        self.engine.add(seq, r.prompt_ids + r.generated, params)
+        if r.constraint is not None:
+            self.engine.add(seq, r.prompt_ids + r.generated, params, constraint=r.constraint)
+        else:
+            self.engine.add(seq, r.prompt_ids + r.generated, params)
         r.seq_id, r.in_engine = seq, True
         self._by_seq[seq] = key
 
@@ -250,6 +278,7 @@ class GenerationScheduler:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generated_tokens_total": self.generated_tokens_total,
             "ttft_s": _summary(self.ttft_s), "inter_token_s": _summary(self.itl_s),
+            **(self._compiler.stats() if self._compiler is not None else {}),
         }
 
 

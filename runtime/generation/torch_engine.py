@@ -43,6 +43,7 @@ class _Seq:
     cache: Any = None  # own DynamicCache while prefilling
     position: int = 0  # next position id
     next_input: int = -1  # token to feed at the next decode step
+    constraint: Any = None  # constraints.SeqConstraint: masks the row before sample, consumes after
     extra: dict = field(default_factory=dict)
 
 
@@ -105,10 +106,19 @@ class TorchEngine(GenerationEngine):
         return engine.module
 
     # --- the interface ---------------------------------------------------------------------
-    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, constraint: Any = None) -> None:
         if not prompt_ids:
             raise ValueError("empty prompt")
-        self._waiting.append(_Seq(seq_id, list(prompt_ids), params, make_generator(params)))
+        self._waiting.append(_Seq(seq_id, list(prompt_ids), params, make_generator(params), constraint=constraint))
+
+    @staticmethod
+    def _choose(s: _Seq, row: Any) -> int:
+        """The sequence's next token from its logits row (masked and consumed when constrained)."""
+        if s.constraint is None:
+            return sample(row, s.params, s.generator)
+        tok = sample(s.constraint.mask_torch(row), s.params, s.generator)
+        s.constraint.consume(tok)
+        return tok
 
     def cancel(self, seq_id: int) -> None:
         for q in (self._waiting, self._prefilling):
@@ -184,7 +194,7 @@ class TorchEngine(GenerationEngine):
             s.done += n
             if s.done == len(s.prompt):
                 try:
-                    tok = sample(res.logits[0, -1], s.params, s.generator)
+                    tok = self._choose(s, res.logits[0, -1])
                 except Exception as exc:  # noqa: BLE001 - this sequence's values: it ends alone
                     self.failed.append((s.seq_id, f"sampling failed: {type(exc).__name__}: {exc}"))
                     self._prefilling.remove(s)
@@ -211,7 +221,7 @@ class TorchEngine(GenerationEngine):
         for i, s in enumerate(rows):
             s.position += 1
             try:
-                tok = sample(logits[i], s.params, s.generator)
+                tok = self._choose(s, logits[i])
             except Exception as exc:  # noqa: BLE001 - this sequence's values: it ends, the batch goes on
                 self.failed.append((s.seq_id, f"sampling failed: {type(exc).__name__}: {exc}"))
                 failed.append(i)

@@ -92,6 +92,13 @@ class GenerationRequest:
     messages: tuple[dict[str, str], ...] | None = None  # chat: rendered in the runner with the folder's chat template
     prompt_token_ids: tuple[int, ...] | None = None  # pre-tokenized
     deadline_s: float | None = None  # seconds from submission; past it: finish_reason "timeout"
+    #: constrained decoding (runtime/generation/constraints.py): {"kind": "json_object"} |
+    #: {"kind": "json_schema", "schema": {...}} | {"kind": "tool_call", "tools": [{"name", "parameters"}]},
+    #: with "field" naming the request field a refusal names; None: free text
+    constraint: dict | None = None
+    #: the request's tools ({"name", "description", "parameters"}), rendered into the prompt by the
+    #: chat template when it has a tools section, else by the generic format (constraints.py)
+    tools: tuple[dict, ...] | None = None
 
     def input_field(self) -> str:
         """The request field that carries the prompt ("prompt" / "messages" /

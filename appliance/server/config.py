@@ -122,6 +122,8 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "socket": _path,
         "tcp_host": _host,
         "tcp_port": _port,
+        "grpc_socket": _optional_path,
+        "grpc_port": _port,
         "token_file": _optional_path,
         "tls_cert": _optional_path,
         "tls_key": _optional_path,
@@ -156,6 +158,30 @@ SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "pool_idle_s": _positive(float, 86400),
     },
 }
+
+
+#: What a container sets instead of a config file (deploy/README.md): variable -> (section, key, check).
+#: They win over the file, as LASTMILE_SOCKET does.
+ENVIRONMENT: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
+    "LASTMILE_STORE": ("store", "models_dir", _path),
+    "LASTMILE_STATE_FILE": ("store", "state_file", _path),
+    "LASTMILE_BUILD_DEMO": ("store", "build_demo", _bool),
+    "LASTMILE_HTTP_HOST": ("server", "tcp_host", _host),
+    "LASTMILE_HTTP_PORT": ("server", "tcp_port", _port),
+    "LASTMILE_GRPC_SOCKET": ("server", "grpc_socket", _optional_path),
+    "LASTMILE_GRPC_PORT": ("server", "grpc_port", _port),
+    "LASTMILE_TOKEN_FILE": ("server", "token_file", _optional_path),
+    "LASTMILE_ALLOW_INSECURE_TCP": ("server", "allow_insecure_tcp", _bool),
+}
+
+
+def _env_value(check: Callable[[str, Any], Any], text: str) -> Any:
+    """An environment string as the type its check takes (ports are integers, flags booleans)."""
+    if check is _port:
+        return int(text) if text.strip().isdigit() else text
+    if check is _bool:
+        return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(text.strip().lower(), text)
+    return text
 
 
 @dataclass
@@ -200,6 +226,8 @@ def builtin_defaults(system_mode: bool) -> dict[str, dict[str, Any]]:
             "socket": socket,
             "tcp_host": "127.0.0.1",
             "tcp_port": 0,
+            "grpc_socket": None,  # None: lastmile-grpc.sock beside server.socket
+            "grpc_port": 0,
             "token_file": None,
             "tls_cert": None,
             "tls_key": None,
@@ -231,7 +259,7 @@ def default_config_file(system_mode: bool) -> Path:
 
 
 def load_config(path: Path | str | None = None, *, system_mode: bool | None = None) -> Config:
-    """Effective config: built-in defaults < the file < ``LASTMILE_SOCKET`` in the environment.
+    """Effective config: built-in defaults < the file < the environment (``LASTMILE_SOCKET``, ``ENVIRONMENT``).
 
     ``path`` None means ``$LASTMILE_CONFIG`` or the mode's default file, which may be absent;
     an explicitly named file must exist.
@@ -293,6 +321,16 @@ def load_config(path: Path | str | None = None, *, system_mode: bool | None = No
             raise ConfigError("environment", exc.key, exc.message) from None
         sources["server.socket"] = "environment LASTMILE_SOCKET"
 
+    for name, (section, key, check) in ENVIRONMENT.items():
+        raw_env = os.environ.get(name)
+        if raw_env is None or raw_env == "":
+            continue
+        try:
+            values[section][key] = check(name, _env_value(check, raw_env))
+        except SettingError as exc:
+            raise ConfigError("environment", exc.key, exc.message) from None
+        sources[f"{section}.{key}"] = f"environment {name}"
+
     memory = values["memory"]
     if memory["low_watermark"] >= memory["high_watermark"]:
         raise ConfigError(
@@ -303,7 +341,7 @@ def load_config(path: Path | str | None = None, *, system_mode: bool | None = No
     server = values["server"]
     if (server["tls_cert"] is None) != (server["tls_key"] is None):
         raise ConfigError(file, "server.tls_key", "tls_cert and tls_key must be set together")
-    if server["tcp_port"] and server["token_file"] is None:
+    if (server["tcp_port"] or server["grpc_port"]) and server["token_file"] is None:
         raise ConfigError(
             file, "server.token_file", "the TCP listener needs a bearer token: set server.token_file (a file with mode 0600)"
         )

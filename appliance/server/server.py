@@ -231,6 +231,13 @@ async def serve(config: Config) -> None:
         sites += [web.SockSite(runner, s, ssl_context=_tls_context(config)) for s in tcp]
     for site in sites:
         await site.start()
+    try:
+        await daemon.start_grpc(app)  # KServe V2 gRPC beside the HTTP sites (grpc_service.py)
+    except Exception:
+        await runner.cleanup()
+        if owned_path is not None:
+            owned_path.unlink(missing_ok=True)
+        raise
     log(logger, logging.INFO, "listening", sockets=",".join(s.name for s in sites), activated=bool(inherited))
 
     stop = asyncio.Event()
@@ -253,6 +260,7 @@ async def serve(config: Config) -> None:
         sdnotify.notify(STOPPING=1, STATUS="stopping")
         log(logger, logging.INFO, "stopping: draining in-flight requests", grace_s=config.server["shutdown_grace_s"])
         await watchdog.stop()
+        await daemon.stop_grpc()
         await runner.cleanup()  # stops accepting, waits for in-flight handlers within the grace
         await daemon.manager.close()
         if owned_path is not None:

@@ -1,0 +1,1 @@
+"""KServe V2 gRPC: the .proto source and the stubs generated from it (see inference.proto)."""

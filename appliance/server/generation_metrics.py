@@ -9,6 +9,14 @@ and what the engine holds (read from the model's ``describe()["generation"]`` at
 - Read at scrape time: running and waiting sequences, KV cache used vs reserved, slots and
   context (gauges; the engine's dict, missing keys skipped).
 
+The figures a gateway or a dashboard made for vLLM reads are also exported under vLLM's
+names with its ``model_name`` label (:data:`VLLM_NAMES`; docs/kubernetes.md): the Gateway API
+Inference Extension's model-server protocol scrapes ``vllm:num_requests_waiting``,
+``vllm:num_requests_running`` and ``vllm:kv_cache_usage_perc`` (a fraction, 0..1: KV bytes
+holding tokens over KV bytes reserved), and vLLM's dashboards plot
+``vllm:time_to_first_token_seconds`` and ``vllm:inter_token_latency_seconds`` (observed from
+the streams the daemon sends, like Lastmile's own histograms).
+
 Prometheus gets histograms and counters (tokens/s is ``rate(lastmile_generation_tokens_total)``);
 the monitor stream gets tokens/s from counter deltas and TTFT / inter-token p50 and p99 over a
 recent window (:meth:`GenerationMetrics.window`), so the TUI needs no PromQL.
@@ -37,6 +45,16 @@ ENGINE_GAUGES = (
     ("max_num_seqs", "lastmile_generation_slots", "sequence slots (max_num_seqs)"),
     ("max_context", "lastmile_generation_max_context_tokens", "tokens one sequence may hold (prompt + generated)"),
 )
+
+
+#: Lastmile's figure -> the vLLM metric exported beside it (label ``model_name``).
+VLLM_NAMES = {
+    "waiting": "vllm:num_requests_waiting",
+    "running": "vllm:num_requests_running",
+    "kv_usage": "vllm:kv_cache_usage_perc",
+    "ttft": "vllm:time_to_first_token_seconds",
+    "itl": "vllm:inter_token_latency_seconds",
+}
 
 
 def _pct(values: list[float], p: float) -> float | None:
@@ -106,6 +124,11 @@ class GenerationMetrics:
                              ["model"], buckets=ITL_BUCKETS, registry=registry)
         self.prompt = Counter("lastmile_generation_prompt_tokens", "prompt tokens of finished prefills", ["model"], registry=registry)
         self.generated = Counter("lastmile_generation_tokens", "tokens generated and sent", ["model"], registry=registry)
+        # vLLM's names (VLLM_NAMES), observed from the same streams
+        self.vllm_ttft = Histogram(VLLM_NAMES["ttft"], "time to first token in seconds (vLLM's name)", ["model_name"],
+                                   buckets=TTFT_BUCKETS, registry=registry)
+        self.vllm_itl = Histogram(VLLM_NAMES["itl"], "inter-token latency in seconds (vLLM's name)", ["model_name"],
+                                  buckets=ITL_BUCKETS, registry=registry)
         registry.register(_EngineCollector(self))
 
     def stats(self, model: str) -> _ModelStats:
@@ -191,7 +214,8 @@ class StreamObserver:
         self.prompt_seen = False
         self.ended = False
         self.children = (metrics.ttft.labels(model), metrics.itl.labels(model), metrics.prompt.labels(model),
-                         metrics.generated.labels(model)) if metrics._prom else None
+                         metrics.generated.labels(model), metrics.vllm_ttft.labels(model),
+                         metrics.vllm_itl.labels(model)) if metrics._prom else None
 
     def chunk(self, now: float, prompt_tokens: int, new_tokens: int) -> None:
         if not self.prompt_seen:
@@ -208,11 +232,13 @@ class StreamObserver:
             self.stats.ttft_s.append(gap)
             if self.children:
                 self.children[0].observe(gap)
+                self.children[4].observe(gap)
         else:
             gap = now - self.last
             self.stats.itl_s.append(gap)
             if self.children:
                 self.children[1].observe(gap)
+                self.children[5].observe(gap)
         self.last = now
         if self.children:
             self.children[3].inc(new_tokens)
@@ -235,6 +261,12 @@ class _EngineCollector:
     def collect(self) -> Iterator[Metric]:
         families = {key: GaugeMetricFamily(name, text, labels=["model"]) for key, name, text in ENGINE_GAUGES}
         active = GaugeMetricFamily("lastmile_generation_streams_active", "generation requests open in the daemon", labels=["model"])
+        vllm = {
+            "waiting": GaugeMetricFamily(VLLM_NAMES["waiting"], "requests waiting to be processed (vLLM's name)", labels=["model_name"]),
+            "running": GaugeMetricFamily(VLLM_NAMES["running"], "requests running on the engine (vLLM's name)", labels=["model_name"]),
+            "kv_usage": GaugeMetricFamily(VLLM_NAMES["kv_usage"], "KV-cache usage, 1 means 100 percent (vLLM's name)",
+                                          labels=["model_name"]),
+        }
         manager = getattr(self.metrics.daemon, "manager", None)
         for name, model in list(getattr(manager, "models", {}).items()):
             try:
@@ -248,8 +280,15 @@ class _EngineCollector:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     family.add_metric([name], value)
             active.add_metric([name], self.metrics.stats(name).active)
+            for key in ("waiting", "running"):
+                value = gen.get(key)
+                vllm[key].add_metric([name], value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0)
+            used, reserved = gen.get("kv_used_bytes"), gen.get("kv_reserved_bytes")
+            usage = used / reserved if isinstance(used, (int, float)) and isinstance(reserved, (int, float)) and reserved > 0 else 0.0
+            vllm["kv_usage"].add_metric([name], min(1.0, max(0.0, float(usage))))
         yield from families.values()
         yield active
+        yield from vllm.values()
 
 
 class MonitorAnnotator:

@@ -13,10 +13,13 @@ silently believe the server honoured them. OpenAI itself refuses unknown argumen
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from lastmile.runtime.generation.constraints import MAX_TOOLS, ConstraintError, check_bounds
 from lastmile.runtime.generation.types import (MAX_TOP_K, MIN_TOP_P, SEED_MAX, SEED_MIN, GenerationRequest,
                                                SamplingParams)
 
@@ -34,7 +37,8 @@ MAX_SEED = SEED_MAX  # the 32-bit range every engine takes (types.SEED_MIN..SEED
 MAX_TEMPERATURE = 2.0  # OpenAI's range
 MAX_DEADLINE_S = 86_400.0
 DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
 
 
 class ParamError(ValueError):
@@ -58,6 +62,9 @@ class ParsedRequest:
     prompt_bytes: int = 0  # UTF-8 bytes of the prompt text (all messages' contents), for the daemon's token bound
     param_prefix: str = ""  # where this API keeps the sampling fields ("parameters.", "options."), for error fields
     keep_alive: float | None = None  # Ollama's keep_alive in seconds (0: unload after this request)
+    #: how the answer is read: "" text; "call": the output is a constrained tool call
+    #: ({"name", "arguments"}) answered as tool_calls; "auto": text, unless it parses as a call
+    tool_answer: str = ""
 
 
 # --- field checks ------------------------------------------------------------------------
@@ -226,11 +233,19 @@ def messages_sized(body: dict[str, Any], field: str = "messages") -> tuple[tuple
         where = f"{field}[{i}]"
         if not isinstance(message, dict):
             raise ParamError(where, "must be an object with role and content")
-        refuse_unknown(message, frozenset({"role", "content", "name"}), f"{where}.")
+        refuse_unknown(message, frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "tool_name"}), f"{where}.")
         role = message.get("role")
         if role not in CHAT_ROLES:
             raise ParamError(f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
-        content = _text_content(message.get("content"), f"{where}.content")
+        calls = message.get("tool_calls")
+        if calls is not None and role != "assistant":
+            raise ParamError(f"{where}.tool_calls", "only an assistant message carries tool_calls")
+        if calls and message.get("content") is None:
+            content = ""
+        else:
+            content = _text_content(message.get("content"), f"{where}.content")
+        if calls:
+            content = (content + "\n" if content else "") + _calls_text(calls, f"{where}.tool_calls")
         total += len(content)
         if total > MAX_CONTENT_CHARS:
             raise ParamError(field, f"the messages hold more than {MAX_CONTENT_CHARS} characters")
@@ -244,6 +259,140 @@ def messages_sized(body: dict[str, Any], field: str = "messages") -> tuple[tuple
             entry["name"] = name
         out.append(entry)
     return tuple(out), size
+
+
+def _calls_text(calls: Any, field: str) -> str:
+    """An assistant's tool calls (OpenAI: arguments a JSON string; Ollama: an object) as the
+    text the model would have produced: one ``{"name", "arguments"}`` object per line."""
+    if not isinstance(calls, list) or len(calls) > MAX_TOOLS:
+        raise ParamError(field, f"must be a list of at most {MAX_TOOLS} calls")
+    lines = []
+    for i, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ParamError(f"{field}[{i}]", 'must be {"type": "function", "function": {"name", "arguments"}}')
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise ParamError(f"{field}[{i}].function.arguments", "must be a JSON object (as a string)") from None
+        if not isinstance(args, dict):
+            raise ParamError(f"{field}[{i}].function.arguments", "must be a JSON object")
+        lines.append(json.dumps({"name": fn["name"], "arguments": args}, separators=(",", ":")))
+    return "\n".join(lines)
+
+
+def tools_of(body: dict[str, Any], field: str = "tools") -> tuple[dict[str, Any], ...] | None:
+    """OpenAI's (and Ollama's) ``tools``: ``[{"type": "function", "function": {"name",
+    "description", "parameters"}}]`` -> ``({"name", "description", "parameters"}, ...)``."""
+    value = body.get(field)
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise ParamError(field, 'must be a list of {"type": "function", "function": {...}}')
+    if len(value) > MAX_TOOLS:
+        raise ParamError(field, f"at most {MAX_TOOLS} tools, got {len(value)}")
+    out, names = [], set()
+    for i, tool in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(tool.get("function"), dict):
+            raise ParamError(where, 'must be {"type": "function", "function": {"name", "parameters"}}')
+        fn = tool["function"]
+        name = fn.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise ParamError(f"{where}.function.name", "1 to 64 characters of a-z, A-Z, 0-9, _ and -")
+        if name in names:
+            raise ParamError(f"{where}.function.name", f"{name!r} is named twice")
+        names.add(name)
+        params = fn.get("parameters")
+        params = {"type": "object", "properties": {}} if params is None else params
+        if not isinstance(params, dict):
+            raise ParamError(f"{where}.function.parameters", "must be a JSON schema object")
+        desc = fn.get("description") or ""
+        if not isinstance(desc, str) or len(desc) > 8192:
+            raise ParamError(f"{where}.function.description", "must be a string of at most 8192 characters")
+        out.append({"name": name, "description": desc, "parameters": params})
+    _bounded({"kind": "tool_call", "tools": out, "field": field})
+    return tuple(out)
+
+
+def _bounded(constraint: dict[str, Any]) -> dict[str, Any]:
+    try:
+        check_bounds(constraint)
+    except ConstraintError as exc:
+        raise ParamError(exc.field, str(exc).split(": ", 1)[-1]) from None
+    return constraint
+
+
+def tool_constraint(body: dict[str, Any], tools: tuple[dict[str, Any], ...] | None,
+                    field: str = "tool_choice") -> tuple[dict[str, Any] | None, str]:
+    """``tool_choice`` -> (the constraint, how the answer is read). "none": the tools are in
+    the prompt, the answer is text; "auto" (the default with tools): free text, answered as a
+    call when the whole output parses as one (not constrained: see docs/generation.md);
+    "required": one call of any tool, constrained; ``{"type": "function", "function":
+    {"name"}}``: one call of that tool, constrained."""
+    choice = body.get(field)
+    if not tools:
+        if choice not in (None, "none", "auto"):
+            raise ParamError(field, "needs tools")
+        return None, ""
+    if choice in (None, "auto"):
+        return None, "auto"
+    if choice == "none":
+        return None, ""
+    if choice == "required":
+        return {"kind": "tool_call", "tools": list(tools), "field": "tools"}, "call"
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        picked = [t for t in tools if t["name"] == name]
+        if not picked:
+            raise ParamError(f"{field}.function.name", f"{name!r} is not one of the tools")
+        return {"kind": "tool_call", "tools": picked, "field": "tools"}, "call"
+    raise ParamError(field, 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+
+
+def response_format(body: dict[str, Any], field: str = "response_format") -> dict[str, Any] | None:
+    """OpenAI's ``response_format``: text (None), ``{"type": "json_object"}`` or ``{"type":
+    "json_schema", "json_schema": {"name", "schema", "strict"}}`` -> a constraint."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ParamError(field, 'must be an object like {"type": "json_object"}')
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"kind": "json_object", "field": field}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ParamError(f"{field}.json_schema", 'required: {"name", "schema", "strict"}')
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise ParamError(f"{field}.json_schema.schema", "required: a JSON schema object")
+        return _bounded({"kind": "json_schema", "schema": schema, "field": field})
+    raise ParamError(f"{field}.type", f'must be "text", "json_object" or "json_schema", got {kind!r}')
+
+
+def ollama_format(body: dict[str, Any], field: str = "format") -> dict[str, Any] | None:
+    """Ollama's ``format``: "json" or a JSON schema object -> a constraint."""
+    value = body.get(field)
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return {"kind": "json_object", "field": field}
+    if isinstance(value, dict):
+        return _bounded({"kind": "json_schema", "schema": value, "field": field})
+    raise ParamError(field, f'must be "json" or a JSON schema object, got {value!r}')
+
+
+def _no_stop_with(params: SamplingParams, constraint: dict[str, Any] | None, field: str) -> None:
+    """A stop string could cut a constrained answer short and still say "stop": refused."""
+    if constraint is not None and params.stop:
+        raise ParamError(field, f"stop strings cannot be combined with {constraint.get('field')} "
+                                "(a stop string could cut the JSON short)")
 
 
 def required_text(body: dict[str, Any], field: str) -> str:
@@ -318,10 +467,16 @@ def parse_chat(body: dict[str, Any]) -> ParsedRequest:
     _openai_common(body)
     only_default(body, "logprobs", (None, False), "log-probabilities are not returned")
     only_default(body, "top_logprobs", (None, 0), "log-probabilities are not returned")
-    only_default(body, "tools", (None, []), "tool calling is not implemented")
-    only_default(body, "tool_choice", (None, "none"), "tool calling is not implemented")
-    only_default(body, "parallel_tool_calls", (None, False, True), "tool calling is not implemented")
-    only_default(body, "response_format", (None, {"type": "text"}), "only text responses")
+    tools = tools_of(body)
+    constraint, tool_answer = tool_constraint(body, tools)
+    value = body.get("parallel_tool_calls")
+    if value is not None and not isinstance(value, bool):
+        raise ParamError("parallel_tool_calls", "must be true or false")  # either way: at most one call per answer
+    fmt = response_format(body)
+    if fmt is not None:
+        if constraint is not None:
+            raise ParamError("response_format", "cannot be combined with a tool_choice that forces a call")
+        constraint, tool_answer = fmt, ""
     only_default(body, "store", (None, False), "completions are not stored")
     only_default(body, "modalities", (None, ["text"]), "text only")
     only_default(body, "service_tier", (None, "auto", "default"), "one service tier")
@@ -331,8 +486,11 @@ def parse_chat(body: dict[str, Any]) -> ParsedRequest:
         raise ParamError("metadata", "must be an object")
     stream = boolean(body, "stream")
     params = sampling(body, max_tokens_fields=("max_completion_tokens", "max_tokens"))
-    request = GenerationRequest(params=params, messages=msgs, deadline_s=deadline(body))
-    return ParsedRequest(model, request, stream, stream_options(body, stream), prompt_bytes=size)
+    _no_stop_with(params, constraint, "stop")
+    request = GenerationRequest(params=params, messages=msgs, deadline_s=deadline(body), constraint=constraint,
+                                tools=tools)
+    return ParsedRequest(model, request, stream, stream_options(body, stream), prompt_bytes=size,
+                         tool_answer=tool_answer)
 
 
 def parse_completion(body: dict[str, Any]) -> ParsedRequest:
@@ -397,7 +555,7 @@ def parse_triton(body: dict[str, Any], model: str, *, stream: bool) -> ParsedReq
 # --- Ollama --------------------------------------------------------------------------------
 
 #: Ollama's ``options`` Lastmile implements (the rest are refused, naming them).
-_OLLAMA_OPTIONS = frozenset({"num_predict", "temperature", "top_p", "top_k", "seed", "stop"})
+_OLLAMA_OPTIONS = frozenset({"num_predict", "temperature", "top_p", "top_k", "seed", "stop", "tool_choice"})
 _OLLAMA_COMMON = frozenset({"model", "stream", "options", "format", "keep_alive", "think"})
 
 
@@ -415,7 +573,7 @@ def _ollama_options(body: dict[str, Any]) -> SamplingParams:
     if unknown:
         raise ParamError(f"options.{unknown[0]}", "not supported by this server (supported: " + ", ".join(sorted(_OLLAMA_OPTIONS))
                          + "; the context size is the model's max_context load setting)")
-    mapped = {k: v for k, v in options.items() if k != "num_predict"}
+    mapped = {k: v for k, v in options.items() if k not in ("num_predict", "tool_choice")}
     num_predict = options.get("num_predict")
     if num_predict is not None and num_predict not in (-1, -2):  # -1/-2: "until the end": the server's default
         mapped["max_tokens"] = num_predict
@@ -471,7 +629,6 @@ def keep_alive_seconds(body: dict[str, Any], field: str = "keep_alive") -> float
 
 
 def _ollama_common(body: dict[str, Any]) -> bool:
-    only_default(body, "format", (None, ""), "structured output (format) is not implemented")
     only_default(body, "think", (None, False), "not a reasoning model API")
     keep_alive_seconds(body)
     return boolean(body, "stream", True)  # Ollama streams unless told not to
@@ -481,7 +638,22 @@ def parse_ollama_chat(body: dict[str, Any]) -> ParsedRequest:
     """``POST /api/chat``: ``messages`` through the chat template; NDJSON stream by default."""
     refuse_unknown(body, _OLLAMA_COMMON | {"messages", "tools"})
     model = ollama_model(body)
-    only_default(body, "tools", (None, []), "tool calling is not implemented")
+    tools = tools_of(body)
+    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    # Ollama has no tool_choice: the model decides ("auto"); Lastmile's extension
+    # options.tool_choice ("required" or a tool's name) forces a constrained call
+    choice = options.get("tool_choice")
+    if isinstance(choice, str) and choice not in ("auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    try:
+        constraint, tool_answer = tool_constraint({"tool_choice": choice}, tools)
+    except ParamError as exc:
+        raise ParamError("options." + exc.field, exc.message.split(": ", 1)[1]) from None
+    fmt = ollama_format(body)
+    if fmt is not None:
+        if constraint is not None:
+            raise ParamError("format", "cannot be combined with options.tool_choice forcing a call")
+        constraint, tool_answer = fmt, ""
     value = body.get("messages")
     if isinstance(value, list):
         for i, m in enumerate(value):
@@ -490,8 +662,11 @@ def parse_ollama_chat(body: dict[str, Any]) -> ParsedRequest:
         value = [{k: v for k, v in m.items() if k != "images"} if isinstance(m, dict) else m for m in value]
     msgs, size = messages_sized({"messages": value})
     stream = _ollama_common(body)
-    return ParsedRequest(model, GenerationRequest(params=_ollama_options(body), messages=msgs), stream,
-                         prompt_bytes=size, param_prefix="options.", keep_alive=keep_alive_seconds(body))
+    params = _ollama_options(body)
+    _no_stop_with(params, constraint, "options.stop")
+    return ParsedRequest(model, GenerationRequest(params=params, messages=msgs, constraint=constraint, tools=tools),
+                         stream, prompt_bytes=size, param_prefix="options.", keep_alive=keep_alive_seconds(body),
+                         tool_answer=tool_answer)
 
 
 def parse_ollama_generate(body: dict[str, Any]) -> ParsedRequest:
@@ -511,13 +686,15 @@ def parse_ollama_generate(body: dict[str, Any]) -> ParsedRequest:
     raw = boolean(body, "raw")
     stream = _ollama_common(body)
     params = _ollama_options(body)
+    constraint = ollama_format(body)
+    _no_stop_with(params, constraint, "options.stop")
     if raw:
         if system:
             raise ParamError("system", "a raw prompt takes no system message (put it in the prompt)")
-        request = GenerationRequest(params=params, prompt=prompt)
+        request = GenerationRequest(params=params, prompt=prompt, constraint=constraint)
     else:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        request = GenerationRequest(params=params, messages=tuple(msgs))
+        request = GenerationRequest(params=params, messages=tuple(msgs), constraint=constraint)
     return ParsedRequest(model, request, stream, prompt_bytes=size, param_prefix="options.",
                          keep_alive=keep_alive_seconds(body))
 

@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import secrets
 import time
 from pathlib import Path
@@ -217,14 +218,110 @@ def _openai_finish(reason: str | None) -> dict[str, Any]:
     return {"finish_reason": reason}
 
 
+#: A constrained tool call's opening, exactly as the grammar writes it (compact JSON, "name"
+#: first; a tool's name is [A-Za-z0-9_-], so it needs no escaping).
+_CALL_HEAD = re.compile(r'\{"name":"([A-Za-z0-9_-]{1,64})","arguments":')
+
+
+def parse_call(text: str, tools: Any) -> tuple[str, dict[str, Any]] | None:
+    """``(name, arguments)`` when ``text`` is one ``{"name", "arguments"}`` object naming one
+    of ``tools`` (whose arguments validate against its parameters), else None."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or set(value) != {"name", "arguments"} or not isinstance(value["arguments"], dict):
+        return None
+    tool = next((t for t in tools or () if t["name"] == value["name"]), None)
+    if tool is None:
+        return None
+    try:
+        import jsonschema
+
+        jsonschema.validate(value["arguments"], tool.get("parameters") or {})
+    except Exception:  # noqa: BLE001 - a schema or an instance jsonschema refuses: not a call
+        return None
+    return tool["name"], value["arguments"]
+
+
 class _Chat(_OpenAI):
+    """Chat completions; with tools, a constrained call ("call") is answered as ``tool_calls``
+    (streamed as deltas of ``tool_calls[0].function.arguments``), and an "auto" answer whose
+    whole text is a call is answered as one (streamed: held back once it starts with "{")."""
+
     api, prefix, obj = "chat", "chatcmpl", "chat.completion"
+
+    def __init__(self, parsed: ParsedRequest, model: str) -> None:
+        super().__init__(parsed, model)
+        self.call_id = f"call_{secrets.token_hex(12)}"
+        self.buf = ""  # a tool answer's text so far
+        self.head = False  # the call's name went out
+        self.sent = 0  # characters of the arguments that went out
+        self.held = False  # an "auto" answer held back while it may be a call
 
     def start(self) -> list[bytes]:
         first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         return [self.sse({**self.envelope([first], "chat.completion.chunk"), **self.usage_key})]
 
+    def _event(self, delta: dict[str, Any], reason: str | None, finish: dict[str, Any] | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, **(finish or _openai_finish(reason))}
+        return self.sse({**self.envelope([choice], "chat.completion.chunk"), **self.usage_key})
+
+    def _call_delta(self, args: str, *, head: str | None = None) -> dict[str, Any]:
+        fn: dict[str, Any] = {"arguments": args}
+        call: dict[str, Any] = {"index": 0, "function": fn}
+        if head is not None:
+            call.update(id=self.call_id, type="function")
+            fn["name"] = head
+        return {"tool_calls": [call]}
+
+    def _call_chunk(self, chunk: GenerationChunk) -> bytes | None:
+        self.buf += chunk.text
+        out = b""
+        m = _CALL_HEAD.match(self.buf)
+        done = chunk.finish_reason is not None
+        if m and not self.head:
+            self.head = True
+            out += self._event(self._call_delta("", head=m.group(1)), None)
+        if self.head:
+            args = self.buf[m.end():]  # type: ignore[union-attr]
+            ok = done and chunk.finish_reason == "stop" and parse_call(self.buf, self.parsed.request.tools)
+            upto = len(args) - 1 if (not done or ok) else len(args)  # the last "}" closes the call, not the arguments
+            if upto > self.sent:
+                out += self._event(self._call_delta(args[self.sent:upto]), None)
+                self.sent = upto
+            if done:
+                out += self._event({}, None, {"finish_reason": "tool_calls"} if ok else _openai_finish(
+                    "length" if chunk.finish_reason == "stop" else chunk.finish_reason))
+        elif done:  # cut before the call's name: what there is, as text, and the honest reason
+            if self.buf:
+                out += self._event({"content": self.buf}, None)
+            out += self._event({}, chunk.finish_reason)
+        return out or None
+
+    def _auto_chunk(self, chunk: GenerationChunk) -> bytes | None:
+        if not self.held and not self.buf.strip() and chunk.text.lstrip().startswith("{"):
+            self.held = True
+        if not self.held:
+            self.buf += chunk.text
+            if not chunk.text and chunk.finish_reason is None:
+                return None
+            return self._event({"content": chunk.text} if chunk.text else {}, chunk.finish_reason)
+        self.buf += chunk.text
+        if chunk.finish_reason is None:
+            return None
+        call = parse_call(self.buf.strip(), self.parsed.request.tools) if chunk.finish_reason == "stop" else None
+        if call is None:
+            return self._event({"content": self.buf}, chunk.finish_reason)
+        args = json.dumps(call[1])
+        return (self._event(self._call_delta("", head=call[0]), None) + self._event(self._call_delta(args), None)
+                + self._event({}, None, {"finish_reason": "tool_calls"}))
+
     def chunk(self, chunk: GenerationChunk) -> bytes | None:
+        if self.parsed.tool_answer == "call":
+            return self._call_chunk(chunk)
+        if self.parsed.tool_answer == "auto":
+            return self._auto_chunk(chunk)
         if not chunk.text and chunk.finish_reason is None:
             return None
         delta = {"content": chunk.text} if chunk.text else {}
@@ -232,8 +329,18 @@ class _Chat(_OpenAI):
         return self.sse({**self.envelope([choice], "chat.completion.chunk"), **self.usage_key})
 
     def whole(self, text: str, last: GenerationChunk) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                  "logprobs": None, **_openai_finish(last.finish_reason)}
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        finish = _openai_finish(last.finish_reason)
+        if self.parsed.tool_answer and last.finish_reason == "stop":
+            call = parse_call(text.strip(), self.parsed.request.tools)
+            if call is not None:
+                message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+                    {"id": self.call_id, "type": "function",
+                     "function": {"name": call[0], "arguments": json.dumps(call[1])}}]}
+                finish = {"finish_reason": "tool_calls"}
+            elif self.parsed.tool_answer == "call":  # never claim a call that does not validate
+                finish = {"finish_reason": "length", "lastmile_finish_reason": "invalid_tool_call"}
+        choice = {"index": 0, "message": message, "logprobs": None, **finish}
         return {**self.envelope([choice], "chat.completion"), "usage": _usage(last)}
 
 
@@ -325,10 +432,35 @@ class _Ollama(_Format):
 
 
 class _OllamaChat(_Ollama):
+    """With tools, a call comes in Ollama's shape: ``message.tool_calls[].function`` with
+    ``name`` and ``arguments`` an object; streamed, a tool answer is held back to the end."""
+
     api = "ollama"
+
+    def __init__(self, parsed: ParsedRequest, model: str) -> None:
+        super().__init__(parsed, model)
+        self.buf = ""
 
     def piece(self, text: str) -> dict[str, Any]:
         return {"message": {"role": "assistant", "content": text}}
+
+    def chunk(self, chunk: GenerationChunk) -> bytes | None:
+        if not self.parsed.tool_answer:
+            return super().chunk(chunk)
+        self.note(chunk)
+        self.buf += chunk.text
+        return self.line(self.final(chunk, self.buf)) if chunk.finish_reason is not None else None
+
+    def final(self, last: GenerationChunk, text: str) -> dict[str, Any]:
+        out = super().final(last, text)
+        if self.parsed.tool_answer and last.finish_reason == "stop":
+            call = parse_call(text.strip(), self.parsed.request.tools)
+            if call is not None:
+                out["message"] = {"role": "assistant", "content": "",
+                                  "tool_calls": [{"function": {"name": call[0], "arguments": call[1]}}]}
+            elif self.parsed.tool_answer == "call":
+                out["done_reason"] = "length"  # never claim a call that does not validate
+        return out
 
 
 class _OllamaGenerate(_Ollama):

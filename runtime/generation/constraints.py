@@ -119,7 +119,12 @@ def schema_of(constraint: dict[str, Any]) -> dict[str, Any]:
         return schema
     calls = []
     for tool in constraint["tools"]:
-        params = tool.get("parameters") or {"type": "object"}
+        params = tool.get("parameters") or {"type": "object", "properties": {}}
+        if isinstance(params, dict) and params.get("type") == "object" and "properties" in params \
+                and "additionalProperties" not in params:
+            # a function takes its declared parameters: arguments beyond them are closed off
+            # (as OpenAI's strict mode does; the ollama package drops additionalProperties)
+            params = {**params, "additionalProperties": False}
         calls.append({"type": "object", "properties": {"name": {"const": tool["name"]}, "arguments": params},
                       "required": ["name", "arguments"], "additionalProperties": False})
     return calls[0] if len(calls) == 1 else {"anyOf": calls}

@@ -147,6 +147,10 @@ class Daemon:
             path.rename(aside)
             self.events.record("state_unreadable", f"{exc}; moved to {aside}, starting with nothing loaded", level="error")
             return
+        # a container names what it serves ($LASTMILE_LOAD, comma-separated; deploy/README.md):
+        # loaded with the store's settings unless the state file already lists them
+        for name in filter(None, (n.strip() for n in os.environ.get("LASTMILE_LOAD", "").split(","))):
+            wanted.setdefault(name, {})
         for name, why in dropped.items():
             self.events.record("state_entry_invalid", f"state file {path}: model {name!r} not restored: {why}; "
                                f"the entry is dropped at the next save (load it again to keep it)", model=name, level="error")

@@ -429,7 +429,7 @@ def test_ollama_chat_generate_tags_ps(served, reference) -> None:
                                                            "options": {"temperature": 0, "num_predict": 12}})
     assert status == 200 and body["response"] == expected  # not raw: the chat template, as /api/chat
     for bad, field in (({"options": {"num_ctx": 4096}}, "options.num_ctx"), ({"options": {"temperature": -1}}, "options.temperature"),
-                       ({"format": "json"}, "format"), ({"options": {"num_predict": 0}}, "options.num_predict")):
+                       ({"format": "yaml"}, "format"), ({"options": {"num_predict": 0}}, "options.num_predict")):
         status, body = _call(daemon, "POST", "/api/chat", {"model": MODEL, "messages": QUESTION, **bad})
         assert status == 400 and body["field"] == field, body
     status, body = _call(daemon, "GET", "/api/tags")

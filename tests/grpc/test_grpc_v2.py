@@ -183,3 +183,62 @@ def test_malformed_typed_contents(served: tuple[DaemonProc, int]) -> None:
             with pytest.raises(grpc.RpcError) as caught:
                 stub.ModelInfer(request)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (request, caught.value)
+
+
+def test_repository_refusals(served: tuple[DaemonProc, int]) -> None:
+    d, _ = served
+    from lastmile.appliance.server.grpc import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"unix:{d.socket.with_name('lastmile-grpc.sock')}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        bad_setting = pb.RepositoryModelLoadRequest(model_name="demo-mlp")
+        bad_setting.parameters["max_batch_size"].string_param = "lots"
+        bad_config = pb.RepositoryModelLoadRequest(model_name="demo-mlp")
+        bad_config.parameters["config"].string_param = "{not json"
+        unknown_key = pb.RepositoryModelLoadRequest(model_name="demo-mlp")
+        unknown_key.parameters["no_such_setting"].int64_param = 1
+        for request in (bad_setting, bad_config, unknown_key):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.RepositoryModelLoad(request)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="../etc"))
+        assert caught.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelReady(pb.ModelReadyRequest(name="no-such-model"))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelMetadata(pb.ModelMetadataRequest(name="demo-mlp", version="7"))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        # a load through the config parameter (Triton's override) takes Lastmile's settings
+        ok = pb.RepositoryModelLoadRequest(model_name="demo-mlp")
+        ok.parameters["config"].string_param = '{"max_batch_size": 4}'
+        stub.RepositoryModelLoad(ok)
+        assert stub.ModelReady(pb.ModelReadyRequest(name="demo-mlp")).ready
+
+
+def test_stream_infer_answers_in_order_and_errors_in_band(served: tuple[DaemonProc, int]) -> None:
+    import queue
+
+    d, _ = served
+    client = _unix(d)
+    client.load_model("demo-mlp")
+    answers: "queue.Queue" = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        xs = [example_inputs("mlp", n)["input"] for n in (1, 2, 3)]
+        for i, x in enumerate(xs):
+            tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            client.async_stream_infer("demo-mlp", [tensor], request_id=str(i))
+        bad = grpcclient.InferInput("input", [1, 3], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 3), np.float32))
+        client.async_stream_infer("demo-mlp", [bad], request_id="bad")
+        got = [answers.get(timeout=30) for _ in range(4)]
+    finally:
+        client.stop_stream()
+    for i, (result, error) in enumerate(got[:3]):
+        assert error is None, error
+        assert result.get_response().id == str(i)
+        np.testing.assert_array_equal(result.as_numpy("logits"), _http_logits_raw(d, xs[i]))
+    assert got[3][1] is not None and "shape" in str(got[3][1]).lower()

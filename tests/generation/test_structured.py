@@ -24,6 +24,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from tests.appliance.test_api import check_against_spec
 from tests.conftest import DaemonProc, start_tcp_daemon
 
 MODEL = "tiny"
@@ -69,6 +70,7 @@ def _call(daemon: DaemonProc, method: str, path: str, body: Any = None) -> tuple
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(daemon.socket))) as s:
             async with s.request(method, "http://localhost" + path, json=body) as resp:
                 payload = await resp.read()
+                check_against_spec(method, path, resp.status, resp.headers.get("Content-Type", ""), payload)
                 try:
                     return resp.status, json.loads(payload)
                 except ValueError:
@@ -304,3 +306,10 @@ def test_hostile_constraints_are_refused_or_honest(served) -> None:
     assert status == 400 and "tools" in json.dumps(body), body
     thread.join(120)
     assert seen["finish"] in (["stop"], ["length"])
+    # a forced call and a schema answer, raw, as the OpenAPI document says
+    status, body = _call(daemon, "POST", "/v1/chat/completions", {
+        "model": MODEL, "messages": ASK, "max_tokens": 60, "tools": TOOLS, "tool_choice": "required", "temperature": 0})
+    assert status == 200 and body["choices"][0]["finish_reason"] == "tool_calls", body
+    status, body = _call(daemon, "POST", "/api/chat", {"model": MODEL, "messages": ASK, "stream": False, "tools": TOOLS,
+                                                        "options": {"tool_choice": "get_time", "temperature": 0}})
+    assert status == 200 and body["message"]["tool_calls"][0]["function"]["name"] == "get_time", body

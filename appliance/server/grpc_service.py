@@ -138,6 +138,21 @@ def to_v2(request: Any) -> tuple[dict[str, Any], bytes]:
     return header, b"".join(chunks)
 
 
+def _split_bytes(raw: bytes) -> list[bytes]:
+    """BYTES elements of the binary form (a little-endian uint32 length before each)."""
+    out, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise BadRequest("BYTES data ends inside an element's length", "raw_input_contents")
+        (n,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + n > len(raw):
+            raise BadRequest("BYTES element runs past the end of its data", "raw_input_contents")
+        out.append(bytes(raw[offset:offset + n]))
+        offset += n
+    return out
+
+
 def _raw(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES" or array.dtype.kind in "OSU":
         return _bytes_elements(v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1))
@@ -290,21 +305,114 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._call(context, "ModelInfer", lambda: self._infer(request, context))
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
-        """Triton's bidirectional stream: one answer per request, in order; an error is an
-        ``error_message`` in the stream (Triton's way), the stream goes on."""
+        """Triton's bidirectional stream. A tensor model answers each request once, in order;
+        a generation model (Triton's decoupled generate: a BYTES ``text_input``, sampling
+        settings in ``parameters`` as in ``/v2/models/{name}/generate_stream``) answers with
+        one ``text_output`` per chunk, the last one flagged ``triton_final_response`` and
+        carrying ``finish_reason`` and the token counts. An error is an ``error_message`` in
+        the stream (Triton's way) and the stream goes on. Requests of one stream are served
+        one after another."""
         await self._check(context, "ModelStreamInfer")
         async for request in request_iterator:
             try:
+                model = self.plane.model(request.model_name, request.model_version or None)
+                if getattr(model, "generation", False):
+                    async for answer in self._generate(request, model):
+                        yield answer
+                    continue
                 yield pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                mapped = to_api_error(exc)
+                from lastmile.appliance.server.routes_generate import generation_api_error
+
+                mapped = generation_api_error(exc)
                 if mapped is None:
                     logger.exception("grpc stream: unexpected error", exc_info=exc)
                 message = mapped.message if mapped is not None else f"internal error: {type(exc).__name__}"
+                if mapped is not None and mapped.field:
+                    message += f" (field {mapped.field})"
                 yield pb.ModelStreamInferResponse(error_message=message, infer_response=pb.ModelInferResponse(
                     model_name=request.model_name, id=request.id))
+
+    def _generate_body(self, request: Any) -> dict[str, Any]:
+        """A ModelInferRequest for a generation model as the body of Triton's HTTP generate."""
+        header, _ = to_v2(request)
+        texts: list[bytes] = []
+        for i, tensor in enumerate(request.inputs):
+            if tensor.name == "stream":  # Triton's vLLM backend sends it; this RPC always streams
+                continue
+            if tensor.name != "text_input":
+                raise BadRequest(f"input {tensor.name!r}: a generation model takes one BYTES input 'text_input' "
+                                 "(sampling settings go in the request's parameters)", f"inputs[{i}].name")
+            if tensor.datatype != "BYTES":
+                raise BadRequest("text_input must be BYTES", f"inputs[{i}].datatype")
+            raw = request.raw_input_contents[i] if request.raw_input_contents else _bytes_elements(tensor.contents.bytes_contents)
+            texts = _split_bytes(raw)
+        if len(texts) != 1:
+            raise BadRequest(f"text_input must hold one element, got {len(texts)}", "inputs")
+        try:
+            text = texts[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("text_input is not UTF-8 text", "text_input") from None
+        parameters = {k: v for k, v in header["parameters"].items() if k not in ("binary_data_output", "stream", "triton_enable_empty_final_response")}
+        body: dict[str, Any] = {"text_input": text, "parameters": parameters}
+        if request.id:
+            body["id"] = request.id
+        return body
+
+    async def _generate(self, request: Any, model: Any) -> Any:
+        from lastmile.appliance.server import routes_generate as gen
+
+        name = model.name
+        started = time.perf_counter()
+        metrics = self.app[gen.GENERATION_METRICS]
+        parsed = gen._parsed(gen.parse_triton, self._generate_body(request), name, stream=True)
+
+        class _Shim:  # the part of a web.Request that the generation limits read
+            app = self.app
+
+        try:
+            gen.check_request(parsed, await gen._limits(_Shim(), name, model), "triton")  # type: ignore[arg-type]
+        except Exception:
+            metrics.stream(name, "triton_grpc", started).end("bad_request")
+            raise
+        parsed, _timeout, _own = gen._deadlines(model, parsed)
+        observer = metrics.stream(name, "triton_grpc", started)
+        stream = self.app["daemon"].manager.generate(name, parsed.request)
+        outcome = "error"
+        try:
+            while True:
+                deadline = parsed.request.deadline_s
+                try:
+                    chunk = await asyncio.wait_for(gen._next(stream), timeout=deadline + gen.DEADLINE_GRACE_S) if deadline else await gen._next(stream)
+                except asyncio.TimeoutError:
+                    raise ApiError(504, f"model {name!r}: no token within the deadline") from None
+                observer.chunk(time.perf_counter(), chunk.prompt_tokens, len(chunk.token_ids))
+                if not chunk.text and chunk.finish_reason is None:
+                    continue
+                response = pb.ModelInferResponse(model_name=name, model_version="1", id=request.id)
+                response.outputs.add(name="text_output", datatype="BYTES", shape=[1])
+                response.raw_output_contents.append(_bytes_elements([chunk.text.encode("utf-8")]))
+                final = chunk.finish_reason is not None
+                _set_param(response.parameters, "triton_final_response", final)
+                if final:
+                    _set_param(response.parameters, "finish_reason", chunk.finish_reason)
+                    _set_param(response.parameters, "prompt_tokens", chunk.prompt_tokens)
+                    _set_param(response.parameters, "completion_tokens", chunk.completion_tokens)
+                yield pb.ModelStreamInferResponse(infer_response=response)
+                if final:
+                    outcome = "success"
+                    return
+        except ApiError as exc:
+            outcome = gen._outcome(exc.status)
+            raise
+        except asyncio.CancelledError:
+            outcome = "disconnected"
+            raise
+        finally:
+            observer.end(outcome)
+            await gen._close(stream)
 
     # --- Triton's repository extension ------------------------------------------------------------
 

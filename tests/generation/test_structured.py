@@ -22,7 +22,7 @@ import aiohttp
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tests.appliance.test_api import check_against_spec
 from tests.conftest import DaemonProc, start_tcp_daemon
@@ -32,6 +32,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 class City(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # additionalProperties: false (what strict mode sends anyway)
+
     name: str = Field(max_length=12)
     country: Literal["France", "Italy", "Spain"]
     capital: bool
@@ -313,3 +315,80 @@ def test_hostile_constraints_are_refused_or_honest(served) -> None:
     status, body = _call(daemon, "POST", "/api/chat", {"model": MODEL, "messages": ASK, "stream": False, "tools": TOOLS,
                                                         "options": {"tool_choice": "get_time", "temperature": 0}})
     assert status == 200 and body["message"]["tool_calls"][0]["function"]["name"] == "get_time", body
+
+
+# --- the engines, in process: constrained and free sequences share a step ---------------------
+
+
+@pytest.fixture(scope="module", params=["deepspeed", "ort-genai"])
+def engine(request, tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory):
+    if request.param == "deepspeed":
+        from lastmile.runtime.generation.torch_engine import TorchEngine
+
+        eng = TorchEngine(tiny_lm, max_num_seqs=8, max_context=512, use_deepspeed=False)
+    else:
+        from lastmile.runtime.generation.ort_engine import OrtGenAIEngine
+
+        folder = tmp_path_factory.mktemp("ort-structured") / "tiny"
+        shutil.copytree(tiny_lm, folder)
+        eng = OrtGenAIEngine.from_hf_folder(folder, precision="fp32", max_num_seqs=8, max_context=512)
+    yield eng
+    eng.close()
+
+
+def _run(sched, reqs: dict, preempt_at: int | None = None) -> tuple[dict, dict]:
+    for key, req in reqs.items():
+        sched.submit(key, req)
+    text = {k: "" for k in reqs}
+    ids: dict = {k: [] for k in reqs}
+    finish = {}
+    steps = 0
+    while sched.has_work():
+        for key, chunk in sched.step():
+            text[key] += chunk.text
+            ids[key] += chunk.token_ids
+            if chunk.finish_reason:
+                finish[key] = chunk.finish_reason
+        steps += 1
+        if steps == preempt_at:
+            sched.set_slots(2)  # the newest sequences leave the engine and come back by recompute
+        if preempt_at and steps == preempt_at + 3:
+            sched.set_slots(8)
+    assert not sched.take_failures()
+    return {k: (text[k], ids[k]) for k in reqs}, finish
+
+
+def test_engines_mask_constrained_rows_and_leave_free_rows_alone(engine, tiny_lm: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from lastmile.runtime.generation.scheduler import GenerationScheduler
+    from lastmile.runtime.generation.types import GenerationRequest, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    schema = City.model_json_schema()
+    free = {f"free{i}": GenerationRequest(SamplingParams(max_tokens=24, temperature=0.0), prompt="Hello " * (i + 1))
+            for i in range(4)}
+    alone, _ = _run(GenerationScheduler(engine, tok), free)
+    constrained = {
+        **{f"json{i}": GenerationRequest(SamplingParams(max_tokens=120, temperature=t, seed=i),
+                                         messages=({"role": "user", "content": f"city {i}"},),
+                                         constraint={"kind": "json_schema", "schema": schema, "field": "response_format"})
+           for i, t in enumerate((0.0, 0.0, 0.8, 1.2))},
+        "call": GenerationRequest(SamplingParams(max_tokens=80, temperature=0.0), messages=tuple(ASK),
+                                  constraint={"kind": "tool_call", "field": "tools", "tools": [
+                                      {"name": n, "parameters": p} for n, p in PARAMS.items()]}),
+    }
+    for preempt in (None, 4):
+        sched = GenerationScheduler(engine, tok)
+        got, finish = _run(sched, {**free, **constrained}, preempt_at=preempt)
+        for key in free:  # greedy free rows: the same tokens as without constrained neighbours
+            assert got[key][1] == alone[key][1], (preempt, key)
+        for key in constrained:
+            assert finish[key] == "stop", (preempt, key, got[key][0])
+            value = json.loads(got[key][0])
+            if key == "call":
+                assert set(value) == {"name", "arguments"}
+                _valid_call(value["name"], value["arguments"])
+            else:
+                City.model_validate(value)
+        assert sched.stats()["constraint_cache_hits"] >= 3  # one compile per distinct constraint

@@ -242,3 +242,53 @@ def test_stream_infer_answers_in_order_and_errors_in_band(served: tuple[DaemonPr
         assert result.get_response().id == str(i)
         np.testing.assert_array_equal(result.as_numpy("logits"), _http_logits_raw(d, xs[i]))
     assert got[3][1] is not None and "shape" in str(got[3][1]).lower()
+
+
+def test_hostile_requests_never_internal(served: tuple[DaemonProc, int]) -> None:
+    """HTTP's hostile cases mirrored: odd datatypes, huge or negative shapes, duplicated inputs,
+    out-of-range typed values, parameters pretending to be binary framing, non-UTF-8 names."""
+    d, _ = served
+    from lastmile.appliance.server.grpc import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
+
+    _unix(d).load_model("demo-mlp")
+
+    def request(**tensor) -> "pb.ModelInferRequest":  # noqa: ANN003
+        r = pb.ModelInferRequest(model_name="demo-mlp")
+        raw = tensor.pop("raw", None)
+        t = r.inputs.add(**{"name": "input", "datatype": "FP32", "shape": [1, 64], **tensor})
+        if raw is not None:
+            r.raw_input_contents.append(raw)
+        return r, t
+
+    cases = []
+    for datatype in ("", "FP32x", "BYTES", "INT8", "BF16", "fp32"):
+        cases.append(request(datatype=datatype, raw=b"\0" * 256)[0])
+    for shape in ([2**62, 64], [1] * 70, [], [-1, 64], [0, 64, 2**40]):
+        cases.append(request(shape=shape, raw=b"\0" * 256)[0])
+    r, t = request()
+    t.contents.int_contents.extend([1000] * 64)  # typed ints for an FP32 input
+    cases.append(r)
+    r, t = request()
+    t.contents.fp32_contents.extend([1.0] * 64)
+    t.parameters["binary_data_size"].int64_param = 256  # framing from the client: ignored or refused
+    cases.append(r)
+    r, _ = request(raw=b"\0" * 256)
+    r.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    r.raw_input_contents.append(b"\0" * 256)  # the same input twice
+    cases.append(r)
+    r, _ = request(name="\udcff".encode("utf-8", "surrogatepass").decode("utf-8", "replace"), raw=b"\0" * 256)
+    cases.append(r)
+    r, t = request()
+    t.contents.bytes_contents.append(b"\xff\xfe")  # bytes for a numeric input
+    cases.append(r)
+    with grpc.insecure_channel(f"unix:{d.socket.with_name('lastmile-grpc.sock')}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for case in cases:
+            try:
+                stub.ModelInfer(case, timeout=30)
+            except grpc.RpcError as exc:
+                assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), (case, exc)
+        # and it still answers
+        ok, t = request()
+        t.contents.fp32_contents.extend([0.5] * 64)
+        assert list(stub.ModelInfer(ok).outputs[0].shape) == [1, 10]

@@ -292,3 +292,35 @@ def test_hostile_requests_never_internal(served: tuple[DaemonProc, int]) -> None
         ok, t = request()
         t.contents.fp32_contents.extend([0.5] * 64)
         assert list(stub.ModelInfer(ok).outputs[0].shape) == [1, 10]
+
+
+def test_text_model_bytes_equal_http(served: tuple[DaemonProc, int]) -> None:
+    """A Hugging Face text model (demo-encoder): BYTES in over gRPC, the same outputs as HTTP's JSON."""
+    import aiohttp
+
+    d, _ = served
+    client = _unix(d)
+    client.load_model("demo-encoder")
+    meta = client.get_model_metadata("demo-encoder")
+    text_inputs = [t for t in meta.inputs if t.datatype == "BYTES"]
+    assert text_inputs, meta
+    name = text_inputs[0].name
+    texts = ["the daemon answers", "über edge boxes ✓"]
+
+    async def http() -> dict:
+        body = {"inputs": [{"name": name, "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(d.socket))) as session:
+            async with session.post("http://lastmile/v2/models/demo-encoder/infer", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                return await resp.json()
+
+    expected = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in asyncio.run(http())["outputs"]}
+    tensor = grpcclient.InferInput(name, [len(texts)], "BYTES")
+    tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=np.object_))
+    result = client.infer("demo-encoder", [tensor])
+    for out_name, want in expected.items():
+        got = result.as_numpy(out_name)
+        if got.dtype == np.object_:
+            assert [g.decode() for g in got.reshape(-1)] == [str(w) for w in want.reshape(-1)]
+        else:
+            np.testing.assert_allclose(got, want.astype(got.dtype), rtol=1e-6, atol=1e-6)

@@ -158,7 +158,9 @@ async def load(target: Target, *, concurrency: int, requests_per_stream: int, ma
     ``long`` (a long prompt), one more client sends it back to back until the streams end."""
     import aiohttp
 
-    connector = aiohttp.UnixConnector(path=target.unix, limit=0) if target.unix else aiohttp.TCPConnector(limit=0)
+    # TCP: a connection per request (llama-server closes idle keep-alive connections under
+    # the client's feet: "Can not write request body" for half the requests otherwise)
+    connector = aiohttp.UnixConnector(path=target.unix, limit=0) if target.unix else aiohttp.TCPConnector(limit=0, force_close=True)
     base = "http://localhost" if target.unix else f"http://{target.host}:{target.port}"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = base + "/v1/chat/completions"

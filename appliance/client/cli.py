@@ -136,7 +136,7 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
     out = import_gguf(args.source, Path(store) / name, precision=args.precision, force=args.force,
                       on_phase=lambda phase, data: print(f"{phase}...", file=sys.stderr, flush=True))
     print(f"imported {args.source} as {name} in {out} ({time.monotonic() - started:.1f} s); "
-          f"`lastmile load {name}` serves it (the first load builds the ORT-GenAI {args.precision or 'int4'} model)")
+          f"`lastmile load {name}` serves it (the first load builds the ORT-GenAI {args.precision + ' model' if args.precision else 'models and picks the precision by measured quality'})")
     return 0
 
 
@@ -750,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a GGUF file (Ollama, llama.cpp) as a chat model in the store, or --to onnx: export a Hugging Face text model of the store to ONNX (NAME-onnx)")
     imp.add_argument("source", help="FILE.gguf, or the NAME of a Hugging Face text model in the store (with --to onnx)")
     imp.add_argument("--name", help="GGUF: the new model's name in the store")
-    imp.add_argument("--precision", choices=("int4", "int8", "fp32"), help="GGUF: weights the ORT-GenAI engine serves (default int4)")
+    imp.add_argument("--precision", choices=("int4", "int8", "fp32"), help="GGUF: weights the ORT-GenAI engine serves (default: auto, the cheapest whose answers stay close to the model's, measured at first load)")
     imp.add_argument("--to", choices=["onnx"], help="export a store model to ONNX")
     imp.add_argument("--target", help="--to onnx: name of the new model folder (default NAME-onnx)")
     imp.add_argument("--store", help="store directory (default: store.models_dir)")

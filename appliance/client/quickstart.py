@@ -93,13 +93,15 @@ def runs_label(model: dict) -> str:
 
 
 async def chat_once(client: LastmileClient) -> None:
-    """Load demo-chat (its first load builds the ONNX Runtime GenAI int4 model) and stream one
+    """Load demo-chat (its first load builds the ONNX Runtime GenAI models and measures which
+    precision keeps the model's answers) and stream one
     answer, with what a chat user feels: time to first token and tokens/s."""
     from lastmile.appliance.client.chat import SamplingOptions, generate
 
     loaded = {m["name"]: m for m in (await client.models())["loaded"]}
     if DEMO_CHAT not in loaded:
-        print(f"loading {DEMO_CHAT} (the first load builds its ONNX Runtime GenAI int4 model, ~15 s)...")
+        print(f"loading {DEMO_CHAT} (the first load builds its ONNX Runtime GenAI models and picks the precision "
+              "that keeps its answers, ~2 min once)...")
         started = time.monotonic()
         model = await client.load(DEMO_CHAT)
         print(f"loaded {DEMO_CHAT:<12} {runs_label(model):<12} {model['device']:<5} in {time.monotonic() - started:5.2f} s")

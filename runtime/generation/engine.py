@@ -84,6 +84,9 @@ class GenerationEngine(ABC):
     def stats(self) -> dict[str, int]:
         """``running``, ``waiting``, ``kv_used_bytes``, ``kv_reserved_bytes``."""
 
+    def shrink(self) -> None:
+        """Drop what the engine keeps only to be faster (the memory ladder's first step)."""
+
     def info(self) -> dict[str, Any]:
         """What was chosen (engine, dtype/precision...), for the model's description."""
         return {"engine": self.name, "max_num_seqs": self.max_num_seqs, "max_context": self.max_context}

@@ -52,6 +52,11 @@ def generation_estimate(manifest: Any, settings: Any, device: str) -> Estimate:
                  f"x {gs.max_context} tokens x {kv_token} B/token "
                  f"(2 x {shape.layers} layers x {shape.kv_heads} KV heads x {shape.head_dim} x {kv_dtype} B)")
     overhead = ENGINE_OVERHEAD_BYTES.get(gs.engine, 120 * MB)
+    if gs.engine == "ort-genai":
+        from lastmile.runtime.generation.ort_engine import PREFIX_CACHE_BYTES
+
+        overhead += PREFIX_CACHE_BYTES
+        notes.append(f"prompt-prefix KV cache up to {PREFIX_CACHE_BYTES // MB} MiB (dropped by the ladder's shrink)")
     target = budget_device(device)
     per_device = {"host": weights + kv + overhead} if target == "host" else {target: weights + kv, "host": overhead}
     return Estimate(model=manifest.name, backend=gs.engine, device=device, settings=settings.as_dict(),

@@ -133,6 +133,89 @@ def prepare_graph(og_folder: Path) -> Path:
     return out
 
 
+class PrefixCache:
+    """The KV of recent prompts' first tokens, in blocks of ``block`` tokens, for reuse.
+
+    Why: a chat template puts the same system prompt before every conversation, and a
+    conversation's next turn repeats all of its history; prefilling those tokens again costs a
+    new sequence most of its time to first token (a prompt token costs about what a decode row
+    does). A new sequence whose prompt starts with a kept prefix gets that prefix's KV copied
+    into its slot (a memory copy: ~46 KB a token for SmolLM2) and prefills only the rest. The
+    result is the same as prefilling it (the KV of a position depends only on the tokens up to
+    it), so greedy output does not change (test). Bounded by ``max_bytes``, least recently used
+    entries go first.
+    """
+
+    def __init__(self, bytes_per_token: int, max_bytes: int, block: int = 16) -> None:
+        self.bytes_per_token, self.max_bytes, self.block = bytes_per_token, max_bytes, block
+        self._entries: collections.OrderedDict[int, tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]] = \
+            collections.OrderedDict()  # key (hash of the whole prefix) -> (tokens, per-layer K, V)
+        self._index: dict[int, int] = {}  # hash of each block-aligned prefix -> the entry holding it
+        self.bytes = 0
+        self.hits = self.hit_tokens = 0
+
+    def _hashes(self, tokens: list[int], limit: int) -> list[int]:
+        """Hash of tokens[:block], tokens[:2 block], ... up to ``limit`` tokens."""
+        out, h = [], 0
+        for start in range(0, limit - limit % self.block, self.block):
+            h = hash((h, tuple(tokens[start:start + self.block])))
+            out.append(h)
+        return out
+
+    def lookup(self, prompt: list[int]) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]] | None:
+        """The longest kept prefix of ``prompt`` that leaves at least one token to prefill."""
+        for j, h in reversed(list(enumerate(self._hashes(prompt, len(prompt) - 1)))):
+            key = self._index.get(h)
+            if key is None:
+                continue
+            n = (j + 1) * self.block
+            tokens, kv = self._entries[key]
+            if tokens[:n] != prompt[:n]:
+                continue  # a hash collision
+            self._entries.move_to_end(key)
+            self.hits += 1
+            self.hit_tokens += n
+            return n, kv
+        return None
+
+    def add(self, prompt: list[int], read: Callable[[int], list[tuple[np.ndarray, np.ndarray]]]) -> None:
+        """Keep ``prompt``'s longest block-aligned prefix (``read(n)`` copies its KV out)."""
+        n = min(len(prompt) - 1, self.max_bytes // 4 // max(1, self.bytes_per_token))
+        hashes = self._hashes(prompt, n)
+        if not hashes or hashes[-1] in self._index:
+            return
+        n = len(hashes) * self.block
+        while self._entries and self.bytes + n * self.bytes_per_token > self.max_bytes:
+            self._evict()
+        key = hashes[-1]
+        self._entries[key] = (list(prompt[:n]), read(n))
+        self.bytes += n * self.bytes_per_token
+        for h in hashes:
+            self._index.setdefault(h, key)
+
+    def _evict(self) -> None:
+        key, (tokens, _kv) = self._entries.popitem(last=False)
+        self.bytes -= len(tokens) * self.bytes_per_token
+        for h, owner in list(self._index.items()):
+            if owner == key:
+                del self._index[h]
+        for h in self._hashes(tokens, len(tokens)):  # shorter prefixes another entry also holds
+            if h not in self._index:
+                for other, (t, _) in self._entries.items():
+                    if len(t) >= len(tokens) and h in self._hashes(t, len(tokens)):
+                        self._index[h] = other
+                        break
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._index.clear()
+        self.bytes = 0
+
+
+#: KV kept for prompt prefixes (``PrefixCache``), per model.
+PREFIX_CACHE_BYTES = 64 << 20
+
+
 class _Seq:
     """One sequence's place in the engine."""
 
@@ -186,6 +269,7 @@ class OrtGenAIEngine(GenerationEngine):
         self.kv = KVSlots(len(self._past), max_num_seqs, int(decoder["num_key_value_heads"]), max_context,
                           int(decoder["head_size"]))
         self._logits = np.empty((max_num_seqs, 1, self.vocab_size), dtype=np.float32)
+        self.prefixes = PrefixCache(self.kv.bytes_per_token, PREFIX_CACHE_BYTES)
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []  # slot i holds _running[i]
         self._prefilling: list[_Seq] = []  # slots len(_running) .. len(_running) + len - 1, FIFO
@@ -224,8 +308,18 @@ class OrtGenAIEngine(GenerationEngine):
             out.extend(self._decode())
         self._admit()
         if self._prefilling:
-            out.extend(self._prefill(self.busy_prefill_chunk if self._running else self.prefill_chunk))
+            out.extend(self._prefill(self._prefill_budget()))
         return out
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this step. A prompt token costs about what a decode row does (SmolLM2
+        int8, 2 cores: 16 prompt tokens 128 ms, 16 decode rows 192 ms), so while sequences run
+        the chunk is about as many tokens as there are rows (at least 16, at most
+        ``busy_prefill_chunk``): a step costs at most about twice a plain decode step, and a
+        2,000-token prompt never holds the running streams for a whole 64-token chunk."""
+        if not self._running:
+            return self.prefill_chunk
+        return max(16, min(self.busy_prefill_chunk, len(self._running)))
 
     def cancel(self, seq_id: int) -> None:
         for s in self._waiting:
@@ -248,19 +342,26 @@ class OrtGenAIEngine(GenerationEngine):
         held = sum(s.length for s in self._running) + sum(s.length for s in self._prefilling)
         return {"running": len(self._running) + len(self._prefilling), "waiting": len(self._waiting),
                 "kv_used_bytes": held * self.kv.bytes_per_token,
-                "kv_reserved_bytes": self.max_num_seqs * self.max_context * self.kv.bytes_per_token}
+                "kv_reserved_bytes": self.max_num_seqs * self.max_context * self.kv.bytes_per_token,
+                "prefix_cache_bytes": self.prefixes.bytes, "prefix_hits": self.prefixes.hits,
+                "prefix_hit_tokens": self.prefixes.hit_tokens}
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "precision": self.precision, "ort_genai_folder": str(self.folder),
                 "runtime": f"onnxruntime {self._ort.__version__} InferenceSession, batched decode",
                 "threads": self.threads, "prefill_chunk": self.prefill_chunk,
                 "busy_prefill_chunk": self.busy_prefill_chunk, "kv_bytes_per_token": self.kv.bytes_per_token,
+                "prefix_cache_max_bytes": self.prefixes.max_bytes,
                 **({"precision_auto": self.quality} if self.quality else {})}
+
+    def shrink(self) -> None:
+        self.prefixes.clear()
 
     def close(self) -> None:
         self._waiting.clear()
         self._prefilling.clear()
         self._running.clear()
+        self.prefixes.clear()
         self._session = None
         self.kv.close()
 
@@ -270,6 +371,13 @@ class OrtGenAIEngine(GenerationEngine):
             s = self._waiting.popleft()
             s.slot = len(self._running) + len(self._prefilling)
             self._prefilling.append(s)
+            hit = self.prefixes.lookup(s.prompt)
+            if hit is not None:  # its first tokens' KV from an earlier prompt: prefill the rest only
+                n, kv = hit
+                for (k, v), (pk, pv) in zip(self.kv.buffers, kv):
+                    k[s.slot, :, :n] = pk[:, :n]
+                    v[s.slot, :, :n] = pv[:, :n]
+                s.length = n
 
     def _leave_running(self, s: _Seq) -> None:
         """Its slot takes the last running sequence, whose slot takes the last prefilling one."""
@@ -353,6 +461,11 @@ class OrtGenAIEngine(GenerationEngine):
         return out
 
     def _decode(self) -> list[tuple[int, int]]:
+        for s in [s for s in self._running if s.length >= self.kv.capacity]:  # the scheduler's bound, held here too
+            self.failed.append((s.seq_id, f"the sequence filled its KV slot ({self.kv.capacity} tokens)"))
+            self._leave_running(s)
+        if not self._running:
+            return []
         rows = self._running
         lengths = np.fromiter((s.length for s in rows), dtype=np.int64, count=len(rows))
         width = int(lengths.max()) + 1
@@ -383,15 +496,19 @@ class OrtGenAIEngine(GenerationEngine):
         # one call needs consecutive slots: fresh sequences sit at the lowest prefilling slots
         if fresh and [s.slot for s in fresh] == list(range(fresh[0].slot, fresh[0].slot + len(fresh))):
             return self._prefill_fresh(fresh)
-        s = min(self._prefilling, key=lambda p: p.slot)
-        n = min(budget, len(s.prompt) - s.length)
-        ids = np.asarray([s.prompt[s.length:s.length + n]], dtype=np.int64)
-        mask = np.ones((1, s.length + n), dtype=np.int64)
-        logits = self._run(s.slot, ids, mask, np.asarray([[n - 1]], dtype=np.int64))
-        s.length += n
-        if s.length < len(s.prompt):
-            return []
-        return self._started([s], logits)
+        out: list[tuple[int, int]] = []
+        for s in sorted(self._prefilling, key=lambda p: p.slot):
+            if budget <= 0:
+                break
+            n = min(budget, len(s.prompt) - s.length)
+            budget -= n
+            ids = np.asarray([s.prompt[s.length:s.length + n]], dtype=np.int64)
+            mask = np.ones((1, s.length + n), dtype=np.int64)
+            logits = self._run(s.slot, ids, mask, np.asarray([[n - 1]], dtype=np.int64))
+            s.length += n
+            if s.length == len(s.prompt):
+                out.extend(self._started([s], logits))
+        return out
 
     def _prefill_fresh(self, seqs: list[_Seq]) -> list[tuple[int, int]]:
         width = max(len(s.prompt) for s in seqs)
@@ -411,6 +528,8 @@ class OrtGenAIEngine(GenerationEngine):
         out = self._sample(seqs, logits)
         failed = {seq_id for seq_id, _ in self.failed[before:]}
         for s in seqs:
+            self.prefixes.add(s.prompt, lambda n, slot=s.slot: [(k[slot, :, :n].copy(), v[slot, :, :n].copy())
+                                                                for k, v in self.kv.buffers])
             if s.seq_id in failed:
                 self._leave_prefilling(s)
             else:

@@ -165,6 +165,7 @@ def serve(rx: Any, tx: Any, sched: Any) -> None:
         elif kind is MemoryQuery:
             send(Done(msg.seq, {"generation": sched.stats()}))
         elif kind is Shrink:
+            sched.engine.shrink()
             gc.collect()
             _malloc_trim()
             send(Done(msg.seq, None))

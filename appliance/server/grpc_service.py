@@ -245,6 +245,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         return await self._call(context, "ModelMetadata", self._async(answer))
 
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        """Triton's model configuration as far as Lastmile has one: the tensors (without the
+        batch dimension when the model batches), ``max_batch_size`` and the batcher's delay."""
+        def answer() -> Any:
+            model = self.plane.model(request.name, request.version or None)
+            meta = self.plane.model_metadata(request.name, request.version or None)
+            settings = model.settings
+            tensors = [*meta["inputs"], *meta["outputs"]]
+            batching = bool(tensors) and all(len(t["shape"]) >= 1 and t["shape"][0] == -1 for t in tensors)
+            max_batch = int(getattr(settings, "max_batch_size", 0) or 0) if batching else 0
+            dims = (lambda shape: list(shape[1:])) if max_batch else (lambda shape: list(shape))
+
+            def dtype(name: str) -> int:
+                key = "TYPE_STRING" if name == "BYTES" else f"TYPE_{name}"
+                return pb.DataType.Value(key) if key in pb.DataType.keys() else pb.TYPE_INVALID
+
+            config = pb.ModelConfig(name=meta["name"], platform=meta["platform"], backend=str(getattr(model, "backend", "")),
+                                    max_batch_size=max_batch)
+            for t in meta["inputs"]:
+                config.input.add(name=t["name"], data_type=dtype(t["datatype"]), dims=dims(t["shape"]))
+            for t in meta["outputs"]:
+                config.output.add(name=t["name"], data_type=dtype(t["datatype"]), dims=dims(t["shape"]))
+            if max_batch:
+                delay_ms = float(getattr(settings, "max_delay_ms", 0.0) or 0.0)
+                config.dynamic_batching.max_queue_delay_microseconds = int(delay_ms * 1000)
+            return pb.ModelConfigResponse(config=config)
+        return await self._call(context, "ModelConfig", self._async(answer))
+
     @staticmethod
     def _async(fn: Any) -> Any:
         async def run() -> Any:

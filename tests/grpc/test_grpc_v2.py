@@ -324,3 +324,16 @@ def test_text_model_bytes_equal_http(served: tuple[DaemonProc, int]) -> None:
             assert [g.decode() for g in got.reshape(-1)] == [str(w) for w in want.reshape(-1)]
         else:
             np.testing.assert_allclose(got, want.astype(got.dtype), rtol=1e-6, atol=1e-6)
+
+
+def test_model_config_as_triton_describes_it(served: tuple[DaemonProc, int]) -> None:
+    d, _ = served
+    client = _unix(d)
+    client.load_model("demo-mlp")
+    config = client.get_model_config("demo-mlp", as_json=True)["config"]
+    assert config["name"] == "demo-mlp" and config["max_batch_size"] >= 1
+    assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": ["64"]}]
+    assert config["output"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": ["10"]}]
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_model_config("no-such-model")
+    assert "NOT_FOUND" in _status(caught.value)

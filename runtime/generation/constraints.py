@@ -211,8 +211,9 @@ class ConstraintCompiler:
                     schema_of(constraint), defaults={"whitespace_flexible": False})
             except (ValueError, TypeError) as exc:
                 raise ConstraintError(field, f"not a JSON schema the grammar library takes: {exc}") from None
+            lltok = self._tokenizer()  # once per model (about 1 s for a 49k vocabulary), not the compile's time
             t0 = time.monotonic()
-            base = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0, limits=LIMITS())
+            base = llguidance.LLMatcher(lltok, grammar, log_level=0, limits=LIMITS())
             took = time.monotonic() - t0
             self.compile_s_max = max(self.compile_s_max, took)
             if base.is_error():

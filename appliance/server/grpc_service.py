@@ -273,6 +273,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelConfigResponse(config=config)
         return await self._call(context, "ModelConfig", self._async(answer))
 
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        """Triton's statistics: one model, or every loaded model when ``name`` is empty."""
+        def answer() -> Any:
+            from google.protobuf import json_format
+
+            if request.name:
+                model = self.plane.model(request.name, request.version or None)
+                rows = [model.counters.triton(model.name)]
+            else:
+                rows = [m.counters.triton(n) for n, m in sorted(self.app["daemon"].manager.models.items())]
+            return json_format.ParseDict({"model_stats": rows}, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
+        return await self._call(context, "ModelStatistics", self._async(answer))
+
     @staticmethod
     def _async(fn: Any) -> Any:
         async def run() -> Any:

@@ -337,3 +337,29 @@ def test_model_config_as_triton_describes_it(served: tuple[DaemonProc, int]) -> 
     with pytest.raises(InferenceServerException) as caught:
         client.get_model_config("no-such-model")
     assert "NOT_FOUND" in _status(caught.value)
+
+
+def test_statistics_equal_http(served: tuple[DaemonProc, int]) -> None:
+    import json as _json
+
+    import aiohttp
+
+    d, _ = served
+    client = _unix(d)
+    client.load_model("demo-mlp")
+    x = example_inputs("mlp", 2)["input"]
+    tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    client.infer("demo-mlp", [tensor])
+    stats = client.get_inference_statistics("demo-mlp", as_json=True)["model_stats"][0]
+
+    async def http() -> dict:
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(d.socket))) as session:
+            async with session.get("http://lastmile/v2/models/demo-mlp/stats") as resp:
+                return _json.loads(await resp.read())["model_stats"][0]
+
+    want = asyncio.run(http())
+    assert stats["name"] == "demo-mlp" and int(stats["inference_count"]) == want["inference_count"] >= 2
+    assert int(stats["inference_stats"]["success"]["count"]) == want["inference_stats"]["success"]["count"]
+    every = client.get_inference_statistics(as_json=True)["model_stats"]
+    assert "demo-mlp" in {m["name"] for m in every}

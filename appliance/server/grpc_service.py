@@ -511,8 +511,9 @@ def _loopback(host: str) -> bool:
         return False
 
 
-async def start_grpc(app: web.Application) -> grpc.aio.Server:
-    """The gRPC server of ``app``'s daemon on its Unix socket (and TCP port), started."""
+async def start_grpc(app: web.Application) -> grpc.aio.Server | None:
+    """The gRPC server of ``app``'s daemon on its Unix socket (and TCP port), started; None
+    when it has nothing to listen on (the default Unix path could not be bound: a warning)."""
     from lastmile.appliance.server.server import StartupError
 
     config = app["config"]
@@ -533,14 +534,20 @@ async def start_grpc(app: web.Application) -> grpc.aio.Server:
 
         bind_unix_socket(path).close()  # refuses a live daemon or a non-socket; removes a stale one
         path.unlink(missing_ok=True)
+    where: list[str] = []
     old_umask = os.umask(0o177)  # born 0600: no window in which others may connect
     try:
         server.add_insecure_port(f"unix:{path}")
+        where.append(f"unix:{path}")
     except RuntimeError as exc:
-        raise StartupError(f"server.grpc_socket: cannot bind {path}: {exc}") from None
+        reason = "its path is over 107 bytes" if len(str(path)) > 107 else str(exc).split(";", 1)[0]
+        if server_cfg.get("grpc_socket"):  # asked for by name: the operator wants to know
+            raise StartupError(f"server.grpc_socket: cannot bind {path}: {reason}") from None
+        # the default beside the HTTP socket: HTTP serves on; say why gRPC does not
+        log(logger, logging.WARNING, "gRPC Unix socket not bound; set server.grpc_socket to serve gRPC locally",
+            socket=str(path), reason=reason)
     finally:
         os.umask(old_umask)
-    where = [f"unix:{path}"]
     port = server_cfg.get("grpc_port") or 0
     if port:
         host = server_cfg["tcp_host"]
@@ -563,8 +570,11 @@ async def start_grpc(app: web.Application) -> grpc.aio.Server:
         if not bound:
             raise StartupError(f"server.grpc_port: cannot listen on {address}")
         where.append(address)
+    if not where:
+        return None
     await server.start()
-    _secure_socket(path, config.auth["operator_groups"])
+    if where[0].startswith("unix:"):
+        _secure_socket(path, config.auth["operator_groups"])
     log(logger, logging.INFO, "grpc listening", sockets=",".join(where))
     return server
 

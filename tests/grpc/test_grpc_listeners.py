@@ -107,3 +107,17 @@ def test_status_code_table_is_total() -> None:
     assert STATUS[503] == grpc.StatusCode.UNAVAILABLE and STATUS[507] == STATUS[429] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert STATUS[401] == grpc.StatusCode.UNAUTHENTICATED and STATUS[403] == grpc.StatusCode.PERMISSION_DENIED
     assert STATUS[504] == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_an_unbindable_default_grpc_socket_leaves_http_serving(demo_store: Path, tmp_path: Path) -> None:
+    """The HTTP socket's path fits (under 108 bytes) but lastmile-grpc.sock beside it does not:
+    HTTP serves, a warning says why gRPC does not. A grpc_socket set by name is fatal instead."""
+    from tests.conftest import start_daemon
+
+    deep = tmp_path / ("d" * max(1, 107 - len(str(tmp_path)) - len("/run/lastmile.sock") - 1))
+    assert len(str(deep / "run" / "lastmile.sock")) <= 107 < len(str(deep / "run" / "lastmile-grpc.sock"))
+    d = start_daemon(deep, demo_store)
+    try:
+        assert "gRPC Unix socket not bound" in d.log_text()
+    finally:
+        d.stop()

@@ -223,9 +223,11 @@ def _openai_finish(reason: str | None) -> dict[str, Any]:
 _CALL_HEAD = re.compile(r'\{"name":"([A-Za-z0-9_-]{1,64})","arguments":')
 
 
-def parse_call(text: str, tools: Any) -> tuple[str, dict[str, Any]] | None:
+def parse_call(text: str, tools: Any, *, constrained: bool = False) -> tuple[str, dict[str, Any]] | None:
     """``(name, arguments)`` when ``text`` is one ``{"name", "arguments"}`` object naming one
-    of ``tools`` (whose arguments validate against its parameters), else None."""
+    of ``tools`` (whose arguments validate against its parameters), else None. Validation is
+    ``jsonschema``'s when it is installed; without it only a ``constrained`` answer (the
+    grammar already enforced the parameters) counts as a call."""
     try:
         value = json.loads(text)
     except ValueError:
@@ -237,7 +239,9 @@ def parse_call(text: str, tools: Any) -> tuple[str, dict[str, Any]] | None:
         return None
     try:
         import jsonschema
-
+    except ImportError:
+        return (tool["name"], value["arguments"]) if constrained else None
+    try:
         jsonschema.validate(value["arguments"], tool.get("parameters") or {})
     except Exception:  # noqa: BLE001 - a schema or an instance jsonschema refuses: not a call
         return None
@@ -285,7 +289,7 @@ class _Chat(_OpenAI):
             out += self._event(self._call_delta("", head=m.group(1)), None)
         if self.head:
             args = self.buf[m.end():]  # type: ignore[union-attr]
-            ok = done and chunk.finish_reason == "stop" and parse_call(self.buf, self.parsed.request.tools)
+            ok = done and chunk.finish_reason == "stop" and parse_call(self.buf, self.parsed.request.tools, constrained=True)
             upto = len(args) - 1 if (not done or ok) else len(args)  # the last "}" closes the call, not the arguments
             if upto > self.sent:
                 out += self._event(self._call_delta(args[self.sent:upto]), None)
@@ -332,7 +336,7 @@ class _Chat(_OpenAI):
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
         finish = _openai_finish(last.finish_reason)
         if self.parsed.tool_answer and last.finish_reason == "stop":
-            call = parse_call(text.strip(), self.parsed.request.tools)
+            call = parse_call(text.strip(), self.parsed.request.tools, constrained=self.parsed.tool_answer == "call")
             if call is not None:
                 message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
                     {"id": self.call_id, "type": "function",
@@ -454,7 +458,7 @@ class _OllamaChat(_Ollama):
     def final(self, last: GenerationChunk, text: str) -> dict[str, Any]:
         out = super().final(last, text)
         if self.parsed.tool_answer and last.finish_reason == "stop":
-            call = parse_call(text.strip(), self.parsed.request.tools)
+            call = parse_call(text.strip(), self.parsed.request.tools, constrained=self.parsed.tool_answer == "call")
             if call is not None:
                 out["message"] = {"role": "assistant", "content": "",
                                   "tool_calls": [{"function": {"name": call[0], "arguments": call[1]}}]}

@@ -161,6 +161,23 @@ def test_openai_streamed_tool_call(served) -> None:
     _valid_call(name, args)
 
 
+def test_openai_tools_auto_is_text_or_a_valid_call(served) -> None:
+    client = _client(served)
+    reply = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=16, temperature=0)
+    choice = reply.choices[0]
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+        _valid_call(choice.message.tool_calls[0].function.name, choice.message.tool_calls[0].function.arguments)
+    else:
+        assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
+    streamed = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=16, temperature=0,
+                                                   stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert [c.choices[0].finish_reason for c in streamed if c.choices[0].finish_reason] == [choice.finish_reason]
+    if not choice.message.tool_calls:
+        assert text == choice.message.content  # the same greedy answer, streamed
+
+
 def test_a_schema_that_max_tokens_cuts_says_length(served) -> None:
     schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 40}}, "required": ["s"]}
     reply = _client(served).chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, temperature=0,

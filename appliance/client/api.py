@@ -152,8 +152,9 @@ class LastmileClient:
     async def load(self, name: str, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
         return await self.request("POST", f"/v2/repository/models/{name}/load", {"parameters": parameters or {}})
 
-    async def unload(self, name: str) -> None:
-        await self.request("POST", f"/v2/repository/models/{name}/unload", {})
+    async def unload(self, name: str, *, drain: bool = False) -> None:
+        """``drain``: the daemon lets running streams and queued batches end first."""
+        await self.request("POST", f"/v2/repository/models/{name}/unload", {"parameters": {"drain": True}} if drain else {})
 
     async def infer(self, name: str, inputs: dict[str, np.ndarray], datatypes: dict[str, str], *, binary: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Outputs as arrays and the response ``parameters`` (batch id/size, timings).

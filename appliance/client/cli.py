@@ -279,8 +279,8 @@ def _with_commands(exc: ApiError, name: str) -> ClientError:
 
 
 async def cmd_unload(client: LastmileClient, args: argparse.Namespace) -> int:
-    await client.unload(args.name)
-    print(f"unloaded {args.name}")
+    await client.unload(args.name, drain=args.drain)
+    print(f"unloaded {args.name}" + (" (after its running work ended)" if args.drain else ""))
     return 0
 
 
@@ -769,6 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar=("{" + ",".join(choices) + "}") if choices else ("MiB" if key == "memory_limit_mb" else key.upper()))
     unload = add("unload", "unload a model", cmd_unload)
     unload.add_argument("name")
+    unload.add_argument("--drain", action="store_true",
+                        help="refuse new requests, let running streams and queued batches end (within the model's timeout_s), then stop")
     infer = add("infer", "send one inference request", cmd_infer, True)
     infer.add_argument("name")
     infer.add_argument("--input", action="append", metavar="NAME=FILE.npy")

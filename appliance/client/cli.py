@@ -251,15 +251,16 @@ async def cmd_models(client: LastmileClient, args: argparse.Namespace) -> int:
 
 async def cmd_load(client: LastmileClient, args: argparse.Namespace) -> int:
     params = {k: getattr(args, k) for k in LOAD_FLAGS if getattr(args, k) is not None}
-    started, asked_at = time.monotonic(), time.time()
+    before = {m["name"]: m.get("loaded_at") for m in (await client.models())["loaded"]}.get(args.name)
+    started = time.monotonic()
     try:
         model = await client.load(args.name, params)
     except ApiError as exc:
         raise _with_commands(exc, args.name) from None
     if args.json:
         _print_json(model)
-    elif model.get("loaded_at") is not None and model["loaded_at"] < asked_at - 0.5:
-        # the daemon had it loaded with these settings already: nothing was started
+    elif before is not None and model.get("loaded_at") == before:
+        # the same instance answered: the daemon had it loaded with these settings, nothing started
         since = time.strftime("%H:%M:%S", time.localtime(model["loaded_at"]))
         print(f"{model['name']} is already loaded with these settings ({runs_label(model)}, since {since}); nothing changed")
     else:

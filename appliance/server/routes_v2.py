@@ -109,27 +109,30 @@ async def repository_index(request: web.Request) -> web.Response:
     return web.json_response(dataplane_of(request).repository_index(only_ready))
 
 
-@routes.post("/v2/repository/models/{name}/load")
-async def repository_load(request: web.Request) -> web.Response:
+async def _repository_parameters(request: web.Request, verb: str) -> dict:
+    """The ``parameters`` object of a repository load/unload body: the body's only key.
+
+    A misspelt "parameters" must not load (or unload) with no settings at all, so any other key
+    is a 400 naming it."""
     body = await read_json(request, required=False)
     unknown = sorted(set(body) - {"parameters"})
-    if unknown:  # a misspelt "parameters" must not load the model with no settings at all
-        raise ApiError(400, f"unknown key {unknown[0]!r} in the load body; known: parameters", field=unknown[0])
+    if unknown:
+        raise ApiError(400, f"unknown key {unknown[0]!r} in the {verb} body; known: parameters", field=unknown[0])
     parameters = body.get("parameters", {})
     if not isinstance(parameters, dict):
         raise ApiError(400, "'parameters' must be an object of settings", field="parameters")
+    return parameters
+
+
+@routes.post("/v2/repository/models/{name}/load")
+async def repository_load(request: web.Request) -> web.Response:
+    parameters = await _repository_parameters(request, "load")
     return web.json_response(await dataplane_of(request).load(request.match_info["name"], parameters))
 
 
 @routes.post("/v2/repository/models/{name}/unload")
 async def repository_unload(request: web.Request) -> web.Response:
-    body = await read_json(request, required=False)
-    unknown = sorted(set(body) - {"parameters"})
-    if unknown:
-        raise ApiError(400, f"unknown key {unknown[0]!r} in the unload body; known: parameters", field=unknown[0])
-    parameters = body.get("parameters", {})
-    if not isinstance(parameters, dict):
-        raise ApiError(400, "'parameters' must be an object", field="parameters")
+    parameters = await _repository_parameters(request, "unload")
     drain = parameters.get("drain", False)
     if not isinstance(drain, bool):
         raise ApiError(400, "'parameters.drain' must be true or false", field="parameters.drain")

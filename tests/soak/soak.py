@@ -46,6 +46,7 @@ class SoakSettings:
     concurrency: int = 64
     warmup_fraction: float = 0.2  # RSS drift is measured from the end of warm-up
     cycle_pause_s: float = 0.5  # between an unload of the cycled model and its next load
+    min_cycles: int = 2  # the traffic goes on until the cycled model came and went this often
 
     @classmethod
     def from_env(cls, **defaults: Any) -> "SoakSettings":
@@ -160,8 +161,13 @@ async def run(daemon: DaemonProc, settings: SoakSettings) -> SoakReport:
     warm = asyncio.Event()
     done = asyncio.Event()
     cycled_loaded = False
+    cycles_tried = 0  # load/unload cycles ended, well or with an error (reported)
 
     def keep_going() -> bool:
+        # a fast box serves 3000 requests in about a second, less than one load/unload cycle:
+        # the traffic lasts at least until the cycles it is meant to overlap have happened
+        if cycles_tried < settings.min_cycles:
+            return True
         if settings.seconds > 0:
             return time.monotonic() - started < settings.seconds
         return sent < settings.requests
@@ -205,7 +211,7 @@ async def run(daemon: DaemonProc, settings: SoakSettings) -> SoakReport:
         done.set()
 
     async def cycler(client: LastmileClient) -> None:
-        nonlocal cycled_loaded
+        nonlocal cycled_loaded, cycles_tried
         while not done.is_set():
             try:
                 await client.load(CYCLED)
@@ -217,6 +223,9 @@ async def run(daemon: DaemonProc, settings: SoakSettings) -> SoakReport:
                 report.unloads += 1
             except ApiError as exc:
                 report.errors.append(f"cycle: {exc.status} {exc.message}")
+            except Exception as exc:  # noqa: BLE001 - reported; the traffic must not wait on a dead cycler
+                report.errors.append(f"cycle: {type(exc).__name__}: {exc}")
+            cycles_tried += 1
             await asyncio.sleep(settings.cycle_pause_s)
 
     async def sampler(client: LastmileClient) -> None:

@@ -9,6 +9,10 @@ same model, same backend session settings, one after another on the same machine
    settings, closed-loop load at each client count (binary tensor extension); the batch sizes
    it formed are read from ``GET /lm/v1/models/{name}`` before and after;
 3. **lastmile-json**: the same daemon, the same requests as JSON tensors (what the peer gets);
+3b. **lastmile-grpc**: the same daemon, the same requests as KServe V2 gRPC ``ModelInfer`` with
+   ``raw_input_contents`` (its Unix socket ``lastmile-grpc.sock``, or ``server.grpc_port`` with
+   the bearer token over ``--transport tcp``); the bench checks once that its answer equals
+   the binary HTTP one (``grpc_answers_match_http``);
 4. **naive**: ``bench.naive`` (aiohttp, same codec, one request = one forward call);
 5. **peer**: ``bench.peer_litserve`` (LitServe with the same batch size and delay), JSON.
 
@@ -18,8 +22,13 @@ Ratios are to the limit: ``vs_limit`` = rows/s over the best in-process rows/s;
 ``added_p50_paced_ms`` = the same against a 1-row call after a 1 ms pause (see ``bench.limit``).
 
 Before any server, the load generator is measured against a canned-response server with the
-same request bytes (``generator`` in the JSON): a server result near that figure would be
-the generator's limit, not the server's (flagged ``generator_bound``).
+same request bytes (``generator`` in the JSON; ``generator_grpc`` for the gRPC row, against a
+canned gRPC server): a server result near that figure would be the generator's limit, not the
+server's (flagged ``generator_bound``).
+
+``--defaults`` loads every model with no settings at all (the daemon's defaults: what an
+operator gets out of the box) instead of the bench's tuned ones (``threads=1``, the model's
+``max_batch_size``, ``max_delay_ms=0``); the limit, naive and peer then use the same defaults.
 """
 
 from __future__ import annotations
@@ -37,18 +46,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
+import numpy as np
 import psutil
 
 from bench.common import Progress, backend_of, default_max_batch, inputs_for, report
 from bench.heavy import HEAVY_MODEL
 from lastmile.appliance.v2codec import encode_request
-from lastmile.appliance.client.loadgen import Target, closed_loop, generator_capacity, http_request, new_event_loop, open_loop
+from lastmile.appliance.client.loadgen import (Result, Target, closed_loop, generator_capacity, http_request, new_event_loop,
+                                               open_loop, summarize)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ["demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds"]
-SERVERS = ("lastmile", "lastmile-json", "naive", "peer")
+SERVERS = ("lastmile", "lastmile-json", "lastmile-grpc", "naive", "peer")
+LASTMILE_SERVERS = ("lastmile", "lastmile-json", "lastmile-grpc")  # rows served by the one daemon
+BENCH_SETTINGS = ("max_batch_size", "max_delay_ms", "threads")  # what the bench tunes (and --defaults leaves alone)
 
 
 def _free_port() -> int:
@@ -143,6 +156,249 @@ class _CpuMeter:
                 "loadgen_cpu_us": round((gen - self.t0[1]) / requests * 1e6, 1)}
 
 
+# --- the load: one interface, an HTTP client and a gRPC client ------------------------------
+
+
+class Load(Protocol):
+    """One server row's requests, the same shape whatever the protocol: a closed loop at a
+    client count and an open loop at a rate (each a ``loadgen.Result``, so every row has the
+    same figures), and one request's decoded outputs (to check an answer)."""
+
+    async def closed(self, *, concurrency: int, duration_s: float, warmup_s: float,
+                     on_measure: Callable[[], None] | None = None) -> Result: ...
+
+    async def open(self, *, rate: float, duration_s: float) -> Result: ...
+
+    async def answer(self) -> dict[str, np.ndarray]: ...
+
+
+class HttpLoad:
+    """A pre-encoded HTTP/1.1 request through ``loadgen`` (one keep-alive connection a client)."""
+
+    def __init__(self, target: Target, request: bytes) -> None:
+        self.target, self.request = target, request
+
+    async def closed(self, *, concurrency: int, duration_s: float, warmup_s: float,
+                     on_measure: Callable[[], None] | None = None) -> Result:
+        return await closed_loop(self.target, self.request, concurrency=concurrency, duration_s=duration_s,
+                                 warmup_s=warmup_s, on_measure=on_measure)
+
+    async def open(self, *, rate: float, duration_s: float) -> Result:
+        return await open_loop(self.target, self.request, rate=rate, duration_s=duration_s)
+
+    async def answer(self) -> dict[str, np.ndarray]:
+        from lastmile.appliance.v2codec import decode_response
+
+        reader, writer = await self.target.connect()
+        try:
+            writer.write(self.request)
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            fields = dict(line.split(":", 1) for line in head.split("\r\n")[1:] if ":" in line)
+            headers = {k.strip().lower(): v.strip() for k, v in fields.items()}
+            body = await reader.readexactly(int(headers.get("content-length", 0)))
+        finally:
+            writer.close()
+        if int(head[9:12]) >= 400:
+            raise RuntimeError(f"{self.target.describe()}: {head[:12]}: {body[:300].decode(errors='replace')}")
+        return decode_response(body, headers.get("inference-header-content-length"))[0]
+
+
+def _grpc_service() -> str:
+    from lastmile.appliance.server.grpc import inference_pb2 as pb
+
+    return pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
+
+
+class GrpcLoad:
+    """KServe V2 ``ModelInfer`` over ``grpc.aio``. The request is built once with the project's
+    own generated messages (``inference_pb2.ModelInferRequest``, ``raw_input_contents``) and sent
+    pre-serialized on a bytes-in, bytes-out method at the stub's path; the answer is not parsed
+    in the timed loop: what the HTTP generator does (pre-encoded bytes written, body never
+    parsed). Chosen over tritonclient's aio client, which builds InferInput objects, a request
+    message and an InferResult on every call: Python the HTTP row's generator does not pay, on
+    a box where the generator shares the cores with the daemon (against the canned server of
+    :func:`grpc_generator_capacity`, 4 clients, 2 cores: ~1.7k req/s for tritonclient.grpc.aio,
+    ~2.1k here). grpc's own per-call cost stays, so ``generator_grpc`` is measured apart and
+    judges this row's ``generator_bound``.
+
+    One channel a client, each on its own subchannel (one HTTP/2 connection, as each HTTP
+    client holds its own keep-alive connection); the open loop uses one channel (HTTP/2
+    multiplexes the requests in flight, no pool needed)."""
+
+    def __init__(self, address: str, request: bytes, token: str | None = None) -> None:
+        self.address, self.request = address, request
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.method = f"/{_grpc_service()}/ModelInfer"
+
+    def describe(self) -> str:  # how loadgen.summarize names the target
+        return f"grpc:{self.address}"
+
+    def _channel(self) -> Any:
+        import grpc
+
+        return grpc.aio.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1),
+                                                                ("grpc.max_receive_message_length", -1),
+                                                                ("grpc.max_send_message_length", -1)])
+
+    async def _ready(self, channels: list[Any]) -> list[Any]:
+        import asyncio
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), 30)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"{self.describe()}: no gRPC connection after 30 s") from None
+        return [ch.unary_unary(self.method) for ch in channels]  # no serializers: bytes both ways
+
+    @staticmethod
+    def _sample(exc: Any) -> str:
+        return f"gRPC {exc.code().name}: {(exc.details() or '')[:200]}"
+
+    async def closed(self, *, concurrency: int, duration_s: float, warmup_s: float,
+                     on_measure: Callable[[], None] | None = None) -> Result:
+        """``loadgen.closed_loop``'s window (warm-up not counted, ``on_measure`` when the
+        measured window opens, each client one request at a time until the end)."""
+        import asyncio
+
+        import grpc
+
+        channels = [self._channel() for _ in range(concurrency)]
+        try:
+            calls = await self._ready(channels)
+            if on_measure is not None:
+                asyncio.get_running_loop().call_later(warmup_s, on_measure)
+            lat: list[float] = []
+            errors = 0
+            samples: list[str] = []
+            clock = time.perf_counter
+            start = clock()
+            measure_from = start + warmup_s
+            stop_at = measure_from + duration_s
+            request, metadata = self.request, self.metadata
+
+            async def worker(call: Any) -> None:
+                nonlocal errors
+                append = lat.append
+                while True:
+                    t0 = clock()
+                    if t0 >= stop_at:
+                        return
+                    try:
+                        await call(request, metadata=metadata)
+                    except grpc.aio.AioRpcError as exc:
+                        if t0 >= measure_from:
+                            errors += 1
+                            if len(samples) < 5:
+                                samples.append(self._sample(exc))
+                        continue
+                    if t0 >= measure_from:
+                        append(clock() - t0)
+
+            await asyncio.gather(*(worker(c) for c in calls))
+            elapsed = clock() - measure_from
+        finally:
+            await asyncio.gather(*(ch.close() for ch in channels))
+        return summarize("closed", self, concurrency, None, elapsed, lat, errors, 1, samples)  # type: ignore[arg-type]
+
+    async def open(self, *, rate: float, duration_s: float) -> Result:
+        """``loadgen.open_loop``'s schedule: a start every ``1/rate`` s, latency from when it was due."""
+        import asyncio
+
+        import grpc
+
+        channel = self._channel()
+        try:
+            (call,) = await self._ready([channel])
+            lat: list[float] = []
+            lags: list[float] = []
+            errors = 0
+            samples: list[str] = []
+            clock = time.perf_counter
+
+            async def one(due: float) -> None:
+                nonlocal errors
+                lags.append(clock() - due)
+                try:
+                    await call(self.request, metadata=self.metadata)
+                except grpc.aio.AioRpcError as exc:
+                    errors += 1
+                    if len(samples) < 5:
+                        samples.append(self._sample(exc))
+                    return
+                lat.append(clock() - due)
+
+            tasks = []
+            start = clock()
+            for i in range(max(1, int(rate * duration_s))):
+                due = start + i / rate
+                delay = due - clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.ensure_future(one(due)))
+            await asyncio.gather(*tasks)
+            elapsed = clock() - start
+        finally:
+            await channel.close()
+        result = summarize("open", self, 0, rate, elapsed, lat, errors, 1, samples, lags)  # type: ignore[arg-type]
+        result.extra["connections"] = 1
+        return result
+
+    async def answer(self) -> dict[str, np.ndarray]:
+        from lastmile.appliance.server.grpc import inference_pb2 as pb
+        from lastmile.models.spec import V2_TO_NUMPY
+
+        channel = self._channel()
+        try:
+            (call,) = await self._ready([channel])
+            response = pb.ModelInferResponse.FromString(await call(self.request, metadata=self.metadata))
+        finally:
+            await channel.close()
+        return {out.name: np.frombuffer(raw, dtype=V2_TO_NUMPY[out.datatype]).reshape(list(out.shape))
+                for out, raw in zip(response.outputs, response.raw_output_contents)}
+
+
+def grpc_request(inputs: dict[str, np.ndarray], types: dict[str, str], model: str) -> bytes:
+    """A serialized ``ModelInferRequest``: every input as ``raw_input_contents`` (the bytes the
+    binary HTTP request carries), all outputs."""
+    from lastmile.appliance.server.grpc import inference_pb2 as pb
+    from lastmile.appliance.server.grpc_service import _raw
+
+    request = pb.ModelInferRequest(model_name=model)
+    for name, array in inputs.items():
+        request.inputs.add(name=name, datatype=types[name], shape=list(array.shape))
+        request.raw_input_contents.append(_raw(array, types[name]))
+    return request.SerializeToString()
+
+
+async def grpc_generator_capacity(request: bytes, response_bytes: int = 300, *, concurrency: int = 64,
+                                  duration_s: float = 1.0) -> Result:
+    """``loadgen.generator_capacity`` for :class:`GrpcLoad`: its closed loop against a canned
+    ``ModelInfer`` (a grpc.aio server in this process on a temp Unix socket)."""
+    import grpc
+
+    from lastmile.appliance.server.grpc import inference_pb2 as pb
+
+    answer = pb.ModelInferResponse(model_name="canned", model_version="1")
+    answer.outputs.add(name="y", datatype="UINT8", shape=[1, response_bytes])
+    answer.raw_output_contents.append(b"x" * response_bytes)
+    canned = answer.SerializeToString()
+
+    async def infer(_request: bytes, _context: Any) -> bytes:
+        return canned
+
+    tmp = tempfile.mkdtemp(prefix="lm-gen-grpc-")
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        _grpc_service(), {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}),))
+    path = os.path.join(tmp, "canned.sock")
+    server.add_insecure_port(f"unix:{path}")
+    await server.start()
+    try:
+        return await GrpcLoad(f"unix:{path}", request).closed(concurrency=concurrency, duration_s=duration_s, warmup_s=0.2)
+    finally:
+        await server.stop(0)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def median_pass(passes: list[dict[str, Any]]) -> dict[str, Any]:
     """One entry out of several interleaved passes: the limit of the pass with the median
     best rows/s, and for each server and client count the run with the median throughput
@@ -187,12 +443,15 @@ def limit_at(limit: dict[str, Any], batch: float) -> float | None:
 class Bench:
     def __init__(self, *, models: list[str], clients: list[int], duration_s: float, warmup_s: float, servers: list[str],
                  transport: str, settings: dict[str, Any], store: Path | None, open_rate: float | None,
-                 progress: Progress = print, repeat: int = 1, input_data: str | None = None) -> None:
+                 progress: Progress = print, repeat: int = 1, input_data: str | None = None, defaults: bool = False) -> None:
         unknown = [s for s in servers if s not in SERVERS]
         if unknown:
             raise ValueError(f"--servers: unknown {unknown}; known: {', '.join(SERVERS)}")
         if transport not in ("unix", "tcp"):
             raise ValueError(f"--transport: got {transport!r}; allowed: unix, tcp")
+        if defaults and settings:
+            raise ValueError(f"--defaults loads every model with no settings; drop --settings {json.dumps(settings)} or --defaults")
+        self.defaults = defaults
         self.models, self.clients, self.duration_s, self.warmup_s = models, clients, duration_s, warmup_s
         self.servers, self.transport, self.settings, self.open_rate = servers, transport, settings, open_rate
         self.progress = progress
@@ -206,13 +465,29 @@ class Bench:
     # --- pieces ---------------------------------------------------------------------------
 
     def model_settings(self, model: str) -> dict[str, Any]:
+        """The settings every server of a model runs with: the bench's tuned ones overlaid by
+        ``--settings``, or with ``--defaults`` the daemon's own for the bench's knobs (the
+        vocabulary's defaults < the manifest, as the daemon's manager merges them)."""
+        if self.defaults:
+            from lastmile.models.settings import ModelSettings
+
+            from bench.common import manifest_of
+
+            merged = ModelSettings().overlay(manifest_of(self.store, model).settings).as_dict()
+            return {k: merged[k] for k in BENCH_SETTINGS}
         base = {"max_batch_size": default_max_batch(self.store, model), "max_delay_ms": 0.0, "threads": 1}
         base.update(self.settings)
         return base
 
+    def load_parameters(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """What the daemon's load call gets: nothing with ``--defaults``, else ``settings``."""
+        return {} if self.defaults else settings
+
+    def inputs(self, model: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        return inputs_for(self.store, model, 1, input_data=self.input_data)
+
     def request_bytes(self, target: Target, model: str, *, binary: bool, path: str | None = None) -> bytes:
-        inputs, types = inputs_for(self.store, model, 1, input_data=self.input_data)
-        body, headers = encode_request(inputs, types, binary=binary)
+        body, headers = encode_request(*self.inputs(model), binary=binary)
         return http_request(target, "POST", path or f"/v2/models/{model}/infer", body, headers)
 
     def measure_limit(self, model: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -228,15 +503,15 @@ class Bench:
             raise RuntimeError(f"bench.limit failed for {model}: {out.stderr[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def load_runs(self, name: str, target: Target, request: bytes, proc: Proc, stats: Callable[[], dict] | None = None) -> dict[str, Any]:
+    def load_runs(self, name: str, load: Load, proc: Proc, stats: Callable[[], dict] | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {}
         loop = new_event_loop()
         try:
             for c in self.clients:
                 before = stats() if stats else None
                 cpu = _CpuMeter(proc.proc.pid)
-                r = loop.run_until_complete(closed_loop(target, request, concurrency=c, duration_s=self.duration_s,
-                                                        warmup_s=self.warmup_s, on_measure=cpu.start))
+                r = loop.run_until_complete(load.closed(concurrency=c, duration_s=self.duration_s, warmup_s=self.warmup_s,
+                                                        on_measure=cpu.start))
                 row = r.as_dict()
                 row.update(cpu.per_request(r.requests))
                 if stats and before is not None:
@@ -251,7 +526,7 @@ class Bench:
                               f"p99 {r.p99_ms} ms  errors {r.errors}" + (f"  batch {row.get('avg_batch_size')}" if row.get("avg_batch_size") else "")
                               + f"  CPU/request: server {row['server_cpu_us']} us, load generator {row['loadgen_cpu_us']} us")
             if self.open_rate:
-                r = loop.run_until_complete(open_loop(target, request, rate=self.open_rate, duration_s=self.duration_s))
+                r = loop.run_until_complete(load.open(rate=self.open_rate, duration_s=self.duration_s))
                 results[f"open@{self.open_rate:g}"] = r.as_dict()
                 self.progress(f"  {name:<14} open {self.open_rate:g}/s: {r.throughput_rps:.1f} req/s p50 {r.p50_ms} p99 {r.p99_ms} lag p99 {r.lag_p99_ms}")
         finally:
@@ -260,20 +535,26 @@ class Bench:
 
     # --- servers --------------------------------------------------------------------------
 
-    def start_lastmile(self) -> tuple[Proc, Target]:
+    def start_lastmile(self) -> tuple[Proc, Target, str]:
+        """The daemon, its HTTP target and its gRPC address: the Unix socket beside HTTP's
+        (``lastmile-grpc.sock``, the daemon's default), or with TCP ``server.grpc_port`` on
+        loopback behind the same bearer token."""
         home = self.tmp / "lastmile"
         (home / "run").mkdir(parents=True, exist_ok=True)
         sock = home / "run" / "lastmile.sock"
         server_extra = ""
         target = Target(unix=str(sock))
+        grpc_address = f"unix:{sock.with_name('lastmile-grpc.sock')}"
         if self.transport == "tcp":
             token = secrets.token_hex(16)
             token_file = home / "token"
             token_file.write_text(token)
             token_file.chmod(0o600)
             port = _free_port()
-            server_extra = f'tcp_port = {port}\ntoken_file = "{token_file}"\n'
+            grpc_port = _free_port()
+            server_extra = f'tcp_port = {port}\ngrpc_port = {grpc_port}\ntoken_file = "{token_file}"\n'
             target = Target(host="127.0.0.1", port=port, token=token)
+            grpc_address = f"127.0.0.1:{grpc_port}"
         config = home / "lastmile.toml"
         config.write_text(f'[server]\nsocket = "{sock}"\nlog_level = "warning"\n{server_extra}'
                           f'[store]\nmodels_dir = "{self.store}"\nstate_file = "{home / "state.json"}"\nbuild_demo = false\n')
@@ -281,7 +562,7 @@ class Bench:
         env["HOME"] = str(home)
         proc = Proc("lastmile", [sys.executable, "-m", "lastmile.appliance.client.cli", "serve", "--config", str(config)], home / "daemon.log", env)
         proc.wait_ready(target, "/v2/health/ready")
-        return proc, target
+        return proc, target, grpc_address
 
     def _control(self, target: Target, method: str, path: str, body: Any = None) -> Any:
         """A control call over a Unix socket or TCP with the same raw client (no aiohttp needed)."""
@@ -338,7 +619,18 @@ class Bench:
             loop.close()
         result["generator"] = capacity.as_dict()
         self.progress(f"load generator alone (canned server, {max(self.clients)} clients): {capacity.throughput_rps:.0f} req/s")
-        lastmile: tuple[Proc, Target] | None = None
+        grpc_rps = None
+        if "lastmile-grpc" in self.servers:
+            loop = new_event_loop()
+            try:
+                grpc_capacity = loop.run_until_complete(grpc_generator_capacity(grpc_request(*self.inputs(self.models[0]), self.models[0]),
+                                                                                concurrency=max(self.clients), duration_s=1.0))
+            finally:
+                loop.close()
+            result["generator_grpc"] = grpc_capacity.as_dict()
+            grpc_rps = grpc_capacity.throughput_rps
+            self.progress(f"gRPC load generator alone (canned server, {max(self.clients)} clients): {grpc_rps:.0f} req/s")
+        lastmile: tuple[Proc, Target, str] | None = None
         try:
             for model in self.models:
                 settings = self.model_settings(model)
@@ -347,11 +639,11 @@ class Bench:
                 for i in range(self.repeat):
                     if self.repeat > 1:
                         self.progress(f" pass {i + 1} of {self.repeat}")
-                    if lastmile is None and {"lastmile", "lastmile-json"} & set(self.servers):
+                    if lastmile is None and set(LASTMILE_SERVERS) & set(self.servers):
                         lastmile = self.start_lastmile()
                     passes.append(self._one_pass(model, settings, lastmile))
                 entry = median_pass(passes)
-                self.ratios(entry, capacity.throughput_rps)
+                self.ratios(entry, capacity.throughput_rps, grpc_rps)
                 result["models"][model] = entry
         finally:
             if lastmile is not None:
@@ -360,31 +652,54 @@ class Bench:
         result["meta"]["loadavg_end"] = os.getloadavg()
         return result
 
-    def _one_pass(self, model: str, settings: dict[str, Any], lastmile: tuple[Proc, Target] | None) -> dict[str, Any]:
+    def _one_pass(self, model: str, settings: dict[str, Any], lastmile: tuple[Proc, Target, str] | None) -> dict[str, Any]:
         """The limit, then each server, once."""
-        entry: dict[str, Any] = {"backend": backend_of(self.store, model), "settings": settings, "servers": {}}
+        entry: dict[str, Any] = {"backend": backend_of(self.store, model), "settings": settings,
+                                 "load_parameters": self.load_parameters(settings), "servers": {}}
         entry["limit"] = limit = self.measure_limit(model, settings)
         self.progress(f"  {'limit':<14} best {limit['best_rows_per_s']:.0f} rows/s at batch {limit['best_batch']}; "
                       f"1-row call p50 {limit['one_call_p50_ms']} ms (paced {limit.get('one_call_paced_p50_ms')} ms)")
         if lastmile is not None:
-            proc, target = lastmile
-            self._control(target, "POST", f"/v2/repository/models/{model}/load", {"parameters": settings})
+            proc, target, grpc_address = lastmile
+            self._control(target, "POST", f"/v2/repository/models/{model}/load", {"parameters": entry["load_parameters"]})
+            described = self._control(target, "GET", f"/lm/v1/models/{model}")
+            entry["daemon_settings"] = {k: described["settings"].get(k) for k in BENCH_SETTINGS}  # what it runs with
 
             def stats(target: Target = target, model: str = model) -> dict:
                 return self._control(target, "GET", f"/lm/v1/models/{model}")["batcher"]
 
-            for name, binary in (("lastmile", True), ("lastmile-json", False)):
+            loads: dict[str, Load] = {
+                "lastmile": HttpLoad(target, self.request_bytes(target, model, binary=True)),
+                "lastmile-json": HttpLoad(target, self.request_bytes(target, model, binary=False)),
+                "lastmile-grpc": GrpcLoad(grpc_address, grpc_request(*self.inputs(model), model), target.token),
+            }
+            if "lastmile-grpc" in self.servers:  # a fast row of wrong answers would be no figure
+                entry["grpc_answers_match_http"] = self._answers_match(loads["lastmile"], loads["lastmile-grpc"])
+                if not entry["grpc_answers_match_http"]:
+                    self.progress(f"  lastmile-grpc: the answer differs from the binary HTTP one for {model}")
+            for name in LASTMILE_SERVERS:
                 if name in self.servers:
-                    entry["servers"][name] = self.load_runs(name, target, self.request_bytes(target, model, binary=binary), proc, stats)
+                    entry["servers"][name] = self.load_runs(name, loads[name], proc, stats)
             self._control(target, "POST", f"/v2/repository/models/{model}/unload", {})
         for name, start, binary in (("naive", self._start_naive, True), ("peer", self._start_peer, False)):
             if name in self.servers:
                 target, proc = start(model, settings)
                 try:
-                    entry["servers"][name] = self.load_runs(name, target, self.request_bytes(target, model, binary=binary), proc)
+                    entry["servers"][name] = self.load_runs(name, HttpLoad(target, self.request_bytes(target, model, binary=binary)), proc)
                 finally:
                     proc.stop()
         return entry
+
+    @staticmethod
+    def _answers_match(reference: Load, other: Load) -> bool:
+        """One request through each (an idle model: both a batch of one), the same outputs."""
+        loop = new_event_loop()
+        try:
+            want, got = loop.run_until_complete(reference.answer()), loop.run_until_complete(other.answer())
+        finally:
+            loop.close()
+        return set(want) == set(got) and all(
+            want[k].shape == got[k].shape and np.allclose(want[k], got[k], rtol=1e-6, atol=1e-6, equal_nan=True) for k in want)
 
     def _start_naive(self, model: str, settings: dict[str, Any]) -> tuple[Target, Proc]:
         argv = [sys.executable, "-m", "bench.naive", "--store", str(self.store), "--model", model, "--settings", json.dumps(settings)]
@@ -412,10 +727,13 @@ class Bench:
         return target, proc
 
     @staticmethod
-    def ratios(entry: dict[str, Any], generator_rps: float) -> None:
+    def ratios(entry: dict[str, Any], generator_rps: float, grpc_generator_rps: float | None = None) -> None:
+        """Every row against the limit; ``generator_bound`` against the capacity of the
+        generator that row used (the gRPC one for ``lastmile-grpc``)."""
         limit = entry["limit"]
         best = limit["best_rows_per_s"]
         for name, runs in entry["servers"].items():
+            gen_rps = grpc_generator_rps if name == "lastmile-grpc" else generator_rps
             for key, row in runs.items():
                 row["vs_limit"] = round(row["rows_per_s"] / best, 4) if best else None
                 batch = row.get("avg_batch_size")
@@ -426,7 +744,7 @@ class Bench:
                     row["added_p50_ms"] = round(row["p50_ms"] - limit["one_call_p50_ms"], 4)
                     if limit.get("one_call_paced_p50_ms") is not None:
                         row["added_p50_paced_ms"] = round(row["p50_ms"] - limit["one_call_paced_p50_ms"], 4)
-                row["generator_bound"] = bool(generator_rps and row["throughput_rps"] > 0.5 * generator_rps)
+                row["generator_bound"] = bool(gen_rps and row["throughput_rps"] > 0.5 * gen_rps)
                 # What this machine's cores allow at this server's measured CPU per request
                 # (server tree + load generator share them): no scheduling can beat it.
                 cpu_us = (row.get("server_cpu_us") or 0) + (row.get("loadgen_cpu_us") or 0)
@@ -449,7 +767,7 @@ class Bench:
         return {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "cpus": os.cpu_count(),
                 "python": platform.python_version(), "versions": versions, "commit": commit, "loadavg_start": os.getloadavg(),
                 "clients": self.clients, "duration_s": self.duration_s, "repeat": self.repeat, "transport": self.transport,
-                "servers": self.servers,
+                "servers": self.servers, "defaults": self.defaults,
                 "argv": sys.argv}
 
     def close(self) -> None:
@@ -487,8 +805,13 @@ def table(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     gen = result.get("generator") or {}
     lines.append("")
+    grpc_gen = result.get("generator_grpc")
     lines.append(f"Load generator alone against a canned-response server: {gen.get('throughput_rps', 0):.0f} req/s at "
-                 f"{gen.get('concurrency')} clients. Load average {result['meta']['loadavg_start'][0]:.1f} at the start.")
+                 f"{gen.get('concurrency')} clients" + (f" (gRPC: {grpc_gen['throughput_rps']:.0f} req/s)" if grpc_gen else "")
+                 + f". Load average {result['meta']['loadavg_start'][0]:.1f} at the start.")
+    if result["meta"].get("defaults"):
+        lines.append("Every model loaded with no settings (--defaults): " + "; ".join(
+            f"{m} {e.get('daemon_settings') or e['settings']}" for m, e in result["models"].items()) + ".")
     return "\n".join(lines)
 
 
@@ -511,7 +834,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-s", type=float, default=1.0)
     p.add_argument("--servers", default=",".join(SERVERS), help=f"subset of {','.join(SERVERS)}")
     p.add_argument("--transport", default="unix", choices=["unix", "tcp"], help="how the load reaches Lastmile and the naive server")
-    p.add_argument("--settings", default="{}", help='JSON settings for every model, e.g. \'{"max_delay_ms": 1}\'')
+    p.add_argument("--settings", default="{}", help='JSON settings for every model over the bench\'s tuned ones (threads=1, '
+                   'max_delay_ms=0, the model\'s max_batch_size), e.g. \'{"max_delay_ms": 1}\'')
+    p.add_argument("--defaults", action="store_true",
+                   help="load every model with no settings at all: the daemon's defaults (what an operator gets out of the box; "
+                        "threads auto, max_batch_size 8, max_delay_ms 2 unless the manifest says otherwise); the limit, naive "
+                        "and peer use the same values. Not with --settings")
     p.add_argument("--store", help="model store (default: demo models built in a temp dir)")
     p.add_argument("--open-rate", type=float, help="also run open loop at this many requests/s")
     p.add_argument("--repeat", type=int, default=1, help="interleaved passes per model; the median pass is reported (noisy hosts)")
@@ -537,8 +865,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                       duration_s=args.duration_s, warmup_s=args.warmup_s, servers=[s for s in args.servers.split(",") if s],
                       transport=args.transport, settings=settings, store=Path(args.store) if args.store else None,
                       open_rate=args.open_rate, progress=(lambda m: print(m, file=sys.stderr, flush=True)), repeat=args.repeat,
-                      input_data=args.input_data)
-    except ValueError as exc:  # a bad --servers, --repeat or --clients: one line, no traceback
+                      input_data=args.input_data, defaults=args.defaults)
+    except ValueError as exc:  # a bad --servers, --repeat, --clients or --defaults with --settings: one line, no traceback
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     try:

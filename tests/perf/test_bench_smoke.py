@@ -1,6 +1,8 @@
 """The benchmark harness works end to end (seconds, default suite): the load generator against
 a canned server and against a real daemon over the Unix socket and TCP, the in-process limit,
-the naive server, and the whole `bench.run` on one model with every server, peer included.
+the naive server, and the whole `bench.run` on one model with every server, peer included; the
+gRPC row (ModelInfer, raw contents) over the Unix socket with the daemon's defaults (--defaults)
+and over TCP with the bearer token.
 Numbers are not checked against targets here (a shared CI box is too noisy); the real
 benchmark is `pytest -m slow tests/perf` or `lastmile bench`."""
 
@@ -16,7 +18,7 @@ import pytest
 
 from lastmile.appliance.v2codec import encode_request
 from lastmile.appliance.client.loadgen import Target, closed_loop, generator_capacity, http_request, open_loop, read_response
-from bench.run import Bench, limit_at, median_pass, table
+from bench.run import Bench, grpc_generator_capacity, grpc_request, limit_at, median_pass, table
 from lastmile.models.demo import example_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,10 +68,49 @@ def test_median_pass_keeps_whole_runs_and_every_figure():
     (["--servers", "lastmile,bogus"], "--servers: unknown ['bogus']"),
     (["--clients", "1,x"], "--clients: expected comma-separated integers"),
     (["--settings", "[1]"], "--settings must be a JSON object"),
+    (["--defaults", "--settings", '{"threads": 1}'], "--defaults loads every model with no settings"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(argv, says):
     out = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+async def test_grpc_generator_counts_requests_against_a_canned_server():
+    x = example_inputs("mlp", 1)["input"]
+    result = await grpc_generator_capacity(grpc_request({"input": x}, {"input": "FP32"}, "m"), concurrency=2, duration_s=0.3)
+    assert result.requests > 10 and result.errors == 0 and result.target.startswith("grpc:unix:")
+    assert result.p50_ms is not None and result.p50_ms <= result.p99_ms <= result.max_ms
+
+
+def test_bench_grpc_row_with_the_daemons_defaults(demo_store: Path):
+    """The gRPC row for real on demo-mlp over the Unix socket, next to the binary HTTP row, the
+    model loaded with no settings (--defaults): rows measured, no errors, its answer equal to
+    HTTP's, the daemon's batching figures and CPU per request, and the defaults the daemon
+    reports are the ones the limit ran with."""
+    bench = Bench(models=["demo-mlp"], clients=[1, 4], duration_s=0.4, warmup_s=0.1, servers=["lastmile", "lastmile-grpc"],
+                  transport="unix", settings={}, store=demo_store, open_rate=50, progress=lambda _: None, defaults=True)
+    try:
+        result = bench.run()
+    finally:
+        bench.close()
+    entry = result["models"]["demo-mlp"]
+    assert entry["load_parameters"] == {} and result["meta"]["defaults"] is True
+    # the vocabulary's max_delay_ms and threads, the manifest's max_batch_size (demo-mlp's says 32)
+    assert entry["settings"] == entry["daemon_settings"] == {"max_batch_size": 32, "max_delay_ms": 2.0, "threads": 0}
+    assert set(entry["limit"]["by_batch"]) == {"1", "2", "4", "8", "16", "32"}
+    assert entry["grpc_answers_match_http"] is True
+    assert result["generator_grpc"]["requests"] > 0
+    rows = entry["servers"]["lastmile-grpc"]
+    for clients in ("1", "4"):
+        row = rows[clients]
+        assert row["requests"] > 0 and row["rows_per_s"] > 0 and row["errors"] == 0, (clients, row["error_samples"])
+        assert row["target"].startswith("grpc:unix:") and row["target"].endswith("lastmile-grpc.sock")
+        assert row["p50_ms"] <= row["p99_ms"] and row["vs_limit"] > 0 and row["avg_batch_size"] >= 1
+        assert row["server_cpu_us"] > 0 and row["loadgen_cpu_us"] > 0 and isinstance(row["generator_bound"], bool)
+    assert rows["1"]["added_p50_ms"] is not None and rows["4"]["vs_limit_same_batch"] > 0
+    assert rows["open@50"]["requests"] == 20 and rows["open@50"]["errors"] == 0
+    text = table(result)
+    assert "lastmile-grpc @4" in text and "(--defaults)" in text and "gRPC:" in text
 
 
 def test_limit_interpolates_between_measured_batches():
@@ -82,10 +123,11 @@ def test_limit_interpolates_between_measured_batches():
 
 @pytest.mark.skipif(importlib.util.find_spec("litserve") is None, reason="the peer (litserve, dev extra) is not installed")
 def test_bench_run_one_model_every_server_tcp(demo_store: Path):
-    """`bench.run` on demo-mlp: limit, Lastmile (binary and JSON), naive, LitServe; TCP for
-    Lastmile (bearer token) and the naive server."""
+    """`bench.run` on demo-mlp: limit, Lastmile (binary, JSON and gRPC), naive, LitServe; TCP
+    for Lastmile (bearer token, gRPC's too) and the naive server."""
     lines: list[str] = []
-    bench = Bench(models=["demo-mlp"], clients=[1, 4], duration_s=0.4, warmup_s=0.1, servers=["lastmile", "lastmile-json", "naive", "peer"],
+    servers = ["lastmile", "lastmile-json", "lastmile-grpc", "naive", "peer"]
+    bench = Bench(models=["demo-mlp"], clients=[1, 4], duration_s=0.4, warmup_s=0.1, servers=servers,
                   transport="tcp", settings={"max_batch_size": 8}, store=demo_store, open_rate=None, progress=lines.append)
     try:
         result = bench.run()
@@ -94,7 +136,7 @@ def test_bench_run_one_model_every_server_tcp(demo_store: Path):
     entry = result["models"]["demo-mlp"]
     assert entry["limit"]["best_rows_per_s"] > 0 and set(entry["limit"]["by_batch"]) == {"1", "2", "4", "8"}
     assert entry["limit"]["one_call_paced_p50_ms"] > 0
-    for server in ("lastmile", "lastmile-json", "naive", "peer"):
+    for server in servers:
         for clients in ("1", "4"):
             row = entry["servers"][server][clients]
             assert row["requests"] > 0 and row["errors"] == 0, (server, clients, row["error_samples"])
@@ -104,6 +146,7 @@ def test_bench_run_one_model_every_server_tcp(demo_store: Path):
         assert entry["servers"][server]["4"]["server_cpu_us"] > 0 and entry["servers"][server]["4"]["loadgen_cpu_us"] > 0
     assert entry["servers"]["lastmile"]["4"]["avg_batch_size"] >= 1
     assert entry["servers"]["lastmile"]["4"]["vs_limit_same_batch"] > 0
+    assert entry["servers"]["lastmile-grpc"]["4"]["target"].startswith("grpc:127.0.0.1:") and entry["grpc_answers_match_http"] is True
     text = table(result)
     assert "| demo-mlp | onnxruntime |" in text and "peer @4" in text
     json.dumps(result)  # the raw result is JSON as is

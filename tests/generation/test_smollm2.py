@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -66,15 +67,17 @@ def test_demo_chats_with_smollm2_from_nothing(tmp_path: Path):
 
 
 def test_structured_output_and_tools_on_smollm2(tmp_path: Path):
-    """Issue 25's clients on the real model: ``openai``'s ``parse`` with a pydantic model, a
-    forced tool call, LangChain's ``with_structured_output`` and the ``ollama`` package's
-    ``format`` schema: every answer parses and validates (int8, the precision auto picks for it)."""
+    """The structured-output clients on the real model: ``openai``'s ``parse`` with a pydantic
+    model, a forced tool call plain and streamed, LangChain's ``with_structured_output`` and
+    ``bind_tools``, the ``ollama`` package's ``format`` schema and ``tools``: every answer parses
+    and validates (int8, the precision auto picks for it)."""
     import secrets
 
     import httpx
     import jsonschema
     import ollama
     import openai
+    from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
 
     from tests.conftest import start_tcp_daemon
@@ -102,10 +105,33 @@ def test_structured_output_and_tools_on_smollm2(tmp_path: Path):
         assert choice.finish_reason == "tool_calls", choice
         (call,) = choice.message.tool_calls
         jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+        named = {"type": "function", "function": {"name": "get_time"}}
+        name, args, finishes = None, "", []
+        for chunk in client.chat.completions.create(model=DEMO_CHAT, messages=ASK, tools=TOOLS, tool_choice=named,
+                                                    temperature=0, max_tokens=80, stream=True):
+            for tc in chunk.choices[0].delta.tool_calls or []:
+                name = tc.function.name or name
+                args += tc.function.arguments or ""
+            if chunk.choices[0].finish_reason:
+                finishes.append(chunk.choices[0].finish_reason)
+        assert finishes == ["tool_calls"] and name == "get_time", (finishes, name, args)
+        jsonschema.validate(json.loads(args), PARAMS["get_time"])
         llm = ChatOpenAI(base_url=base + "/v1", api_key=token, model=DEMO_CHAT, temperature=0, max_tokens=120, max_retries=0)
         assert isinstance(llm.with_structured_output(City).invoke("Tell me about Rome"), City)
+
+        @tool
+        def get_time(zone: Literal["utc", "cet"]) -> str:
+            """The time in a zone."""
+            return "12:00"
+
+        (lc_call,) = llm.bind_tools([get_time], tool_choice="get_time").invoke("What time is it?").tool_calls
+        assert lc_call["name"] == "get_time" and lc_call["args"]["zone"] in ("utc", "cet"), lc_call
         answer = ollama.Client(host=base, headers={"Authorization": f"Bearer {token}"}, timeout=300).chat(
             model=DEMO_CHAT, messages=ASK, format=City.model_json_schema(), options={"temperature": 0, "num_predict": 120})
         City.model_validate_json(answer.message.content)
+        forced = ollama.Client(host=base, headers={"Authorization": f"Bearer {token}"}, timeout=300).chat(
+            model=DEMO_CHAT, messages=ASK, tools=TOOLS, options={"temperature": 0, "num_predict": 80, "tool_choice": "get_time"})
+        (o_call,) = forced.message.tool_calls
+        jsonschema.validate(o_call.function.arguments, PARAMS[o_call.function.name])
     finally:
         daemon.stop()

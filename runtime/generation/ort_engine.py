@@ -482,22 +482,25 @@ class OrtGenAIEngine(GenerationEngine):
 
     def _prefill(self, budget: int) -> list[tuple[int, int]]:
         """Up to ``budget`` prompt tokens: fresh prompts that fit together in one padded call,
-        else the first prefilling sequence's next chunk on its own."""
+        else chunks, the sequence with the fewest prompt tokens left first.
+
+        Short before long: a 2,000-token prompt that arrived first must not hold the short
+        prompts behind it for its whole prefill (measured: 7.4 s TTFT for 4 chat streams beside
+        one, FIFO); the long one still gets whatever budget the short ones leave each step."""
         fresh: list[_Seq] = []
-        padded = 0
         for s in sorted(self._prefilling, key=lambda p: p.slot):
             if s.length or len(s.prompt) > budget:
-                break
-            width = max(padded and max(len(f.prompt) for f in fresh), len(s.prompt))
+                continue
+            if fresh and s.slot != fresh[-1].slot + 1:
+                break  # one call needs consecutive slots
+            width = max([len(f.prompt) for f in fresh] + [len(s.prompt)])
             if width * (len(fresh) + 1) > budget:
                 break
             fresh.append(s)
-            padded = width
-        # one call needs consecutive slots: fresh sequences sit at the lowest prefilling slots
-        if fresh and [s.slot for s in fresh] == list(range(fresh[0].slot, fresh[0].slot + len(fresh))):
+        if fresh:
             return self._prefill_fresh(fresh)
         out: list[tuple[int, int]] = []
-        for s in sorted(self._prefilling, key=lambda p: p.slot):
+        for s in sorted(self._prefilling, key=lambda p: (len(p.prompt) - p.length, p.slot)):
             if budget <= 0:
                 break
             n = min(budget, len(s.prompt) - s.length)

@@ -173,13 +173,14 @@ class TorchEngine(GenerationEngine):
             self._prefilling.append(self._waiting.popleft())
 
     def _prefill(self) -> list[tuple[int, int]]:
-        """Up to ``prefill_chunk`` prompt tokens this step, FIFO over the prefilling sequences."""
+        """Up to ``prefill_chunk`` prompt tokens this step, the sequence with the fewest prompt
+        tokens left first (a long prompt that came first does not hold the short ones behind it)."""
         torch = self._torch
         from transformers import DynamicCache
 
         budget = self.busy_prefill_chunk if self._running else self.prefill_chunk
         out: list[tuple[int, int]] = []
-        for s in list(self._prefilling):
+        for s in sorted(self._prefilling, key=lambda p: len(p.prompt) - p.done):
             if budget <= 0:
                 break
             n = min(budget, len(s.prompt) - s.done)

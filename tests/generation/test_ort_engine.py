@@ -153,6 +153,33 @@ def test_a_kept_prompt_prefix_is_reused_and_changes_no_token(folder: Path):
     eng.close()
 
 
+def test_short_prompts_behind_a_long_one_start_first_and_change_no_token(folder: Path):
+    """A long prompt that arrived first is prefilled in chunks while the short prompts after it
+    start at once (their first tokens come before its first), and nobody's tokens change."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    long = tok("a long document about many things " * 40)["input_ids"][:600]
+    prompts = [long] + [tok(f"short question {i} is")["input_ids"] for i in range(3)]
+    n = 6
+    ref = _reference(folder, prompts, n)
+    eng = OrtGenAIEngine.from_hf_folder(folder, precision="fp32", max_num_seqs=4, max_context=1024, prefill_chunk=128)
+    for i, p in enumerate(prompts):
+        eng.add(i, p, SamplingParams(max_tokens=n, temperature=0.0))
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    first: list[int] = []
+    while eng.has_work():
+        for seq, t in eng.step():
+            if not got[seq]:
+                first.append(seq)
+            got[seq].append(t)
+            if len(got[seq]) == n:
+                eng.cancel(seq)
+    assert first[-1] == 0, first  # the long prompt's first token came last
+    assert [got[i] for i in range(len(prompts))] == ref
+    eng.close()
+
+
 def test_an_error_in_one_sequences_sampling_ends_it_alone(folder: Path, monkeypatch):
     """A sampled sequence whose sampler raises ends with a failure; the greedy ones beside it
     in the same decode call go on to their normal end."""

@@ -10,11 +10,13 @@ stream trustworthy:
   generation model, context overflow, queue full) before its first chunk, so the driver waits
   for that chunk before it sends a status line: a refused request gets its real 4xx/5xx, never
   a 200 followed by an error event.
-- **Backpressure and cancellation.** Each event is written and awaited before the next chunk
-  is pulled from the runner, so a slow reader slows its own sequence rather than growing a
-  buffer in the daemon. A client that goes away (write fails, or aiohttp cancels the handler)
-  closes the generator at once, which cancels the sequence in the runner and frees its slot
-  and KV cache.
+- **A slow reader slows nobody, and cancellation.** Each event is written and awaited before the
+  next chunk is taken from the stream; the runner does not wait for a slow reader (the batch's
+  step serves every sequence), so its sequence's chunks wait in the daemon's
+  :class:`~lastmile.runtime.generation.runner.GenerationStream`, at most ``max_tokens`` of
+  them (bounded by the model's ``max_context``). A client that goes away (write fails, or
+  aiohttp cancels the handler) closes the generator at once, which cancels the sequence in the
+  runner and frees its slot and KV cache.
 - **A runner that dies mid-stream** turns into one error event and the end of the stream
   (``data: [DONE]`` for OpenAI), never a hang.
 

@@ -47,6 +47,32 @@ def test_arrows_point_downward(folder: str, allowed: tuple[str, ...]) -> None:
     assert _breaking(folder, allowed) == []
 
 
+#: the client room: its own modules, the V2 wire format, what a model is
+CLIENT = ("lastmile.appliance.client", "lastmile.appliance.v2codec", "lastmile.models")
+#: the commands (``lastmile ...``) alone also reach these: the config and the daemon for
+#: ``lastmile serve`` and ``config show``, the log format, the GGUF import that ``lastmile
+#: models import`` and the demo run in the client's own process, and the TUI for ``lastmile tui``
+COMMANDS = ("appliance/client/cli.py", "appliance/client/quickstart.py")
+COMMANDS_ALSO = ("lastmile.appliance.server.config", "lastmile.appliance.server.server", "lastmile.appliance.logs",
+                 "lastmile.runtime.generation.gguf_import", "lastmile.tui.app")
+
+
+def _client_breaking(commands: tuple[str, ...]) -> list[tuple[str, str]]:
+    out = []
+    for f, m in _imports("appliance/client"):
+        if not m.startswith("lastmile") or m == "lastmile.appliance":  # the package itself: __version__
+            continue
+        allowed = CLIENT + (COMMANDS_ALSO if f in commands else ())
+        if not any(m == a or m.startswith(a + ".") for a in allowed):
+            out.append((f, m))
+    return out
+
+
+def test_the_client_room_reaches_the_server_runtime_and_tui_only_from_its_commands() -> None:
+    assert _client_breaking(COMMANDS) == []
+    assert _client_breaking(()), "cli.py starts the daemon: without the commands' exception the rule must complain"
+
+
 def test_the_server_never_imports_its_clients() -> None:
     assert [(f, m) for f, m in _imports("appliance/server") if m.startswith(("lastmile.appliance.client", "lastmile.tui"))] == []
 

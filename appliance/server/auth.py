@@ -40,6 +40,8 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from lastmile.appliance.server.http import openai_error_payload
+
 __all__ = [
     "SO_PEERGROUPS",
     "Role",
@@ -562,18 +564,12 @@ def _identify(policy: AuthPolicy, request: web.Request, failures: TokenFailures 
     raise _Denied(403, f"unsupported transport (socket family {family!r})")
 
 
-_OPENAI_ERRORS = {401: ("authentication_error", "invalid_api_key"), 403: ("permission_error", "insufficient_permissions"),
-                  429: ("rate_limit_error", "rate_limit_exceeded"), 400: ("invalid_request_error", None)}
-
-
 def _json_error(status: int, message: str, headers: Mapping[str, str] | None = None, *, path: str = "",
                 **extra: Any) -> web.Response:
     """Lastmile's ``{"error": "..."}``; on OpenAI's ``/v1/`` routes OpenAI's shape
     ``{"error": {"message", "type", "param", "code"}}``, which its clients parse."""
     if path.startswith("/v1/"):
-        kind, code = _OPENAI_ERRORS.get(status, ("invalid_request_error", None))
-        body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": None, "code": code, **extra}}
-        return web.json_response(body, status=status, headers=dict(headers or {}))
+        return web.json_response(openai_error_payload(status, message, **extra), status=status, headers=dict(headers or {}))
     return web.json_response({"error": message, **extra}, status=status, headers=dict(headers or {}))
 
 

@@ -45,11 +45,27 @@ def path_error_response(path: str, status: int, message: str, *, headers: dict[s
     """An error before any route ran, in the shape the route's clients parse: OpenAI's
     ``{"error": {"message", "type", "param", "code"}}`` under ``/v1/``, Lastmile's elsewhere."""
     if path.startswith("/v1/"):
-        kind = {401: "authentication_error", 408: "timeout_error", 413: "invalid_request_error",
-                503: "server_error"}.get(status, "invalid_request_error")
-        return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": None}},
-                                 status=status, headers=headers)
+        return web.json_response(openai_error_payload(status, message), status=status, headers=headers)
     return error_response(status, message, headers=headers)
+
+
+#: OpenAI's error ``type`` per HTTP status (its API's own names where it has one), and the
+#: ``code`` a status gets when the caller gives none: the one table every ``/v1/`` error uses
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                      404: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+                      422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error",
+                      504: "timeout_error", 507: "insufficient_memory_error"}
+OPENAI_ERROR_CODES = {401: "invalid_api_key", 403: "insufficient_permissions", 404: "model_not_found",
+                      429: "rate_limit_exceeded", 503: "overloaded"}
+
+
+def openai_error_payload(status: int, message: str, *, param: str | None = None, code: str | None = None,
+                      **extra: Any) -> dict[str, Any]:
+    """OpenAI's error shape, ``{"error": {"message", "type", "param", "code", ...}}``, which its
+    clients parse (``openai.NotFoundError`` and the like come from the status)."""
+    kind = OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param,
+                      "code": code or OPENAI_ERROR_CODES.get(status), **extra}}
 
 
 def _retry_after(seconds: float) -> dict[str, str]:

@@ -60,7 +60,7 @@ from lastmile.appliance.server.generate_params import (
     parse_ollama_generate, parse_ollama_preload, parse_triton,
 )
 from lastmile.appliance.server.generation_metrics import GenerationMetrics
-from lastmile.appliance.server.http import ApiError, read_json, timeout_after, to_api_error
+from lastmile.appliance.server.http import ApiError, openai_error_payload, read_json, timeout_after, to_api_error
 from lastmile.runtime.errors import RunnerDied
 from lastmile.runtime.generation.types import ContextOverflow, GenerationChunk, InvalidGenerationTarget, InvalidSamplingParams
 
@@ -97,26 +97,16 @@ def generation_api_error(exc: BaseException) -> ApiError | None:
     return to_api_error(exc)
 
 
-_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-                 503: "server_error", 504: "timeout_error", 507: "insufficient_memory_error"}
-
-
 def openai_error_body(api: ApiError) -> dict[str, Any]:
-    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}`` (plus the counts of
-    a context overflow, so a client can shorten by the right amount)."""
+    """OpenAI's error shape for a refused generation (plus the counts of a context overflow, so
+    a client can shorten by the right amount)."""
     code = None
-    if api.status == 404:
-        code = "model_not_found"
-    elif api.extra.get("max_context") is not None:
+    if api.status != 404 and api.extra.get("max_context") is not None:
         code = "context_length_exceeded"
     elif api.status == 503:
-        code = api.extra.get("code") or "overloaded"
-    elif api.status in (401, 429):
-        code = "invalid_api_key" if api.status == 401 else "rate_limit_exceeded"
+        code = api.extra.get("code")
     extra = {k: v for k, v in api.extra.items() if k not in ("error", "code")}
-    return {"error": {"message": api.message, "type": _OPENAI_TYPES.get(api.status, "server_error"),
-                      "param": api.field, "code": code, **extra}}
+    return openai_error_payload(api.status, api.message, param=api.field, code=code, **extra)
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

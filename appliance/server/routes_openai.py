@@ -23,23 +23,18 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from lastmile.appliance.server.auth import requires_role
-from lastmile.appliance.server.http import ApiError, read_json, to_api_error
+from lastmile.appliance.server.http import ApiError, openai_error_payload, read_json, to_api_error
 from lastmile.appliance.server.textio import MAX_INPUTS, TextBatch, ids_to_wire, is_text_model, run_text, texts_to_wire
 from lastmile.appliance.v2codec import BadRequest
 
 routes = web.RouteTableDef()
 OWNED_BY = "lastmile"
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def openai_error(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
-    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
-    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return web.json_response(body, status=status, headers=headers)
+    """OpenAI's error body (:func:`~lastmile.appliance.server.http.openai_error_payload`) as a response."""
+    return web.json_response(openai_error_payload(status, message, param=param), status=status, headers=headers)
 
 
 def openai_errors(handler: Handler) -> Handler:

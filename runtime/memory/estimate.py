@@ -54,7 +54,7 @@ BACKEND_OVERHEAD_BYTES: dict[tuple[str, str], int] = {
     ("onnxruntime", "onnx"): 10 * MiB,  # measured 8.5-9.1 MiB in the daemon
     ("deepspeed", "torch_export"): 36 * MiB,  # measured 30.8-37.2 MiB
     ("deepspeed", "torchscript"): 14 * MiB,  # measured 13.6 MiB
-    ("deepspeed", "hf"): 60 * MiB,  # not measured here (no transformers installed): assumed
+    ("deepspeed", "hf"): 60 * MiB,  # assumed: measure_overhead covers no HF-folder model yet
     ("deepspeed", "torch_pickle"): 40 * MiB,  # same code path as torch_export after loading
 }
 # USS with a memory_limit_mb minus without one, same model: measure_overhead --limit-mb 1000 at

@@ -437,3 +437,20 @@ def test_ollama_chat_generate_tags_ps(served, reference) -> None:
     assert f"{MODEL}:latest" in tags and tags[f"{MODEL}:latest"]["size"] > 0 and "demo-mlp:latest" not in tags
     status, body = _call(daemon, "GET", "/api/ps")
     assert [m["name"] for m in body["models"]] == [f"{MODEL}:latest"]
+
+
+def test_every_v1_route_says_an_unknown_model_the_same_way(served) -> None:
+    """One OpenAI error table: the generation routes, the embeddings route and the bearer check
+    (before any route) give the same type and code for the same status."""
+    daemon, base, _ = served
+    errors = {}
+    for path, body in (("/v1/chat/completions", {"model": "nope", "messages": QUESTION}),
+                       ("/v1/completions", {"model": "nope", "prompt": "hi"}),
+                       ("/v1/embeddings", {"model": "nope", "input": "hi"})):
+        status, reply = _call(daemon, "POST", path, body)
+        assert status == 404, (path, reply)
+        errors[path] = (reply["error"]["type"], reply["error"]["code"])
+    assert set(errors.values()) == {("invalid_request_error", "model_not_found")}, errors
+    with pytest.raises(openai.AuthenticationError) as denied:
+        openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+    assert denied.value.body["type"] == "authentication_error" and denied.value.body["code"] == "invalid_api_key"

@@ -19,6 +19,7 @@ import numpy as np
 from lastmile.appliance import __version__
 from lastmile.appliance.client.api import ApiError, ClientError, LastmileClient
 from lastmile.appliance.client.chat import add_chat_commands
+from lastmile.appliance.client.inputs import InputDataError, random_inputs
 from lastmile.appliance.client.tensors import InputTypeError, conform
 from lastmile.appliance.client.wording import option_commands, settings_text, without_model_prefix
 from lastmile.appliance.client.units import MIB, fmt_bytes, fmt_mib, fmt_percent
@@ -285,18 +286,6 @@ async def cmd_unload(client: LastmileClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _random_input(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
-    from lastmile.models.spec import V2_TO_NUMPY
-
-    shape = [1 if d == -1 and i == 0 else (8 if d == -1 else d) for i, d in enumerate(spec["shape"])]
-    dtype = V2_TO_NUMPY[spec["datatype"]]
-    if dtype.kind in "iu":
-        return rng.integers(0, 256 if dtype.itemsize > 1 else 128, size=shape).astype(dtype)
-    if dtype.kind == "b":
-        return rng.integers(0, 2, size=shape).astype(bool)
-    return rng.standard_normal(size=shape).astype(dtype)
-
-
 def cmd_models_import(args: argparse.Namespace) -> int:
     if args.source.lower().endswith(".gguf"):
         if not args.name:
@@ -334,10 +323,13 @@ async def cmd_infer(client: LastmileClient, args: argparse.Namespace) -> int:
             raise ClientError(f"--input {name}: {exc}") from None
         if note:
             print(f"lastmile: {note}", file=sys.stderr)
-    if args.random:
-        rng = np.random.default_rng(args.seed)
-        for name, spec in specs.items():
-            inputs.setdefault(name, _random_input(spec, rng))
+    wanted = [spec for name, spec in specs.items() if name not in inputs]
+    if args.random and wanted:
+        try:  # the one input generator (inputs.py): what tune, bench and the TUI send too
+            generated, _ = random_inputs(wanted, seq=8, seed=args.seed)
+        except InputDataError as exc:
+            raise ClientError(f"--random: {exc}") from None
+        inputs.update(generated)
     missing = sorted(set(specs) - set(inputs))
     if missing:
         raise ClientError(f"missing input(s) {missing}: give --input NAME=FILE.npy or --random")

@@ -54,8 +54,8 @@ import psutil
 from bench.common import Progress, backend_of, default_max_batch, inputs_for, report
 from bench.heavy import HEAVY_MODEL
 from lastmile.appliance.v2codec import encode_request
-from lastmile.appliance.client.loadgen import (Result, Target, closed_loop, generator_capacity, http_request, new_event_loop,
-                                               open_loop, summarize)
+from lastmile.appliance.client.loadgen import (Exchange, Result, Target, closed_loop, closed_window, generator_capacity,
+                                               http_request, new_event_loop, open_loop, summarize)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ["demo-mlp", "demo-mlp-ds", "demo-lm", "demo-lm-ds"]
@@ -255,46 +255,28 @@ class GrpcLoad:
 
     async def closed(self, *, concurrency: int, duration_s: float, warmup_s: float,
                      on_measure: Callable[[], None] | None = None) -> Result:
-        """``loadgen.closed_loop``'s window (warm-up not counted, ``on_measure`` when the
-        measured window opens, each client one request at a time until the end)."""
+        """``loadgen.closed_window`` over one channel a client."""
         import asyncio
 
         import grpc
 
+        request, metadata = self.request, self.metadata
+
+        def exchange(call: Any) -> Exchange:
+            async def one() -> str | None:
+                try:
+                    await call(request, metadata=metadata)
+                except grpc.aio.AioRpcError as exc:
+                    return self._sample(exc)
+                return None
+
+            return one
+
         channels = [self._channel() for _ in range(concurrency)]
         try:
             calls = await self._ready(channels)
-            if on_measure is not None:
-                asyncio.get_running_loop().call_later(warmup_s, on_measure)
-            lat: list[float] = []
-            errors = 0
-            samples: list[str] = []
-            clock = time.perf_counter
-            start = clock()
-            measure_from = start + warmup_s
-            stop_at = measure_from + duration_s
-            request, metadata = self.request, self.metadata
-
-            async def worker(call: Any) -> None:
-                nonlocal errors
-                append = lat.append
-                while True:
-                    t0 = clock()
-                    if t0 >= stop_at:
-                        return
-                    try:
-                        await call(request, metadata=metadata)
-                    except grpc.aio.AioRpcError as exc:
-                        if t0 >= measure_from:
-                            errors += 1
-                            if len(samples) < 5:
-                                samples.append(self._sample(exc))
-                        continue
-                    if t0 >= measure_from:
-                        append(clock() - t0)
-
-            await asyncio.gather(*(worker(c) for c in calls))
-            elapsed = clock() - measure_from
+            elapsed, lat, errors, samples = await closed_window([exchange(c) for c in calls], duration_s=duration_s,
+                                                                warmup_s=warmup_s, on_measure=on_measure)
         finally:
             await asyncio.gather(*(ch.close() for ch in channels))
         return summarize("closed", self, concurrency, None, elapsed, lat, errors, 1, samples)  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ import math
 import socket
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Coroutine, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 import numpy as np
 
@@ -129,12 +129,21 @@ def summarize(mode: str, target: Target, concurrency: int, rate: float | None, e
     )
 
 
-async def closed_loop(target: Target, request: bytes, *, concurrency: int, duration_s: float, warmup_s: float = 0.5,
-                      rows: int = 1, on_measure: Callable[[], None] | None = None) -> Result:
-    """``concurrency`` keep-alive connections, each one request at a time, for ``duration_s``
-    after ``warmup_s`` (warm-up answers are not counted; ``on_measure`` is called when the
-    measured window opens)."""
-    conns = [await target.connect() for _ in range(concurrency)]
+class ConnectionLost(Exception):
+    """A closed-loop client's connection is gone: the error is counted and that client stops."""
+
+
+#: One request of a closed-loop client: None when it was answered, else its error sample;
+#: raises :class:`ConnectionLost` when the client cannot go on.
+Exchange = Callable[[], Awaitable[str | None]]
+
+
+async def closed_window(exchanges: list[Exchange], *, duration_s: float, warmup_s: float,
+                        on_measure: Callable[[], None] | None = None) -> tuple[float, list[float], int, list[str]]:
+    """Each exchange in a loop, one request at a time, for ``duration_s`` after ``warmup_s``
+    (warm-up answers are not counted; ``on_measure`` is called when the measured window opens):
+    the measured seconds, the latencies, the errors and up to 5 error samples. The one closed
+    loop of every protocol (HTTP here, gRPC in ``bench.run``)."""
     if on_measure is not None:
         asyncio.get_running_loop().call_later(warmup_s, on_measure)
     lat: list[float] = []
@@ -145,36 +154,57 @@ async def closed_loop(target: Target, request: bytes, *, concurrency: int, durat
     measure_from = start + warmup_s
     stop_at = measure_from + duration_s
 
-    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def worker(exchange: Exchange) -> None:
         nonlocal errors
-        write = writer.write
         append = lat.append
         while True:
             t0 = clock()
             if t0 >= stop_at:
                 return
-            write(request)
             try:
-                status, body = await read_response(reader)
-            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                failed = await exchange()
+            except ConnectionLost as exc:
                 errors += 1
-                samples.append(f"connection: {exc!r}")
+                samples.append(str(exc))
                 return
             t1 = clock()
             if t0 >= measure_from:
-                if status >= 400:
+                if failed is not None:
                     errors += 1
                     if len(samples) < 5:
-                        samples.append(f"HTTP {status}: {body[:200].decode(errors='replace')}")
+                        samples.append(failed)
                 else:
                     append(t1 - t0)
 
+    await asyncio.gather(*(worker(e) for e in exchanges))
+    return clock() - measure_from, lat, errors, samples
+
+
+def _http_exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> Exchange:
+    write = writer.write
+
+    async def exchange() -> str | None:
+        write(request)
+        try:
+            status, body = await read_response(reader)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            raise ConnectionLost(f"connection: {exc!r}") from None
+        return f"HTTP {status}: {body[:200].decode(errors='replace')}" if status >= 400 else None
+
+    return exchange
+
+
+async def closed_loop(target: Target, request: bytes, *, concurrency: int, duration_s: float, warmup_s: float = 0.5,
+                      rows: int = 1, on_measure: Callable[[], None] | None = None) -> Result:
+    """``concurrency`` keep-alive connections, each one request at a time, for ``duration_s``
+    after ``warmup_s`` (see :func:`closed_window`)."""
+    conns = [await target.connect() for _ in range(concurrency)]
     try:
-        await asyncio.gather(*(worker(r, w) for r, w in conns))
+        elapsed, lat, errors, samples = await closed_window([_http_exchange(r, w, request) for r, w in conns],
+                                                            duration_s=duration_s, warmup_s=warmup_s, on_measure=on_measure)
     finally:
         for _, w in conns:
             w.close()
-    elapsed = min(clock(), max(clock(), stop_at)) - measure_from
     return summarize("closed", target, concurrency, None, elapsed, lat, errors, rows, samples)
 
 

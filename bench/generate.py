@@ -604,7 +604,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=16, help="requests per run, split over the streams (at least 1 each; default 16)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of every server's model (default 1)")
-    p.add_argument("--max-num-seqs", type=int, default=8, help="in-process engine slots (Lastmile's default; give Lastmile another via --load-settings)")
+    p.add_argument("--max-num-seqs", type=int, default=0,
+                   help="slots of each engine (default 0: Lastmile's auto, from memory, at most 16)")
     p.add_argument("--max-context", type=int, default=2048, help="in-process engine context (Lastmile's default)")
     p.add_argument("--load-settings", default="{}", help="JSON settings for Lastmile's load of the model")
     p.add_argument("--long-prompt-tokens", type=int, default=2000, help="the long-prompt run's prompt size (0: skip that run)")

@@ -18,7 +18,8 @@ them is always waiting for a time slice. Two fixes, both here:
   (read once when libgomp loads, so it is set before the forkserver imports torch) and
   ``session.intra_op.allow_spinning = 0`` for ONNX Runtime. Spinning wins a few µs on an idle
   machine and loses milliseconds as soon as another process wants the core (demo-lm-ds,
-  2 threads: 106 ms -> 4.5 ms p50 with PASSIVE).
+  2 threads: 106 ms -> 4.5 ms p50 with PASSIVE). The ORT-GenAI generation engine is the
+  exception (it spins: ``generation/ort_engine.py`` says why).
 """
 
 from __future__ import annotations

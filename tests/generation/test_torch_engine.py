@@ -228,3 +228,42 @@ def test_long_prompt_prefill_is_interleaved_with_running_streams(tiny_lm, hf):
         if "long" in chunks:
             break
     assert steps == -(-2000 // eng.busy_prefill_chunk)  # ceil: one small chunk per step while others run
+
+
+def test_fresh_prompts_prefill_together_and_sixteen_of_different_lengths_equal_generate(tiny_lm, hf):
+    """Fresh prompts go in one left-padded call (alone, a prompt token costs about twice what it
+    costs in a group), while others decode too; 16 prompts of different lengths, joining in two
+    waves and leaving at different lengths, still equal transformers.generate token for token."""
+    eng = TorchEngine(tiny_lm, max_num_seqs=16, max_context=512, prefill_chunk=256, busy_group_tokens=128)
+    calls: list[tuple[int, int]] = []
+    model = eng._model
+
+    def counted(**kw):
+        calls.append(tuple(kw["input_ids"].shape))
+        return model(**kw)
+
+    eng._model = counted
+    sched = GenerationScheduler(eng, hf[0])
+    prompts = ["Hello" * (i % 8 + 1) + " world" * (i // 8) + ", the capital of" for i in range(16)]
+    first = {i: GenerationRequest(greedy(6 + i), prompt=p) for i, p in enumerate(prompts[:8])}
+    got = {i: [] for i in range(16)}
+    for k, r in first.items():
+        sched.submit(k, r)
+    for _ in range(3):
+        for k, c in sched.step():
+            got[k] += c.token_ids
+    assert eng.stats()["running"] == 8
+    assert any(rows > 1 and width > 1 for rows, width in calls), calls  # one call prefilled several prompts
+    calls.clear()
+    for i, p in enumerate(prompts[8:], start=8):
+        sched.submit(i, GenerationRequest(greedy(6 + i), prompt=p))
+    while sched.has_work():
+        for k, c in sched.step():
+            got[k] += c.token_ids
+    joined = [(rows, width) for rows, width in calls if width > 1]
+    assert joined and max(rows for rows, _ in joined) > 1  # the second wave joined running streams in groups
+    assert all(rows * width <= 128 for rows, width in joined)  # the busy budget holds
+    for i, p in enumerate(prompts):
+        assert got[i] == reference(hf, hf[0](p)["input_ids"], 6 + i), i
+    assert eng.stats()["kv_used_bytes"] == 0
+    eng.close()

@@ -15,7 +15,7 @@ one left-padded batched KV cache (transformers' ``DynamicCache``) for the runnin
   length, with the attention mask marking the padding) and decode with the others;
 * a sequence that ends or is cancelled is removed from the batch dimension at once and the
   columns that became padding for every row are trimmed, so its KV memory goes back;
-* the batched cache appends in place (:class:`_GrowingLayer`): ``DynamicCache`` concatenates,
+* the batched cache appends in place (:func:`growing_layer_class`): ``DynamicCache`` concatenates,
   copying every row's whole KV at every step, which was half of a 16-row decode step here.
 
 The model goes through ``deepspeed.init_inference`` (always with an explicit dtype; kernel
@@ -26,6 +26,7 @@ injection only on CUDA). On CPU that is plain torch, and fp32 greedy output equa
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -51,11 +52,9 @@ class _Seq:
     extra: dict = field(default_factory=dict)
 
 
-def _growing_layer_class() -> type:
-    """:class:`_GrowingLayer`, made on first use (transformers is imported lazily)."""
-    global _GrowingLayer
-    if _GrowingLayer is not None:
-        return _GrowingLayer
+@functools.cache
+def growing_layer_class() -> type:
+    """The batched cache's layer class, made on first use (transformers is imported lazily)."""
     from transformers.cache_utils import DynamicLayer
 
     class GrowingLayer(DynamicLayer):
@@ -102,11 +101,7 @@ def _growing_layer_class() -> type:
         def capacity(self) -> int:
             return self._k.shape[-2]
 
-    _GrowingLayer = GrowingLayer
     return GrowingLayer
-
-
-_GrowingLayer: Any = None
 
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16"}
@@ -347,7 +342,7 @@ class TorchEngine(GenerationEngine):
         torch = self._torch
         new_len = new_mask.shape[1]
         if self._cache is None or not self._running:
-            layer_class = _growing_layer_class()
+            layer_class = growing_layer_class()
             cache.layers = [layer_class(layer.keys, layer.values) for layer in cache.layers]
             self._cache, self._mask, self._running = cache, new_mask, list(seqs)
             return

@@ -510,7 +510,8 @@ class GenerateBench:
     @staticmethod
     def ratios(result: dict[str, Any]) -> None:
         """Each Lastmile engine against the same engine in-process; the naive server and the
-        peer (transformers' generate) against the in-process DeepSpeed/torch engine."""
+        peer (transformers' generate) against the in-process DeepSpeed/torch engine; llama.cpp
+        against none (it runs another engine on other weights: no in-process figure is its limit)."""
         servers = result["servers"]
         limits = {name.removeprefix("in-process "): runs for name, runs in servers.items() if name.startswith("in-process ")}
         for name, runs in servers.items():
@@ -523,7 +524,7 @@ class GenerateBench:
             for key, r in runs.items():
                 if key == "agreement":
                     continue
-                ref = (base.get(key) or {}).get("tokens_per_s")
+                ref = None if name == "llama.cpp" else (base.get(key) or {}).get("tokens_per_s")
                 r["vs_in_process"] = round(r["tokens_per_s"] / ref, 3) if ref and r.get("tokens_per_s") else None
                 r["vs_one_stream"] = round(r["tokens_per_s"] / one, 3) if one and r.get("tokens_per_s") else None
                 if prefill is not None and r.get("ttft_p50_ms") is not None:

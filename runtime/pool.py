@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence, overload
 import numpy as np
 
 from lastmile.runtime.errors import ModelUnavailable
-from lastmile.runtime.runner import PIPELINE_DEPTH, STREAM_WINDOW, Runner, RunnerStream
+from lastmile.runtime.runner import PIPELINE_DEPTH, Runner
 
 logger = logging.getLogger("lastmile.pool")
 
@@ -97,16 +97,6 @@ class RunnerPool(Sequence[Runner]):
         finally:
             if runner.alive:
                 self._idle.put_nowait(runner)
-
-    def stream(self, kind: str, payload: Any, *, window: int = STREAM_WINDOW) -> RunnerStream:
-        """A streamed request (see :meth:`Runner.stream`) on the live runner holding the fewest
-        streams."""
-        if self._refusing is not None:
-            raise ModelUnavailable(self._refusing)
-        live = [r for r in self._runners if r.alive]
-        if not live:
-            raise ModelUnavailable(f"model {self.name!r} has no running runner")
-        return min(live, key=lambda r: r.open_streams).stream(kind, payload, window=window)
 
     async def shrink(self, timeout_s: float = 5.0) -> None:
         """Ask every runner to give cached memory back and drop unlinked segments. A busy or

@@ -7,27 +7,20 @@ names the segment and the layout of the arrays in it.
 
 Every message carries ``seq``, the id of the request it belongs to (``NO_SEQ`` for what is no
 request's: load phases, ready, stop). A request is answered by zero or more non-terminal
-messages (:class:`Chunk`; :class:`Need` for a batch whose outputs outgrew their buffer) and
-exactly one terminal message (:class:`Done`, :class:`Failed` or, after :class:`Cancel`,
-:class:`Cancelled`). That is what lets one request stream many messages (tokens, progress)
-and be cancelled mid-way:
+messages (:class:`Need` for a batch whose outputs outgrew their buffer) and exactly one
+terminal message (:class:`Done` or :class:`Failed`):
 
 daemon -> runner
     :class:`Run` (one batch), :class:`OutBuffer` (answer to :class:`Need`),
-    :class:`MemoryQuery`, :class:`Shrink`, :class:`Stream` (open a streamed request),
-    :class:`Credit` (the consumer took chunks: the runner may send more), :class:`Cancel`,
-    :class:`Stop`
+    :class:`MemoryQuery`, :class:`Shrink`, :class:`Stop`; for generation runners
+    :class:`Generate`, :class:`Cancel`, :class:`Slots` (below)
 runner -> daemon
     :class:`Phase`, :class:`Ready`, :class:`LoadFailed` (start-up), :class:`Need`,
-    :class:`Chunk`, :class:`Done`, :class:`Failed`, :class:`Cancelled`
+    :class:`Done`, :class:`Failed`; for generation runners :class:`Accepted`,
+    :class:`Refused`, :class:`Tokens`, :class:`EngineStats`
 
-Flow control of a stream: the runner sends at most ``window`` chunks beyond the last
-:class:`Credit` (``consumed`` = chunks the consumer has taken); a slow consumer therefore
-pauses that one stream in the runner, not the pipe or the other requests.
-
-The messages are slotted dataclasses, frozen except those built for every batch or chunk
-(:class:`Run`, :class:`Done`, :class:`Chunk`, :class:`Credit`, :class:`Tokens`): treat those
-as values too.
+The messages are slotted dataclasses, frozen except those built for every batch or engine
+step (:class:`Run`, :class:`Done`, :class:`Tokens`): treat those as values too.
 
 Wire format: a pickled pair ``(tag, fields)``, built and read by :func:`encode` and
 :func:`decode`. Why not pickle the objects themselves: pickling a frozen slotted dataclass
@@ -130,30 +123,9 @@ class Shrink(_Wire):
     unmapped: Unmapped
 
 
-@_message(5)
-class Stream(_Wire):
-    """Open a streamed request: the backend's ``stream(kind, payload)`` yields chunks; the
-    runner sends each as :class:`Chunk` (at most ``window`` ahead of the consumer's
-    :class:`Credit`) and the generator's return value as :class:`Done`."""
-
-    seq: int
-    kind: str
-    payload: Any
-    window: int
-
-
-@_message(6, frozen=False)
-class Credit(_Wire):
-    """The consumer of stream ``seq`` has taken ``consumed`` chunks so far."""
-
-    seq: int
-    consumed: int
-
-
 @_message(7)
 class Cancel(_Wire):
-    """Stop request ``seq`` (a stream: its generator is closed, :class:`Cancelled` answers).
-    A batch already running finishes: its answer comes as usual."""
+    """Stop generating sequence ``seq`` (its slot and KV cache are freed at once)."""
 
     seq: int
 
@@ -201,14 +173,6 @@ class Need(_Wire):
     nbytes: int
 
 
-@_message(24, frozen=False)
-class Chunk(_Wire):
-    """One of many answers to a streamed request (a token, progress...)."""
-
-    seq: int
-    payload: Any
-
-
 @_message(25, frozen=False)
 class Done(_Wire):
     """Terminal: request ``seq`` succeeded. ``backend_s``: the time the backend computed."""
@@ -226,21 +190,13 @@ class Failed(_Wire):
     error: str
 
 
-@_message(27)
-class Cancelled(_Wire):
-    """Terminal: request ``seq`` stopped on :class:`Cancel` (``sent``: chunks it had sent)."""
-
-    seq: int
-    sent: int = 0
-
-
 # --- generation: one runner's engine loop serves many sequences at once ------------------------
 # A sequence is a request (``seq``) like any other: :class:`Generate` opens it, :class:`Cancel`
 # ends it early; the runner answers :class:`Accepted` (or the terminal :class:`Refused`) and
 # then sends every engine iteration's chunks of all running sequences in ONE :class:`Tokens`
 # message (the last chunk of a sequence carries its finish reason, which ends it). Why not a
-# :class:`Stream` per sequence: continuous batching advances every sequence in the same step, so
-# one message per step costs one pipe write instead of one per running sequence.
+# message per sequence and token: continuous batching advances every sequence in the same step,
+# so one message per step costs one pipe write instead of one per running sequence.
 
 
 @_message(40)
@@ -297,10 +253,9 @@ class Slots(_Wire):
     limit: int
 
 
-ToRunner = Union[Run, OutBuffer, MemoryQuery, Shrink, Stream, Credit, Cancel, Stop, Generate, Slots]
-ToDaemon = Union[Phase, Ready, LoadFailed, Need, Chunk, Done, Failed, Cancelled, Accepted, Refused, Tokens, EngineStats]
+ToRunner = Union[Run, OutBuffer, MemoryQuery, Shrink, Cancel, Stop, Generate, Slots]
+ToDaemon = Union[Phase, Ready, LoadFailed, Need, Done, Failed, Accepted, Refused, Tokens, EngineStats]
 Message = Union[ToRunner, ToDaemon]
-TERMINAL = (Done, Failed, Cancelled)
 
 
 def encode(msg: Message) -> bytes:

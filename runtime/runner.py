@@ -23,11 +23,6 @@ while the current one computes, so the child goes straight on to it instead of i
 the daemon hands out results and cuts another batch (the daemon's event loop is busy exactly
 when the model is).
 
-A streamed request (:meth:`Runner.stream`: generated tokens, progress) answers with many
-messages; it holds one of ``max_streams`` stream slots until the child's terminal message, is
-flow-controlled per stream (the child runs at most ``window`` chunks ahead of the consumer)
-and is cancelled in the child when its consumer stops iterating.
-
 Control messages go over two one-way pipes (they wake the other side faster than a
 socketpair) watched with ``loop.add_reader`` (no thread per message); the process sentinel
 is watched the same way, so a child that dies mid-batch fails the awaiting ``run()`` at once
@@ -41,7 +36,6 @@ import itertools
 import logging
 import math
 import time
-from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
@@ -53,10 +47,6 @@ from lastmile.runtime import runner_main
 from lastmile.runtime.errors import InferenceError, LoadError, LoadTimeout, ModelUnavailable, RunnerDied, ShmError, describe_exit
 from lastmile.runtime.forkserver import RunnerProcess, get_context
 from lastmile.runtime.protocol import (
-    Cancel,
-    Cancelled,
-    Chunk,
-    Credit,
     Done,
     Failed,
     LoadFailed,
@@ -68,7 +58,6 @@ from lastmile.runtime.protocol import (
     Run,
     Shrink,
     Stop,
-    Stream,
     ToDaemon,
     ToRunner,
     decode,
@@ -81,10 +70,6 @@ logger = logging.getLogger("lastmile.runner")
 
 #: Batches a runner holds at once (one computing, the rest queued in its pipe).
 PIPELINE_DEPTH = 2
-#: Streamed requests a runner holds at once unless its owner says otherwise.
-MAX_STREAMS = 16
-#: Chunks a stream's producer may run ahead of its consumer unless the caller says otherwise.
-STREAM_WINDOW = 32
 
 PhaseCallback = Callable[[str, dict], None]
 ExitCallback = Callable[["Runner", "int | None"], None]
@@ -132,122 +117,6 @@ class _Call:
         return True
 
 
-class _StreamState:
-    """What the runner keeps of an open stream: the answers not yet taken. Apart from the
-    consumer's :class:`RunnerStream`, so that dropping that object can cancel the stream."""
-
-    __slots__ = ("seq", "window", "queue", "waiter", "state", "cancelled_after")
-
-    def __init__(self, window: int) -> None:
-        self.seq = 0
-        self.window = window
-        self.queue: deque[Chunk | Done | BaseException] = deque()
-        self.waiter: asyncio.Future | None = None
-        self.state = "new"  # new | open | cancelling | ended
-        self.cancelled_after: int | None = None  # chunks the child had sent when it took the cancel
-
-    def deliver(self, item: Chunk | Done | BaseException, *, last: bool) -> bool:
-        """One answer from the child; False when it breaks the window (the caller cancels)."""
-        if last:
-            was, self.state = self.state, "ended"
-            if was == "cancelling":
-                return True
-        elif self.state != "open":
-            return True  # cancelled: chunks still in the pipe are dropped
-        elif len(self.queue) >= self.window:
-            return False
-        self.queue.append(item)
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        return True
-
-
-class RunnerStream:
-    """The answers to one streamed request, as an async iterator of :class:`Chunk` messages
-    ending with the :class:`Done` one (see :meth:`Runner.stream`).
-
-    Nothing is sent before the first ``__anext__`` (which waits for a stream slot). The
-    consumer's pace is the stream's: chunks wait in a queue of at most ``window``, and the
-    child runs no further ahead than that. Stopping early - :meth:`aclose`, leaving an
-    ``async with`` block, cancelling the task that iterates, or dropping the object - sends
-    :class:`Cancel`; the stream's slot is free once the child confirms (or dies).
-    """
-
-    __slots__ = ("runner", "kind", "payload", "window", "_st", "_consumed", "_credited")
-
-    def __init__(self, runner: "Runner", kind: str, payload: Any, window: int) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window: got {window!r}; must be an integer >= 1")
-        self.runner = runner
-        self.kind = kind
-        self.payload = payload
-        self.window = window
-        self._st = _StreamState(window)
-        self._consumed = 0
-        self._credited = 0
-
-    @property
-    def seq(self) -> int:
-        return self._st.seq
-
-    @property
-    def cancelled_after(self) -> int | None:
-        """Chunks the child had sent when it took the cancel (None: not cancelled there)."""
-        return self._st.cancelled_after
-
-    def __aiter__(self) -> "RunnerStream":
-        return self
-
-    async def __aenter__(self) -> "RunnerStream":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def __anext__(self) -> Chunk | Done:
-        st = self._st
-        if st.state == "new":
-            await self.runner._open_stream(self.kind, self.payload, st)
-        try:
-            while not st.queue:
-                if st.state != "open":
-                    raise StopAsyncIteration
-                st.waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await st.waiter
-                finally:
-                    st.waiter = None
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-        item = st.queue.popleft()
-        if type(item) is Chunk:
-            self._consumed += 1
-            if st.state == "open" and self._consumed - self._credited >= max(1, self.window // 2):
-                self._credited = self._consumed
-                self.runner._send_quiet(Credit(st.seq, self._consumed))
-            return item
-        if isinstance(item, BaseException):
-            raise item
-        return item  # Done: the last one; the next __anext__ stops
-
-    def cancel(self) -> None:
-        """Stop the stream: tell the child (once) and drop what is queued."""
-        self.runner._cancel_stream(self._st)
-
-    async def aclose(self) -> None:
-        self.cancel()
-
-    def __del__(self) -> None:
-        st = getattr(self, "_st", None)  # absent when __init__ refused its arguments
-        if st is not None and st.state == "open":
-            try:
-                self.cancel()
-            except Exception:  # noqa: BLE001 - interpreter or loop shutting down
-                pass
-
-
 # --- the runner -------------------------------------------------------------------------------
 
 
@@ -259,7 +128,7 @@ class Runner:
     child_target: Callable[..., None] = staticmethod(runner_main.main)
 
     def __init__(self, manifest: Manifest, settings: ModelSettings, *, pool: BufferPool, instance: int = 0,
-                 max_streams: int = MAX_STREAMS, backend_factory: BackendFactory | None = None) -> None:
+                 backend_factory: BackendFactory | None = None) -> None:
         self.manifest = manifest
         self.settings = settings
         self.pool = pool
@@ -273,7 +142,6 @@ class Runner:
         self.batches = 0
         self.backend_s = 0.0  # time the backend computed, summed over batches (child side)
         self.last_backend_s = 0.0
-        self.max_streams = max_streams
         self._factory = backend_factory
         self._proc: RunnerProcess | None = None
         self._rx: Connection | None = None  # child -> daemon
@@ -281,9 +149,7 @@ class Runner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seq = itertools.count(1)
         self._calls: dict[int, _Call] = {}
-        self._streams: dict[int, RunnerStream] = {}
         self._slots: asyncio.Semaphore | None = None
-        self._stream_slots: asyncio.Semaphore | None = None
         self._ready: asyncio.Future | None = None
         self._exited: asyncio.Future | None = None
         self._on_phase: PhaseCallback | None = None
@@ -301,12 +167,7 @@ class Runner:
 
     @property
     def busy(self) -> bool:
-        return bool(self._calls) or bool(self._streams)
-
-    @property
-    def open_streams(self) -> int:
-        """Streams the child holds (a cancelled one until the child confirms)."""
-        return len(self._streams)
+        return bool(self._calls)
 
     def __repr__(self) -> str:
         return f"Runner({self.name!r}#{self.instance}, pid={self.pid}, state={self.state})"
@@ -325,7 +186,6 @@ class Runner:
             raise RuntimeError(f"runner for {self.name} was already started (state {self.state})")
         loop = self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(PIPELINE_DEPTH)
-        self._stream_slots = asyncio.Semaphore(self.max_streams)
         self._on_phase = on_phase
         self._ready = loop.create_future()
         self._ready.add_done_callback(_retrieve)  # start() may have given up on it already
@@ -545,59 +405,6 @@ class Runner:
             call.abandoned = not call.finished
             raise
 
-    # --- streams ------------------------------------------------------------------------------
-
-    def stream(self, kind: str, payload: Any, *, window: int = STREAM_WINDOW) -> RunnerStream:
-        """A request the backend answers with many messages (its ``stream(kind, payload)``):
-        iterate the result for :class:`Chunk` messages, then the final :class:`Done`. Raises
-        from the iteration: :class:`InferenceError` (the backend failed), :class:`RunnerDied`,
-        :class:`ModelUnavailable`. Use ``async with runner.stream(...) as s: async for m in s``
-        so that leaving early cancels at once; a dropped stream is cancelled too."""
-        return RunnerStream(self, kind, payload, window)
-
-    async def _open_stream(self, kind: str, payload: Any, st: _StreamState) -> None:
-        """Take a stream slot and send :class:`Stream` (the first ``__anext__``)."""
-        if self.state != "ready":
-            st.state = "ended"
-            raise self._unavailable()
-        assert self._stream_slots is not None
-        await self._stream_slots.acquire()
-        if self.state != "ready" or st.state != "new":
-            self._stream_slots.release()
-            if st.state != "new":  # cancelled while waiting for the slot
-                raise StopAsyncIteration
-            st.state = "ended"
-            raise self._unavailable()
-        seq = st.seq = next(self._seq)
-        self._streams[seq] = st
-        try:
-            self._tx.send_bytes(encode(Stream(seq, kind, payload, st.window)))
-        except BaseException as exc:
-            del self._streams[seq]
-            self._stream_slots.release()
-            st.state = "ended"
-            if isinstance(exc, OSError):  # the child is gone; the sentinel says how
-                await self._wait_exit(1.0)
-                raise self._unavailable() from None
-            raise
-        st.state = "open"
-
-    def _cancel_stream(self, st: _StreamState) -> None:
-        if st.state == "new":
-            st.state = "ended"
-        elif st.state == "open":
-            st.state = "cancelling"
-            st.queue.clear()
-            self._send_quiet(Cancel(st.seq))
-
-    def _end_stream(self, seq: int, item: Done | BaseException) -> None:
-        st = self._streams.pop(seq, None)
-        if st is None:
-            return
-        assert self._stream_slots is not None
-        self._stream_slots.release()
-        st.deliver(item, last=True)
-
     # --- stop ---------------------------------------------------------------------------------
 
     async def stop(self, timeout_s: float = 5.0) -> None:
@@ -657,8 +464,6 @@ class Runner:
         if kind is Done or kind is Failed:
             call = self._calls.pop(msg.seq, None)
             if call is None:
-                if msg.seq in self._streams:
-                    self._end_stream(msg.seq, msg if kind is Done else InferenceError(f"{self.name}: {msg.error}"))
                 return
             if not call.answered(self.pool) and not call.fut.done():
                 if kind is Done:
@@ -668,18 +473,6 @@ class Runner:
                     call.fut.set_result(msg.payload)
                 else:
                     call.fut.set_exception(InferenceError(f"{self.name}: {msg.error}"))
-        elif kind is Chunk:
-            st = self._streams.get(msg.seq)
-            if st is not None and not st.deliver(msg, last=False):
-                # The child ran past the window it was given: stop the stream, not the runner.
-                logger.error("runner %s: stream %d sent more than its window of %d chunks", self.pid, msg.seq, st.window)
-                self._cancel_stream(st)
-                st.queue.append(InferenceError(f"{self.name}: the runner broke the stream's flow control"))
-        elif kind is Cancelled:
-            st = self._streams.get(msg.seq)
-            if st is not None:
-                st.cancelled_after = msg.sent
-            self._end_stream(msg.seq, StopAsyncIteration())
         elif kind is Need:
             self._grow_output(msg.seq, msg.nbytes)
         elif kind is Phase:
@@ -743,8 +536,6 @@ class Runner:
                     call.fut.set_exception(ModelUnavailable(f"runner for {self.name} was stopped"))
                 else:
                     call.fut.set_exception(RunnerDied(self._death, code))
-        for seq in list(self._streams):
-            self._end_stream(seq, ModelUnavailable(f"runner for {self.name} was stopped") if expected else RunnerDied(self._death, code))
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(LoadError(f"{self.name}: runner process died while loading ({describe_exit(code)})"))
         for conn in (self._rx, self._tx):

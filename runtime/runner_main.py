@@ -5,11 +5,9 @@ Runs in a child of the forkserver (:mod:`lastmile.runtime.forkserver`); the daem
 over two one-way pipes; tensors travel in the daemon's shared-memory segments, which this
 process only maps (:class:`lastmile.runtime.shm.SegmentCache`).
 
-One request at a time runs to its end, except streamed ones (:class:`protocol.Stream`): their
-generators advance one chunk per turn of the loop, between other messages, so a batch or
-another stream is never stuck behind a long generation, a consumer that falls ``window``
-chunks behind pauses only its own stream, and a :class:`protocol.Cancel` closes the
-generator at its next ``yield``.
+One request at a time runs to its end. (Generation runners have their own loop,
+:mod:`lastmile.runtime.generation.serve`: continuous batching advances every sequence in one
+step.)
 """
 
 from __future__ import annotations
@@ -23,9 +21,8 @@ import sys
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -168,7 +165,6 @@ def main(rx: Connection, tx: Connection, manifest: Manifest, settings: ModelSett
     try:
         server.serve()
     finally:
-        server.close_streams()
         try:
             backend.close()
         except Exception:  # noqa: BLE001
@@ -179,49 +175,20 @@ class _PipeClosed(Exception):
     """The daemon's end of a pipe is gone: stop serving."""
 
 
-@dataclass(slots=True)
-class _OpenStream:
-    """A streamed request in progress: its generator and how far the consumer is behind."""
-
-    chunks: Iterator[Any]
-    window: int
-    sent: int = 0
-    acked: int = 0
-    backend_s: float = 0.0
-
-    @property
-    def runnable(self) -> bool:
-        return self.sent - self.acked < self.window
-
-    def close(self) -> None:
-        """Close the generator (``GeneratorExit`` at its ``yield``: its ``finally`` runs)."""
-        close = getattr(self.chunks, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - a backend's cleanup error must not stop serving
-                traceback.print_exc(file=sys.stderr)
-
-
 class _Server:
     """Answers requests until :class:`Stop` or the daemon's end of the pipe closes."""
 
     def __init__(self, rx: Connection, tx: Connection, backend: Backend, cap: HardCap) -> None:
         self._recv_bytes = rx.recv_bytes
-        self._poll = rx.poll
         self._send_bytes = tx.send_bytes
         self.backend = backend
         self.cap = cap  # the memory cap this process owns (redrawn at serve start and each shrink)
         self.segments = SegmentCache()
         self.backlog: deque[proto.ToRunner] = deque()  # messages that arrived while a batch waited for an OutBuffer
-        self.streams: dict[int, _OpenStream] = {}
         self._handlers: dict[type, Callable[[Any], bool]] = {
             proto.Run: self._run,
             proto.MemoryQuery: self._memory,
             proto.Shrink: self._shrink,
-            proto.Stream: self._open_stream,
-            proto.Credit: self._credit,
-            proto.Cancel: self._cancel,
             proto.Stop: self._stop,
             proto.OutBuffer: lambda msg: False,  # late answer for a batch that already failed
         }
@@ -240,22 +207,12 @@ class _Server:
         handlers = self._handlers
         try:
             while True:
-                if self.backlog:
-                    msg: proto.ToRunner | None = self.backlog.popleft()
-                elif not self.streams or self._poll():
-                    msg = self._read()  # blocks only when no stream can advance
-                elif any(s.runnable for s in self.streams.values()):
-                    msg = None
-                else:
-                    msg = self._read()  # every stream waits for credit: block for it
-                if msg is not None:
-                    handler = handlers.get(type(msg))
-                    if handler is None:
-                        self.send(proto.Failed(msg.seq, f"unknown runner message {type(msg).__name__}"))
-                    elif handler(msg):
-                        return
-                if self.streams:
-                    self._step_streams()
+                msg = self.backlog.popleft() if self.backlog else self._read()
+                handler = handlers.get(type(msg))
+                if handler is None:
+                    self.send(proto.Failed(msg.seq, f"unknown runner message {type(msg).__name__}"))
+                elif handler(msg):
+                    return
         except (_PipeClosed, BrokenPipeError, ConnectionResetError):
             return  # the daemon is gone or closed our pipe: nothing left to answer
 
@@ -322,53 +279,3 @@ class _Server:
     def _stop(self, msg: proto.Stop) -> bool:
         self.segments.drop(None)
         return True
-
-    # --- streams --------------------------------------------------------------------------
-
-    def _open_stream(self, msg: proto.Stream) -> bool:
-        try:
-            chunks = iter(self.backend.stream(msg.kind, msg.payload))
-        except Exception as exc:  # noqa: BLE001 - this request's failure; keep serving
-            self.send(proto.Failed(msg.seq, describe_error(exc)))
-            return False
-        self.streams[msg.seq] = _OpenStream(chunks, max(1, int(msg.window)))
-        return False
-
-    def _credit(self, msg: proto.Credit) -> bool:
-        stream = self.streams.get(msg.seq)
-        if stream is not None and msg.consumed > stream.acked:
-            stream.acked = msg.consumed
-        return False
-
-    def _cancel(self, msg: proto.Cancel) -> bool:
-        stream = self.streams.pop(msg.seq, None)
-        if stream is not None:  # else it already ended (its terminal message is on the way)
-            stream.close()
-            self.send(proto.Cancelled(msg.seq, stream.sent))
-        return False
-
-    def _step_streams(self) -> None:
-        """Advance every stream that may send by one chunk (or to its end)."""
-        for seq, stream in list(self.streams.items()):
-            if not stream.runnable:
-                continue
-            t0 = time.perf_counter()
-            try:
-                payload = next(stream.chunks)
-            except StopIteration as end:
-                del self.streams[seq]
-                self.send(proto.Done(seq, end.value, stream.backend_s + time.perf_counter() - t0))
-                continue
-            except Exception as exc:  # noqa: BLE001 - this stream's failure; keep serving
-                del self.streams[seq]
-                self.send(proto.Failed(seq, describe_error(exc)))
-                continue
-            stream.backend_s += time.perf_counter() - t0
-            stream.sent += 1
-            self.send(proto.Chunk(seq, payload))
-
-    def close_streams(self) -> None:
-        """Close what is still open (stop, or the daemon went away)."""
-        streams, self.streams = self.streams, {}
-        for stream in streams.values():
-            stream.close()

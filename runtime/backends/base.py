@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -31,17 +31,6 @@ class Backend(ABC):
     @abstractmethod
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward pass over a batch."""
-
-    def stream(self, kind: str, payload: Any) -> Iterator[Any]:
-        """A request answered by many messages (generated tokens, progress): a generator that
-        yields each chunk's payload and ``return``s the final one.
-
-        The runner sends every yielded value as its own message, advances the generator one
-        chunk per turn of its loop (other requests and streams are served in between), pauses
-        it while the consumer is ``window`` chunks behind, and closes it when the daemon
-        cancels (``GeneratorExit`` at the ``yield``): cleanup belongs in ``finally``. Payloads
-        must be picklable. Backends that do not stream keep this default, which refuses."""
-        raise BackendError(f"the {self.name} backend does not stream ({kind!r} requests)")
 
     def memory(self) -> dict[str, int]:
         """Bytes this backend holds beyond the process RSS, e.g. ``device_allocated``."""

@@ -273,6 +273,7 @@ class OrtGenAIEngine(GenerationEngine):
         self.kv = KVSlots(len(self._past), max_num_seqs, int(decoder["num_key_value_heads"]), max_context,
                           int(decoder["head_size"]))
         self._logits = np.empty((max_num_seqs, 1, self.vocab_size), dtype=np.float32)
+        self._bindings: dict[tuple[int, int], Any] = {}  # (first slot, rows) -> IOBinding (_binding)
         self.prefixes = PrefixCache(self.kv.bytes_per_token, PREFIX_CACHE_BYTES)
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []  # slot i holds _running[i]
@@ -366,6 +367,7 @@ class OrtGenAIEngine(GenerationEngine):
         self._prefilling.clear()
         self._running.clear()
         self.prefixes.clear()
+        self._bindings.clear()
         self._session = None
         self.kv.close()
 
@@ -417,13 +419,15 @@ class OrtGenAIEngine(GenerationEngine):
         self._running.append(s)
 
     # --- calls -----------------------------------------------------------------------------
-    def _run(self, first_slot: int, ids: np.ndarray, mask: np.ndarray, index: np.ndarray) -> np.ndarray:
-        """One graph call over slots [first_slot, first_slot + rows): logits ``[rows, vocab]``."""
-        rows = ids.shape[0]
+    def _binding(self, first_slot: int, rows: int) -> Any:
+        """The IOBinding of the KV slots [first_slot, first_slot + rows) and the logits: the same
+        addresses at every call, so it is made once per (first_slot, rows) and a call binds only
+        its three small inputs (binding the 2 x layers KV buffers anew at every call made SmolLM2
+        int8's one-row step 8.35 ms instead of 7.49, its 16-row step 68.5 instead of 63.4)."""
+        io = self._bindings.get((first_slot, rows))
+        if io is not None:
+            return io
         io = self._session.io_binding()
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", mask)
-        io.bind_cpu_input(LOGITS_INDEX, index)
         shape = self.kv.shape(rows)
         for layer, ((pk, pv), (ok, ov)) in enumerate(zip(self._past, self._present)):
             k, v = self.kv.address(layer, 0, first_slot), self.kv.address(layer, 1, first_slot)
@@ -433,8 +437,18 @@ class OrtGenAIEngine(GenerationEngine):
             io.bind_output(ov, "cpu", 0, np.float32, shape, v)
         logits = self._logits[:rows]
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self._bindings[(first_slot, rows)] = io
+        return io
+
+    def _run(self, first_slot: int, ids: np.ndarray, mask: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """One graph call over slots [first_slot, first_slot + rows): logits ``[rows, vocab]``."""
+        rows = ids.shape[0]
+        io = self._binding(first_slot, rows)
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input(LOGITS_INDEX, index)
         self._session.run_with_iobinding(io)
-        return logits[:, 0]
+        return self._logits[:rows, 0]
 
     def _sample(self, seqs: list[_Seq], logits: np.ndarray) -> list[tuple[int, int]]:
         """Next token per sequence: one argmax for the greedy rows, the sampler for the others;

@@ -2,7 +2,8 @@
 
 Why our own scheduler: transformers' ``generate`` runs one fixed batch to its end, and its own
 continuous batching ran 2.4x slower than a padded static batch on CPU here. This engine keeps
-one left-padded batched KV cache (transformers' ``DynamicCache``) for the running sequences:
+one left-padded batched KV cache (a transformers ``DynamicCache`` whose layers append in place)
+for the running sequences:
 
 * new sequences are prefilled *after* the running sequences' decode step: fresh prompts that
   fit ``busy_group_tokens`` together (``prefill_chunk`` when nothing else runs) in one
@@ -102,6 +103,7 @@ def growing_layer_class() -> type:
             return self._k.shape[-2]
 
     return GrowingLayer
+
 
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16"}
@@ -233,8 +235,8 @@ class TorchEngine(GenerationEngine):
 
     def _prefill(self) -> list[tuple[int, int]]:
         """Fresh prompts that fit the group budget together in one padded call, else up to the
-        chunk budget of prompt tokens, the sequence with the fewest prompt tokens left first (a long prompt that
-        came first does not hold the short ones behind it)."""
+        chunk budget of prompt tokens, the sequence with the fewest prompt tokens left first (a
+        long prompt that came first does not hold the short ones behind it)."""
         torch = self._torch
         from transformers import DynamicCache
 

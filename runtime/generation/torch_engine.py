@@ -251,9 +251,10 @@ class TorchEngine(GenerationEngine):
         budget = self.busy_prefill_chunk if self._running else self.prefill_chunk
         out: list[tuple[int, int]] = []
         for s in sorted(self._prefilling, key=lambda p: len(p.prompt) - p.done):
-            if budget <= 0:
-                break
-            n = min(budget, len(s.prompt) - s.done)
+            left = len(s.prompt) - s.done
+            if budget <= 0 or (out and left > budget):
+                break  # first tokens are ready: they go out before a longer prompt's next chunk
+            n = min(budget, left)
             budget -= n
             if s.cache is None:
                 s.cache = DynamicCache()

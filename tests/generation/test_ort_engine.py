@@ -180,6 +180,42 @@ def test_short_prompts_behind_a_long_one_start_first_and_change_no_token(folder:
     eng.close()
 
 
+def test_first_tokens_are_not_held_back_by_a_long_prompts_chunk_in_the_same_step(folder: Path):
+    """Prompts that start like an earlier one (their prefix KV copied in, the rest prefilled in
+    chunks) finish their prefill in one step beside a long prompt: that step sends their first
+    tokens without also prefilling a chunk of the long one (which waits for the next step);
+    nobody's tokens change."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    system = tok("you are a helpful assistant who answers every question briefly " * 3)["input_ids"][:40]
+    long = tok("a long document about many things " * 40)["input_ids"][:600]
+    shorts = [system + tok(f" question {i} is")["input_ids"] for i in range(3)]
+    n = 5
+    ref = _reference(folder, [long] + shorts, n)
+    eng = OrtGenAIEngine.from_hf_folder(folder, precision="fp32", max_num_seqs=4, max_context=1024, prefill_chunk=128)
+    eng.add("warm", system + [5], SamplingParams(max_tokens=1, temperature=0.0))  # keeps the shared prefix's KV
+    while eng.has_work():
+        for seq, _t in eng.step():
+            eng.cancel(seq)
+    eng.add(0, long, SamplingParams(max_tokens=n, temperature=0.0))
+    for i, p in enumerate(shorts, start=1):
+        eng.add(i, p, SamplingParams(max_tokens=n, temperature=0.0))
+    got: dict[int, list[int]] = {i: [] for i in range(4)}
+    first = dict(eng.step())
+    assert set(first) == {1, 2, 3} and eng.prefixes.hits >= 3
+    assert next(s for s in eng._prefilling if s.seq_id == 0).length == 0  # no chunk of it in that step
+    for seq, t in first.items():
+        got[seq].append(t)
+    while eng.has_work():
+        for seq, t in eng.step():
+            got[seq].append(t)
+            if len(got[seq]) == n:
+                eng.cancel(seq)
+    assert [got[i] for i in range(4)] == ref
+    eng.close()
+
+
 def test_an_error_in_one_sequences_sampling_ends_it_alone(folder: Path, monkeypatch):
     """A sampled sequence whose sampler raises ends with a failure; the greedy ones beside it
     in the same decode call go on to their normal end."""

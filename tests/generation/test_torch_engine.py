@@ -267,3 +267,25 @@ def test_fresh_prompts_prefill_together_and_sixteen_of_different_lengths_equal_g
         assert got[i] == reference(hf, hf[0](p)["input_ids"], 6 + i), i
     assert eng.stats()["kv_used_bytes"] == 0
     eng.close()
+
+
+def test_a_first_token_is_not_held_back_by_a_longer_prompts_chunk_in_the_same_step(tiny_lm, hf):
+    """A prompt whose prefill ends in a step sends its first token without that step also
+    prefilling a chunk of a longer prompt (it waits for the next step); tokens do not change."""
+    eng = TorchEngine(tiny_lm, max_num_seqs=4, max_context=512, prefill_chunk=32, use_deepspeed=False)
+    ids = hf[0]("Hello world " * 80)["input_ids"]
+    a, b = ids[:40], ids[:100]
+    eng.add("a", a, greedy(4))
+    eng.add("b", b, greedy(4))
+    assert eng.step() == []  # 32 of a's 40 tokens
+    second = dict(eng.step())
+    assert set(second) == {"a"}
+    assert next(s for s in eng._prefilling if s.seq_id == "b").done == 0  # no chunk of b in that step
+    got = {"a": [second["a"]], "b": []}
+    while eng.has_work():
+        for seq, t in eng.step():
+            got[seq].append(t)
+            if len(got[seq]) == 4:
+                eng.cancel(seq)
+    assert got["a"] == reference(hf, a, 4) and got["b"] == reference(hf, b, 4)
+    eng.close()

@@ -243,7 +243,7 @@ class TorchEngine(GenerationEngine):
         group_budget = self.busy_group_tokens if self._running else self.prefill_chunk
         group: list[_Seq] = []
         for s in sorted(self._prefilling, key=lambda p: len(p.prompt) - p.done):
-            if s.done or max([len(g.prompt) for g in group] + [len(s.prompt)]) * (len(group) + 1) > group_budget:
+            if s.done or len(s.prompt) * (len(group) + 1) > group_budget:  # ascending: s is the longest
                 break
             group.append(s)
         if group:

@@ -84,6 +84,17 @@ def _reference(folder: Path, prompts: list[list[int]], n: int) -> list[list[int]
     return out
 
 
+def _run_to_the_end(eng: OrtGenAIEngine, got: dict, n: int) -> dict:
+    """Step until no work is left, each sequence's tokens appended to ``got`` and the sequence
+    cancelled at ``n`` of them."""
+    while eng.has_work():
+        for seq, t in eng.step():
+            got.setdefault(seq, []).append(t)
+            if len(got[seq]) == n:
+                eng.cancel(seq)
+    return got
+
+
 def test_sixteen_batched_sequences_of_different_lengths_equal_generate_while_others_leave_and_join(folder: Path):
     """One decode call serves every running row: rows of different lengths, cancelled rows
     (their slot taken by the last one), rows joining mid-way and a long prompt prefilled in
@@ -141,11 +152,7 @@ def test_a_kept_prompt_prefix_is_reused_and_changes_no_token(folder: Path):
             eng.shrink()  # the ladder's first step drops it: the next prompt prefills all, keeps it again
         eng.add(i, p, SamplingParams(max_tokens=n, temperature=0.0))
         got[i] = []
-        while eng.has_work():
-            for seq, t in eng.step():
-                got[seq].append(t)
-                if len(got[seq]) == n:
-                    eng.cancel(seq)
+        _run_to_the_end(eng, got, n)
     assert [got[i] for i in range(5)] == ref
     stats = eng.stats()
     assert stats["prefix_hits"] == 3 and stats["prefix_hit_tokens"] >= 2 * (len(system) // 16) * 16 + 16
@@ -195,9 +202,7 @@ def test_first_tokens_are_not_held_back_by_a_long_prompts_chunk_in_the_same_step
     ref = _reference(folder, [long] + shorts, n)
     eng = OrtGenAIEngine.from_hf_folder(folder, precision="fp32", max_num_seqs=4, max_context=1024, prefill_chunk=128)
     eng.add("warm", system + [5], SamplingParams(max_tokens=1, temperature=0.0))  # keeps the shared prefix's KV
-    while eng.has_work():
-        for seq, _t in eng.step():
-            eng.cancel(seq)
+    _run_to_the_end(eng, {}, 1)
     eng.add(0, long, SamplingParams(max_tokens=n, temperature=0.0))
     for i, p in enumerate(shorts, start=1):
         eng.add(i, p, SamplingParams(max_tokens=n, temperature=0.0))
@@ -207,11 +212,7 @@ def test_first_tokens_are_not_held_back_by_a_long_prompts_chunk_in_the_same_step
     assert next(s for s in eng._prefilling if s.seq_id == 0).length == 0  # no chunk of it in that step
     for seq, t in first.items():
         got[seq].append(t)
-    while eng.has_work():
-        for seq, t in eng.step():
-            got[seq].append(t)
-            if len(got[seq]) == n:
-                eng.cancel(seq)
+    _run_to_the_end(eng, got, n)
     assert [got[i] for i in range(4)] == ref
     eng.close()
 
